@@ -1,0 +1,16 @@
+"""mstfx: the Mini-Sequence Transformer (MsT) as a torch.compile pass.
+
+    model = torch.compile(model, backend="mst")            # after `pip install mstfx`
+    model = torch.compile(model, backend=mstfx.backend(mini_sequences=8))
+"""
+
+from __future__ import annotations
+
+from .backend import MstBackend, backend
+from .config import MstConfig
+from .explain import explain
+from .wrappers import drop_logits
+from .passes.chunked_ops import linear_cross_entropy
+
+__all__ = ["MstBackend", "MstConfig", "backend", "drop_logits", "explain", "linear_cross_entropy"]
+__version__ = "0.1.0"

@@ -1,0 +1,78 @@
+"""Capture: the ``mst`` torch.compile backend.
+
+Dynamo hands the backend a torch-level FX graph per compiled frame.  The backend runs the pass
+pipeline (``mstfx.passes``) on a copy of it, records the report, and compiles the result with
+Inductor (``compile_fx``), so the rest of the model is compiled exactly as with plain Inductor.  If
+the rewritten graph fails to compile, the original graph is compiled instead and the failure is
+reported: an unsupported region is never miscompiled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import torch
+
+from .config import MstConfig
+
+log = logging.getLogger("mstfx")
+
+#: Reports of every graph compiled by any mst backend in this process, newest last.
+REPORTS: list = []
+_graph_ids = itertools.count()
+
+
+class MstBackend:
+    """A ``torch.compile`` backend: ``torch.compile(model, backend=MstBackend(MstConfig(...)))``."""
+
+    def __init__(self, config: MstConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise TypeError("pass either a MstConfig or keyword options, not both")
+        self.config = config if config is not None else MstConfig(**options)
+        self.reports: list = []
+
+    def __repr__(self) -> str:
+        return f"MstBackend({self.config})"
+
+    def _compiler(self):
+        if self.config.compiler == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend(self.config.compiler)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        from mstfx.passes import GraphReport, run_passes
+
+        index = next(_graph_ids)
+        try:
+            new_gm, report = run_passes(gm, example_inputs, self.config, index)
+        except Exception as err:  # a bug in analysis must not break the user's training
+            log.warning("mstfx: analysis failed (%s); compiling graph %d unchanged", err, index, exc_info=True)
+            new_gm, report = gm, GraphReport(index, error=f"analysis failed: {type(err).__name__}: {err}")
+        self.reports.append(report)
+        REPORTS.append(report)
+        log.info("%s", report)
+        compiler = self._compiler()
+        if new_gm is gm:
+            return compiler(gm, example_inputs)
+        try:
+            return compiler(new_gm, example_inputs)
+        except Exception as err:
+            log.warning("mstfx: compiling the rewritten graph failed (%s); compiling it unchanged", err, exc_info=True)
+            report.error = f"compile of rewritten graph failed: {type(err).__name__}: {err}"
+            return compiler(gm, example_inputs)
+
+
+def backend(config: MstConfig | None = None, **options: Any) -> MstBackend:
+    """A configured backend: ``torch.compile(model, backend=mstfx.backend(mini_sequences=8))``."""
+    return MstBackend(config, **options)
+
+
+def mst(gm: torch.fx.GraphModule, example_inputs):
+    """The ``"mst"`` backend with default options (registered by entry point ``torch_dynamo_backends``)."""
+    return MstBackend()(gm, example_inputs)

@@ -1,0 +1,57 @@
+"""The one options object of mstfx, validated when it is made."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class MstConfig:
+    """Options of the ``mst`` backend.
+
+    Attributes:
+        mini_sequences: M for every chunked region; ``None`` uses the paper's rule
+            (MLP: ⌈tokens/hidden⌉, LM head: ⌈vocab/hidden⌉), see ``mstfx.passes.chunk_rule``.
+        lm_head_chunks: M for the LM head + loss only (overrides ``mini_sequences`` there).
+        chunk_mlp / chunk_lm_head: turn a region kind off.
+        region_chunks: per-region M by region name (``"model.layers.3.mlp"``), as a plan gives it.
+        min_lm_head_chunk_tokens: the default LM-head rule never makes chunks shorter than this.
+        compiler: ``"inductor"`` (default) or ``"aot_eager"`` / ``"eager"`` to debug the rewrite.
+    """
+
+    mini_sequences: int | None = None
+    lm_head_chunks: int | None = None
+    chunk_mlp: bool = True
+    chunk_lm_head: bool = True
+    region_chunks: dict[str, int] = field(default_factory=dict)
+    min_lm_head_chunk_tokens: int = 256
+    compiler: str = "inductor"
+
+    def __post_init__(self) -> None:
+        for name in ("mini_sequences", "lm_head_chunks"):
+            _check_count(name, getattr(self, name), allow_none=True)
+        _check_count("min_lm_head_chunk_tokens", self.min_lm_head_chunk_tokens, allow_none=False)
+        for key, val in self.region_chunks.items():
+            _check_count(f"region_chunks[{key!r}]", val, allow_none=False)
+        if self.compiler not in ("inductor", "aot_eager", "eager"):
+            raise ValueError(f"compiler must be 'inductor', 'aot_eager' or 'eager', got {self.compiler!r}")
+
+    def mlp_chunks_for(self, region: Any) -> int | None:
+        return self.region_chunks.get(getattr(region, "name", ""), self.mini_sequences)
+
+    def lm_head_chunks_for(self, region: Any) -> int | None:
+        named = self.region_chunks.get(getattr(region, "name", ""))
+        if named is not None:
+            return named
+        return self.lm_head_chunks if self.lm_head_chunks is not None else self.mini_sequences
+
+
+def _check_count(name: str, value: Any, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (number of mini-sequences), got {value!r}")
+    if isinstance(value, float) and math.isnan(value):  # pragma: no cover - caught above
+        raise ValueError(f"{name} is NaN")

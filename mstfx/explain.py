@@ -1,0 +1,26 @@
+"""Report: what the mst backend found, chunked or left alone in each graph, and why."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def explain(target: Any = None, *, last: int | None = None) -> str:
+    """The report of the graphs compiled so far, as text.
+
+    ``target`` may be an :class:`~mstfx.MstBackend` (its own graphs) or ``None`` (every graph compiled
+    by any mst backend in this process).  ``last`` keeps only the newest N graph reports.
+    """
+    from .backend import REPORTS, MstBackend
+
+    if target is None:
+        reports = list(REPORTS)
+    elif isinstance(target, MstBackend):
+        reports = list(target.reports)
+    else:
+        raise TypeError(f"explain() takes an MstBackend or None, not {type(target).__name__}")
+    if last is not None:
+        reports = reports[-last:]
+    if not reports:
+        return "mstfx: no graph has been compiled by the mst backend yet (run one step first)"
+    return "\n\n".join(str(r) for r in reports)

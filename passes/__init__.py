@@ -1,0 +1,172 @@
+"""The mstfx graph passes (installed as ``mstfx.passes``).
+
+Level: the torch-level FX graph that Dynamo hands to a backend, before AOT autograd.  The passes run
+in the order of :data:`PASS_ORDER`::
+
+    find_mlp        analyse: token-wise MLP regions (up-projection → activation → down-projection)
+    find_lm_head    analyse: LM head (+ scaling / soft-capping) feeding cross-entropy
+    chunk_rule      choose M per region (paper's rule, or the user's / planner's numbers)
+    rewrite_mlp     chunked loop, tagged for recompute in backward
+    rewrite_lm_head fused chunked linear cross-entropy (loss and logits-gradient per chunk)
+    verify          fake-tensor propagation of the rewritten graph; any failure restores the original
+
+Each region is rewritten whole or not at all; a graph whose rewrite fails verification is returned
+unchanged and the failure is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from . import chunk_rule
+from .common import REWRITTEN_KEY, CantChunk
+from .find_lm_head import LmHeadRegion, find_lm_head_regions
+from .find_mlp import MlpRegion, find_mlp_regions
+from .report import GraphReport, RegionDecision
+from .rewrite_lm_head import rewrite_lm_head
+from .rewrite_mlp import rewrite_mlp
+
+log = logging.getLogger("mstfx")
+
+PASS_ORDER = ("find_mlp", "find_lm_head", "chunk_rule", "rewrite_mlp", "rewrite_lm_head", "verify")
+
+__all__ = [
+    "PASS_ORDER",
+    "CantChunk",
+    "GraphReport",
+    "RegionDecision",
+    "MlpRegion",
+    "LmHeadRegion",
+    "find_mlp_regions",
+    "find_lm_head_regions",
+    "run_passes",
+]
+
+
+def _param_placeholders(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
+    """Placeholders that hold parameters (Dynamo lifts module parameters to graph inputs)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {node for node, ex in zip(phs, example_inputs) if isinstance(ex, torch.nn.Parameter)}
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copied graph (nodes and their meta dicts), sharing attributes."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = fx.GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    return new
+
+
+def _token_str(tokens) -> str:
+    return str(tokens) if isinstance(tokens, torch.SymInt) else str(int(tokens))
+
+
+def _verify(gm: fx.GraphModule) -> None:
+    """Propagate fake tensors through the rewritten graph so every new node has a correct ``meta['val']``."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = next((v.fake_mode for v in inputs if isinstance(v, FakeTensor)), None)
+    if mode is None:
+        return  # hand-built graphs in tests carry no fake values; their outputs are checked numerically
+    with torch.enable_grad():
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int = 0) -> tuple[fx.GraphModule, GraphReport]:
+    """Run the pass pipeline on a copy of ``gm``; return the graph to compile and the report."""
+    report = GraphReport(graph_index)
+    if gm.meta.get(REWRITTEN_KEY):
+        report.error = "already rewritten by mstfx"
+        return gm, report
+    new = _copy_graph_module(gm)
+    graph = new.graph
+    params = _param_placeholders(new, example_inputs)
+
+    heads, head_skipped = find_lm_head_regions(graph) if config.chunk_lm_head else ([], [])
+    head_nodes = {h.head.node for h in heads}
+    mlps, mlp_skipped = find_mlp_regions(graph, params, head_nodes) if config.chunk_mlp else ([], [])
+    for where, why in mlp_skipped:
+        report.decisions.append(RegionDecision("projection", where, "skipped", f"not an MLP: {why}"))
+    for where, why in head_skipped:
+        report.decisions.append(RegionDecision("lm_head+loss", where, "skipped", why))
+
+    changed = False
+    for region in mlps:
+        m = chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mlp_chunks_for(region))
+        common = dict(
+            tokens=_token_str(region.tokens),
+            hidden=region.hidden,
+            width=region.intermediate,
+            dtype=str(region.dtype).replace("torch.", ""),
+        )
+        if m < 2:
+            report.decisions.append(
+                RegionDecision("mlp", region.name, "skipped", "one mini-sequence: nothing to save", chunks=1, **common)
+            )
+            continue
+        rewrite_mlp(new, region, m, eager=config.compiler == "eager")
+        changed = True
+        report.decisions.append(
+            RegionDecision(
+                "mlp",
+                region.name,
+                "chunked",
+                "amplifier: up-projection widens tokens×hidden to tokens×intermediate",
+                chunks=m,
+                detail=f"{region.activation}, {len(region.up_projections)} up-proj, recompute in backward",
+                **common,
+            )
+        )
+    for region in heads:
+        m = chunk_rule.lm_head_chunks(
+            region.tokens, region.hidden, region.vocab, config.lm_head_chunks_for(region), config.min_lm_head_chunk_tokens
+        )
+        tied = any(u is not region.head.node and u.op != "output" for u in region.head.weight.users)
+        rewrite_lm_head(graph, region, m)
+        changed = True
+        report.logits_escape |= region.logits_escape
+        bits = [t[0] if t[0] != "scale" else f"scale {t[1]:.4g}" for t in region.transforms if t[0] != "cast"]
+        detail = ", ".join(
+            [f"{region.reduction}, ignore_index={region.ignore_index}"]
+            + (["tied weight"] if tied else [])
+            + ([f"logit transforms: {' → '.join(bits)}"] if bits else [])
+            + (["logits escape the graph"] if region.logits_escape else [])
+        )
+        report.decisions.append(
+            RegionDecision(
+                "lm_head+loss",
+                region.name,
+                "chunked",
+                "amplifier: tokens×vocab logits, their fp32 softmax and gradient",
+                tokens=_token_str(region.tokens),
+                hidden=region.hidden,
+                width=region.vocab,
+                chunks=m,
+                dtype=str(region.dtype).replace("torch.", ""),
+                detail=detail,
+            )
+        )
+    if not changed:
+        return gm, report
+    try:
+        graph.lint()
+        new.recompile()
+        _verify(new)
+    except Exception as err:  # never hand a half-checked rewrite to the compiler
+        log.warning("mstfx: rewritten graph failed verification (%s); compiling it unchanged", err)
+        report.error = f"verification failed: {type(err).__name__}: {err}"
+        report.decisions = [
+            RegionDecision(d.kind, d.where, "skipped", report.error) if d.action == "chunked" else d
+            for d in report.decisions
+        ]
+        return gm, report
+    new.meta[REWRITTEN_KEY] = True
+    return new, report

@@ -1,0 +1,185 @@
+"""Shared vocabulary of the mstfx passes: the bail-out exception, per-node facts and op tables.
+
+The passes work on the *torch-level* FX graph that Dynamo hands to a backend (``torch._C._nn.linear``,
+``operator.mul``, ``call_method`` nodes ...), before AOT autograd.  At that level an MLP or an LM head is
+still a handful of nodes, so a chunked loop can be written as ordinary graph nodes that AOT autograd
+differentiates and Inductor compiles.  Op tables here are *semantic* (pointwise, cast, view, linear),
+never module or class names.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+#: Key under ``node.meta`` where mstfx keeps its per-node facts (see :func:`mst_meta`).
+MST_META_KEY = "mst"
+#: Key under ``gm.meta`` that marks a graph as already rewritten, so it is never chunked twice.
+REWRITTEN_KEY = "mst_rewritten"
+
+
+class CantChunk(RuntimeError):
+    """A region cannot be chunked; the message is the plain reason shown in the report."""
+
+
+def mst_meta(node: fx.Node) -> dict[str, Any]:
+    """The mutable mstfx fact dict of ``node`` (created on first use)."""
+    return node.meta.setdefault(MST_META_KEY, {})
+
+
+def value_of(node: Any) -> Any:
+    """The example value (a FakeTensor, SymInt or constant) recorded for ``node`` by Dynamo/AOT."""
+    if not isinstance(node, fx.Node):
+        return node
+    if "example_value" in node.meta:
+        return node.meta["example_value"]
+    return node.meta.get("val")
+
+
+def tensor_of(node: Any) -> torch.Tensor | None:
+    val = value_of(node)
+    return val if isinstance(val, torch.Tensor) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear projections
+# --------------------------------------------------------------------------------------------------
+_LINEAR_FUNCS = {torch._C._nn.linear, F.linear}
+
+
+@dataclass(frozen=True)
+class LinearMatch:
+    """A token-wise projection ``y = x @ W (+ b)``, whatever torch spelling produced it."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    in_features: int
+    out_features: int
+
+
+def match_linear(node: fx.Node) -> LinearMatch | None:
+    """Recognise ``F.linear(x, W, b)`` (W is out×in) and ``torch.addmm(b, x2d, W)`` (GPT-2 Conv1D, W is in×out)."""
+    if node.op != "call_function":
+        return None
+    if node.target in _LINEAR_FUNCS:
+        args = list(node.args) + [None] * 3
+        x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
+        wt = tensor_of(w)
+        if not isinstance(x, fx.Node) or wt is None or wt.dim() != 2:
+            return None
+        return LinearMatch(node, x, w, b if isinstance(b, fx.Node) else None, int(wt.shape[1]), int(wt.shape[0]))
+    if node.target is torch.addmm and len(node.args) == 3 and not node.kwargs:
+        b, x, w = node.args
+        wt = tensor_of(w)
+        if not isinstance(x, fx.Node) or wt is None or wt.dim() != 2:
+            return None
+        return LinearMatch(node, x, w, b if isinstance(b, fx.Node) else None, int(wt.shape[0]), int(wt.shape[1]))
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-wise ops: each output row depends only on the same row of its token-shaped inputs
+# --------------------------------------------------------------------------------------------------
+_BINARY_BUILTINS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.neg}
+_CAST_METHODS = {"float", "half", "bfloat16", "double", "to", "type_as", "contiguous", "clone"}
+_VIEW_METHODS = {"view", "reshape"}
+_SPLIT_METHODS = {"chunk", "split"}
+_SPLIT_FUNCS = {torch.chunk, torch.split}
+_DROPOUT_FUNCS = {F.dropout, torch.dropout}
+
+
+@functools.lru_cache(maxsize=None)
+def _aten_is_pointwise(name: str) -> bool:
+    """True when an aten overload called ``name`` carries ``torch.Tag.pointwise``."""
+    packet = getattr(torch.ops.aten, name.rstrip("_"), None)
+    if packet is None or not hasattr(packet, "overloads"):
+        return False
+    return any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads())
+
+
+def _callable_name(target: Any) -> str | None:
+    name = getattr(target, "__name__", None)
+    if name is None:
+        return None
+    module = getattr(target, "__module__", "") or ""
+    if target in vars(torch).values() or module.startswith("torch"):
+        return name
+    return None
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    """Elementwise ops (with broadcasting): ``silu``, ``gelu``, ``tanh``, ``mul``, ``pow``, ... ."""
+    if node.op == "call_function":
+        if node.target in _BINARY_BUILTINS:
+            return True
+        name = _callable_name(node.target)
+        return name is not None and _aten_is_pointwise(name)
+    if node.op == "call_method":
+        return _aten_is_pointwise(str(node.target))
+    return False
+
+
+def is_cast(node: fx.Node) -> bool:
+    """Dtype casts and copies that do not change shape (``float()``, ``to(dtype)``, ``contiguous()``)."""
+    if node.op == "call_method" and node.target in _CAST_METHODS:
+        src, out = tensor_of(node.args[0]), tensor_of(node)
+        return src is not None and out is not None and tuple(src.shape) == tuple(out.shape)
+    return False
+
+
+def is_view(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+        node.op == "call_function" and node.target in (torch.reshape,)
+    )
+
+
+def is_identity_dropout(node: fx.Node) -> bool:
+    """``F.dropout`` that does nothing (p == 0 or not training): safe to recompute."""
+    if node.op != "call_function" or node.target not in _DROPOUT_FUNCS:
+        return False
+    args = list(node.args) + [None] * 3
+    p = node.kwargs.get("p", args[1] if args[1] is not None else 0.5)
+    training = node.kwargs.get("training", args[2] if args[2] is not None else True)
+    return p == 0 or training is False
+
+
+def is_dropout(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _DROPOUT_FUNCS
+
+
+def split_dim(node: fx.Node) -> int | None:
+    """The dim of a ``chunk``/``split`` node, normalised to be negative; None if not a split."""
+    if node.op == "call_method" and node.target in _SPLIT_METHODS:
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    elif node.op == "call_function" and node.target in _SPLIT_FUNCS:
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    else:
+        return None
+    src = tensor_of(node.args[0])
+    if src is None or not isinstance(dim, int):
+        return None
+    return dim - src.dim() if dim >= 0 else dim
+
+
+def is_last_dim_getitem(node: fx.Node) -> bool:
+    """``t[..., a:b]`` (or an integer index into the tuple of a split)."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    src, index = node.args
+    if isinstance(index, int):
+        return not isinstance(value_of(src), torch.Tensor)
+    if isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice):
+        return True
+    return False
+
+
+def users_outside(node: fx.Node, region: set[fx.Node]) -> list[fx.Node]:
+    return [u for u in node.users if u not in region]

@@ -1,0 +1,215 @@
+"""Analyse: find token-wise MLP regions by graph structure.
+
+A region starts at a token tensor ``x`` that feeds an *up-projection* (a linear whose output is wider
+than its input: the memory amplifier), runs through token-wise ops only (pointwise activations, gate
+products, casts, last-dim splits of a fused gate/up weight, identity dropout) and ends at the next
+linear, the *down-projection*.  Every node inside must be used only inside the region, and every
+other input must be a parameter (or derived from parameters only).  This covers SwiGLU, GeGLU,
+GELU-with-bias, ReLU², fused ``gate_up_proj`` and GPT-2's ``Conv1D`` (``addmm``) without naming any of
+them.  Anything else raises :class:`CantChunk` with the reason, and the graph is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .common import (
+    CantChunk,
+    LinearMatch,
+    is_cast,
+    is_dropout,
+    is_identity_dropout,
+    is_last_dim_getitem,
+    is_pointwise,
+    is_view,
+    match_linear,
+    split_dim,
+    tensor_of,
+    users_outside,
+)
+
+
+@dataclass
+class MlpRegion:
+    """One MLP found in the graph: ``nodes`` in graph order, from the up- to the down-projection."""
+
+    input: fx.Node
+    output: fx.Node
+    nodes: list[fx.Node]
+    up_projections: list[LinearMatch]
+    down_projection: LinearMatch
+    hidden: int
+    intermediate: int
+    tokens: int | torch.SymInt
+    dtype: torch.dtype
+    activation: str
+    name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gated(self) -> bool:
+        return len(self.up_projections) > 1 or any(
+            split_dim(n) is not None for n in self.nodes
+        )
+
+
+def token_free_nodes(graph: fx.Graph, param_nodes: set[fx.Node]) -> set[fx.Node]:
+    """Nodes whose value does not depend on any token input (parameters and ops on parameters only)."""
+    free: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr" or node in param_nodes:
+            free.add(node)
+        elif node.op in ("call_function", "call_method") and node.all_input_nodes:
+            if all(a in free for a in node.all_input_nodes):
+                free.add(node)
+    return free
+
+
+def _is_token_wise(node: fx.Node) -> bool:
+    if is_dropout(node):
+        if not is_identity_dropout(node):
+            raise CantChunk(f"{node.name}: dropout with p > 0 inside the MLP (recompute would need RNG replay)")
+        return True
+    return (
+        is_pointwise(node)
+        or is_cast(node)
+        or is_view(node)
+        or split_dim(node) == -1
+        or is_last_dim_getitem(node)
+    )
+
+
+def _describe_activation(nodes: list[fx.Node]) -> str:
+    names = []
+    for n in nodes:
+        if match_linear(n) or is_cast(n) or is_view(n) or is_last_dim_getitem(n):
+            continue
+        name = getattr(n.target, "__name__", str(n.target))
+        if name not in names:
+            names.append(name)
+    return "·".join(names) if names else "identity"
+
+
+def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
+    x = up.input
+    # 1. forward from the up-projection through token-wise ops to the down-projection (the sink).
+    sinks: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    frontier = [up.node]
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user.op == "output":
+                raise CantChunk(f"{node.name} is a graph output (escapes the MLP)")
+            lin = match_linear(user)
+            if lin is not None:
+                if lin.input is not node:
+                    raise CantChunk(f"{node.name} feeds {user.name} as a weight")
+                sinks.add(user)
+                continue
+            if not _is_token_wise(user):
+                raise CantChunk(f"{user.name} ({getattr(user.target, '__name__', user.target)}) is not a token-wise op")
+            frontier.append(user)
+    if len(sinks) != 1:
+        raise CantChunk(f"expected one down-projection after {up.node.name}, found {len(sinks)}")
+    sink = sinks.pop()
+    down = match_linear(sink)
+    assert down is not None
+
+    # 2. the region is everything between x and the sink (backward closure stopping at x / parameters).
+    region: set[fx.Node] = set()
+    stack = [sink]
+    while stack:
+        node = stack.pop()
+        if node in region or node is x or node in free:
+            continue
+        if node.op in ("placeholder", "get_attr", "output"):
+            raise CantChunk(f"the MLP also depends on the token input {node.name}")
+        region.add(node)
+        stack.extend(node.all_input_nodes)
+
+    ups: list[LinearMatch] = []
+    for node in region:
+        lin = match_linear(node)
+        if node is sink:
+            continue
+        if lin is not None:
+            if lin.input is not x:
+                raise CantChunk(f"{node.name}: a projection inside the MLP that does not read its input")
+            ups.append(lin)
+        elif not _is_token_wise(node):
+            raise CantChunk(f"{node.name} is not a token-wise op")
+        escaped = users_outside(node, region)
+        if escaped:
+            raise CantChunk(f"{node.name} is also used by {escaped[0].name} outside the MLP")
+        if node.op != "call_function" and node.op != "call_method":
+            raise CantChunk(f"{node.name}: unsupported node kind {node.op}")
+    if not ups:
+        raise CantChunk("no up-projection reads the MLP input")
+
+    xv = tensor_of(x)
+    if xv is None or xv.dim() < 2:
+        raise CantChunk(f"{x.name}: MLP input is not a [tokens, hidden] tensor")
+    order = {n: i for i, n in enumerate(x.graph.nodes)}
+    nodes = sorted(region, key=order.__getitem__)
+    tokens = math.prod(xv.shape[:-1])
+    name = _module_path(sink) or sink.name
+    return MlpRegion(
+        input=x,
+        output=sink,
+        nodes=nodes,
+        up_projections=sorted(ups, key=lambda m: order[m.node]),
+        down_projection=down,
+        hidden=int(xv.shape[-1]),
+        intermediate=max(m.out_features for m in ups),
+        tokens=tokens,
+        dtype=xv.dtype,
+        activation=_describe_activation(nodes),
+        name=name,
+    )
+
+
+def _module_path(node: fx.Node) -> str:
+    """Dotted module path from Dynamo's ``nn_module_stack`` (report only; never used for matching)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = re.sub(r"^[LG]\['[^']*'\]\.?", "", list(stack.values())[-1][0])
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    # Strip the MLP's own projection so the name is the MLP block, e.g. model.layers.0.mlp
+    return path.rsplit(".", 1)[0] if "." in path else path
+
+
+def find_mlp_regions(
+    graph: fx.Graph, param_nodes: set[fx.Node], exclude: set[fx.Node] = frozenset()
+) -> tuple[list[MlpRegion], list[tuple[str, str]]]:
+    """All MLP regions of ``graph`` plus ``(where, reason)`` for each candidate that was left alone.
+
+    ``exclude`` holds projections already claimed by another region kind (the LM head).
+    """
+    free = token_free_nodes(graph, param_nodes)
+    regions: list[MlpRegion] = []
+    skipped: list[tuple[str, str]] = []
+    claimed: set[fx.Node] = set()
+    for node in graph.nodes:
+        lin = match_linear(node)
+        if lin is None or node in claimed or node in exclude or lin.input in free:
+            continue
+        if lin.out_features <= lin.in_features:
+            continue  # not an amplifier
+        try:
+            region = _region_from_up(lin, free)
+        except CantChunk as err:
+            skipped.append((_module_path(node) or node.name, str(err)))
+            continue
+        claimed.update(region.nodes)
+        regions.append(region)
+    return regions, skipped

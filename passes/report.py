@@ -1,0 +1,59 @@
+"""What the passes decided and why, as plain data (rendered by ``mstfx.explain`` and the CLI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RegionDecision:
+    """One region found (or rejected) in one graph."""
+
+    kind: str  # "mlp" or "lm_head+loss"
+    where: str  # module path or node name, for humans
+    action: str  # "chunked" or "skipped"
+    reason: str
+    tokens: int | str | None = None
+    hidden: int | None = None
+    width: int | None = None  # intermediate size (MLP) or vocab (LM head)
+    chunks: int | None = None
+    dtype: str | None = None
+    detail: str = ""
+
+    def row(self) -> list[str]:
+        shape = f"{self.tokens}×{self.hidden}→{self.width}" if self.hidden else "-"
+        return [self.kind, self.where, self.action, shape, str(self.chunks or "-"), self.detail or self.reason]
+
+
+@dataclass
+class GraphReport:
+    """Every decision made for one graph that Dynamo handed to the backend."""
+
+    graph_index: int
+    decisions: list[RegionDecision] = field(default_factory=list)
+    logits_escape: bool = False
+    error: str | None = None
+
+    @property
+    def chunked(self) -> list[RegionDecision]:
+        return [d for d in self.decisions if d.action == "chunked"]
+
+    @property
+    def skipped(self) -> list[RegionDecision]:
+        return [d for d in self.decisions if d.action != "chunked"]
+
+    def __str__(self) -> str:
+        header = ["region", "where", "action", "tokens×in→width", "M", "why"]
+        rows = [header] + [d.row() for d in self.decisions]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = [f"mstfx graph {self.graph_index}: {len(self.chunked)} region(s) chunked, {len(self.skipped)} left unchanged"]
+        if self.error:
+            lines.append(f"  graph left unchanged: {self.error}")
+        for r in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if self.logits_escape:
+            lines.append(
+                "  note: the full logits are a graph output, so a tokens×vocab tensor is still materialised; "
+                "train through mstfx.drop_logits(model) (or read only .loss inside the compiled function) to avoid it"
+            )
+        return "\n".join(lines)

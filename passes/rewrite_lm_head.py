@@ -1,0 +1,38 @@
+"""Rewrite: LM head + cross-entropy becomes one call of the fused, chunked linear cross-entropy.
+
+The loss node is replaced by :func:`chunked_ops.linear_cross_entropy` on the flattened hidden states,
+the head weight (and bias) and the flattened targets.  The old logits chain becomes dead and is
+removed by dead-code elimination, unless the logits escape the graph, in which case it stays for
+that user only.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from . import chunked_ops
+from .common import mst_meta
+from .find_lm_head import LmHeadRegion
+
+
+def rewrite_lm_head(graph: fx.Graph, region: LmHeadRegion, chunks: int) -> fx.Node:
+    ce = region.loss
+    with graph.inserting_before(ce):
+        h = graph.call_function(chunked_ops.flatten_tokens, (region.head.input,))
+        target = graph.call_method("reshape", (region.target, -1))
+        loss = graph.call_function(
+            chunked_ops.linear_cross_entropy,
+            (h, region.head.weight, region.head.bias, target),
+            {
+                "ignore_index": region.ignore_index,
+                "reduction": region.reduction,
+                "transforms": region.transforms,
+                "chunks": chunks,
+            },
+        )
+    loss.meta.update({k: v for k, v in ce.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+    mst_meta(loss).update(region=region.name, chunks=chunks)
+    ce.replace_all_uses_with(loss)
+    graph.erase_node(ce)
+    graph.eliminate_dead_code()
+    return loss
