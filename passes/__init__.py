@@ -53,6 +53,32 @@ def _param_placeholders(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
     return {node for node, ex in zip(phs, example_inputs) if isinstance(ex, torch.nn.Parameter)}
 
 
+def _checkpoint_bodies(gm: fx.GraphModule, params: set[fx.Node]) -> list[tuple[fx.GraphModule, set[fx.Node]]]:
+    """Bodies of activation-checkpointed regions (``model.gradient_checkpointing_enable()``).
+
+    Dynamo turns ``torch.utils.checkpoint`` into ``tag_activation_checkpoint(body, *operands)``; the
+    MLP then lives in ``body``.  Each body is replaced by a private copy (the original graph stays
+    untouched for the fallback), and its placeholders that receive parameters count as parameters.
+    """
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    bodies = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not hop or not node.args:
+            continue
+        body_ref = node.args[0]
+        if not isinstance(body_ref, fx.Node) or body_ref.op != "get_attr":
+            continue
+        body = getattr(gm, body_ref.target)
+        if not isinstance(body, fx.GraphModule):
+            continue
+        body = _copy_graph_module(body)
+        setattr(gm, body_ref.target, body)
+        phs = [n for n in body.graph.nodes if n.op == "placeholder"]
+        body_params = {ph for ph, arg in zip(phs, node.args[1:]) if isinstance(arg, fx.Node) and arg in params}
+        bodies.append((body, body_params))
+    return bodies
+
+
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule with a copied graph (nodes and their meta dicts), sharing attributes."""
     graph = fx.Graph()
@@ -92,14 +118,18 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
 
     heads, head_skipped = find_lm_head_regions(graph) if config.chunk_lm_head else ([], [])
     head_nodes = {h.head.node for h in heads}
-    mlps, mlp_skipped = find_mlp_regions(graph, params, head_nodes) if config.chunk_mlp else ([], [])
-    for where, why in mlp_skipped:
-        report.decisions.append(RegionDecision("projection", where, "skipped", f"not an MLP: {why}"))
+    mlps: list[tuple[fx.GraphModule, MlpRegion]] = []
+    if config.chunk_mlp:
+        for owner, owner_params in [(new, params), *_checkpoint_bodies(new, params)]:
+            found, mlp_skipped = find_mlp_regions(owner.graph, owner_params, head_nodes)
+            mlps += [(owner, r) for r in found]
+            for where, why in mlp_skipped:
+                report.decisions.append(RegionDecision("projection", where, "skipped", f"not an MLP: {why}"))
     for where, why in head_skipped:
         report.decisions.append(RegionDecision("lm_head+loss", where, "skipped", why))
 
     changed = False
-    for region in mlps:
+    for owner, region in mlps:
         m = chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mlp_chunks_for(region))
         common = dict(
             tokens=_token_str(region.tokens),
@@ -112,7 +142,9 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
                 RegionDecision("mlp", region.name, "skipped", "one mini-sequence: nothing to save", chunks=1, **common)
             )
             continue
-        rewrite_mlp(new, region, m, eager=config.compiler == "eager")
+        rewrite_mlp(owner, region, m, eager=config.compiler == "eager")
+        if owner is not new:
+            owner.recompile()
         changed = True
         report.decisions.append(
             RegionDecision(

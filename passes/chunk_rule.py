@@ -18,12 +18,24 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.fx.experimental.symbolic_shapes import guard_bool, optimization_hint
 
 
 def concrete_tokens(tokens: int | torch.SymInt) -> int:
-    """The current number of tokens (the size hint when the token dim is dynamic)."""
-    return int(optimization_hint(tokens)) if isinstance(tokens, torch.SymInt) else int(tokens)
+    """The number of tokens M is chosen for.
+
+    Static: the number itself.  Dynamic (a SymInt): the largest count of the power-of-two bucket
+    ``[2^k, 2^(k+1))`` that holds the current size, and the graph is guarded to that bucket.  A graph
+    compiled at 3K tokens can then never silently run 60K tokens with 3K's M: Dynamo recompiles once
+    per bucket, so the number of compiles is bounded by log2 of the length range.
+    """
+    if not isinstance(tokens, torch.SymInt):
+        return int(tokens)
+    n = max(1, int(optimization_hint(tokens)))
+    lo = 1 << (n.bit_length() - 1)
+    guard_bool(tokens >= lo)
+    guard_bool(tokens < 2 * lo)
+    return 2 * lo - 1
 
 
 def mlp_chunks(tokens: int | torch.SymInt, hidden: int, override: int | None = None) -> int:

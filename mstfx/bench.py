@@ -1,0 +1,181 @@
+"""``mstfx bench``: peak memory and step time of one training step, for every way users train today.
+
+Variants, all on the same model and weights, in one process: eager, eager + gradient checkpointing,
+Inductor on the model (logits escape), Inductor on the loss function, Inductor with its
+``auto_chunker``, mst, mst + gradient checkpointing.  Ratios are to Inductor on the loss function
+(time) and to Inductor on the model (memory), the baselines of the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .measure import peak_bytes, step_seconds, training_step
+
+VARIANTS = ["eager", "eager+ckpt", "inductor(model)", "inductor", "inductor+auto_chunker", "mst", "mst+ckpt"]
+
+
+@dataclass
+class BenchRow:
+    variant: str
+    peak_mb: float
+    step_s: float
+    loss: float
+    compiles: int = 0
+
+
+def reference_config(seq_len: int = 4096):
+    """The reference CPU configuration of the design notes (HF Llama, 2 layers, vocab 32000)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1792,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=max(seq_len, 4096),
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+
+
+def _loss_callable(variant: str, model, ids):
+    import mstfx
+
+    if variant in ("eager", "eager+ckpt"):
+        return lambda: model(input_ids=ids, labels=ids).loss
+    if variant == "inductor(model)":
+        compiled = torch.compile(model)
+        return lambda: compiled(input_ids=ids, labels=ids).loss
+    fn = lambda i, l: model(input_ids=i, labels=l).loss  # noqa: E731
+    if variant in ("mst", "mst+ckpt"):
+        compiled = torch.compile(fn, backend=mstfx.backend())
+    elif variant == "inductor+auto_chunker":
+        from torch._inductor import config as inductor_config
+
+        inner = torch.compile(fn)
+
+        def compiled(i, l):
+            with inductor_config.patch({"auto_chunker.enable": True}):
+                return inner(i, l)
+    else:
+        compiled = torch.compile(fn)
+    return lambda: compiled(ids, ids)
+
+
+def run_variant(variant: str, model, ids, repeats: int) -> BenchRow:
+    torch._dynamo.reset()
+    if variant.endswith("ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    model.train()
+    step = training_step(model, _loss_callable(variant, model, ids))
+    step()  # compile and warm up
+    peak, loss = peak_bytes(step)
+    seconds = step_seconds(step, repeats)
+    model.gradient_checkpointing_disable()
+    return BenchRow(variant, peak / 2**20, seconds, loss)
+
+
+def run(seq_len: int, variants: list[str], repeats: int, batch: int = 1, seed: int = 0, progress: bool = True) -> list[BenchRow]:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(reference_config(seq_len))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    rows = []
+    if progress:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task("", total=len(variants))
+            for v in variants:
+                bar.update(task, description=f"compiling and measuring {v}")
+                rows.append(run_variant(v, model, ids, repeats))
+                bar.advance(task)
+    else:
+        rows = [run_variant(v, model, ids, repeats) for v in variants]
+    return rows
+
+
+def ratios(rows: list[BenchRow]) -> dict[str, dict[str, float]]:
+    by = {r.variant: r for r in rows}
+    mem_base = by.get("inductor(model)") or by.get("inductor")
+    time_base = by.get("inductor") or by.get("inductor(model)")
+    out = {}
+    for r in rows:
+        out[r.variant] = {
+            "peak_vs_inductor_model": r.peak_mb / mem_base.peak_mb if mem_base else float("nan"),
+            "time_vs_inductor": r.step_s / time_base.step_s if time_base else float("nan"),
+        }
+    return out
+
+
+def render(rows: list[BenchRow], seq_len: int) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    rat = ratios(rows)
+    table = Table(title=f"one training step, reference Llama config, S={seq_len}, fp32, CPU")
+    for col in ["variant", "peak MB", "peak / inductor(model)", "step s", "time / inductor", "loss"]:
+        table.add_column(col, justify="right" if col != "variant" else "left")
+    for r in rows:
+        table.add_row(
+            r.variant,
+            f"{r.peak_mb:.0f}",
+            f"{rat[r.variant]['peak_vs_inductor_model']:.2f}",
+            f"{r.step_s:.2f}",
+            f"{rat[r.variant]['time_vs_inductor']:.2f}",
+            f"{r.loss:.5f}",
+        )
+    buf = StringIO()
+    Console(file=buf, width=120).print(table)
+    return buf.getvalue()
+
+
+def markdown(rows: list[BenchRow]) -> str:
+    rat = ratios(rows)
+    lines = ["| variant | peak MB | peak / Inductor(model) | step s | time / Inductor(loss fn) | loss |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.variant} | {r.peak_mb:.0f} | {rat[r.variant]['peak_vs_inductor_model']:.2f} | {r.step_s:.2f} "
+            f"| {rat[r.variant]['time_vs_inductor']:.2f} | {r.loss:.5f} |"
+        )
+    return "\n".join(lines)
+
+
+def cli_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mstfx bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"mstfx bench: unknown variant(s) {unknown}; choose from {VARIANTS}", file=sys.stderr)
+        return 2
+    if args.seq_len < 1 or args.batch < 1 or args.repeats < 1:
+        print("mstfx bench: --seq-len, --batch and --repeats must be positive", file=sys.stderr)
+        return 2
+    rows = run(args.seq_len, variants, args.repeats, args.batch, progress=not args.json)
+    if args.json:
+        print(json.dumps({"seq_len": args.seq_len, "rows": [asdict(r) for r in rows], "ratios": ratios(rows)}, indent=2))
+    else:
+        print(render(rows, args.seq_len))
+        if args.markdown:
+            print(markdown(rows))
+    return 0

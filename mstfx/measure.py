@@ -1,0 +1,52 @@
+"""Measuring: the real CPU peak of a training step (compiled code included) and its step time.
+
+``torch.cuda.max_memory_allocated`` has no CPU twin, and RSS blurs the allocator.  The profiler records
+every CPU allocation and free, Inductor's generated kernels included; the running sum of those
+events is the exact number of bytes live above what existed when profiling began.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def peak_bytes(step: Callable[[], object]) -> tuple[int, object]:
+    """Bytes above the starting point at the peak of ``step()``, and what ``step`` returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak, result
+
+
+def step_seconds(step: Callable[[], object], repeats: int = 3) -> float:
+    """Median wall time of ``repeats`` calls of ``step`` (call it once before to warm up)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
+    """One forward + backward from fresh gradients (``p.grad = None``), returning the loss value."""
+
+    def step() -> float:
+        for p in model.parameters():
+            p.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return float(loss.detach())
+
+    return step
