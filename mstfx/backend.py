@@ -56,6 +56,9 @@ class MstBackend:
             new_gm, report = gm, GraphReport(index, error=f"analysis failed: {type(err).__name__}: {err}")
         self.reports.append(report)
         REPORTS.append(report)
+        from .distributed import warn_if_ddp_split
+
+        warn_if_ddp_split(report)
         log.info("%s", report)
         compiler = self._compiler()
         if new_gm is gm:

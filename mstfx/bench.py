@@ -26,7 +26,7 @@ class BenchRow:
     peak_mb: float
     step_s: float
     loss: float
-    compiles: int = 0
+    report: str = ""
 
 
 def reference_config(seq_len: int = 4096):
@@ -82,7 +82,12 @@ def run_variant(variant: str, model, ids, repeats: int) -> BenchRow:
     peak, loss = peak_bytes(step)
     seconds = step_seconds(step, repeats)
     model.gradient_checkpointing_disable()
-    return BenchRow(variant, peak / 2**20, seconds, loss)
+    report = ""
+    if variant.startswith("mst"):
+        import mstfx
+
+        report = mstfx.explain(last=1)
+    return BenchRow(variant, peak / 2**20, seconds, loss, report)
 
 
 def run(seq_len: int, variants: list[str], repeats: int, batch: int = 1, seed: int = 0, progress: bool = True) -> list[BenchRow]:
@@ -178,4 +183,7 @@ def cli_main(argv: list[str]) -> int:
         print(render(rows, args.seq_len))
         if args.markdown:
             print(markdown(rows))
+        for r in rows:
+            if r.report:
+                print(f"\n{r.variant}:\n{r.report}")
     return 0

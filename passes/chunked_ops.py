@@ -140,8 +140,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             # d(loss)/dz = softmax(z) - onehot(target), zero on ignored rows, times 1/count for a mean
             probs = torch.exp(z32 - lse.unsqueeze(1))
-            g = (probs - (classes.unsqueeze(0) == safe_t.unsqueeze(1)).to(probs.dtype)) * (
-                valid.unsqueeze(1).to(probs.dtype) * scale
+            # (where, not a multiply: with every target ignored the mean's 1/0 must give 0, as in eager)
+            g = torch.where(
+                valid.unsqueeze(1),
+                (probs - (classes.unsqueeze(0) == safe_t.unsqueeze(1)).to(probs.dtype)) * scale,
+                0.0,
             )
             g = _transforms_backward(g.to(z.dtype), transforms, saved).to(logits.dtype)
             if need_h:
@@ -187,3 +190,148 @@ def linear_cross_entropy(
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     return _LinearCrossEntropy.apply(h, weight, bias, target, ignore_index, reduction, tuple(transforms), chunks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-token log-probabilities (DPO, GRPO, distillation) without a tokens×vocab tensor
+# --------------------------------------------------------------------------------------------------
+def _valid(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    return target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """``log_softmax(transforms(h @ Wᵀ + b))[t]`` per token, chunk by chunk.
+
+    Unlike the loss, the upstream gradient is a tensor (one value per token) that is only known in
+    backward, so backward recomputes each chunk's logits from the saved ``h`` (one extra matmul per
+    chunk) instead of keeping them: at most one chunk of logits is alive in either pass.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, ignore_index, transforms, chunks):
+        acc = _acc_dtype(torch.result_type(h, weight), transforms)
+        out = []
+        for h_c, t_c in zip(split_tokens(h, chunks), torch.split(target, chunk_sizes(target.shape[0], chunks))):
+            z, _ = _apply_transforms(F.linear(h_c, weight, bias), transforms)
+            z32 = z.to(acc)
+            valid = _valid(t_c, ignore_index)
+            safe_t = torch.where(valid, t_c, 0)
+            picked = z32.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+            out.append(torch.where(valid, picked - torch.logsumexp(z32, dim=-1), 0.0))
+        ctx.save_for_backward(h, weight, bias, target)
+        ctx.ignore_index, ctx.transforms, ctx.chunks, ctx.acc = ignore_index, transforms, chunks, acc
+        return torch.cat(out) if out else h.new_zeros(0, dtype=acc)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, target = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        acc, transforms, chunks = ctx.acc, ctx.transforms, ctx.chunks
+        grad_h_chunks = []
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+        classes = torch.arange(weight.shape[0], device=h.device)
+        sizes = chunk_sizes(target.shape[0], chunks)
+        for h_c, t_c, g_c in zip(split_tokens(h, chunks), torch.split(target, sizes), torch.split(grad_out, sizes)):
+            logits = F.linear(h_c, weight, bias)
+            z, saved = _apply_transforms(logits, transforms)
+            z32 = z.to(acc)
+            valid = _valid(t_c, ctx.ignore_index)
+            safe_t = torch.where(valid, t_c, 0)
+            probs = torch.softmax(z32, dim=-1)
+            # d logp_t / dz = onehot(t) - softmax(z), times the upstream gradient; zero on ignored rows
+            w_c = torch.where(valid, g_c.to(acc), 0.0).unsqueeze(1)
+            g = ((classes.unsqueeze(0) == safe_t.unsqueeze(1)).to(acc) - probs) * w_c
+            g = _transforms_backward(g.to(z.dtype), transforms, saved).to(logits.dtype)
+            if need_h:
+                grad_h_chunks.append(g @ weight)
+            if need_w:
+                accumulate_matmul(grad_w, g.t(), h_c)
+            if grad_b is not None:
+                grad_b = grad_b + g.to(acc).sum(0)
+        out_h = torch.cat(grad_h_chunks).to(h.dtype) if need_h else None
+        out_w = grad_w.to(weight.dtype) if need_w else None
+        out_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return out_h, out_w, out_b, None, None, None, None
+
+
+def linear_logprobs(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    *,
+    ignore_index: int | None = -100,
+    transforms: Sequence[Transform] = (),
+    chunks: int = 8,
+) -> torch.Tensor:
+    """Exact ``log_softmax(transforms(h @ Wᵀ + b), -1).gather(-1, target)`` for [tokens, hidden] ``h``.
+
+    Returns fp32 (fp64 for fp64 inputs) log-probabilities of shape [tokens]; 0 where ``target ==
+    ignore_index``.  Never holds more than one chunk of logits, forward or backward.
+    """
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    if h.dim() != 2 or target.dim() != 1 or h.shape[0] != target.shape[0]:
+        raise ValueError(f"expected h [tokens, hidden] and target [tokens], got {tuple(h.shape)} and {tuple(target.shape)}")
+    return _LinearLogProbs.apply(h, weight, bias, target, ignore_index, tuple(transforms), chunks)
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    lm_head,
+    labels: torch.Tensor,
+    *,
+    chunks: int | None = None,
+    ignore_index: int | None = -100,
+    temperature: float | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token log-probabilities ``log p(labels | hidden)`` without materialising the logits.
+
+    For losses that need them (DPO, GRPO, distillation on the sampled tokens)::
+
+        hidden = model.model(input_ids).last_hidden_state          # [B, S, H] (final norm applied)
+        logp = mstfx.chunked_logprobs(hidden[:, :-1], model.lm_head, input_ids[:, 1:])   # [B, S-1]
+
+    Args:
+        hidden: [..., H] final hidden states (the LM head's input).
+        lm_head: an ``nn.Linear`` (its bias is used) or a [vocab, H] weight tensor.
+        labels: [...] token ids, same leading shape as ``hidden``; positions equal to ``ignore_index``
+            get log-probability 0 and no gradient.
+        chunks: number of mini-sequences; default ⌈vocab / H⌉ (the MsT rule), capped by the tokens.
+        temperature: divide logits by it (GRPO sampling temperature).
+        logit_scale: multiply logits by it (Cohere, Granite's ``1/logits_scaling``).
+        softcap: final-logit soft-capping ``c·tanh(z/c)`` (Gemma 2).
+    Order of the transforms, as the models apply them: scale, soft-capping, then temperature.
+
+    Exact: values and gradients (w.r.t. ``hidden``, the weight and the bias) equal
+    ``torch.log_softmax(logits.float(), -1).gather(-1, labels)`` up to float rounding.
+    """
+    import math
+
+    if isinstance(lm_head, torch.nn.Module):
+        weight, bias = lm_head.weight, getattr(lm_head, "bias", None) if bias is None else bias
+    else:
+        weight = lm_head
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError("lm_head must be an nn.Linear or a [vocab, hidden] weight tensor")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on the token dims")
+    transforms: list = []
+    if logit_scale is not None:
+        transforms.append(("scale", float(logit_scale)))
+    if softcap is not None:
+        transforms += [("scale", 1.0 / float(softcap)), ("tanh",), ("scale", float(softcap))]
+    if temperature is not None:
+        transforms.append(("scale", 1.0 / float(temperature)))
+    h = flatten_tokens(hidden)
+    tokens = h.shape[0]
+    if chunks is None:
+        chunks = max(1, math.ceil(weight.shape[0] / weight.shape[1]))
+    if isinstance(tokens, int):
+        chunks = max(1, min(chunks, tokens))
+    out = linear_logprobs(h, weight, bias, labels.reshape(-1), ignore_index=ignore_index, transforms=transforms, chunks=chunks)
+    return out.reshape(labels.shape)

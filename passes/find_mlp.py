@@ -184,8 +184,46 @@ def _module_path(node: fx.Node) -> str:
         return ""
     path = re.sub(r"^[LG]\['[^']*'\]\.?", "", list(stack.values())[-1][0])
     path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"^(\[\d+\]\.|__self__\.|self\.|_orig_mod\.)+", "", path)
     # Strip the MLP's own projection so the name is the MLP block, e.g. model.layers.0.mlp
     return path.rsplit(".", 1)[0] if "." in path else path
+
+
+def _stacked_weight(node: fx.Node, param_nodes: set[fx.Node]) -> fx.Node | None:
+    """``node`` if it is a parameter of rank >= 3 (one weight per expert) or a transpose/view of one."""
+    while isinstance(node, fx.Node) and node not in param_nodes:
+        if node.op == "call_method" and node.target in ("transpose", "t", "permute", "contiguous", "view", "reshape"):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in (torch.transpose, torch.permute):
+            node = node.args[0]
+        else:
+            return None
+    val = tensor_of(node)
+    return node if val is not None and val.dim() >= 3 else None
+
+
+def routed_expert_matmuls(graph: fx.Graph, param_nodes: set[fx.Node], free: set[fx.Node]) -> list[fx.Node]:
+    """Token-dependent ops that multiply by a stacked ``[experts, ...]`` weight (grouped / batched mm).
+
+    These are the routed experts of a mixture-of-experts layer: each row uses the weight of the expert it
+    was routed to, and the rows were gathered by index.  Not a plain linear, so they are reported (once
+    per stacked weight) and left unchanged.
+    """
+    found, seen = [], set()
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or node in free or match_linear(node) is not None:
+            continue
+        if is_pointwise(node) or is_view(node) or is_cast(node):
+            continue
+        args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        if not any(a not in free for a in args):
+            continue
+        for a in args:
+            w = _stacked_weight(a, param_nodes)
+            if w is not None and w not in seen:
+                seen.add(w)
+                found.append(node)
+    return found
 
 
 def find_mlp_regions(
@@ -212,4 +250,16 @@ def find_mlp_regions(
             continue
         claimed.update(region.nodes)
         regions.append(region)
+    experts: dict[str, int] = {}
+    for node in routed_expert_matmuls(graph, param_nodes, free):
+        where = _module_path(node) or node.name
+        experts[where] = experts.get(where, 0) + 1
+    for where, n in experts.items():
+        skipped.append(
+            (
+                where,
+                f"routed experts ({n} matmul(s) with a stacked [experts, ...] weight on tokens gathered by "
+                "index): not a plain linear, left unchanged",
+            )
+        )
     return regions, skipped

@@ -93,6 +93,8 @@ def test_all_ignored_mean_is_nan_like_eager():
     ref = F.cross_entropy(F.linear(h, w), t)
     got = chunked_ops.linear_cross_entropy(h, w, None, t, chunks=2)
     assert torch.isnan(ref) and torch.isnan(got)
+    got.backward()  # eager's gradient is exactly zero here, not NaN
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
 def test_upstream_gradient_scales():

@@ -1,0 +1,220 @@
+"""Predicted (cost model) vs measured (profiler) peak memory of one training step on CPU.
+
+Measures, with the profiler method of the shared notes (§1: bytes above the parameters during one
+fwd+bwd, gradients set to ``None`` beforehand so they count), the peak of the compiled loss function
+``lambda ids, lab: model(input_ids=ids, labels=lab).loss`` for
+
+    standard            plain Inductor (``backend="inductor"``)
+    mst                 the mst backend, default chunk rule
+    mst+checkpointing   the mst backend and HF gradient checkpointing (non-reentrant)
+
+on the reference Llama config and on a GELU model (GPT-2 from a small config), for S in
+{1024, 2048, 4096, 8192}.  It compares each with :func:`mstfx.planner.predict_peak` (gradients +
+activations, the part the profiler sees), prints a table, and draws ``docs/predicted_vs_measured.png``.
+
+Measurements are cached in ``docs/predicted_vs_measured.json`` (one key per model/mode/S), so an
+interrupted run resumes and ``--plot-only`` redraws without measuring.  Slow on 2 CPU cores:
+
+    nice -n 10 python examples/predicted_vs_measured.py                 # everything missing
+    python examples/predicted_vs_measured.py --plot-only                # table + PNG from the cache
+    nice -n 10 python examples/predicted_vs_measured.py --models llama --modes mst --seq-lens 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, "docs", "predicted_vs_measured.json")
+PNG = os.path.join(ROOT, "docs", "predicted_vs_measured.png")
+MODES = ("standard", "mst", "mst+checkpointing")
+SEQ_LENS = (1024, 2048, 4096, 8192)
+MB = 1e6
+
+
+def build(name: str):
+    """The two models of the comparison, built from configs (no downloads), fp32, dropout 0."""
+    import torch
+
+    torch.manual_seed(0)
+    if name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
+            vocab_size=32000, use_cache=False, attn_implementation="sdpa", max_position_embeddings=8192,
+        )
+        return LlamaForCausalLM(cfg)
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=32000, n_embd=512, n_layer=2, n_head=8, n_positions=8192, use_cache=False,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+        )
+        model = GPT2LMHeadModel(cfg)
+        model.loss_type = "ForCausalLM"
+        return model
+    raise ValueError(f"unknown model {name!r}")
+
+
+def profile_peak(step) -> int:
+    """Peak bytes above what is live when ``step()`` starts (profiler method, shared notes §1)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def measure(name: str, mode: str, seq_len: int) -> int:
+    """Measured peak (bytes, gradients included) of one compiled fwd+bwd."""
+    import torch
+
+    import mstfx
+
+    torch._dynamo.reset()
+    model = build(name).train()
+    if mode.endswith("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backend = "inductor" if mode in ("standard", "checkpointing") else mstfx.backend()
+    fn = torch.compile(lambda i, l: model(input_ids=i, labels=l).loss, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
+
+    def step():
+        fn(ids, ids).backward()
+
+    step()  # compile
+    for p in model.parameters():
+        p.grad = None
+    step()  # warm
+    for p in model.parameters():
+        p.grad = None
+    gc.collect()
+    peak = profile_peak(step)
+    del model, fn
+    torch._dynamo.reset()
+    gc.collect()
+    return peak
+
+
+def predict(name: str, mode: str, seq_len: int) -> float:
+    """Predicted peak (bytes) of the part the profiler sees: gradients + activations."""
+    from mstfx.planner import predict_peak
+
+    b = predict_peak(built(name), seq_len, batch=1, mode=mode, optimizer="none")
+    return b.grads + b.activations
+
+
+_BUILT: dict = {}
+
+
+def built(name: str):
+    """The model itself (for its exact parameter count), built once."""
+    if name not in _BUILT:
+        _BUILT[name] = build(name)
+    return _BUILT[name]
+
+
+def load() -> dict:
+    if os.path.exists(CACHE):
+        with open(CACHE) as f:
+            return json.load(f)
+    return {}
+
+
+def save(cache: dict) -> None:
+    os.makedirs(os.path.dirname(CACHE), exist_ok=True)
+    with open(CACHE, "w") as f:
+        json.dump(cache, f, indent=1, sort_keys=True)
+
+
+def table(cache: dict, models, modes, seq_lens) -> tuple[str, float]:
+    rows = ["| model | mode | S | measured MB | predicted MB | error |", "|---|---|---:|---:|---:|---:|"]
+    worst = 0.0
+    for name in models:
+        for mode in modes:
+            for s in seq_lens:
+                key = f"{name}|{mode}|{s}"
+                if key not in cache:
+                    continue
+                got = cache[key]
+                pred = predict(name, mode, s)
+                err = (pred - got) / got
+                worst = max(worst, abs(err))
+                rows.append(f"| {name} | {mode} | {s} | {got / MB:.0f} | {pred / MB:.0f} | {err:+.1%} |")
+    return "\n".join(rows), worst
+
+
+def plot(cache: dict, models, modes, seq_lens) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    colors = dict(zip(MODES + ("checkpointing",), ("tab:red", "tab:blue", "tab:green", "tab:orange")))
+    for ax, name in zip(axes[0], models):
+        for mode in modes:
+            pts = [(s, cache[f"{name}|{mode}|{s}"]) for s in seq_lens if f"{name}|{mode}|{s}" in cache]
+            if not pts:
+                continue
+            xs = [s for s, _ in pts]
+            ax.plot(xs, [v / MB for _, v in pts], "o", color=colors[mode], label=f"{mode} measured")
+            fine = list(range(min(seq_lens), max(seq_lens) + 1, 256))
+            ax.plot(fine, [predict(name, mode, s) / MB for s in fine], "-", color=colors[mode], alpha=0.7,
+                    label=f"{mode} predicted")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length S (batch 1)")
+        ax.set_ylabel("peak MB above parameters (grads included)")
+        ax.set_title({"llama": "Llama (ref. config, SwiGLU)", "gpt2": "GPT-2 (GELU)"}.get(name, name))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("mstfx cost model: predicted vs measured peak (CPU, fp32, profiler method)")
+    fig.tight_layout()
+    fig.savefig(PNG, dpi=120)
+    print(f"wrote {PNG}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["llama", "gpt2"])
+    ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--seq-lens", nargs="+", type=int, default=list(SEQ_LENS))
+    ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--remeasure", action="store_true", help="ignore cached measurements")
+    args = ap.parse_args(argv)
+    cache = load()
+    if not args.plot_only:
+        for s in args.seq_lens:  # short sequences first: the cheap points land before the slow ones
+            for name in args.models:
+                for mode in args.modes:
+                    key = f"{name}|{mode}|{s}"
+                    if key in cache and not args.remeasure:
+                        continue
+                    t0 = time.time()
+                    cache[key] = measure(name, mode, s)
+                    save(cache)
+                    print(f"{key}: {cache[key] / MB:.1f} MB measured ({time.time() - t0:.0f} s)", flush=True)
+    text, worst = table(cache, args.models, args.modes, args.seq_lens)
+    print(text)
+    print(f"worst |error|: {worst:.1%}")
+    plot(cache, args.models, args.modes, args.seq_lens)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,919 @@
+"""``mstfx simulate``: the longest sequence that trains on a GPU of a given size, found without a GPU.
+
+The real Hugging Face model is built and run (one forward + backward) under ``FakeTensorMode``: no
+weights, no data, no device; every tensor has only a shape, a dtype and a storage size.
+``MemTracker`` (``torch.distributed._tools``) follows every allocation and free, so the peak it
+reports is the peak the eager step would reach on a GPU.  Four modes:
+
+``standard``   the model as it is
+``ckpt``       Hugging Face ``gradient_checkpointing_enable()`` (each decoder layer recomputed)
+``mst``        the mst backend's rewrite: chunked MLPs and fused chunked LM head + loss
+``mst+ckpt``   both
+
+The MsT rewrite is the mst backend's own: for each sequence length the MLP module (one decoder
+layer's) and the LM-head + loss function are captured by Dynamo and handed to
+``mstfx.backend(compiler="eager")``, which runs the pass pipeline and returns the eager form of the
+rewritten graph (each MLP chunk under ``torch.utils.checkpoint``, the LM head through
+``chunked_ops.linear_cross_entropy``, M from ``passes/chunk_rule.py``).  Every decoder layer then runs
+that graph with its own weights.  (Dynamo refuses to run while a dispatch mode such as FakeTensorMode
+or MemTracker is active, so the whole model cannot be captured inside the simulation; the regions
+are captured outside it, with the same fake parameters, and replayed inside.)
+
+Attention runs as FlashAttention-2 does on a GPU (no S×S tensor, K/V kept at their own head count,
+the backward's fp32 dq accumulator and GQA-expanded dk/dv workspace), and HF's packed-sequence probe,
+which cannot read fake position ids, is answered "not packed" as a real single-sequence run does
+(see ``/work/shared/notes/measuring.md`` §3).
+
+Optimizer state is added by formula (see :data:`OPTIMIZERS`); "grads freed as made" setups (the MsT
+paper's optimizer-in-backward) use the peak of (memory − gradients) over the step plus the largest
+single gradient.  ``gpus > 1`` models FSDP (ZeRO-3): parameters, gradients and optimizer state are
+divided by N, plus two all-gathered modules and one unsharded gradient module; activations are not
+sharded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+GiB = 1 << 30
+
+MODES = ("standard", "ckpt", "mst", "mst+ckpt")
+MODE_LABELS = {
+    "standard": "standard",
+    "ckpt": "activation checkpointing",
+    "mst": "MsT",
+    "mst+ckpt": "MsT + checkpointing",
+}
+
+#: name -> (bytes per parameter of optimizer state (+ fp32 master weights) on the GPU,
+#:          gradients kept until the step (False: freed as made, optimizer in backward), description)
+OPTIMIZERS: dict[str, tuple[float, bool, str]] = {
+    "adamw": (8.0, True, "AdamW, fp32 states (2×4 B/param), bf16 weights and grads, no fp32 master"),
+    "adamw-master": (12.0, True, "AdamW, fp32 states + fp32 master weights (12 B/param)"),
+    "adamw-bf16": (4.0, True, "AdamW, bf16 states (2×2 B/param)"),
+    "offload": (0.0, True, "AdamW, states and master weights offloaded to CPU"),
+    "paper": (4.0, False, "MsT paper: bf16 weights, one Adam per param stepped in a post-accumulate-grad hook, bf16 states, grads freed as made"),
+}
+
+MODEL_ALIASES = {
+    "llama3-8b": "llama3-8b",
+    "llama-3-8b": "llama3-8b",
+    "llama2-7b": "llama2-7b",
+    "llama-2-7b": "llama2-7b",
+    "mistral-7b": "mistral-7b",
+    "qwen2-7b": "qwen2-7b",
+    "gemma2-9b": "gemma2-9b",
+    "gemma-2-9b": "gemma2-9b",
+}
+EMBEDDED_MODELS = ("llama3-8b", "llama2-7b", "mistral-7b", "qwen2-7b", "gemma2-9b")
+
+_ATTN_NAME = "mstfx_sim_attention"  # a name with "flash" in it makes HF look for a hub kernel
+
+
+class SimulateError(ValueError):
+    """Bad input to the simulator (unknown model, unreadable config, impossible GPU size...)."""
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def load_config(model: str | None = None, config_path: str | None = None):
+    """A transformers ``PretrainedConfig`` from an embedded name or a config JSON path."""
+    from transformers import AutoConfig
+
+    if (model is None) == (config_path is None):
+        raise SimulateError("give exactly one of --model NAME or --config PATH")
+    if model is not None:
+        key = MODEL_ALIASES.get(model.lower())
+        if key is None:
+            raise SimulateError(f"unknown model {model!r}; embedded models: {', '.join(EMBEDDED_MODELS)} (or --config PATH)")
+        text = resources.files("mstfx.model_configs").joinpath(f"{key}.json").read_text()
+        source = f"embedded {key}"
+    else:
+        try:
+            text = Path(config_path).read_text()
+        except OSError as err:
+            raise SimulateError(f"cannot read config {config_path!r}: {err.strerror or err}") from None
+        source = config_path
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SimulateError(f"config {source} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise SimulateError(f"config {source} has no 'model_type' (is it a Hugging Face config.json?)")
+    model_type = data.pop("model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **data)
+    except Exception as err:
+        raise SimulateError(f"config {source}: transformers cannot build a {model_type!r} config: {err}") from None
+    for need in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if not isinstance(getattr(cfg, need, None), int) or getattr(cfg, need) < 1:
+            raise SimulateError(f"config {source}: {need} missing or not a positive integer")
+    cfg._mstfx_name = model or Path(config_path).stem
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+def _register_flash_sim() -> None:
+    """An HF attention implementation with FlashAttention-2's memory behaviour (fake tensors only)."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    if _ATTN_NAME in AttentionInterface._global_mapping:
+        return
+
+    class FlashSim(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):  # [B, S, H, hd], [B, S, Hkv, hd]
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            q, k, v, out, lse = ctx.saved_tensors
+            b, s, h, hd = q.shape
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            # FA2 backward workspace: fp32 dq accumulator, softmax_d, and for GQA dk/dv at H heads
+            work = [
+                torch.empty(b, s, h, hd, dtype=torch.float32, device=q.device),
+                torch.empty(b, h, s, dtype=torch.float32, device=q.device),
+            ]
+            if k.shape[2] != h:
+                work += [torch.empty(b, s, h, hd, dtype=q.dtype, device=q.device) for _ in range(2)]
+            del work
+            return dq, dk, dv
+
+    def flash_sim_forward(module, query, key, value, attention_mask, **kwargs):
+        # HF hands [B, H, S, hd]; flash-attn works on [B, S, H, hd] views of the same storage
+        out = FlashSim.apply(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        return out, None
+
+    AttentionInterface.register(_ATTN_NAME, flash_sim_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTN_NAME, flash_attention_mask)
+
+
+@contextlib.contextmanager
+def _no_packed_sequences():
+    """HF's packed-sequence probe cannot read fake position ids; answer as a real single-sequence run."""
+    import transformers.masking_utils as mu
+
+    orig = mu.find_packed_sequence_indices
+    mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        mu.find_packed_sequence_indices = orig
+
+
+# --------------------------------------------------------------------------------------------- tracker
+
+
+def _peak_tracker_class():
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    total_key = "Total"
+
+    class PeakTracker(MemTracker):
+        """MemTracker keeping only global peaks (per-module peaks cost O(modules) per op), for several
+        weightings of parameters and gradients at once: peak of ``total − (1−wp)·params − (1−wg)·grads``."""
+
+        def __init__(self, weights):
+            super().__init__()
+            self.weights = list(weights)
+            self.best = [-math.inf] * len(self.weights)
+            self.snaps: list[dict] = [{} for _ in self.weights]
+
+        def _update_peak_stats(self, peak_state) -> None:  # noqa: ARG002
+            for snap in self._curr_mem_snap.values():
+                tot, p, g = snap[total_key], snap[_MemRefType.PARAM], snap[_MemRefType.GRAD]
+                for i, (wp, wg) in enumerate(self.weights):
+                    v = tot - (1 - wp) * p - (1 - wg) * g
+                    if v > self.best[i]:
+                        self.best[i] = v
+                        self.snaps[i] = dict(snap)
+
+        def split(self, i: int) -> tuple[float, float, float]:
+            """(params, grads, activations) bytes at peak ``i``, weighted."""
+            snap, (wp, wg) = self.snaps[i], self.weights[i]
+            if not snap:
+                return 0.0, 0.0, 0.0
+            p, g = snap[_MemRefType.PARAM] * wp, snap[_MemRefType.GRAD] * wg
+            acts = snap[total_key] - snap[_MemRefType.PARAM] - snap[_MemRefType.GRAD]
+            return p, g, acts
+
+    return PeakTracker
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class Breakdown:
+    """Peak memory of one training step (bytes, per GPU), split by what holds it."""
+
+    seq_len: int
+    mode: str
+    optimizer: str
+    batch: int
+    gpus: int
+    params: float
+    grads: float
+    optimizer_state: float
+    activations: float
+    chunks: dict = field(default_factory=dict)  # what the mst backend chunked, M per region kind
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer_state + self.activations
+
+    def gib(self) -> dict:
+        return {k: round(getattr(self, k) / GiB, 3) for k in ("params", "grads", "optimizer_state", "activations", "total")}
+
+
+class _FakeModel:
+    """One fake-weight model, reused for every run of every mode (building it takes seconds)."""
+
+    def __init__(self, config) -> None:
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from transformers import AutoModelForCausalLM
+
+        _register_flash_sim()
+        config = _sim_config(config)
+        self.config = config
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # never .to(dtype) under fake mode
+        try:
+            with self.fake_mode:
+                self.model = AutoModelForCausalLM.from_config(config)
+        except Exception as err:
+            raise SimulateError(f"transformers cannot build this model: {type(err).__name__}: {err}") from None
+        finally:
+            torch.set_default_dtype(old)
+        self.model.train()
+        params = list(self.model.parameters())
+        self.n_params = sum(p.numel() for p in params)
+        self.param_bytes = sum(p.numel() * p.element_size() for p in params)
+        self.largest_param_bytes = max(p.numel() * p.element_size() for p in params)
+        mods = [self.model.get_input_embeddings(), self.model.get_output_embeddings(), *self._layers()]
+        self.largest_module_bytes = max(
+            sum(p.numel() * p.element_size() for p in m.parameters()) for m in mods if m is not None
+        )
+        self.param_names = {id(p): n for n, p in self.model.named_parameters()}
+
+    def _layers(self):
+        base = getattr(self.model, self.model.base_model_prefix, self.model)
+        return list(getattr(base, "layers", []))
+
+    # ---- the mst backend's rewrite, captured per sequence length
+
+    def _capture(self, fn: Callable, inputs: tuple, backend) -> tuple[Callable, list]:
+        """Dynamo-capture ``fn(*inputs)`` with ``backend``; return the compiled callable and its argument
+        recipe (input index, parameter name or constant) for replays with other inputs/weights."""
+        import torch
+
+        got: dict[str, Any] = {}
+
+        def capture(gm, example_inputs):
+            compiled = backend(gm, example_inputs)
+
+            def run(*args):
+                got.setdefault("args", args)
+                got["fn"] = compiled
+                with self.fake_mode:
+                    return compiled(*args)
+
+            return run
+
+        torch._dynamo.reset()
+        torch.compile(fn, backend=capture, dynamic=False, fullgraph=True)(*inputs)
+        if "fn" not in got:
+            raise RuntimeError("Dynamo produced no graph")
+        recipe = []
+        for a in got["args"]:
+            idx = next((i for i, x in enumerate(inputs) if a is x), None)
+            if idx is not None:
+                recipe.append(("input", idx))
+            elif id(a) in self.param_names and isinstance(a, torch.nn.Parameter):
+                recipe.append(("param", self.param_names[id(a)]))
+            else:
+                recipe.append(("const", a))
+        return got["fn"], recipe
+
+    def _mst_patches(self, seq_len: int, batch: int):
+        """Install the mst backend's eager rewrite of every MLP and of the LM head + loss; return undo."""
+        import torch
+
+        import mstfx
+
+        be = mstfx.backend(compiler="eager")
+        model, cfg = self.model, self.config
+        layers = self._layers()
+        hidden = cfg.hidden_size
+        with self.fake_mode:
+            h = torch.empty(batch, seq_len, hidden, requires_grad=True)
+            labels = torch.zeros(batch, seq_len, dtype=torch.long)
+        named = dict(model.named_parameters())
+        undo = []
+        chunks: dict[str, int] = {}
+
+        def replay(compiled, recipe, owner_prefix, inputs):
+            args = []
+            for kind, what in recipe:
+                if kind == "input":
+                    args.append(inputs[what])
+                elif kind == "param":
+                    args.append(named[owner_prefix(what)])
+                else:
+                    args.append(what)
+            out = compiled(*args)
+            return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+        if layers and hasattr(layers[0], "mlp"):
+            mlp0 = layers[0].mlp
+            compiled, recipe = self._capture(lambda x: mlp0(x), (h,), be)
+            rep = be.reports[-1]
+            chunks["mlp"] = max((d.chunks or 1 for d in rep.chunked if d.kind == "mlp"), default=1)
+            prefix0 = self._prefix(mlp0)
+            for layer in layers:
+                mlp = layer.mlp
+                pre = self._prefix(mlp)
+
+                def fwd(x, _pre=pre):
+                    return replay(compiled, recipe, lambda n: _pre + n[len(prefix0):], (x,))
+
+                mlp.forward = fwd
+                undo.append(lambda m=mlp: m.__dict__.pop("forward", None))
+
+        def head_loss(hs, lab):
+            logits = model.lm_head(hs)
+            cap = getattr(cfg, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            return model.loss_function(logits, lab, vocab_size=cfg.vocab_size)
+
+        hcompiled, hrecipe = self._capture(head_loss, (h, labels), be)
+        rep = be.reports[-1]
+        chunks["lm_head"] = max((d.chunks or 1 for d in rep.chunked if d.kind == "lm_head+loss"), default=1)
+        self._head = lambda hs, lab: replay(hcompiled, hrecipe, lambda n: n, (hs, lab))
+        self._reports = list(be.reports)
+        return undo, chunks
+
+    def _prefix(self, module) -> str:
+        for name, mod in self.model.named_modules():
+            if mod is module:
+                return name + "."
+        raise RuntimeError("module not in model")
+
+    # ---- one step
+
+    def step_peak(self, seq_len: int, batch: int, mode: str, weights: list[tuple[float, float]]):
+        """Run one fwd+bwd in ``mode``; the tracker holds the peaks for each (params, grads) weighting."""
+        import torch
+
+        PeakTracker = _peak_tracker_class()
+        model = self.model
+        ckpt = mode in ("ckpt", "mst+ckpt")
+        mst = mode in ("mst", "mst+ckpt")
+        with warnings.catch_warnings():  # transformers 5 renames these; the old names still work
+            warnings.simplefilter("ignore", FutureWarning)
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_disable()
+        undo, chunks = self._mst_patches(seq_len, batch) if mst else ([], {})
+        model.zero_grad(set_to_none=True)
+        try:
+            with _no_packed_sequences(), self.fake_mode:
+                ids = torch.zeros(batch, seq_len, dtype=torch.long)
+                tracker = PeakTracker(weights)
+                tracker.track_external(model)
+                with tracker:
+                    if mst:
+                        base = getattr(model, model.base_model_prefix)
+                        hs = base(input_ids=ids, use_cache=False).last_hidden_state
+                        loss = self._head(hs, ids)
+                        del hs
+                    else:
+                        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss.backward()
+                    del loss
+                    model.zero_grad(set_to_none=True)
+        finally:
+            for u in undo:
+                u()
+            self._head = None
+            model.zero_grad(set_to_none=True)
+        return tracker, chunks
+
+
+def _sim_config(config):
+    import copy
+
+    cfg = copy.deepcopy(config)
+    cfg.use_cache = False
+    cfg._attn_implementation = _ATTN_NAME
+    # memory does not depend on the attention pattern inside FlashAttention (sliding window, soft-cap)
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        cfg.attn_logit_softcapping = None
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- peaks
+
+
+def _check_args(seq_len: int, mode: str, batch: int, optimizer: str, gpus: int) -> None:
+    if mode not in MODES:
+        raise SimulateError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    if optimizer not in OPTIMIZERS:
+        raise SimulateError(f"unknown optimizer setup {optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+    for name, v in (("seq_len", seq_len), ("batch", batch), ("gpus", gpus)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SimulateError(f"{name} must be a positive integer, got {v!r}")
+
+
+_MODEL_CACHE: dict[int, _FakeModel] = {}
+
+
+def _fake_model(config) -> _FakeModel:
+    fm = _MODEL_CACHE.get(id(config))
+    if fm is None:
+        _MODEL_CACHE.clear()
+        fm = _MODEL_CACHE[id(config)] = _FakeModel(config)
+        fm._config_ref = config  # keep id() valid
+    return fm
+
+
+def _weights(gpus: int) -> list[tuple[float, float]]:
+    """Peaks tracked per run: [grads kept, grads freed as made] with params/grads divided by ``gpus``."""
+    s = 1.0 / gpus
+    return [(s, s), (s, 0.0)]
+
+
+def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks) -> dict[str, Breakdown]:
+    out = {}
+    sharded_extra_p = 2 * fm.largest_module_bytes if gpus > 1 else 0.0  # all-gathered current + prefetched
+    sharded_extra_g = fm.largest_module_bytes if gpus > 1 else 0.0  # unsharded grads before reduce-scatter
+    for opt, (state_bpp, grads_kept, _) in OPTIMIZERS.items():
+        i = 0 if grads_kept else 1
+        p, g, acts = tracker.split(i)
+        if not grads_kept:
+            g = fm.largest_param_bytes / gpus  # the one gradient alive while its Adam steps
+        out[opt] = Breakdown(
+            seq_len=seq_len,
+            mode=mode,
+            optimizer=opt,
+            batch=batch,
+            gpus=gpus,
+            params=p + sharded_extra_p,
+            grads=g + (sharded_extra_g if grads_kept else 0.0),
+            optimizer_state=state_bpp * fm.n_params / gpus,
+            activations=acts,
+            chunks=dict(chunks),
+        )
+    return out
+
+
+def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1) -> dict[str, Breakdown]:
+    """One simulated step; the peak breakdown for every optimizer setup of :data:`OPTIMIZERS`."""
+    _check_args(seq_len, mode, batch, "adamw", gpus)
+    fm = _fake_model(config)
+    tracker, chunks = fm.step_peak(seq_len, batch, mode, _weights(gpus))
+    return _breakdowns(fm, tracker, seq_len, mode, batch, gpus, chunks)
+
+
+def simulate_peak(config, seq_len: int, mode: str, batch: int = 1, optimizer: str = "adamw", gpus: int = 1) -> Breakdown:
+    """Simulated per-GPU peak of one training step (fwd + bwd, optimizer state resident).
+
+    ``config``: a transformers config (see :func:`load_config`); ``mode``: one of :data:`MODES`;
+    ``optimizer``: one of :data:`OPTIMIZERS`; ``gpus > 1``: FSDP, params/grads/optimizer sharded.
+    """
+    _check_args(seq_len, mode, batch, optimizer, gpus)
+    return simulate_all(config, seq_len, mode, batch, gpus)[optimizer]
+
+
+# --------------------------------------------------------------------------------------------- search
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    max_seq_len: int  # 0: nothing fits
+    at_max: Breakdown | None
+    runs: list[tuple[int, float]]  # (S, total bytes) of every run, for the plot
+    confirmed: bool
+    note: str = ""
+
+
+def _round(s: float, q: int) -> int:
+    return max(q, int(s // q) * q)
+
+
+def longest_seq_len(
+    peak_fn: Callable[[int], float],
+    budget: float,
+    *,
+    start: int = 4096,
+    quantum: int = 128,
+    rel_tol: float = 0.005,
+    max_runs: int = 9,
+    max_len: int = 1 << 24,
+    on_run: Callable[[int, float], None] | None = None,
+) -> tuple[int, list[tuple[int, float]]]:
+    """Largest S (multiple of ``quantum``) with ``peak_fn(S) <= budget``; 0 if not even ``quantum`` fits.
+
+    The peak is convex and piecewise linear in S: a chord between a fitting and a non-fitting S lands on
+    the fitting side, a line through the two largest fitting runs overshoots; the two are alternated.
+    The returned S is always one that was run and fitted.
+    """
+    runs: dict[int, float] = {}
+
+    def run(s: int) -> float:
+        s = min(max(quantum, s), max_len)
+        if s not in runs:
+            runs[s] = peak_fn(s)
+            if on_run:
+                on_run(s, runs[s])
+        return runs[s]
+
+    def fits():
+        return sorted(s for s, v in runs.items() if v <= budget)
+
+    def over():
+        return sorted(s for s, v in runs.items() if v > budget)
+
+    if run(start) > budget:
+        if run(quantum) > budget:
+            return 0, sorted(runs.items())
+        lo, hi = quantum, start
+        # line through the two runs, then alternate as below
+    else:
+        second = run(min(max_len, start * 4))
+        if second <= budget and second - runs[start] <= 0:
+            return max(fits()), sorted(runs.items())
+    last_over = bool(over())
+    for _ in range(max_runs):
+        f, o = fits(), over()
+        if not f:
+            break
+        lo = f[-1]
+        hi = o[0] if o else None
+        if hi is not None and hi - lo <= max(quantum, rel_tol * lo):
+            break
+        line = None
+        if len(f) >= 2:  # line through the two largest fitting runs: overshoots (convex peak)
+            a, b = f[-2], f[-1]
+            slope = (runs[b] - runs[a]) / (b - a)
+            line = b + (budget - runs[b]) / slope if slope > 0 else float(max_len)
+        if hi is None:
+            guess = line if line is not None else lo * 4
+        else:
+            chord = lo + (budget - runs[lo]) * (hi - lo) / (runs[hi] - runs[lo])  # lands on the fitting side
+            guess = chord if (last_over or line is None or line >= hi) else line
+        s = _round(guess, quantum)
+        if hi is not None:
+            s = min(s, hi - quantum)
+        if s <= lo:
+            s = lo + quantum
+        if s in runs:
+            break
+        last_over = run(s) > budget
+    f = fits()
+    return (f[-1] if f else 0), sorted(runs.items())
+
+
+def find_max_seq_len(
+    config, gpu_gb: float, mode: str, optimizer: str = "adamw", batch: int = 1, gpus: int = 1, progress=None, **search
+) -> tuple[ModeResult, dict[int, dict[str, Breakdown]]]:
+    """Longest S that fits ``gpu_gb`` GiB per GPU in ``mode``; also every run's breakdowns."""
+    _check_args(1, mode, batch, optimizer, gpus)
+    budget = gpu_gb * GiB
+    all_runs: dict[int, dict[str, Breakdown]] = {}
+    fm = _fake_model(config)
+    fixed = OPTIMIZERS[optimizer][0] * fm.n_params / gpus + fm.param_bytes / gpus
+    if fixed > budget:
+        note = (
+            f"nothing fits: weights + optimizer state alone need {fixed / GiB:.1f} GiB per GPU "
+            f"(> {gpu_gb:g}) before any gradient or activation"
+        )
+        return ModeResult(mode, 0, None, [], True, note), all_runs
+
+    def peak(s: int) -> float:
+        bd = simulate_all(config, s, mode, batch, gpus)
+        all_runs[s] = bd
+        if progress is not None:
+            progress(mode, s, bd[optimizer].total)
+        return bd[optimizer].total
+
+    best, runs = longest_seq_len(peak, budget, **search)
+    note = "" if best else f"nothing fits: even {search.get('quantum', 128)} tokens exceed {gpu_gb:g} GiB"
+    return ModeResult(mode, best, all_runs.get(best, {}).get(optimizer), runs, best > 0, note), all_runs
+
+
+def _interpolated_max(all_runs: dict[int, dict[str, Breakdown]], optimizer: str, budget: float) -> int:
+    """Longest S for another optimizer setup from the runs already made (piecewise-linear interpolation)."""
+    pts = sorted((s, bd[optimizer].total) for s, bd in all_runs.items())
+    fit = [s for s, v in pts if v <= budget]
+    if not fit:
+        return 0
+    best = max(fit)
+    above = [(s, v) for s, v in pts if s > best]
+    if above:
+        (s1, v1), (s2, v2) = (best, dict(pts)[best]), above[0]
+        return int(s1 + (budget - v1) * (s2 - s1) / (v2 - v1))
+    below = [(s, v) for s, v in pts if s < best]
+    if below and dict(pts)[best] > below[-1][1]:
+        (s1, v1), (s2, v2) = below[-1], (best, dict(pts)[best])
+        return int(s2 + (budget - v2) * (s2 - s1) / (v2 - v1))  # extrapolated
+    return best
+
+
+# --------------------------------------------------------------------------------------------- cost model
+
+#: our mode names -> the cost model's (``mstfx.planner.predict_peak``)
+COST_MODEL_MODES = {"standard": "standard", "ckpt": "checkpointing", "mst": "mst", "mst+ckpt": "mst+checkpointing"}
+
+
+def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> list[dict]:
+    """Simulated vs predicted peak (bf16 weights, grads kept, no optimizer state) at each length and mode.
+
+    ``rel`` = (predicted − simulated) / simulated; issue 5 asks for |rel| ≤ 0.10.
+    """
+    from mstfx.planner import predict_peak
+
+    rows = []
+    for mode in modes:
+        for s in seq_lens:
+            simd = simulate_peak(config, int(s), mode, batch, optimizer="offload")
+            pred = predict_peak(config, int(s), batch, COST_MODEL_MODES[mode], optimizer="none", mixed_precision="bf16")
+            rows.append(
+                dict(
+                    mode=mode,
+                    seq_len=int(s),
+                    simulated_gib=round(simd.total / GiB, 3),
+                    predicted_gib=round(pred.peak / GiB, 3),
+                    sim_activations_gib=round(simd.activations / GiB, 3),
+                    pred_activations_gib=round(pred.activations / GiB, 3),
+                    rel=round((pred.peak - simd.total) / simd.total, 4),
+                )
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mstfx simulate",
+        description="Longest sequence that trains on a GPU of a given size: the real HF model run under "
+        "FakeTensor + MemTracker (no weights, no GPU), in four modes.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help=f"embedded config: {', '.join(EMBEDDED_MODELS)}")
+    src.add_argument("--config", help="path to a Hugging Face config.json")
+    p.add_argument("--gpu-gb", type=float, required=True, help="memory of one GPU, GiB")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--optimizer", default="adamw", help=f"one of {', '.join(OPTIMIZERS)} (default adamw)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (with --strategy fsdp)")
+    p.add_argument("--strategy", default="fsdp", choices=["fsdp"], help="how state is split over --gpus")
+    p.add_argument("--start", type=int, default=4096, help="first sequence length tried")
+    p.add_argument("--quantum", type=int, default=128, help="answer granularity in tokens")
+    p.add_argument("--plot", default=None, help="PNG path (default: simulate-<model>.png; 'none' to skip)")
+    p.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to a file or '-' for stdout")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--compare-cost-model",
+        metavar="S1,S2,...",
+        default=None,
+        help="instead of the search: simulated vs cost-model peak at these lengths (bf16, no optimizer state)",
+    )
+    return p
+
+
+def _validate_cli(args) -> list[str]:
+    if not (args.gpu_gb > 0) or math.isinf(args.gpu_gb):
+        raise SimulateError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb:g}")
+    if args.batch < 1 or args.gpus < 1 or args.quantum < 1 or args.start < 1:
+        raise SimulateError("--batch, --gpus, --start and --quantum must be positive integers")
+    if args.optimizer not in OPTIMIZERS:
+        raise SimulateError(f"unknown --optimizer {args.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise SimulateError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    return modes
+
+
+def run_cli(args) -> dict:
+    modes = _validate_cli(args)
+    config = load_config(args.model, args.config)
+    name = config._mstfx_name
+    t0 = time.perf_counter()
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(modes) * 6, desc=f"simulate {name}", unit="run", file=sys.stderr, leave=False)
+
+    def progress(mode, s, total):
+        if bar is not None:
+            if bar.n >= bar.total:
+                bar.total += 2
+            bar.update(1)
+            bar.set_postfix_str(f"{mode} S={s} peak={total / GiB:.1f} GiB")
+
+    results: dict[str, ModeResult] = {}
+    all_runs: dict[str, dict[int, dict[str, Breakdown]]] = {}
+    fm = None
+    try:
+        fm = _fake_model(config)
+        for mode in modes:
+            results[mode], all_runs[mode] = find_max_seq_len(
+                config, args.gpu_gb, mode, args.optimizer, args.batch, args.gpus, progress,
+                start=args.start, quantum=args.quantum,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    budget = args.gpu_gb * GiB
+    out = {
+        "model": name,
+        "params_billion": round(fm.n_params / 1e9, 3),
+        "gpu_gib": args.gpu_gb,
+        "gpus": args.gpus,
+        "strategy": args.strategy if args.gpus > 1 else None,
+        "batch": args.batch,
+        "optimizer": args.optimizer,
+        "seconds": round(elapsed, 1),
+        "modes": {},
+        "by_optimizer": {},
+    }
+    for mode, r in results.items():
+        out["modes"][mode] = {
+            "max_seq_len": r.max_seq_len,
+            "note": r.note,
+            "peak_gib": r.at_max.gib() if r.at_max else None,
+            "chunks": r.at_max.chunks if r.at_max else {},
+            "runs": [[s, round(v / GiB, 3)] for s, v in r.runs],
+        }
+        out["by_optimizer"][mode] = {
+            opt: (r.max_seq_len if opt == args.optimizer else _interpolated_max(all_runs[mode], opt, budget))
+            for opt in OPTIMIZERS
+        }
+    std = out["modes"].get("standard", {}).get("max_seq_len")
+    for mode in out["modes"]:
+        m = out["modes"][mode]["max_seq_len"]
+        out["modes"][mode]["vs_standard"] = round(m / std, 2) if std else None
+    return out
+
+
+def _print_table(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (
+        f"{out['model']} ({out['params_billion']}B params) on "
+        + (f"{out['gpus']} × " if out["gpus"] > 1 else "")
+        + f"{out['gpu_gib']:g} GiB, batch {out['batch']}, optimizer {out['optimizer']}"
+        + (f", {out['strategy']} (per-GPU)" if out["strategy"] else "")
+    )
+    t = Table(title=title)
+    for col in ("mode", "max S", "× standard", "params", "grads", "optimizer", "activations", "peak GiB", "M (mlp/head)"):
+        t.add_column(col, justify="right" if col != "mode" else "left")
+    for mode, r in out["modes"].items():
+        pk = r["peak_gib"]
+        if not pk:
+            t.add_row(MODE_LABELS[mode], "0", "-", "-", "-", "-", "-", "-", r["note"][:60])
+            continue
+        ch = r["chunks"]
+        t.add_row(
+            MODE_LABELS[mode],
+            f"{r['max_seq_len']:,}",
+            f"{r['vs_standard']:.2f}" if r["vs_standard"] else "-",
+            f"{pk['params']:.2f}",
+            f"{pk['grads']:.2f}",
+            f"{pk['optimizer_state']:.2f}",
+            f"{pk['activations']:.2f}",
+            f"{pk['total']:.2f}",
+            f"{ch.get('mlp', '-')}/{ch.get('lm_head', '-')}" if ch else "-",
+        )
+    console = Console(width=max(120, Console().width))
+    console.print(t)
+    notes = {r["note"] for r in out["modes"].values() if r["note"]}
+    for n in notes:
+        console.print(f"[bold red]{n}[/]")
+    console.print(f"simulated in {out['seconds']} s")
+
+
+def _plot(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, r in out["modes"].items():
+        if r["runs"]:
+            s, v = zip(*r["runs"])
+            ax.plot(s, v, marker="o", label=f"{MODE_LABELS[mode]} (max {r['max_seq_len']:,})")
+    ax.axhline(out["gpu_gib"], color="k", linestyle="--", label=f"GPU {out['gpu_gib']:g} GiB")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length S (tokens)")
+    ax.set_ylabel("peak memory per GPU (GiB)")
+    gp = f"{out['gpus']}×" if out["gpus"] > 1 else ""
+    ax.set_title(f"{out['model']}, {gp}{out['gpu_gib']:g} GiB, optimizer {out['optimizer']}, batch {out['batch']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _compare_cli(args) -> int:
+    modes = _validate_cli(args)
+    try:
+        lens = [int(x) for x in args.compare_cost_model.split(",") if x.strip()]
+    except ValueError:
+        raise SimulateError(f"--compare-cost-model wants comma-separated integers, got {args.compare_cost_model!r}") from None
+    if not lens or min(lens) < 1:
+        raise SimulateError("--compare-cost-model wants positive sequence lengths")
+    config = load_config(args.model, args.config)
+    t0 = time.perf_counter()
+    rows = compare_with_cost_model(config, lens, modes, args.batch)
+    if args.json is not None:
+        text = json.dumps({"model": config._mstfx_name, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}, indent=2)
+        print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+    if args.json != "-":
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"{config._mstfx_name}: simulated vs cost model (bf16, batch {args.batch}, no optimizer state)")
+        for col in ("mode", "S", "simulated GiB", "cost model GiB", "difference"):
+            t.add_column(col, justify="left" if col == "mode" else "right")
+        for r in rows:
+            t.add_row(MODE_LABELS[r["mode"]], f"{r['seq_len']:,}", f"{r['simulated_gib']:.2f}", f"{r['predicted_gib']:.2f}", f"{r['rel']:+.1%}")
+        Console().print(t)
+    return 0
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed the message; exit code 2 on errors
+        return int(e.code or 0)
+    try:
+        if args.compare_cost_model:
+            return _compare_cli(args)
+        out = run_cli(args)
+    except SimulateError as err:
+        print(f"mstfx simulate: error: {err}", file=sys.stderr)
+        return 2
+    if args.json is not None:
+        text = json.dumps(out, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    if args.json != "-":
+        _print_table(out)
+    plot = args.plot if args.plot is not None else f"simulate-{out['model']}.png"
+    if plot.lower() != "none":
+        _plot(out, plot)
+        if args.json != "-":
+            print(f"plot: {plot}")
+    return 0
+
+
+__all__ = [
+    "Breakdown",
+    "MODES",
+    "OPTIMIZERS",
+    "SimulateError",
+    "find_max_seq_len",
+    "load_config",
+    "longest_seq_len",
+    "simulate_all",
+    "simulate_peak",
+    "cli_main",
+    "compare_with_cost_model",
+]

@@ -1,0 +1,327 @@
+"""Cost: bytes of one training step as sympy expressions of sequence length S, batch B and M.
+
+Why sympy: the planner needs the *longest* S that fits a budget and the *fewest* chunks that fit a
+sequence; with the peak written as a maximum of a few expressions that are linear (or, with eager
+attention, quadratic) in S, both are answered by ``sympy.solve`` instead of by trial compiles.
+The model is pure arithmetic on an :class:`Arch` (plain numbers, no torch, no FX), so it is testable
+with ``subs`` and usable for a 70B model on a laptop.
+
+What is counted (t = B·S tokens, ``a`` bytes per activation element, fp32 = 4):
+
+* **static**: parameters, gradients, optimizer state (AdamW: 2 fp32 states; SGD: 1 momentum buffer;
+  mixed precision: + an fp32 master copy of the weights).
+* **activations**, by liveness over the step.  Each region kind (attention block, MLP, LM head + loss)
+  has bytes *saved* for backward and *transient* bytes alive only while it runs.  The step's peak is
+  the largest of a few phases:
+
+  - ``forward end``: every layer's saved bytes + the LM head's forward transient,
+  - ``head backward``: saved bytes + the LM head's backward transient + its weight gradient,
+  - ``top layer backward``: saved bytes + one layer's backward transient (and, with checkpointing,
+    that layer's recomputed activations) + the gradients made so far,
+  - ``end``: all gradients + the embedding's backward.
+
+Per-token coefficients (``COEF``) count tensors of the compiled (Inductor) step in units of the
+hidden size ``h``, the MLP width ``I``, the vocab ``V``; they were fitted once on the reference Llama
+config on CPU (fp32) and checked on GPT-2 (GELU): see docs/planning.md.  Modes:
+
+    standard            nothing chunked, nothing checkpointed
+    checkpointing       every decoder layer checkpointed (HF ``gradient_checkpointing_enable``)
+    mst                 MLPs and LM head + loss chunked into M_mlp / M_head mini-sequences
+    mst+checkpointing   both: every layer checkpointed, and the MLPs *inside* the checkpointed layers
+                        chunked as well (the pass rewrites the checkpoint bodies); the recompute of
+                        one layer in backward then saves only its MLP input, chunk by chunk
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+S, B = sp.symbols("S B", positive=True)
+M_MLP, M_HEAD = sp.symbols("M_mlp M_head", positive=True)
+
+MODES = ("standard", "checkpointing", "mst", "mst+checkpointing")
+OPTIMIZERS = ("adamw", "sgd", "none")
+FP32 = 4
+
+#: Per-token element counts of the compiled step (fitted on the reference config, see module doc).
+COEF = {
+    # saved for backward by one decoder layer, not chunked: attention block
+    "attn_saved_h": 3.0,  # layer input, attention output (and its contiguous copy), residual, norm output
+    "attn_saved_qkv": 1.0,  # q, k, v after rotary (× their widths)
+    # MLP, not chunked: input + (gate, up) or (up) pre-activations
+    "mlp_saved_h": 1.0,
+    "mlp_saved_i": 2.0,  # × number of up-projections (pre- and post-activation)
+    # transient of one layer's backward (gradients of the widest intermediates)
+    "bwd_transient_i": 2.0,  # × number of up-projections, per token of the region
+    "bwd_transient_h": 4.0,
+    # LM head + loss, not chunked (fp32 logits): saved and backward transient, in units of V
+    "head_saved_v": 1.0,
+    "head_bwd_v": 0.0,  # Inductor writes dlogits in place of the saved logits
+    # LM head + loss chunked: per chunk token, in units of V (logits, probabilities, dlogits)
+    "head_chunk_v": 3.0,
+    # 1 if the chunked LM head's fp32 weight-gradient accumulator outlives the head's backward
+    "acc_alive": 1.0,
+    # checkpointed layer keeps only its input (and the rotary tables)
+    "ckpt_saved_h": 1.0,
+    # the additive causal mask (B × S × S, activation dtype) the compiled HF SDPA path materialises
+    # once and keeps until the last attention backward (measured: 16.8 MB at S = 2048, 67.1 MB at 4096)
+    "mask_s2": 1.0,
+    # 1: a checkpointed layer's recompute makes *every* chunk's up-projections before the layer's
+    # backward runs (measured on Inductor: the partitioner recomputes the whole checkpointed body
+    # ahead of its backward), so chunking inside checkpointed layers only shrinks the MLP's backward
+    # transient to one chunk; 0 would be the ideal chunk-by-chunk recompute
+    "ckpt_mlp_whole": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the cost model needs of a decoder-only LM (plain numbers)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated: bool = True
+    tied: bool = False
+    params: int | None = None  # exact count when known (an nn.Module); else estimated
+    eager_attention: bool = False  # materialises heads × S × S scores (quadratic in S)
+    name: str = ""
+
+    @property
+    def ups(self) -> int:
+        """Up-projections per MLP: 2 for gated (SwiGLU/GeGLU), 1 for plain (GELU)."""
+        return 2 if self.gated else 1
+
+    @property
+    def n_params(self) -> int:
+        if self.params is not None:
+            return int(self.params)
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        layer = h * (q + 2 * kv) + q * h + (self.ups + 1) * h * i + 2 * h
+        head = 0 if self.tied else self.vocab * h
+        return self.vocab * h + self.layers * layer + h + head
+
+    @property
+    def layer_params(self) -> int:
+        return (self.n_params - self.vocab * self.hidden * (1 if self.tied else 2)) // max(1, self.layers)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element: parameters/gradients, activations; fp32 master weights in mixed precision."""
+
+    param_bytes: int = 4
+    act_bytes: int = 4
+    master_weights: bool = False
+
+    @classmethod
+    def of(cls, mixed_precision: str | bool | None) -> "Precision":
+        """``None``/``False``/"fp32": all fp32. "bf16"/"fp16": 2-byte weights and activations.
+        "amp"/``True``: 2-byte weights and activations plus an fp32 master copy (and fp32 states)."""
+        if mixed_precision in (None, False, "fp32", "no"):
+            return cls()
+        if mixed_precision in ("bf16", "fp16", "pure-bf16"):
+            return cls(2, 2, False)
+        if mixed_precision in (True, "amp", "bf16-amp", "fp16-amp"):
+            return cls(2, 2, True)
+        raise ValueError(f"mixed_precision must be None, 'fp32', 'bf16', 'fp16' or 'amp', got {mixed_precision!r}")
+
+
+@dataclass
+class RegionCost:
+    """Bytes of one region kind, as expressions (per region instance, count = how many)."""
+
+    kind: str
+    count: int
+    shape: str
+    saved: sp.Expr
+    fwd_transient: sp.Expr
+    bwd_transient: sp.Expr
+    recompute_flops: sp.Expr = sp.Integer(0)
+    chunks: sp.Expr = sp.Integer(1)
+
+
+@dataclass
+class StepCost:
+    """The whole step: static bytes, activation phases (peak = params + grads + optimizer + max(phases))."""
+
+    params: sp.Expr
+    grads: sp.Expr
+    optimizer: sp.Expr
+    phases: dict[str, sp.Expr]
+    regions: list[RegionCost] = field(default_factory=list)
+
+    @property
+    def activations(self) -> sp.Expr:
+        """Peak over phases of activation bytes (phases already include the grads alive then)."""
+        return sp.Max(*self.phases.values()) - self.grads
+
+    @property
+    def peak(self) -> sp.Expr:
+        return self.params + self.optimizer + sp.Max(*self.phases.values())
+
+
+def optimizer_bytes(n_params: int, optimizer: str, prec: Precision) -> int:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    states = {"adamw": 2, "sgd": 1, "none": 0}[optimizer]
+    state_bytes = FP32 if (prec.master_weights or prec.param_bytes == FP32) else prec.param_bytes
+    master = FP32 * n_params if prec.master_weights and optimizer != "none" else 0
+    return states * state_bytes * n_params + master
+
+
+def mode_flags(mode: str) -> tuple[bool, bool]:
+    """(chunked, checkpointed) of a mode name."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode.startswith("mst"), mode.endswith("checkpointing")
+
+
+def regions(arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD) -> list[RegionCost]:
+    """Bytes of the attention, MLP and LM-head regions in ``mode`` (M symbolic unless given).
+
+    In the mst modes a region whose M is the number 1 is not chunked (the pass leaves it alone).
+    """
+    chunked, ckpt = mode_flags(mode)
+    c, a = COEF, prec.act_bytes
+    h, i, v, nh = arch.hidden, arch.intermediate, arch.vocab, arch.heads
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    t = B * S
+    # MLPs inside checkpointed layers are chunked too: the pass rewrites the bodies of Dynamo's
+    # ``tag_activation_checkpoint`` (HF ``gradient_checkpointing_enable``), so a checkpointed layer's
+    # recompute makes only the MLP input, and its backward runs chunk by chunk (see "checkpointed layer")
+    chunk_mlp = chunked and not (isinstance(m_mlp, (int, sp.Integer)) and int(m_mlp) == 1)
+    chunk_head = chunked and not (isinstance(m_head, (int, sp.Integer)) and int(m_head) == 1)
+
+    attn_saved = t * a * (c["attn_saved_h"] * h + c["attn_saved_qkv"] * (q + 2 * kv)) + t * nh * FP32
+    attn_bwd = t * a * c["bwd_transient_h"] * h
+    if arch.eager_attention:  # softmax probabilities saved, their gradient transient
+        attn_saved += B * nh * S * S * a
+        attn_bwd += B * nh * S * S * a
+    attn = RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
+
+    mlp_full_saved = t * a * (c["mlp_saved_h"] * h + c["mlp_saved_i"] * arch.ups * i)
+    mlp_full_bwd = t * a * c["bwd_transient_i"] * arch.ups * i
+    if chunk_mlp:
+        per_chunk = t / m_mlp
+        mlp = RegionCost(
+            "mlp", arch.layers, f"{h}→{i}→{h}",
+            saved=t * a * h,
+            fwd_transient=per_chunk * a * arch.ups * i,
+            bwd_transient=per_chunk * a * (c["mlp_saved_i"] + c["bwd_transient_i"]) * arch.ups * i,
+            # each chunk's up-projections and activation run again in backward
+            recompute_flops=2 * t * h * i * arch.ups,
+            chunks=m_mlp,
+        )
+    else:
+        mlp = RegionCost("mlp", arch.layers, f"{h}→{i}→{h}", mlp_full_saved, 0 * S, mlp_full_bwd)
+
+    if chunk_head:
+        per_chunk = t / m_head
+        head = RegionCost(
+            "lm_head", 1, f"{h}→{v}",
+            # dL/dh (t×h) and the fp32 dL/dW accumulator (V×h) are made in forward, kept for backward
+            saved=t * a * h + v * h * FP32,
+            fwd_transient=per_chunk * v * FP32 * c["head_chunk_v"] + t * a * h,
+            # backward scales the accumulator into the weight gradient (counted with the grads)
+            bwd_transient=t * a * h,
+            chunks=m_head,
+        )
+    else:
+        head = RegionCost(
+            "lm_head", 1, f"{h}→{v}",
+            saved=t * v * FP32 * c["head_saved_v"],
+            fwd_transient=0 * S,  # the loss is reduced from the saved logits, no second copy
+            bwd_transient=t * v * FP32 * c["head_bwd_v"] + t * a * h,
+        )
+    if ckpt:  # a checkpointed layer keeps its input; its activations come back one layer at a time
+        # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``), but the
+        # recompute ahead of it makes all chunks' up-projections (``ckpt_mlp_whole``, measured)
+        whole = c["ckpt_mlp_whole"]
+        layer_saved = attn.saved + (whole * mlp_full_saved + (1 - whole) * mlp.saved if chunk_mlp else mlp.saved)
+        ckpt_region = RegionCost(
+            "checkpointed layer", arch.layers, f"{h}", t * a * c["ckpt_saved_h"] * h, layer_saved,
+            sp.Max(attn.bwd_transient, mlp.bwd_transient),
+            recompute_flops=2 * t * arch.layer_params,
+        )
+        return [ckpt_region, attn, mlp, head]
+    return [attn, mlp, head]
+
+
+def step_cost(
+    arch: Arch, mode: str, optimizer: str = "none", prec: Precision | None = None, m_mlp=M_MLP, m_head=M_HEAD
+) -> StepCost:
+    """The step's bytes: static parts and the activation phases, as expressions of S, B (and M)."""
+    prec = prec or Precision()
+    regs = regions(arch, prec, mode, m_mlp, m_head)
+    by = {r.kind: r for r in regs}
+    n = arch.n_params
+    params = sp.Integer(n * prec.param_bytes)
+    grads = sp.Integer(n * prec.param_bytes)
+    opt = sp.Integer(optimizer_bytes(n, optimizer, prec))
+    head_grad = sp.Integer(arch.vocab * arch.hidden * prec.param_bytes)
+    layer_grad = sp.Integer(arch.layer_params * prec.param_bytes)
+    attn, mlp, head = by["attention"], by["mlp"], by["lm_head"]
+    # a tied weight gets two gradients (LM head, embedding) that are summed: one extra V×h for a while
+    tied_extra = head_grad if arch.tied else sp.Integer(0)
+    # the chunked head's fp32 dL/dW accumulator is an input of the compiled backward: alive through it
+    acc_alive = sp.Integer(arch.vocab * arch.hidden * FP32) * COEF["acc_alive"] if head.chunks != 1 and "checkpointed layer" not in by else 0
+    if "checkpointed layer" in by:
+        ck = by["checkpointed layer"]
+        layers_saved = arch.layers * ck.saved
+        tops = {"top layer backward (attention)": ck.fwd_transient + attn.bwd_transient,
+                "top layer backward (mlp)": ck.fwd_transient + mlp.bwd_transient}
+    else:
+        layers_saved = arch.layers * (attn.saved + mlp.saved)
+        tops = {"top layer backward (attention)": attn.bwd_transient, "top layer backward (mlp)": mlp.bwd_transient}
+    # the causal mask of the attention layers, made once and alive until the first layer's backward
+    mask = B * S * S * prec.act_bytes * COEF["mask_s2"]
+    layers_saved = layers_saved + mask
+    phases = {
+        "forward end": layers_saved + head.saved + head.fwd_transient,
+        "head backward": layers_saved + head.saved + head.bwd_transient + head_grad + tied_extra,
+        **{k: layers_saved + v + head_grad + layer_grad + acc_alive for k, v in tops.items()},
+        "end": grads + tied_extra * (2 if head.chunks != 1 else 1) + B * S * prec.act_bytes * arch.hidden,
+    }
+    return StepCost(params, grads, opt, {k: sp.simplify(v) for k, v in phases.items()}, regs)
+
+
+def _roots_le(expr: sp.Expr, budget: float) -> float:
+    """Largest S > 0 with ``expr(S) <= budget`` for a non-decreasing expr (∞ if it never exceeds)."""
+    if not expr.has(S):
+        return math.inf if float(expr) <= budget else 0.0
+    sols = [complex(r) for r in sp.solve(sp.Eq(expr, budget), S)]
+    real = [r.real for r in sols if abs(r.imag) < 1e-9 and r.real > 0]
+    if not real:
+        return 0.0 if float(expr.subs(S, 1)) > budget else math.inf
+    return max(real)
+
+
+def longest_s(cost: StepCost, budget_bytes: float, batch: int = 1) -> int:
+    """Longest S (an integer, 0 if none) whose peak fits ``budget_bytes``, by solving each phase.
+
+    The peak is ``static + max(phases)``, every phase non-decreasing in S, so the longest S is the
+    smallest of the per-phase roots of ``static + phase(S) = budget``.  Symbols M must be substituted
+    first (a number, or a rule such as M = ⌈B·S/h⌉ relaxed to B·S/h).
+    """
+    static = cost.params + cost.optimizer
+    best = math.inf
+    for expr in cost.phases.values():
+        e = sp.simplify((static + expr).subs(B, batch))
+        if e.free_symbols - {S}:
+            raise ValueError(f"substitute {sorted(map(str, e.free_symbols - {S}))} before solving for S")
+        best = min(best, _roots_le(e, budget_bytes))
+    if math.isinf(best):
+        return 2**62
+    return max(0, int(math.floor(best + 1e-9)))
+
+
+def evaluate(expr: sp.Expr, seq_len: int, batch: int = 1, m_mlp: int = 1, m_head: int = 1) -> float:
+    return float(sp.sympify(expr).subs({S: seq_len, B: batch, M_MLP: m_mlp, M_HEAD: m_head}))

@@ -1,0 +1,101 @@
+"""Pure cost-model tests: sympy expressions checked with ``subs``, no FX, no compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import sympy as sp
+
+from mstfx.passes import cost_model as cm
+
+REF = cm.Arch(hidden=512, intermediate=1792, layers=2, heads=8, kv_heads=8, head_dim=64, vocab=32000)
+
+
+def test_module_has_no_fx_or_torch_import():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cm))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any("torch" in (m or "") for m in names | mods)
+
+
+def test_param_count_of_reference_config():
+    # 162 MB of fp32 parameters (shared notes §2)
+    assert REF.n_params * 4 == pytest.approx(162e6, rel=0.01)
+
+
+def test_phases_are_expressions_of_s_b_and_m():
+    cost = cm.step_cost(REF, "mst")
+    syms = set().union(*(e.free_symbols for e in cost.phases.values()))
+    assert {cm.S, cm.B, cm.M_MLP, cm.M_HEAD} <= syms
+    std = cm.step_cost(REF, "standard", m_mlp=1, m_head=1)
+    assert set().union(*(e.free_symbols for e in std.phases.values())) == {cm.S, cm.B}
+
+
+def test_standard_logits_grow_with_vocab_times_tokens():
+    std = cm.step_cost(REF, "standard", m_mlp=1, m_head=1)
+    a = cm.evaluate(std.peak, 2048)
+    b = cm.evaluate(std.peak, 4096)
+    assert b - a >= 2048 * 32000 * 4  # at least the extra fp32 logits
+
+
+@pytest.mark.parametrize("mode", ["checkpointing", "mst", "mst+checkpointing"])
+def test_every_saving_mode_is_below_standard(mode):
+    std = cm.step_cost(REF, "standard", m_mlp=1, m_head=1)
+    other = cm.step_cost(REF, mode, m_mlp=8, m_head=8)
+    assert cm.evaluate(other.peak, 8192) < cm.evaluate(std.peak, 8192)
+
+
+def test_more_chunks_never_cost_more_memory():
+    cost = cm.step_cost(REF, "mst")
+    peaks = [cm.evaluate(cost.peak, 8192, m_mlp=m, m_head=m) for m in (2, 4, 8, 16)]
+    assert peaks == sorted(peaks, reverse=True)
+
+
+def test_optimizer_and_mixed_precision_static_bytes():
+    n = REF.n_params
+    assert cm.optimizer_bytes(n, "none", cm.Precision()) == 0
+    assert cm.optimizer_bytes(n, "sgd", cm.Precision()) == 4 * n
+    assert cm.optimizer_bytes(n, "adamw", cm.Precision()) == 8 * n
+    amp = cm.Precision.of("amp")
+    assert (amp.param_bytes, amp.act_bytes, amp.master_weights) == (2, 2, True)
+    assert cm.optimizer_bytes(n, "adamw", amp) == 8 * n + 4 * n  # fp32 states + fp32 master copy
+    assert cm.optimizer_bytes(n, "adamw", cm.Precision.of("bf16")) == 4 * n
+    with pytest.raises(ValueError):
+        cm.optimizer_bytes(n, "adam", cm.Precision())
+    with pytest.raises(ValueError):
+        cm.Precision.of("int4")
+    with pytest.raises(ValueError):
+        cm.step_cost(REF, "turbo")
+
+
+def test_longest_s_solves_the_peak_equation():
+    cost = cm.step_cost(REF, "standard", m_mlp=1, m_head=1)
+    budget = 2e9
+    s = cm.longest_s(cost, budget)
+    assert cm.evaluate(cost.peak, s) <= budget < cm.evaluate(cost.peak, s + 1)
+
+
+def test_longest_s_with_quadratic_eager_attention():
+    arch = cm.Arch(**{**REF.__dict__, "eager_attention": True})
+    cost = cm.step_cost(arch, "standard", m_mlp=1, m_head=1)
+    s = cm.longest_s(cost, 3e9)
+    assert cm.evaluate(cost.peak, s) <= 3e9 < cm.evaluate(cost.peak, s + 1)
+
+
+def test_longest_s_needs_m_substituted_and_handles_static_overflow():
+    with pytest.raises(ValueError, match="substitute"):
+        cm.longest_s(cm.step_cost(REF, "mst"), 1e9)
+    assert cm.longest_s(cm.step_cost(REF, "standard", m_mlp=1, m_head=1), 1e6) == 0
+
+
+def test_m_of_one_means_not_chunked():
+    one = cm.regions(REF, cm.Precision(), "mst", 1, 1)
+    std = cm.regions(REF, cm.Precision(), "standard", 1, 1)
+    for a, b in zip(one, std):
+        assert sp.simplify(a.saved - b.saved) == 0
+    assert math.isclose(cm.evaluate(cm.step_cost(REF, "mst", m_mlp=1, m_head=1).peak, 4096),
+                        cm.evaluate(cm.step_cost(REF, "standard", m_mlp=1, m_head=1).peak, 4096))

@@ -1,0 +1,346 @@
+"""Planner, transform and their errors.  Fast tier: pure planning + one eager-compiled tiny model.
+Slow tier (``-m slow``): the measured budget sweep and the compile count over 5 lengths."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import mstfx
+from mstfx import planner as P
+from mstfx.passes import cost_model as cm
+from mstfx.transform import bucket_of, transform, untransform
+
+from conftest import tiny_llama
+
+REF_CFG = dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
+               vocab_size=32000, model_type="llama")
+#: deeper: there every kind of plan is the cheapest at some budget (2 layers: chunking alone beats
+#: checkpointing with whole MLPs, so the "checkpointing, LM head only" plan is never chosen)
+DEEP_CFG = {**REF_CFG, "num_hidden_layers": 16}
+
+
+def _peak(**kw):
+    return P.predict_peak(REF_CFG, 4096, optimizer="none", **kw).peak
+
+
+# --- planner choices -------------------------------------------------------------------------------
+
+
+def test_roomy_budget_plans_nothing():
+    p = P.plan(REF_CFG, 4096, 10.0, optimizer="none")
+    assert (p.mode, p.mlp_chunks, p.lm_head_chunks, p.checkpointing) == ("standard", 1, 1, False)
+    assert p.fits and p.predicted_peak == pytest.approx(_peak(mode="standard"))
+
+
+def test_each_kind_of_plan_between_the_minima():
+    """Fast: one budget between consecutive plan kinds' smallest peaks gets exactly that kind."""
+    s = 16384
+
+    def least(mode, m_mlp, m_head):
+        return P.predict_peak(DEEP_CFG, s, mode=mode, optimizer="none", mlp_chunks=m_mlp, lm_head_chunks=m_head).peak
+
+    std = least("standard", None, None)
+    head = least("mst", 1, 64)
+    mst = least("mst", 64, 64)
+    ck_head = least("mst+checkpointing", 1, 64)
+    ck = least("mst+checkpointing", 64, 64)
+    assert std > head > mst > ck_head > ck
+    kinds = []
+    for lo, hi in ((head, std), (mst, head), (ck_head, mst), (ck, ck_head)):
+        p = P.plan(DEEP_CFG, s, (lo + hi) / 2 / 1e9, optimizer="none")
+        assert p.predicted_peak <= p.budget_bytes
+        kinds.append((p.mode, p.mlp_chunks > 1, p.lm_head_chunks > 1))
+    assert kinds == [("mst", False, True), ("mst", True, True), ("mst+checkpointing", False, True),
+                     ("mst+checkpointing", True, True)]
+    # MLPs inside checkpointed layers are chunked too: the backend config of that plan says so
+    assert P.plan(DEEP_CFG, s, (ck + ck_head) / 2 / 1e9, optimizer="none").config().chunk_mlp
+    with pytest.raises(P.InfeasibleBudgetError) as info:
+        P.plan(DEEP_CFG, s, 0.9 * ck / 1e9, optimizer="none")
+    assert info.value.min_peak_bytes == pytest.approx(ck)
+
+
+@pytest.mark.slow
+def test_cheapest_plan_order_as_budget_shrinks():
+    s = 16384
+    std = P.predict_peak(DEEP_CFG, s, optimizer="none").peak
+    ranks, seen = [], []
+    for k in range(40):
+        budget = std * 1.01 * 0.93**k / 1e9
+        try:
+            p = P.plan(DEEP_CFG, s, budget, optimizer="none")
+        except P.InfeasibleBudgetError:
+            ranks.append(4)
+            seen.append("infeasible")
+            continue
+        assert p.predicted_peak <= budget * 1e9
+        rank = 0 if p.mode == "standard" else 3 if p.checkpointing else 2 if p.mlp_chunks > 1 else 1
+        ranks.append(rank)
+        seen.append((p.mode, p.mlp_chunks, p.lm_head_chunks))
+    assert ranks == sorted(ranks), seen  # a smaller budget never gets a cheaper plan
+    assert set(ranks) == {0, 1, 2, 3, 4}, seen  # every kind of plan is chosen somewhere on the way
+
+
+def test_fewest_chunks_that_fit():
+    std = _peak(mode="standard")
+    p = P.plan(REF_CFG, 4096, 0.8 * std / 1e9, optimizer="none")
+    assert p.mode == "mst"
+    if p.lm_head_chunks > 2:  # one chunk fewer on the LM head does not fit
+        fewer = P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mlp_chunks=p.mlp_chunks,
+                               lm_head_chunks=p.lm_head_chunks - 1).peak
+        assert fewer > p.budget_bytes
+    if p.mlp_chunks > 2:
+        fewer = P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mlp_chunks=p.mlp_chunks - 1,
+                               lm_head_chunks=p.lm_head_chunks).peak
+        assert fewer > p.budget_bytes
+
+
+def test_plan_needs_checkpointing_when_chunking_alone_is_not_enough():
+    mst_min = P.predict_peak(DEEP_CFG, 16384, mode="mst", optimizer="none", mlp_chunks=64, lm_head_chunks=64).peak
+    ck_min = P.predict_peak(DEEP_CFG, 16384, mode="mst+checkpointing", optimizer="none", mlp_chunks=64,
+                            lm_head_chunks=64).peak
+    assert ck_min < mst_min
+    p = P.plan(DEEP_CFG, 16384, (ck_min + mst_min) / 2 / 1e9, optimizer="none")
+    assert p.checkpointing and p.mode == "mst+checkpointing"
+    assert p.config().mini_sequences == p.mlp_chunks
+
+
+def test_optimizer_and_precision_change_the_plan_static_part():
+    a = P.plan(REF_CFG, 1024, 10, optimizer="none").breakdown
+    b = P.plan(REF_CFG, 1024, 10, optimizer="adamw").breakdown
+    c = P.plan(REF_CFG, 1024, 10, optimizer="adamw", mixed_precision="amp").breakdown
+    assert b.optimizer == 2 * a.params and a.optimizer == 0
+    assert c.params == a.params / 2 and c.optimizer == a.params * 3
+
+
+def test_plan_config_and_backend_apply_the_numbers():
+    p = P.plan(REF_CFG, 4096, 0.8 * _peak(mode="standard") / 1e9, optimizer="none")
+    cfg = p.config()
+    assert isinstance(cfg, mstfx.MstConfig)
+    assert cfg.lm_head_chunks == p.lm_head_chunks and cfg.chunk_lm_head
+    assert cfg.chunk_mlp == (p.mlp_chunks > 1)
+    assert isinstance(p.backend(), mstfx.MstBackend)
+    std = P.plan(REF_CFG, 1024, 10, optimizer="none").config()
+    assert not std.chunk_mlp and not std.chunk_lm_head
+
+
+def test_print_plan_is_a_table_with_the_report_columns():
+    text = str(P.plan(REF_CFG, 4096, 0.8 * _peak(mode="standard") / 1e9, optimizer="none"))
+    for word in ("region", "shape", "before", "after", "M", "FLOPs", "lm_head", "mlp", "predicted peak", "fits"):
+        assert word in text, word
+
+
+def test_predict_and_longest_agree():
+    for mode in ("standard", "checkpointing"):
+        s = P.longest_seq_len(REF_CFG, 1.5, mode=mode)
+        assert P.predict_peak(REF_CFG, s, mode=mode).peak <= 1.5e9 < P.predict_peak(REF_CFG, s + 1, mode=mode).peak
+    s = P.longest_seq_len(REF_CFG, 1.5, mode="mst", mlp_chunks=8, lm_head_chunks=8)
+    assert P.predict_peak(REF_CFG, s, mode="mst", mlp_chunks=8, lm_head_chunks=8).peak <= 1.5e9
+    # M following S by the rule: longer than any fixed-M plan at this budget
+    assert P.longest_seq_len(REF_CFG, 1.5, mode="mst") >= s
+
+
+def test_arch_from_module_dict_json_and_preset(tmp_path):
+    model = tiny_llama()
+    arch = P.arch_of(model)
+    assert arch.params == sum(p.numel() for p in model.parameters())
+    assert (arch.hidden, arch.intermediate, arch.vocab, arch.gated) == (64, 176, 256, True)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(REF_CFG))
+    assert P.arch_of(str(path)) == P.arch_of(REF_CFG) == P.arch_of(str(tmp_path))
+    assert P.arch_of("reference").hidden == 512
+    gpt2 = P.arch_of({"n_embd": 256, "n_layer": 2, "n_head": 4, "vocab_size": 1000, "model_type": "gpt2"})
+    assert not gpt2.gated and gpt2.intermediate == 1024 and gpt2.tied
+
+
+# --- every error path ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -1, -0.5, float("nan"), float("inf"), "70", None, True, [70], complex(1, 1)])
+def test_bad_budget_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="budget_gb"):
+        P.plan(REF_CFG, 4096, bad)
+    with pytest.raises(ValueError, match="budget_gb"):
+        P.longest_seq_len(REF_CFG, bad)
+
+
+@pytest.mark.parametrize("kw", [dict(seq_len=0), dict(seq_len=1.5), dict(batch=0), dict(optimizer="adam"),
+                                dict(mixed_precision="int8"), dict(max_chunks=0)])
+def test_bad_options_are_value_errors(kw):
+    seq_len = kw.pop("seq_len", 4096)
+    with pytest.raises(ValueError):
+        P.plan(REF_CFG, seq_len, 1.0, **kw)
+
+
+def test_unknown_model_and_bad_source():
+    with pytest.raises(ValueError, match="unknown model"):
+        P.plan("/no/such/model-xyz", 1024, 1.0)
+    with pytest.raises(TypeError):
+        P.plan(12345, 1024, 1.0)
+    with pytest.raises(ValueError, match="lacks"):
+        P.plan({"hidden_size": 8}, 1024, 1.0)
+    with pytest.raises(ValueError, match="mode"):
+        P.predict_peak(REF_CFG, 1024, mode="fast")
+
+
+def test_infeasible_budget_gives_min_peak_and_longest_s():
+    with pytest.raises(P.InfeasibleBudgetError) as info:
+        P.plan(REF_CFG, 65536, 0.5, optimizer="none")
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.min_peak_bytes > 0.5e9 and 0 < err.longest_seq_len < 65536
+    assert f"S = {err.longest_seq_len}" in str(err) and f"{err.min_peak_bytes / 1e9:.3g} GB" in str(err)
+    # the longest S the message gives does fit with the maximal plan
+    fits = P.plan(REF_CFG, err.longest_seq_len, 0.5, optimizer="none")
+    assert fits.predicted_peak <= 0.5e9
+    assert mstfx.InfeasibleBudgetError is P.InfeasibleBudgetError
+
+
+def test_infeasible_when_static_bytes_alone_exceed():
+    with pytest.raises(P.InfeasibleBudgetError, match="no sequence fits") as info:
+        P.plan(REF_CFG, 1024, 0.2, optimizer="adamw")
+    assert info.value.longest_seq_len == 0
+
+
+def test_cli(capsys, tmp_path):
+    from mstfx.cli import main
+
+    assert main(["plan", "--config", "reference", "--seq-len", "4096", "--budget-gb", "0.7", "--optimizer", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "lm_head" in out and "predicted peak" in out and "longest S" in out
+    assert main(["plan", "--config", "reference", "--seq-len", "65536", "--budget-gb", "0.4"]) == 1
+    assert "smallest achievable peak" in capsys.readouterr().out.replace("\n", " ")
+    assert main(["plan", "--config", "reference", "--seq-len", "4096", "--budget-gb", "-3"]) == 2
+    assert main(["plan", "--config", "reference", "--seq-len", "4096", "--budget-gb", "nan"]) == 2
+
+
+# --- transform -------------------------------------------------------------------------------------------
+
+
+def test_transform_errors_leave_the_model_unchanged():
+    model = tiny_llama()
+    fwd = model.forward
+    for bad in (0, float("nan"), "1"):
+        with pytest.raises(ValueError):
+            transform(model, budget_gb=bad, seq_len=1024)
+    with pytest.raises(P.InfeasibleBudgetError):
+        transform(model, budget_gb=1e-4, seq_len=1024)
+    with pytest.raises(TypeError):
+        transform("model", budget_gb=1.0)
+    with pytest.raises(ValueError):
+        transform(model, budget_gb=1.0, seq_len=1024, min_lm_head_chunk_tokens=0)  # bad backend option
+    assert model.forward == fwd and "forward" not in model.__dict__
+    assert not model.is_gradient_checkpointing and getattr(model, "_mstfx_transform", None) is None
+
+
+def test_bucket_rule():
+    assert [bucket_of(s) for s in (1, 256, 257, 1000, 1024, 1025)] == [256, 256, 512, 1024, 1024, 2048]
+    assert bucket_of(3000, max_seq_len=3000) == 3000 and bucket_of(5000, max_seq_len=3000) == 8192
+
+
+def test_transform_trains_like_eager_and_drops_logits():
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    # a budget that needs chunking at S = 512 for this tiny model
+    need = P.predict_peak(model, 512, mode="standard", optimizer="none").peak
+    out_model = transform(model, budget_gb=0.9 * need / 1e9, seq_len=512, optimizer="none", compiler="eager")
+    assert out_model is model
+    state = model._mstfx_transform
+    assert state.plan.mode.startswith("mst")
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None
+    out.loss.backward()
+    r = ref(input_ids=ids, labels=ids)
+    r.loss.backward()
+    torch.testing.assert_close(out.loss, r.loss, rtol=1e-4, atol=1e-5)
+    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert set(state.buckets) == {512}
+    assert model(input_ids=ids).logits is not None  # inference keeps its logits
+    untransform(model)
+    assert "forward" not in model.__dict__
+
+
+def test_transform_enables_checkpointing_when_the_plan_needs_it():
+    model = tiny_llama(layers=12)
+    arch = P.arch_of(model)
+    s = 4096
+    ck = P.predict_peak(model, s, mode="mst+checkpointing", optimizer="none", mlp_chunks=64, lm_head_chunks=64).peak
+    mst = P.predict_peak(model, s, mode="mst", optimizer="none", mlp_chunks=64, lm_head_chunks=64).peak
+    assert ck < mst, arch
+    transform(model, budget_gb=(ck + mst) / 2 / 1e9, seq_len=s, optimizer="none", compiler="eager")
+    assert model.is_gradient_checkpointing and model._mstfx_transform.plan.checkpointing
+    untransform(model)
+    assert not model.is_gradient_checkpointing
+
+
+# --- slow: measured ------------------------------------------------------------------------------------
+
+
+def _reference_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
+                      vocab_size=32000, use_cache=False, attn_implementation="sdpa", max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).train()
+
+
+def _measured_peak(model, ids) -> int:
+    """Profiler method (shared notes §1): bytes above what is live at the start, grads None beforehand."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    step()
+    for p in model.parameters():
+        p.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in ev:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fraction", [1.1, 0.8, 0.55])
+def test_budget_sweep_measured_peak_within_budget(fraction):
+    """Whenever transform accepts a budget, params + measured peak stay within it (reference config, S=4096)."""
+    model = _reference_llama()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    std = P.predict_peak(model, 4096, mode="standard", optimizer="none").peak
+    budget = fraction * std / 1e9
+    transform(model, budget_gb=budget, seq_len=4096, optimizer="none")
+    ids = torch.randint(0, 32000, (1, 4096), generator=torch.Generator().manual_seed(0))
+    peak = _measured_peak(model, ids) + params
+    assert peak <= budget * 1e9, (model._mstfx_transform.plan.mode, peak, budget)
+
+
+@pytest.mark.slow
+def test_budget_below_minimum_raises_with_numbers():
+    model = _reference_llama()
+    with pytest.raises(P.InfeasibleBudgetError) as info:
+        transform(model, budget_gb=0.3, seq_len=4096, optimizer="none")
+    assert math.isfinite(info.value.min_peak_bytes) and "S =" in str(info.value)
+    assert getattr(model, "_mstfx_transform", None) is None
+
+
+@pytest.mark.slow
+def test_five_lengths_compile_a_bounded_number_of_times():
+    model = tiny_llama()
+    transform(model, budget_gb=1.0, seq_len=2048, optimizer="none")
+    for s in (300, 400, 700, 1000, 1500):
+        ids = torch.randint(0, 256, (1, s))
+        model(input_ids=ids, labels=ids).loss.backward()
+    state = model._mstfx_transform
+    assert len(state.buckets) == 3  # 512, 1024, 2048
+    assert state.compiles <= 2 * len(state.buckets)
