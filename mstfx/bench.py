@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 
@@ -70,45 +71,64 @@ def _loss_callable(variant: str, model, ids):
     return lambda: compiled(ids, ids)
 
 
-def run_variant(variant: str, model, ids, repeats: int) -> BenchRow:
-    torch._dynamo.reset()
+def prepare_variant(variant: str, base, ids):
+    """A private copy of the model set up for ``variant``, its compiled step, warmed up (compiled)."""
+    import copy
+
+    model = copy.deepcopy(base)
     if variant.endswith("ckpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
     model.train()
     step = training_step(model, _loss_callable(variant, model, ids))
     step()  # compile and warm up
-    peak, loss = peak_bytes(step)
-    seconds = step_seconds(step, repeats)
-    model.gradient_checkpointing_disable()
-    report = ""
-    if variant.startswith("mst"):
-        import mstfx
-
-        report = mstfx.explain(last=1)
-    return BenchRow(variant, peak / 2**20, seconds, loss, report)
+    return step
 
 
 def run(seq_len: int, variants: list[str], repeats: int, batch: int = 1, seed: int = 0, progress: bool = True) -> list[BenchRow]:
+    """Peaks variant by variant, then step times *interleaved* (A, B, C, A, B, C, ...).
+
+    Interleaving makes the time ratios robust to load that changes over the run (shared machines).
+    """
     from transformers import LlamaForCausalLM
 
+    import mstfx
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(reference_config(seq_len))
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-    rows = []
+    base = LlamaForCausalLM(reference_config(seq_len))
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    steps, peaks, losses, reports = {}, {}, {}, {}
+
+    def measure(v):
+        steps[v] = prepare_variant(v, base, ids)
+        peak, loss = peak_bytes(steps[v])
+        peaks[v], losses[v] = peak / 2**20, loss
+        reports[v] = mstfx.explain(last=1) if v.startswith("mst") else ""
+
     if progress:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
-            task = bar.add_task("", total=len(variants))
+            task = bar.add_task("", total=len(variants) + repeats)
             for v in variants:
-                bar.update(task, description=f"compiling and measuring {v}")
-                rows.append(run_variant(v, model, ids, repeats))
+                bar.update(task, description=f"compiling and measuring the peak of {v}")
+                measure(v)
+                bar.advance(task)
+            times = {v: [] for v in variants}
+            for r in range(repeats):
+                bar.update(task, description=f"timing round {r + 1}/{repeats} (all variants interleaved)")
+                for v in variants:
+                    times[v].append(step_seconds(steps[v], 1))
                 bar.advance(task)
     else:
-        rows = [run_variant(v, model, ids, repeats) for v in variants]
-    return rows
+        for v in variants:
+            measure(v)
+        times = {v: [] for v in variants}
+        for _ in range(repeats):
+            for v in variants:
+                times[v].append(step_seconds(steps[v], 1))
+    return [
+        BenchRow(v, peaks[v], statistics.median(times[v]), losses[v], reports[v]) for v in variants
+    ]
 
 
 def ratios(rows: list[BenchRow]) -> dict[str, dict[str, float]]:

@@ -89,6 +89,8 @@ _PRESETS = {
                       num_key_value_heads=32, vocab_size=32000, model_type="llama"),
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, model_type="gpt2", tie_word_embeddings=True),
 }
+#: model types whose compiled SDPA attention uses ``is_causal`` instead of a materialised S × S mask (measured)
+_NO_MASK = {"gpt2"}
 _UNGATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2", "codegen"}
 
 
@@ -154,7 +156,7 @@ def arch_of(source: Any) -> cm.Arch:
         hidden=int(h), intermediate=int(inter), layers=int(layers), heads=int(heads),
         kv_heads=int(get("num_key_value_heads", default=heads)), head_dim=int(get("head_dim", default=h // heads)),
         vocab=int(vocab), gated=gated, tied=bool(get("tie_word_embeddings", default=mtype == "gpt2")),
-        params=params, eager_attention=attn_impl == "eager", name=str(get("_name_or_path", default=mtype) or mtype),
+        params=params, eager_attention=attn_impl == "eager", causal_mask=mtype not in _NO_MASK, name=str(get("_name_or_path", default=mtype) or mtype),
     )
 
 

@@ -21,8 +21,12 @@ What is counted (t = B·S tokens, ``a`` bytes per activation element, fp32 = 4):
   - ``end``: all gradients + the embedding's backward.
 
 Per-token coefficients (``COEF``) count tensors of the compiled (Inductor) step in units of the
-hidden size ``h``, the MLP width ``I``, the vocab ``V``; they were fitted once on the reference Llama
-config on CPU (fp32) and checked on GPT-2 (GELU): see docs/planning.md.  Modes:
+hidden size ``h``, the MLP width ``I``, the vocab ``V``; they were fitted on the reference Llama
+config and a 2-layer GPT-2 (GELU) on CPU (fp32), from the profiler's allocation timelines (which
+tensor is alive at the peak), see docs/planning.md.  Two terms are not per token: Llama's compiled
+SDPA path keeps a B×S×S additive causal mask (``Arch.causal_mask``; GPT-2 uses ``is_causal``), and a
+tied, unchunked LM head (GPT-2) keeps its fp32 logits buffer and defers its weight gradient to the end
+of backward.  Modes:
 
     standard            nothing chunked, nothing checkpointed
     checkpointing       every decoder layer checkpointed (HF ``gradient_checkpointing_enable``)
@@ -54,16 +58,23 @@ COEF = {
     # MLP, not chunked: input + (gate, up) or (up) pre-activations
     "mlp_saved_h": 1.0,
     "mlp_saved_i": 2.0,  # × number of up-projections (pre- and post-activation)
+    # plain (GELU) MLP: GPT-2's tanh GELU keeps a third I-wide tensor (measured: 3 × t × I per layer)
+    "mlp_saved_i_ungated": 3.0,
     # transient of one layer's backward (gradients of the widest intermediates)
     "bwd_transient_i": 2.0,  # × number of up-projections, per token of the region
     "bwd_transient_h": 4.0,
     # LM head + loss, not chunked (fp32 logits): saved and backward transient, in units of V
     "head_saved_v": 1.0,
     "head_bwd_v": 0.0,  # Inductor writes dlogits in place of the saved logits
-    # LM head + loss chunked: per chunk token, in units of V (logits, probabilities, dlogits)
-    "head_chunk_v": 3.0,
+    # LM head + loss chunked: per chunk token, in units of V (the fp32 logits chunk: Inductor fuses
+    # the softmax and dlogits into it); the forward transient is the larger of that and the V×h fp32
+    # weight-gradient buffer made when the accumulator is finished (measured at S = 2048, 4096)
+    "head_chunk_v": 1.0,
+    # chunked MLP: saved per token in units of h (its input and its output, the residual sum)
+    "mlp_chunked_saved_h": 2.0,
     # 1 if the chunked LM head's fp32 weight-gradient accumulator outlives the head's backward
-    "acc_alive": 1.0,
+    # (measured 0: it is finished into the weight gradient in forward, see step_cost)
+    "acc_alive": 0.0,
     # checkpointed layer keeps only its input (and the rotary tables)
     "ckpt_saved_h": 1.0,
     # the additive causal mask (B × S × S, activation dtype) the compiled HF SDPA path materialises
@@ -92,6 +103,7 @@ class Arch:
     tied: bool = False
     params: int | None = None  # exact count when known (an nn.Module); else estimated
     eager_attention: bool = False  # materialises heads × S × S scores (quadratic in S)
+    causal_mask: bool = True  # the compiled model materialises a B × S × S additive mask (HF Llama does, GPT-2 not)
     name: str = ""
 
     @property
@@ -207,13 +219,14 @@ def regions(arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD) 
         attn_bwd += B * nh * S * S * a
     attn = RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
 
-    mlp_full_saved = t * a * (c["mlp_saved_h"] * h + c["mlp_saved_i"] * arch.ups * i)
+    saved_i = c["mlp_saved_i"] * arch.ups if arch.gated else c["mlp_saved_i_ungated"]
+    mlp_full_saved = t * a * (c["mlp_saved_h"] * h + saved_i * i)
     mlp_full_bwd = t * a * c["bwd_transient_i"] * arch.ups * i
     if chunk_mlp:
         per_chunk = t / m_mlp
         mlp = RegionCost(
             "mlp", arch.layers, f"{h}→{i}→{h}",
-            saved=t * a * h,
+            saved=t * a * h * c["mlp_chunked_saved_h"],
             fwd_transient=per_chunk * a * arch.ups * i,
             bwd_transient=per_chunk * a * (c["mlp_saved_i"] + c["bwd_transient_i"]) * arch.ups * i,
             # each chunk's up-projections and activation run again in backward
@@ -229,6 +242,8 @@ def regions(arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD) 
             "lm_head", 1, f"{h}→{v}",
             # dL/dh (t×h) and the fp32 dL/dW accumulator (V×h) are made in forward, kept for backward
             saved=t * a * h + v * h * FP32,
+            # (the V×h fp32 weight-gradient buffer made when the accumulator is finished is its own
+            # phase in step_cost: phases stay free of Max so sympy can solve them)
             fwd_transient=per_chunk * v * FP32 * c["head_chunk_v"] + t * a * h,
             # backward scales the accumulator into the weight gradient (counted with the grads)
             bwd_transient=t * a * h,
@@ -282,13 +297,21 @@ def step_cost(
         layers_saved = arch.layers * (attn.saved + mlp.saved)
         tops = {"top layer backward (attention)": attn.bwd_transient, "top layer backward (mlp)": mlp.bwd_transient}
     # the causal mask of the attention layers, made once and alive until the first layer's backward
-    mask = B * S * S * prec.act_bytes * COEF["mask_s2"]
+    mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if arch.causal_mask else sp.Integer(0)
     layers_saved = layers_saved + mask
+    # tied weight, head not chunked (measured on GPT-2): the LM head's weight gradient waits to be summed
+    # with the embedding's at the end of backward, and the fp32 logits/dlogits buffer lives until then
+    tied_late = arch.tied and head.chunks == 1
     phases = {
         "forward end": layers_saved + head.saved + head.fwd_transient,
-        "head backward": layers_saved + head.saved + head.bwd_transient + head_grad + tied_extra,
-        **{k: layers_saved + v + head_grad + layer_grad + acc_alive for k, v in tops.items()},
-        "end": grads + tied_extra * (2 if head.chunks != 1 else 1) + B * S * prec.act_bytes * arch.hidden,
+        # chunked head: the forward finishes the fp32 accumulator into a V×h weight-gradient buffer
+        **({"forward end (head weight gradient)": layers_saved + head.saved + arch.vocab * arch.hidden * FP32}
+           if head.chunks != 1 else {}),
+        "head backward": layers_saved + head.saved + head.bwd_transient + (0 if tied_late else head_grad + tied_extra),
+        **{k: layers_saved + v + layer_grad + acc_alive + (head.saved if tied_late else head_grad)
+           for k, v in tops.items()},
+        "end": grads + tied_extra * (2 if head.chunks != 1 else 1) + B * S * prec.act_bytes * arch.hidden
+        + (head.saved if tied_late else 0),
     }
     return StepCost(params, grads, opt, {k: sp.simplify(v) for k, v in phases.items()}, regs)
 

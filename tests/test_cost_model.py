@@ -99,3 +99,20 @@ def test_m_of_one_means_not_chunked():
         assert sp.simplify(a.saved - b.saved) == 0
     assert math.isclose(cm.evaluate(cm.step_cost(REF, "mst", m_mlp=1, m_head=1).peak, 4096),
                         cm.evaluate(cm.step_cost(REF, "standard", m_mlp=1, m_head=1).peak, 4096))
+
+
+def test_mlps_inside_checkpointed_layers_are_chunked():
+    # the pass rewrites the checkpoint bodies, so mst+checkpointing has an M_mlp and it pays off
+    cost = cm.step_cost(REF, "mst+checkpointing")
+    assert cm.M_MLP in set().union(*(e.free_symbols for e in cost.phases.values()))
+    whole = cm.evaluate(cm.step_cost(REF, "mst+checkpointing", m_mlp=1, m_head=16).peak, 8192)
+    chunked = cm.evaluate(cm.step_cost(REF, "mst+checkpointing", m_mlp=16, m_head=16).peak, 8192)
+    assert chunked < whole
+
+
+def test_causal_mask_is_quadratic_and_optional():
+    no_mask = cm.Arch(**{**REF.__dict__, "causal_mask": False})
+    for s in (2048, 4096):
+        with_m = cm.evaluate(cm.step_cost(REF, "standard", m_mlp=1, m_head=1).peak, s)
+        without = cm.evaluate(cm.step_cost(no_mask, "standard", m_mlp=1, m_head=1).peak, s)
+        assert with_m - without == pytest.approx(s * s * 4)

@@ -19,8 +19,8 @@ from conftest import tiny_llama
 
 REF_CFG = dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
                vocab_size=32000, model_type="llama")
-#: deeper: there every kind of plan is the cheapest at some budget (2 layers: chunking alone beats
-#: checkpointing with whole MLPs, so the "checkpointing, LM head only" plan is never chosen)
+#: deeper: there every kind of plan is the cheapest at some budget (2 layers at S = 16384: mst alone
+#: beats mst+checkpointing, whose recompute makes all MLP chunks at once, and the S×S mask dominates)
 DEEP_CFG = {**REF_CFG, "num_hidden_layers": 16}
 
 
