@@ -52,6 +52,8 @@ class MstBackend:
         try:
             new_gm, report = run_passes(gm, example_inputs, self.config, index)
         except Exception as err:  # a bug in analysis must not break the user's training
+            if _is_dynamo_control_flow(err):
+                raise
             log.warning("mstfx: analysis failed (%s); compiling graph %d unchanged", err, index, exc_info=True)
             new_gm, report = gm, GraphReport(index, error=f"analysis failed: {type(err).__name__}: {err}")
         self.reports.append(report)
@@ -66,9 +68,18 @@ class MstBackend:
         try:
             return compiler(new_gm, example_inputs)
         except Exception as err:
+            if _is_dynamo_control_flow(err):
+                raise  # e.g. TensorifyScalarRestartAnalysis: Dynamo re-traces and calls us again
             log.warning("mstfx: compiling the rewritten graph failed (%s); compiling it unchanged", err, exc_info=True)
             report.error = f"compile of rewritten graph failed: {type(err).__name__}: {err}"
             return compiler(gm, example_inputs)
+
+
+def _is_dynamo_control_flow(err: BaseException) -> bool:
+    """Exceptions Dynamo raises through a backend on purpose (restart the analysis): never swallow them."""
+    from torch._dynamo.exc import RestartAnalysis
+
+    return isinstance(err, RestartAnalysis)
 
 
 def backend(config: MstConfig | None = None, **options: Any) -> MstBackend:

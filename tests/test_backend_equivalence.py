@@ -149,3 +149,19 @@ def test_dynamic_lengths_recompile_once_per_power_of_two_bucket():
     assert len(be.reports) == 3
     chunks = [d.chunks for r in be.reports for d in r.decisions if d.kind == "mlp"]
     assert chunks == [1, 1, 2]  # 32 tokens / hidden 64; bucket max 63 → 1; bucket max 127 → 2
+
+
+def test_dynamic_true_keeps_the_rewrite_through_dynamo_restarts():
+    """Dynamo may restart its analysis from inside the backend (TensorifyScalarRestartAnalysis under
+    dynamic=True); the backend must let that through, not fall back to the unchunked graph."""
+    model = tiny_llama(layers=1, vocab=1024)
+    ids = torch.randint(0, 1024, (1, 96))
+    ref = loss_and_grads(model, ids, ids)
+    be = mstfx.backend(lm_head_chunks=2)
+    model.zero_grad(set_to_none=True)
+    fn = torch.compile(lambda i, l: model(input_ids=i, labels=l).loss, backend=be, dynamic=True)
+    loss = fn(ids, ids)
+    loss.backward()
+    assert_same(ref, (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    final = be.reports[-1]
+    assert final.error is None and sorted(d.kind for d in final.chunked) == ["lm_head+loss", "mlp"], str(final)
