@@ -65,17 +65,9 @@ def build(name: str):
 
 def profile_peak(step) -> int:
     """Peak bytes above what is live when ``step()`` starts (profiler method, shared notes §1)."""
-    from torch.profiler import ProfilerActivity, profile
+    from mstfx.measure import peak_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+    return peak_bytes(step)[0]
 
 
 def measure(name: str, mode: str, seq_len: int) -> int:

@@ -293,7 +293,7 @@ def _reference_llama():
 
 def _measured_peak(model, ids) -> int:
     """Profiler method (shared notes §1): bytes above what is live at the start, grads None beforehand."""
-    from torch.profiler import ProfilerActivity, profile
+    from mstfx.measure import peak_bytes
 
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
@@ -301,14 +301,7 @@ def _measured_peak(model, ids) -> int:
     step()
     for p in model.parameters():
         p.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in ev:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+    return peak_bytes(step)[0]
 
 
 @pytest.mark.slow
