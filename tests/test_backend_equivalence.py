@@ -165,3 +165,25 @@ def test_dynamic_true_keeps_the_rewrite_through_dynamo_restarts():
     assert_same(ref, (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     final = be.reports[-1]
     assert final.error is None and sorted(d.kind for d in final.chunked) == ["lm_head+loss", "mlp"], str(final)
+
+
+def test_autocast_bf16_matches_eager_autocast():
+    """Mixed precision the usual way (torch.autocast): chunks run in the autocast dtype like eager."""
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 256, (2, 40))
+
+    def run(backend):
+        model.zero_grad(set_to_none=True)
+        fn = lambda i: model(input_ids=i, labels=i).loss  # noqa: E731
+        if backend is not None:
+            torch._dynamo.reset()
+            fn = torch.compile(fn, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref = run(None)
+    be = mstfx.backend(compiler="aot_eager", mini_sequences=3)
+    assert_same(ref, run(be), rtol=3e-2, atol=3e-2)
+    assert sorted(d.kind for d in be.reports[-1].chunked) == ["lm_head+loss", "mlp"]
