@@ -104,6 +104,48 @@ def _acc_dtype(logits_dtype: torch.dtype, transforms: Sequence[Transform]) -> to
     return torch.float64 if _loss_dtype(logits_dtype, transforms) == torch.float64 else torch.float32
 
 
+def _valid(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    return target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+
+
+def _token_chunks(h: torch.Tensor, chunks: int, *per_token: torch.Tensor):
+    """``(h_c, t_c, ...)`` per chunk: ``h`` and each per-token tensor split at the same token boundaries."""
+    sizes = chunk_sizes(h.shape[0], chunks)
+    return zip(split_tokens(h, chunks), *(torch.split(t, sizes) for t in per_token))
+
+
+def _chunk_logits(h_c, weight, bias, transforms, acc):
+    """One chunk's logits, the loss input ``z`` (after the transforms), what their backward needs, and ``z`` in ``acc``."""
+    logits = F.linear(h_c, weight, bias)
+    z, saved = _apply_transforms(logits, transforms)
+    return logits, z, saved, z.to(acc)
+
+
+class _HeadGradients:
+    """dL/dh, dL/dW and dL/db of the LM head, accumulated chunk by chunk from each chunk's dL/dlogits.
+
+    dL/dW accumulates in place in ``acc`` precision (:func:`accumulate_matmul`); dL/dh is kept per chunk
+    and concatenated at the end.  Only the gradients that are needed are computed.
+    """
+
+    def __init__(self, weight, bias, acc, need_h: bool, need_w: bool, need_b: bool) -> None:
+        self.weight = weight
+        self.h_chunks: list[torch.Tensor] | None = [] if need_h else None
+        self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        self.b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+
+    def add(self, g_logits: torch.Tensor, h_c: torch.Tensor) -> None:
+        if self.h_chunks is not None:
+            self.h_chunks.append(g_logits @ self.weight)
+        if self.w is not None:
+            accumulate_matmul(self.w, g_logits.t(), h_c)
+        if self.b is not None:
+            self.b = self.b + g_logits.to(self.b.dtype).sum(0)
+
+    def h(self) -> torch.Tensor | None:
+        return torch.cat(self.h_chunks) if self.h_chunks is not None else None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of ``transforms(h @ Wᵀ + b)`` computed chunk by chunk.
 
@@ -115,23 +157,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, target, ignore_index, reduction, transforms, chunks):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        vocab = weight.shape[0]
         acc = _acc_dtype(torch.result_type(h, weight), transforms)
-        valid_all = target != ignore_index
+        valid_all = _valid(target, ignore_index)
         if reduction == "mean":
             scale = 1.0 / valid_all.sum().to(acc)
         else:
             scale = torch.ones((), dtype=acc, device=h.device)
         loss = torch.zeros((), dtype=acc, device=h.device)
-        grad_h_chunks = []
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if (need_b and bias is not None) else None
-        classes = torch.arange(vocab, device=h.device)
-        for h_c, t_c in zip(split_tokens(h, chunks), torch.split(target, chunk_sizes(target.shape[0], chunks))):
-            logits = F.linear(h_c, weight, bias)
-            z, saved = _apply_transforms(logits, transforms)
-            z32 = z.to(acc)
-            valid = t_c != ignore_index
+        grads = _HeadGradients(weight, bias, acc, need_h, need_w, need_b)
+        classes = torch.arange(weight.shape[0], device=h.device)
+        for h_c, t_c in _token_chunks(h, chunks, target):
+            logits, z, saved, z32 = _chunk_logits(h_c, weight, bias, transforms, acc)
+            valid = _valid(t_c, ignore_index)
             safe_t = torch.where(valid, t_c, 0)
             lse = torch.logsumexp(z32, dim=-1)
             picked = z32.gather(1, safe_t.unsqueeze(1)).squeeze(1)
@@ -146,16 +183,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 (probs - (classes.unsqueeze(0) == safe_t.unsqueeze(1)).to(probs.dtype)) * scale,
                 0.0,
             )
-            g = _transforms_backward(g.to(z.dtype), transforms, saved).to(logits.dtype)
-            if need_h:
-                grad_h_chunks.append(g @ weight)
-            if need_w:
-                accumulate_matmul(grad_w, g.t(), h_c)
-            if grad_b is not None:
-                grad_b = grad_b + g.to(acc).sum(0)
+            grads.add(_transforms_backward(g.to(z.dtype), transforms, saved).to(logits.dtype), h_c)
         loss = loss * scale
-        grad_h = torch.cat(grad_h_chunks) if need_h else None
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(grads.h(), grads.w, grads.b)
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return loss.to(_loss_dtype(torch.result_type(h, weight), transforms))
 
@@ -195,10 +225,6 @@ def linear_cross_entropy(
 # --------------------------------------------------------------------------------------------------
 # Per-token log-probabilities (DPO, GRPO, distillation) without a tokens×vocab tensor
 # --------------------------------------------------------------------------------------------------
-def _valid(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
-    return target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
-
-
 class _LinearLogProbs(torch.autograd.Function):
     """``log_softmax(transforms(h @ Wᵀ + b))[t]`` per token, chunk by chunk.
 
@@ -211,9 +237,8 @@ class _LinearLogProbs(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, ignore_index, transforms, chunks):
         acc = _acc_dtype(torch.result_type(h, weight), transforms)
         out = []
-        for h_c, t_c in zip(split_tokens(h, chunks), torch.split(target, chunk_sizes(target.shape[0], chunks))):
-            z, _ = _apply_transforms(F.linear(h_c, weight, bias), transforms)
-            z32 = z.to(acc)
+        for h_c, t_c in _token_chunks(h, chunks, target):
+            z32 = _chunk_logits(h_c, weight, bias, transforms, acc)[3]
             valid = _valid(t_c, ignore_index)
             safe_t = torch.where(valid, t_c, 0)
             picked = z32.gather(1, safe_t.unsqueeze(1)).squeeze(1)
@@ -227,31 +252,21 @@ class _LinearLogProbs(torch.autograd.Function):
         h, weight, bias, target = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         acc, transforms, chunks = ctx.acc, ctx.transforms, ctx.chunks
-        grad_h_chunks = []
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+        grads = _HeadGradients(weight, bias, acc, need_h, need_w, need_b)
         classes = torch.arange(weight.shape[0], device=h.device)
-        sizes = chunk_sizes(target.shape[0], chunks)
-        for h_c, t_c, g_c in zip(split_tokens(h, chunks), torch.split(target, sizes), torch.split(grad_out, sizes)):
-            logits = F.linear(h_c, weight, bias)
-            z, saved = _apply_transforms(logits, transforms)
-            z32 = z.to(acc)
+        for h_c, t_c, g_c in _token_chunks(h, chunks, target, grad_out):
+            logits, z, saved, z32 = _chunk_logits(h_c, weight, bias, transforms, acc)
             valid = _valid(t_c, ctx.ignore_index)
             safe_t = torch.where(valid, t_c, 0)
             probs = torch.softmax(z32, dim=-1)
             # d logp_t / dz = onehot(t) - softmax(z), times the upstream gradient; zero on ignored rows
             w_c = torch.where(valid, g_c.to(acc), 0.0).unsqueeze(1)
             g = ((classes.unsqueeze(0) == safe_t.unsqueeze(1)).to(acc) - probs) * w_c
-            g = _transforms_backward(g.to(z.dtype), transforms, saved).to(logits.dtype)
-            if need_h:
-                grad_h_chunks.append(g @ weight)
-            if need_w:
-                accumulate_matmul(grad_w, g.t(), h_c)
-            if grad_b is not None:
-                grad_b = grad_b + g.to(acc).sum(0)
-        out_h = torch.cat(grad_h_chunks).to(h.dtype) if need_h else None
-        out_w = grad_w.to(weight.dtype) if need_w else None
-        out_b = grad_b.to(bias.dtype) if grad_b is not None else None
+            grads.add(_transforms_backward(g.to(z.dtype), transforms, saved).to(logits.dtype), h_c)
+        grad_h = grads.h()
+        out_h = grad_h.to(h.dtype) if grad_h is not None else None
+        out_w = grads.w.to(weight.dtype) if grads.w is not None else None
+        out_b = grads.b.to(bias.dtype) if grads.b is not None else None
         return out_h, out_w, out_b, None, None, None, None
 
 

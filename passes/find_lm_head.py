@@ -118,7 +118,6 @@ def match_lm_head(ce: fx.Node) -> LmHeadRegion:
     chain: list[fx.Node] = []
     transforms: list[tuple] = []
     node = z
-    escape = False
     while True:
         head = match_linear(node)
         if head is not None:

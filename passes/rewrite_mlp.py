@@ -41,6 +41,14 @@ def _copy_for_chunk(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node])
     return new
 
 
+def _flat_output(graph: fx.Graph, out: fx.Node, sink: fx.Node) -> fx.Node:
+    """A chunk's copy of the region output as [chunk_tokens, k] (the sink may have been [B, S, k])."""
+    val = tensor_of(sink)
+    if val is not None and val.dim() != 2:
+        return graph.call_method("reshape", (out, -1, int(val.shape[-1])))
+    return out
+
+
 def extract_body(owner: fx.GraphModule, region: MlpRegion) -> tuple[fx.GraphModule, list[fx.Node]]:
     """The region as a standalone GraphModule ``body(x_chunk, *externals) -> y_chunk`` (2-D in, 2-D out)."""
     inside = set(region.nodes)
@@ -55,10 +63,7 @@ def extract_body(owner: fx.GraphModule, region: MlpRegion) -> tuple[fx.GraphModu
         env[ext] = graph.placeholder(ext.name)
     for node in region.nodes:
         env[node] = _copy_for_chunk(graph, node, env)
-    out = env[region.output]
-    if tensor_of(region.output) is not None and tensor_of(region.output).dim() != 2:
-        out = graph.call_method("reshape", (out, -1, int(tensor_of(region.output).shape[-1])))
-    graph.output(out)
+    graph.output(_flat_output(graph, env[region.output], region.output))
     return fx.GraphModule(owner, graph), externals
 
 
@@ -96,10 +101,7 @@ def rewrite_mlp(gm: fx.GraphModule, region: MlpRegion, chunks: int, *, eager: bo
                 new.meta["ac_graph_id"] = ac_id
                 mst_meta(new).update(region=region.name, chunk=i)
                 env[node] = new
-            out = env[sink]
-            if tensor_of(sink) is not None and tensor_of(sink).dim() != 2:
-                out = graph.call_method("reshape", (out, -1, int(tensor_of(sink).shape[-1])))
-            outs.append(out)
+            outs.append(_flat_output(graph, env[sink], sink))
         joined = graph.call_function(torch.cat, (outs,))
         result = graph.call_function(chunked_ops.restore_tokens, (joined, x))
     sink.replace_all_uses_with(result)
