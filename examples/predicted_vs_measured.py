@@ -43,13 +43,11 @@ def build(name: str):
 
     torch.manual_seed(0)
     if name == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        cfg = LlamaConfig(
-            hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
-            vocab_size=32000, use_cache=False, attn_implementation="sdpa", max_position_embeddings=8192,
-        )
-        return LlamaForCausalLM(cfg)
+        from mstfx.bench import reference_config
+
+        return LlamaForCausalLM(reference_config(max(SEQ_LENS)))
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import sympy as sp
 
+from . import model_configs
 from .passes import cost_model as cm
 
 GB = 1e9
@@ -83,10 +84,6 @@ class InfeasibleBudgetError(ValueError):
 _PRESETS = {
     "reference": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
                       vocab_size=32000, model_type="llama"),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, model_type="llama"),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, model_type="llama"),
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, model_type="gpt2", tie_word_embeddings=True),
 }
 #: model types whose compiled SDPA attention uses ``is_causal`` instead of a materialised S × S mask (measured)
@@ -117,6 +114,9 @@ def _config_dict(source: Any) -> tuple[dict, int | None]:
                 return json.load(f), params
         if path.lower() in _PRESETS:
             return dict(_PRESETS[path.lower()]), params
+        embedded = model_configs.config_text(path)
+        if embedded is not None:
+            return json.loads(embedded), params
         try:  # a name in the local Hugging Face cache (never downloads)
             from transformers import AutoConfig
 
@@ -124,7 +124,7 @@ def _config_dict(source: Any) -> tuple[dict, int | None]:
         except Exception as err:
             raise ValueError(
                 f"unknown model {path!r}: give a config.json path, a model directory, a cached Hugging Face "
-                f"name, or one of {sorted(_PRESETS)} ({type(err).__name__})"
+                f"name, or one of {sorted(_PRESETS) + list(model_configs.NAMES)} ({type(err).__name__})"
             ) from None
     raise TypeError(f"expected an nn.Module, a config (dict or HF config) or a path/name, got {type(source).__name__}")
 
@@ -485,7 +485,7 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
 def cli_main(argv: list[str] | None = None) -> int:
     """``mstfx plan --config path/or/name --seq-len 65536 --budget-gb 70``."""
     ap = argparse.ArgumentParser(prog="mstfx plan", description="what mst would chunk to fit a memory budget")
-    ap.add_argument("--config", required=True, help=f"config.json, model directory, cached HF name, or {sorted(_PRESETS)}")
+    ap.add_argument("--config", required=True, help=f"config.json, model directory, cached HF name, or {sorted(_PRESETS) + list(model_configs.NAMES)}")
     ap.add_argument("--seq-len", type=int, required=True)
     ap.add_argument("--budget-gb", type=float, required=True)
     ap.add_argument("--batch", type=int, default=1)

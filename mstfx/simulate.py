@@ -41,9 +41,10 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
+
+from . import model_configs
 
 GiB = 1 << 30
 
@@ -65,17 +66,8 @@ OPTIMIZERS: dict[str, tuple[float, bool, str]] = {
     "paper": (4.0, False, "MsT paper: bf16 weights, one Adam per param stepped in a post-accumulate-grad hook, bf16 states, grads freed as made"),
 }
 
-MODEL_ALIASES = {
-    "llama3-8b": "llama3-8b",
-    "llama-3-8b": "llama3-8b",
-    "llama2-7b": "llama2-7b",
-    "llama-2-7b": "llama2-7b",
-    "mistral-7b": "mistral-7b",
-    "qwen2-7b": "qwen2-7b",
-    "gemma2-9b": "gemma2-9b",
-    "gemma-2-9b": "gemma2-9b",
-}
-EMBEDDED_MODELS = ("llama3-8b", "llama2-7b", "mistral-7b", "qwen2-7b", "gemma2-9b")
+MODEL_ALIASES = model_configs.ALIASES
+EMBEDDED_MODELS = model_configs.NAMES
 
 _ATTN_NAME = "mstfx_sim_attention"  # a name with "flash" in it makes HF look for a hub kernel
 
@@ -94,11 +86,10 @@ def load_config(model: str | None = None, config_path: str | None = None):
     if (model is None) == (config_path is None):
         raise SimulateError("give exactly one of --model NAME or --config PATH")
     if model is not None:
-        key = MODEL_ALIASES.get(model.lower())
-        if key is None:
+        text = model_configs.config_text(model)
+        if text is None:
             raise SimulateError(f"unknown model {model!r}; embedded models: {', '.join(EMBEDDED_MODELS)} (or --config PATH)")
-        text = resources.files("mstfx.model_configs").joinpath(f"{key}.json").read_text()
-        source = f"embedded {key}"
+        source = f"embedded {MODEL_ALIASES[model.lower()]}"
     else:
         try:
             text = Path(config_path).read_text()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .planner import InfeasibleBudgetError, Plan, check_budget, plan
+from .wrappers import without_logits
 
 log = logging.getLogger("mstfx")
 
@@ -72,10 +73,7 @@ def _compiled_forward(forward, bucket: int, backend):
     """``forward`` without escaping logits, compiled for one bucket (its own code object, its own cache)."""
 
     def mst_forward(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if getattr(out, "loss", None) is not None and getattr(out, "logits", None) is not None:
-            out["logits"] = None  # logits that escape the graph cannot be chunked away
-        return out
+        return without_logits(forward(*args, **kwargs))  # escaping logits cannot be chunked away
 
     code = mst_forward.__code__.replace(co_name=f"mst_forward_bucket_{bucket}")
     fn = types.FunctionType(code, mst_forward.__globals__, code.co_name, None, mst_forward.__closure__)

@@ -15,7 +15,7 @@ import torch
 _ORIG_ATTR = "_mstfx_original_forward"
 
 
-def _without_logits(output):
+def without_logits(output):
     """``output`` with ``logits`` set to None when it carries a loss (HF ModelOutput or dict)."""
     if getattr(output, "loss", None) is None or not hasattr(output, "logits"):
         return output  # inference or no labels: keep the logits
@@ -37,7 +37,7 @@ def drop_logits(model: torch.nn.Module) -> torch.nn.Module:
 
         @functools.wraps(original)
         def forward(*args, **kwargs):
-            return _without_logits(original(*args, **kwargs))
+            return without_logits(original(*args, **kwargs))
 
         setattr(model, _ORIG_ATTR, original)
         model.forward = forward

@@ -283,12 +283,12 @@ def test_transform_enables_checkpointing_when_the_plan_needs_it():
 
 
 def _reference_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from mstfx.bench import reference_config
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
-                      vocab_size=32000, use_cache=False, attn_implementation="sdpa", max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).train()
+    return LlamaForCausalLM(reference_config(4096)).train()
 
 
 def _measured_peak(model, ids) -> int:
