@@ -9,14 +9,15 @@ fwd+bwd, gradients set to ``None`` beforehand so they count), the peak of the co
     mst+checkpointing   the mst backend and HF gradient checkpointing (non-reentrant)
 
 on the reference Llama config and on a GELU model (GPT-2 from a small config), for S in
-{1024, 2048, 4096, 8192}.  It compares each with :func:`mstfx.planner.predict_peak` (gradients +
+{1024, 2048, 4096, 8192}, and (``--models llama-deep``) on an 8-layer GQA Llama the coefficients were
+never fitted on.  It compares each with :func:`mstfx.planner.predict_peak` (gradients +
 activations, the part the profiler sees), prints a table, and draws ``docs/predicted_vs_measured.png``.
 
 Measurements are cached in ``docs/predicted_vs_measured.json`` (one key per model/mode/S), so an
 interrupted run resumes and ``--plot-only`` redraws without measuring.  Slow on 2 CPU cores:
 
     nice -n 10 python examples/predicted_vs_measured.py                 # everything missing
-    python examples/predicted_vs_measured.py --plot-only                # table + PNG from the cache
+    python examples/predicted_vs_measured.py --plot-only --models llama gpt2 llama-deep   # from the cache
     nice -n 10 python examples/predicted_vs_measured.py --models llama --modes mst --seq-lens 1024
 """
 
@@ -48,6 +49,15 @@ def build(name: str):
         from mstfx.bench import reference_config
 
         return LlamaForCausalLM(reference_config(max(SEQ_LENS)))
+    if name == "llama-deep":  # depth check: 8 narrower layers, GQA (predictions only, never fitted on)
+        from transformers import LlamaForCausalLM
+
+        from mstfx.bench import reference_config
+
+        cfg = reference_config(max(SEQ_LENS))
+        cfg.update(dict(hidden_size=256, intermediate_size=896, num_hidden_layers=8, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=8000))
+        return LlamaForCausalLM(cfg)
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -170,7 +180,8 @@ def plot(cache: dict, models, modes, seq_lens) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("sequence length S (batch 1)")
         ax.set_ylabel("peak MB above parameters (grads included)")
-        ax.set_title({"llama": "Llama (ref. config, SwiGLU)", "gpt2": "GPT-2 (GELU)"}.get(name, name))
+        ax.set_title({"llama": "Llama (ref. config, SwiGLU)", "gpt2": "GPT-2 (GELU)",
+                      "llama-deep": "Llama, 8 layers, GQA (not fitted on)"}.get(name, name))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("mstfx cost model: predicted vs measured peak (CPU, fp32, profiler method)")

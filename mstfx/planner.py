@@ -86,9 +86,16 @@ _PRESETS = {
                       vocab_size=32000, model_type="llama"),
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, model_type="gpt2", tie_word_embeddings=True),
 }
-#: model types whose compiled SDPA attention uses ``is_causal`` instead of a materialised S × S mask (measured)
-_NO_MASK = {"gpt2"}
 _UNGATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2", "codegen"}
+#: model types with a norm on each branch output as well (four norms per decoder layer)
+_SANDWICH = {"gemma2", "gemma3", "gemma3_text"}
+
+
+def _norm_kind(mtype: str) -> str:
+    """How the model's norms keep their input for backward (``cost_model.norm_saved``)."""
+    if mtype.startswith("gemma"):
+        return "rms_fp32"
+    return "layer" if mtype in _UNGATED else "rms"
 
 
 def _config_dict(source: Any) -> tuple[dict, int | None]:
@@ -156,7 +163,9 @@ def arch_of(source: Any) -> cm.Arch:
         hidden=int(h), intermediate=int(inter), layers=int(layers), heads=int(heads),
         kv_heads=int(get("num_key_value_heads", default=heads)), head_dim=int(get("head_dim", default=h // heads)),
         vocab=int(vocab), gated=gated, tied=bool(get("tie_word_embeddings", default=mtype == "gpt2")),
-        params=params, eager_attention=attn_impl == "eager", causal_mask=mtype not in _NO_MASK, name=str(get("_name_or_path", default=mtype) or mtype),
+        params=params, eager_attention=attn_impl == "eager", norm=_norm_kind(mtype), sandwich_norms=mtype in _SANDWICH,
+        logit_softcap=bool(get("final_logit_softcapping")), mlp_bias=bool(get("mlp_bias", default=mtype in _UNGATED)),
+        name=str(get("_name_or_path", default=mtype) or mtype),
     )
 
 
@@ -212,12 +221,14 @@ def predict_peak(
     mixed_precision: str | bool | None = None,
     mlp_chunks: int | None = None,
     lm_head_chunks: int | None = None,
+    program: str = "compiled",
 ) -> Breakdown:
     """Predicted peak of one fwd+bwd (+ optimizer state) of a compiled training step.
 
     ``config``: an nn.Module, an HF config, a config dict, a config.json path or a preset name.
     ``mode``: "standard", "checkpointing", "mst", "mst+checkpointing".  In the mst modes M defaults to the
     backend's rule; pass ``mlp_chunks`` / ``lm_head_chunks`` for a plan's numbers (1 = not chunked).
+    ``program="eager"`` predicts the same step run op by op with FlashAttention (``mstfx simulate``).
     Stable signature: ``mstfx simulate`` compares against it.
     """
     seq_len = _check_positive_int("seq_len", seq_len)
@@ -228,7 +239,7 @@ def predict_peak(
     d_mlp, d_head = default_chunks(arch, seq_len * batch)
     m_mlp = (mlp_chunks or d_mlp) if chunked else 1
     m_head = (lm_head_chunks or d_head) if chunked else 1
-    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head)
+    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program)
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
     params, grads, opt = (float(x) for x in (cost.params, cost.grads, cost.optimizer))

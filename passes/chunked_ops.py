@@ -168,6 +168,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         classes = torch.arange(weight.shape[0], device=h.device)
         for h_c, t_c in _token_chunks(h, chunks, target):
             logits, z, saved, z32 = _chunk_logits(h_c, weight, bias, transforms, acc)
+            # each chunk tensor is dropped as soon as it is dead (``del``): run op by op (eager, aot_eager,
+            # the FakeTensor simulation), a loop variable would otherwise keep the previous chunk's
+            # vocab-wide tensors alive into the next chunk; compiled code frees by liveness anyway
+            logits_dtype, z_dtype = logits.dtype, z.dtype
+            del logits, z
             valid = _valid(t_c, ignore_index)
             safe_t = torch.where(valid, t_c, 0)
             lse = torch.logsumexp(z32, dim=-1)
@@ -177,13 +182,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             # d(loss)/dz = softmax(z) - onehot(target), zero on ignored rows, times 1/count for a mean
             probs = torch.exp(z32 - lse.unsqueeze(1))
+            del z32
             # (where, not a multiply: with every target ignored the mean's 1/0 must give 0, as in eager)
             g = torch.where(
                 valid.unsqueeze(1),
                 (probs - (classes.unsqueeze(0) == safe_t.unsqueeze(1)).to(probs.dtype)) * scale,
                 0.0,
             )
-            grads.add(_transforms_backward(g.to(z.dtype), transforms, saved).to(logits.dtype), h_c)
+            del probs
+            grads.add(_transforms_backward(g.to(z_dtype), transforms, saved).to(logits_dtype), h_c)
+            del g, saved
         loss = loss * scale
         ctx.save_for_backward(grads.h(), grads.w, grads.b)
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -256,13 +264,18 @@ class _LinearLogProbs(torch.autograd.Function):
         classes = torch.arange(weight.shape[0], device=h.device)
         for h_c, t_c, g_c in _token_chunks(h, chunks, target, grad_out):
             logits, z, saved, z32 = _chunk_logits(h_c, weight, bias, transforms, acc)
+            logits_dtype, z_dtype = logits.dtype, z.dtype
+            del logits, z  # dead chunk tensors dropped at once (see _LinearCrossEntropy.forward)
             valid = _valid(t_c, ctx.ignore_index)
             safe_t = torch.where(valid, t_c, 0)
             probs = torch.softmax(z32, dim=-1)
+            del z32
             # d logp_t / dz = onehot(t) - softmax(z), times the upstream gradient; zero on ignored rows
             w_c = torch.where(valid, g_c.to(acc), 0.0).unsqueeze(1)
             g = ((classes.unsqueeze(0) == safe_t.unsqueeze(1)).to(acc) - probs) * w_c
-            grads.add(_transforms_backward(g.to(z.dtype), transforms, saved).to(logits.dtype), h_c)
+            del probs
+            grads.add(_transforms_backward(g.to(z_dtype), transforms, saved).to(logits_dtype), h_c)
+            del g, saved
         grad_h = grads.h()
         out_h = grad_h.to(h.dtype) if grad_h is not None else None
         out_w = grads.w.to(weight.dtype) if grads.w is not None else None

@@ -18,15 +18,19 @@ What is counted (t = B·S tokens, ``a`` bytes per activation element, fp32 = 4):
   - ``head backward``: saved bytes + the LM head's backward transient + its weight gradient,
   - ``top layer backward``: saved bytes + one layer's backward transient (and, with checkpointing,
     that layer's recomputed activations) + the gradients made so far,
+  - ``bottom layer backward``: the same for the first layer: one layer's saved bytes, but nearly
+    every gradient made (the larger of top and bottom bounds every layer in between),
   - ``end``: all gradients + the embedding's backward.
 
-Per-token coefficients (``COEF``) count tensors of the compiled (Inductor) step in units of the
-hidden size ``h``, the MLP width ``I``, the vocab ``V``; they were fitted on the reference Llama
-config and a 2-layer GPT-2 (GELU) on CPU (fp32), from the profiler's allocation timelines (which
-tensor is alive at the peak), see docs/planning.md.  Two terms are not per token: Llama's compiled
-SDPA path keeps a B×S×S additive causal mask (``Arch.causal_mask``; GPT-2 uses ``is_causal``), and a
-tied, unchunked LM head (GPT-2) keeps its fp32 logits buffer and defers its weight gradient to the end
-of backward.  Modes:
+Two programs (``PROGRAMS``).  ``compiled``, the step the mst backend runs: per-token coefficients
+(``COEF``) count tensors of the Inductor step in units of the hidden size ``h``, the MLP width ``I``,
+the vocab ``V``; they were fitted on the reference Llama config and a 2-layer GPT-2 (GELU) on CPU
+(fp32), from the profiler's allocation timelines (which tensor is alive at the peak), see
+docs/planning.md.  Two terms are not per token: the compiled HF SDPA path (transformers 5, Llama and
+GPT-2 alike) keeps a B×S×S additive causal mask (``Arch.causal_mask``), and a tied, unchunked LM head
+(GPT-2) keeps its fp32 logits buffer and defers its weight gradient to the end of backward.
+``eager``, the same step run op by op with FlashAttention (what ``mstfx simulate`` runs): no fitted
+number, each op's saved tensors by autograd's rules (:func:`eager_regions`).  Modes:
 
     standard            nothing chunked, nothing checkpointed
     checkpointing       every decoder layer checkpointed (HF ``gradient_checkpointing_enable``)
@@ -39,7 +43,7 @@ of backward.  Modes:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
@@ -47,6 +51,11 @@ S, B = sp.symbols("S B", positive=True)
 M_MLP, M_HEAD = sp.symbols("M_mlp M_head", positive=True)
 
 MODES = ("standard", "checkpointing", "mst", "mst+checkpointing")
+#: which program's memory is predicted: the Inductor-compiled step (what the mst backend runs, fitted
+#: on CPU, ``COEF``) or the eager autograd step with FlashAttention (what ``mstfx simulate`` runs,
+#: derived from the ops' saved tensors, see :func:`eager_regions`)
+PROGRAMS = ("compiled", "eager")
+NORMS = ("rms", "rms_fp32", "layer")
 OPTIMIZERS = ("adamw", "sgd", "none")
 FP32 = 4
 
@@ -58,8 +67,9 @@ COEF = {
     # MLP, not chunked: input + (gate, up) or (up) pre-activations
     "mlp_saved_h": 1.0,
     "mlp_saved_i": 2.0,  # × number of up-projections (pre- and post-activation)
-    # plain (GELU) MLP: GPT-2's tanh GELU keeps a third I-wide tensor (measured: 3 × t × I per layer)
-    "mlp_saved_i_ungated": 3.0,
+    # plain (GELU) MLP: the up-projection and its activation (GPT-2, measured once the causal mask,
+    # which GPT-2's compiled SDPA path makes too, is counted apart; 3 before, absorbing the mask)
+    "mlp_saved_i_ungated": 2.0,
     # transient of one layer's backward (gradients of the widest intermediates)
     "bwd_transient_i": 2.0,  # × number of up-projections, per token of the region
     "bwd_transient_h": 4.0,
@@ -75,6 +85,10 @@ COEF = {
     # 1 if the chunked LM head's fp32 weight-gradient accumulator outlives the head's backward
     # (measured 0: it is finished into the weight gradient in forward, see step_cost)
     "acc_alive": 0.0,
+    # chunked MLP whose up-projection has a bias (GPT-2): Inductor fuses every chunk's bias-gradient
+    # reduction into one kernel after the last chunk, so each chunk's I-wide gradients (the activation's
+    # and the up-projection's) stay alive until then: per token of the region (measured at S = 4096, 8192)
+    "mlp_bias_bwd_i": 2.0,
     # checkpointed layer keeps only its input (and the rotary tables)
     "ckpt_saved_h": 1.0,
     # the additive causal mask (B × S × S, activation dtype) the compiled HF SDPA path materialises
@@ -103,7 +117,14 @@ class Arch:
     tied: bool = False
     params: int | None = None  # exact count when known (an nn.Module); else estimated
     eager_attention: bool = False  # materialises heads × S × S scores (quadratic in S)
-    causal_mask: bool = True  # the compiled model materialises a B × S × S additive mask (HF Llama does, GPT-2 not)
+    causal_mask: bool = True  # the compiled HF SDPA path materialises a B × S × S additive mask (transformers 5)
+    #: how a norm keeps its input for backward (eager program): "rms" (HF Llama: fp32 copy of the input,
+    #: weight applied in the activation dtype), "rms_fp32" (HF Gemma: weight applied in fp32 too),
+    #: "layer" (``native_layer_norm``: the input itself plus mean and rstd)
+    norm: str = "rms"
+    sandwich_norms: bool = False  # a norm on each branch output too (Gemma 2/3: four norms per layer)
+    logit_softcap: bool = False  # tanh soft-capping of the logits (Gemma 2)
+    mlp_bias: bool = False  # the MLP's linears have biases (GPT-2, GPT-NeoX, Phi)
     name: str = ""
 
     @property
@@ -196,21 +217,52 @@ def mode_flags(mode: str) -> tuple[bool, bool]:
     return mode.startswith("mst"), mode.endswith("checkpointing")
 
 
-def regions(arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD) -> list[RegionCost]:
+def regions(
+    arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD, program: str = "compiled"
+) -> list[RegionCost]:
     """Bytes of the attention, MLP and LM-head regions in ``mode`` (M symbolic unless given).
 
     In the mst modes a region whose M is the number 1 is not chunked (the pass leaves it alone).
+    ``program``: "compiled" (the Inductor step, :data:`COEF`) or "eager" (:func:`eager_regions`).
     """
     chunked, ckpt = mode_flags(mode)
-    c, a = COEF, prec.act_bytes
-    h, i, v, nh = arch.hidden, arch.intermediate, arch.vocab, arch.heads
-    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    t = B * S
+    if program not in PROGRAMS:
+        raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
+    if arch.norm not in NORMS:
+        raise ValueError(f"Arch.norm must be one of {NORMS}, got {arch.norm!r}")
     # MLPs inside checkpointed layers are chunked too: the pass rewrites the bodies of Dynamo's
     # ``tag_activation_checkpoint`` (HF ``gradient_checkpointing_enable``), so a checkpointed layer's
     # recompute makes only the MLP input, and its backward runs chunk by chunk (see "checkpointed layer")
     chunk_mlp = chunked and not (isinstance(m_mlp, (int, sp.Integer)) and int(m_mlp) == 1)
     chunk_head = chunked and not (isinstance(m_head, (int, sp.Integer)) and int(m_head) == 1)
+    build = compiled_regions if program == "compiled" else eager_regions
+    attn, mlp, mlp_full_saved, head = build(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head)
+    if ckpt:  # a checkpointed layer keeps its input; its activations come back one layer at a time
+        # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``); compiled,
+        # the recompute ahead of it makes all chunks' up-projections (``ckpt_mlp_whole``, measured);
+        # eager, each chunk's own checkpoint recomputes it just before its backward
+        whole = COEF["ckpt_mlp_whole"] if program == "compiled" else 0.0
+        h, t, a = arch.hidden, B * S, prec.act_bytes
+        layer_saved = attn.saved + (whole * mlp_full_saved + (1 - whole) * mlp.saved if chunk_mlp else mlp.saved)
+        if chunk_mlp and whole:  # a chunk's up-projections are already in the whole recompute: only its gradients are new
+            per_chunk = t / m_mlp
+            mlp = replace(mlp, bwd_transient=per_chunk * a * ((1 - whole) * COEF["mlp_saved_i"] + COEF["bwd_transient_i"])
+                          * arch.ups * arch.intermediate)
+        ckpt_region = RegionCost(
+            "checkpointed layer", arch.layers, f"{h}", t * a * COEF["ckpt_saved_h"] * h, layer_saved,
+            sp.Max(attn.bwd_transient, mlp.bwd_transient),
+            recompute_flops=2 * t * arch.layer_params,
+        )
+        return [ckpt_region, attn, mlp, head]
+    return [attn, mlp, head]
+
+
+def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool, m_mlp, m_head):
+    """(attention, MLP, unchunked MLP's saved bytes, LM head) of the Inductor-compiled step (:data:`COEF`)."""
+    c, a = COEF, prec.act_bytes
+    h, i, v, nh = arch.hidden, arch.intermediate, arch.vocab, arch.heads
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    t = B * S
 
     attn_saved = t * a * (c["attn_saved_h"] * h + c["attn_saved_qkv"] * (q + 2 * kv)) + t * nh * FP32
     attn_bwd = t * a * c["bwd_transient_h"] * h
@@ -228,7 +280,8 @@ def regions(arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD) 
             "mlp", arch.layers, f"{h}→{i}→{h}",
             saved=t * a * h * c["mlp_chunked_saved_h"],
             fwd_transient=per_chunk * a * arch.ups * i,
-            bwd_transient=per_chunk * a * (c["mlp_saved_i"] + c["bwd_transient_i"]) * arch.ups * i,
+            bwd_transient=per_chunk * a * (c["mlp_saved_i"] + c["bwd_transient_i"]) * arch.ups * i
+            + (t * a * c["mlp_bias_bwd_i"] * i if arch.mlp_bias else 0),
             # each chunk's up-projections and activation run again in backward
             recompute_flops=2 * t * h * i * arch.ups,
             chunks=m_mlp,
@@ -256,26 +309,113 @@ def regions(arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD) 
             fwd_transient=0 * S,  # the loss is reduced from the saved logits, no second copy
             bwd_transient=t * v * FP32 * c["head_bwd_v"] + t * a * h,
         )
-    if ckpt:  # a checkpointed layer keeps its input; its activations come back one layer at a time
-        # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``), but the
-        # recompute ahead of it makes all chunks' up-projections (``ckpt_mlp_whole``, measured)
-        whole = c["ckpt_mlp_whole"]
-        layer_saved = attn.saved + (whole * mlp_full_saved + (1 - whole) * mlp.saved if chunk_mlp else mlp.saved)
-        ckpt_region = RegionCost(
-            "checkpointed layer", arch.layers, f"{h}", t * a * c["ckpt_saved_h"] * h, layer_saved,
-            sp.Max(attn.bwd_transient, mlp.bwd_transient),
-            recompute_flops=2 * t * arch.layer_params,
+    return attn, mlp, mlp_full_saved, head
+
+
+def norm_saved(arch: Arch, a: int) -> int:
+    """Bytes per token one norm keeps for backward in eager PyTorch, without its output.
+
+    HF Llama's RMSNorm upcasts (``x.to(float32)``: 4·h, kept by ``pow`` and ``mul``), keeps ``rsqrt``
+    (4) and the normalised input cast back (a·h, kept by ``weight *``); Gemma's multiplies by
+    ``1 + weight`` in fp32, so it keeps the fp32 normalised input (4·h) instead; ``native_layer_norm``
+    keeps its input, mean and rstd.
+    """
+    h = arch.hidden
+    return {"rms": 4 * h + 4 + a * h, "rms_fp32": 8 * h + 4, "layer": a * h + 8}[arch.norm]
+
+
+def eager_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool, m_mlp, m_head):
+    """(attention, MLP, unchunked MLP's saved bytes, LM head) of the *eager* step with FlashAttention-2.
+
+    Derived, not fitted: each op's saved tensors (autograd's rules), per token (``a`` = activation
+    bytes, fp32 = 4), as ``mstfx simulate`` runs the step:
+
+    * attention: the input norm and its output (kept by the q/k/v projections), q and k after rotary
+      and v (kept by flash attention, K/V at their own head count), its output (kept by the output
+      projection) and its fp32 log-sum-exp; backward: the output's gradient, dq/dk/dv, FA2's fp32 dq
+      accumulator and, with GQA, dk/dv expanded to all heads.
+    * MLP: the norm and its output, then gate, act(gate), up and their product (gated: 4·I; plain:
+      the up-projection and its activation, 2·I); backward: about 3·I (2·I plain) of gradients.
+    * LM head (unchunked, HF's loss): the final norm and its output; the fp32 ``log_softmax`` output is
+      saved, the activation-dtype logits and their fp32 copy are alive while the loss runs; backward
+      makes ``nll_loss``'s and ``log_softmax``'s fp32 gradients (8·V).
+    * chunked MLP (each chunk under ``torch.utils.checkpoint``): only the input is kept; backward
+      recomputes one chunk (4·I) beside its gradients (3·I).
+    * chunked LM head (``chunked_ops.linear_cross_entropy``): dL/dh and the fp32 V×h accumulator are
+      kept; at most three fp32 chunk×V tensors and a one-hot mask are alive at once (13 bytes per vocab
+      entry: the loop drops each dead chunk tensor); backward scales the accumulator in fp32 before
+      the cast.
+    """
+    a = prec.act_bytes
+    h, i, v, nh = arch.hidden, arch.intermediate, arch.vocab, arch.heads
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    t = B * S
+    norm = norm_saved(arch, a)
+    branch_norm = norm if arch.sandwich_norms else 0  # on the branch output, which goes to the residual add
+
+    attn_saved = t * (norm + a * h + a * (q + 2 * kv) + a * q + FP32 * nh + branch_norm)
+    gqa = 2 * a * q if kv != q else 0
+    attn_bwd = t * (a * h + a * q + a * (q + 2 * kv) + FP32 * q + FP32 * nh + gqa)
+    if arch.eager_attention:  # softmax probabilities saved, their gradient transient
+        attn_saved += B * nh * S * S * a
+        attn_bwd += B * nh * S * S * a
+    attn = RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
+
+    kept_i, grad_i = (4, 3) if arch.gated else (2, 2)
+    mlp_in = t * (norm + a * h + branch_norm)
+    mlp_full_saved = mlp_in + t * a * kept_i * i
+    if chunk_mlp:
+        per_chunk = t / m_mlp
+        mlp = RegionCost(
+            "mlp", arch.layers, f"{h}→{i}→{h}", saved=mlp_in,
+            fwd_transient=per_chunk * a * (kept_i - 1) * i,
+            bwd_transient=per_chunk * a * (kept_i + grad_i) * i + t * a * h,
+            recompute_flops=2 * t * h * i * arch.ups, chunks=m_mlp,
         )
-        return [ckpt_region, attn, mlp, head]
-    return [attn, mlp, head]
+    else:
+        mlp = RegionCost("mlp", arch.layers, f"{h}→{i}→{h}", mlp_full_saved, 0 * S, t * a * (grad_i * i + h))
+
+    final_norm = t * (norm + a * h)
+    cap = t * a * v if arch.logit_softcap else 0  # tanh's output, kept for its backward
+    if chunk_head:
+        per_chunk = t / m_head
+        head = RegionCost(
+            "lm_head", 1, f"{h}→{v}",
+            saved=final_norm + t * a * h + v * h * FP32,
+            # one chunk's vocab-wide tensors at once: three fp32 ones (logits, softmax, its gradient) and
+            # the one-hot mask; soft-capping: the saved tanh output and its chain-rule temporary instead
+            fwd_transient=per_chunk * v * (3 * FP32 + (2 * a if arch.logit_softcap else 1)) + t * a * h,
+            bwd_transient=t * a * h + (v * h * FP32 if prec.param_bytes < FP32 else 0),
+            chunks=m_head,
+        )
+    else:
+        upcast = FP32 if a < FP32 else 0  # ``logits.float()`` is a copy only below fp32
+        head = RegionCost(
+            "lm_head", 1, f"{h}→{v}",
+            saved=final_norm + t * v * FP32 + cap,
+            fwd_transient=t * v * (a + upcast) + cap,
+            bwd_transient=t * v * 2 * FP32 + t * a * h,
+        )
+    return attn, mlp, mlp_full_saved, head
 
 
 def step_cost(
-    arch: Arch, mode: str, optimizer: str = "none", prec: Precision | None = None, m_mlp=M_MLP, m_head=M_HEAD
+    arch: Arch,
+    mode: str,
+    optimizer: str = "none",
+    prec: Precision | None = None,
+    m_mlp=M_MLP,
+    m_head=M_HEAD,
+    program: str = "compiled",
 ) -> StepCost:
-    """The step's bytes: static parts and the activation phases, as expressions of S, B (and M)."""
+    """The step's bytes: static parts and the activation phases, as expressions of S, B (and M).
+
+    ``program``: "compiled" (the step the mst backend / Inductor runs) or "eager" (op by op, with
+    FlashAttention, as ``mstfx simulate`` runs it); see :data:`PROGRAMS`.
+    """
     prec = prec or Precision()
-    regs = regions(arch, prec, mode, m_mlp, m_head)
+    compiled = program == "compiled"
+    regs = regions(arch, prec, mode, m_mlp, m_head, program)
     by = {r.kind: r for r in regs}
     n = arch.n_params
     params = sp.Integer(n * prec.param_bytes)
@@ -290,27 +430,36 @@ def step_cost(
     acc_alive = sp.Integer(arch.vocab * arch.hidden * FP32) * COEF["acc_alive"] if head.chunks != 1 and "checkpointed layer" not in by else 0
     if "checkpointed layer" in by:
         ck = by["checkpointed layer"]
-        layers_saved = arch.layers * ck.saved
-        tops = {"top layer backward (attention)": ck.fwd_transient + attn.bwd_transient,
-                "top layer backward (mlp)": ck.fwd_transient + mlp.bwd_transient}
+        layer_saved = ck.saved
+        tops = {"(attention)": ck.fwd_transient + attn.bwd_transient, "(mlp)": ck.fwd_transient + mlp.bwd_transient}
     else:
-        layers_saved = arch.layers * (attn.saved + mlp.saved)
-        tops = {"top layer backward (attention)": attn.bwd_transient, "top layer backward (mlp)": mlp.bwd_transient}
+        layer_saved = attn.saved + mlp.saved
+        tops = {"(attention)": attn.bwd_transient, "(mlp)": mlp.bwd_transient}
+    layers_saved = arch.layers * layer_saved
     # the causal mask of the attention layers, made once and alive until the first layer's backward
-    mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if arch.causal_mask else sp.Integer(0)
+    # (compiled only: eager FlashAttention takes no mask)
+    mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if arch.causal_mask and compiled else sp.Integer(0)
     layers_saved = layers_saved + mask
     # tied weight, head not chunked (measured on GPT-2): the LM head's weight gradient waits to be summed
     # with the embedding's at the end of backward, and the fp32 logits/dlogits buffer lives until then
-    tied_late = arch.tied and head.chunks == 1
+    tied_late = arch.tied and head.chunks == 1 and compiled
     phases = {
         "forward end": layers_saved + head.saved + head.fwd_transient,
         # chunked head: the forward finishes the fp32 accumulator into a V×h weight-gradient buffer
         **({"forward end (head weight gradient)": layers_saved + head.saved + arch.vocab * arch.hidden * FP32}
-           if head.chunks != 1 else {}),
-        "head backward": layers_saved + head.saved + head.bwd_transient + (0 if tied_late else head_grad + tied_extra),
-        **{k: layers_saved + v + layer_grad + acc_alive + (head.saved if tied_late else head_grad)
+           if head.chunks != 1 and compiled else {}),
+        # a tied weight's two gradients are summed at the end of backward (the "end" phase), not here
+        "head backward": layers_saved + head.saved + head.bwd_transient + (0 if tied_late else head_grad),
+        # backward of layer k holds the saved activations of layers 1..k and the gradients of layers
+        # k..L: linear in k, so the larger of the top layer and the bottom layer is the peak of all
+        **{f"top layer backward {k}": layers_saved + v + layer_grad + acc_alive + (head.saved if tied_late else head_grad)
            for k, v in tops.items()},
-        "end": grads + tied_extra * (2 if head.chunks != 1 else 1) + B * S * prec.act_bytes * arch.hidden
+        **{f"bottom layer backward {k}": layers_saved - (arch.layers - 1) * layer_saved + v + acc_alive
+           + grads - (0 if arch.tied and not tied_late else head_grad) + (head.saved if tied_late else 0)
+           for k, v in tops.items()},
+        # a tied weight at the end: its gradient, the embedding's, and their sum (out of place), except
+        # for the compiled unchunked head, whose logits buffer is reused (measured on GPT-2)
+        "end": grads + tied_extra * (1 if tied_late else 2) + B * S * prec.act_bytes * arch.hidden
         + (head.saved if tied_late else 0),
     }
     return StepCost(params, grads, opt, {k: sp.simplify(v) for k, v in phases.items()}, regs)

@@ -187,3 +187,25 @@ def test_autocast_bf16_matches_eager_autocast():
     be = mstfx.backend(compiler="aot_eager", mini_sequences=3)
     assert_same(ref, run(be), rtol=3e-2, atol=3e-2)
     assert sorted(d.kind for d in be.reports[-1].chunked) == ["lm_head+loss", "mlp"]
+
+
+def test_inductor_keeps_the_partitioners_recompute_order_in_forward_and_backward():
+    """Inductor's ``reorder_for_peak_memory`` moves every chunk's recompute to the start of the backward
+    (measured +11% peak at S = 1024 on the reference config): the backend compiles both graphs without it,
+    the backward too although AOT compiles it lazily, after the forward's compile has returned."""
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    def spy(graph):  # runs inside each Inductor compile (forward and backward)
+        seen.append(inductor_config.reorder_for_peak_memory)
+
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 256, (1, 64))
+    assert inductor_config.reorder_for_peak_memory  # the default this backend overrides
+    with inductor_config.patch(post_grad_custom_post_pass=spy, fx_graph_cache=False):
+        ref = loss_and_grads(model, ids, ids)
+        got = loss_and_grads(model, ids, ids, mstfx.backend(mini_sequences=4))
+    assert_same(ref, got)
+    assert len(seen) >= 2 and not any(seen), seen
+    assert inductor_config.reorder_for_peak_memory  # restored for the user's other compiles

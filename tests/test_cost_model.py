@@ -116,3 +116,37 @@ def test_causal_mask_is_quadratic_and_optional():
         with_m = cm.evaluate(cm.step_cost(REF, "standard", m_mlp=1, m_head=1).peak, s)
         without = cm.evaluate(cm.step_cost(no_mask, "standard", m_mlp=1, m_head=1).peak, s)
         assert with_m - without == pytest.approx(s * s * 4)
+
+
+LLAMA3_8B = cm.Arch(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+
+
+def test_program_and_norm_are_checked():
+    with pytest.raises(ValueError, match="program"):
+        cm.step_cost(REF, "standard", program="jit")
+    with pytest.raises(ValueError, match="norm"):
+        cm.step_cost(cm.Arch(**{**REF.__dict__, "norm": "batch"}), "standard", program="eager")
+
+
+def test_eager_standard_counts_every_saved_mlp_and_norm_tensor():
+    # eager SwiGLU keeps gate, act(gate), up and their product (4 × I), and each RMSNorm an fp32 copy of
+    # its input: at 8B the saved layers alone exceed the gate/up outputs the compiled estimate is built on
+    prec = cm.Precision.of("bf16")
+    eager = cm.step_cost(LLAMA3_8B, "standard", prec=prec, m_mlp=1, m_head=1, program="eager")
+    s = 4096
+    four_i = LLAMA3_8B.layers * s * 4 * LLAMA3_8B.intermediate * 2
+    assert cm.evaluate(eager.phases["forward end"], s) > four_i + LLAMA3_8B.layers * s * 2 * 4 * LLAMA3_8B.hidden
+    # no S × S term without eager attention: doubling S at most doubles the S-dependent part
+    grow = cm.evaluate(eager.phases["forward end"], 2 * s) / cm.evaluate(eager.phases["forward end"], s)
+    assert grow <= 2.0 + 1e-9
+
+
+def test_bottom_layer_phase_bounds_deep_checkpointed_backward():
+    # with checkpointing, the first layer's backward holds nearly every gradient plus one recomputed
+    # layer: on a deep model it is the peak, above the top layer's
+    prec = cm.Precision.of("bf16")
+    for program in cm.PROGRAMS:
+        cost = cm.step_cost(LLAMA3_8B, "mst+checkpointing", prec=prec, m_mlp=32, m_head=32, program=program)
+        vals = {k: cm.evaluate(v, 32768) for k, v in cost.phases.items()}
+        assert max(vals, key=vals.get).startswith("bottom layer backward"), (program, vals)
+        assert vals["bottom layer backward (attention)"] > vals["top layer backward (attention)"]

@@ -153,14 +153,49 @@ def test_embedded_configs_load(name):
     assert cfg.num_hidden_layers >= 28 and cfg.hidden_size >= 3584
 
 
+#: scaled-down configs of three structures (GQA Llama, MHA with q/k/v bias, Gemma 2's four fp32 norms,
+#: soft-capped and tied logits): a few layers, but activations dominate the peak as at 8B and long S
+COST_MODEL_CONFIGS = {
+    "llama-gqa": dict(TINY, hidden_size=512, intermediate_size=1792, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=16000),
+    "qwen2-mha": dict(model_type="qwen2", hidden_size=512, intermediate_size=1536, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=8, vocab_size=20000, max_position_embeddings=1 << 20),
+    "gemma2": dict(model_type="gemma2", hidden_size=384, intermediate_size=1536, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=128, vocab_size=24000,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=128,
+                   sliding_window=4096, max_position_embeddings=1 << 20),
+}
+
+
+def test_weights_are_bf16_whatever_the_config_dtype(tmp_path):
+    # Gemma 2's published config says float32; transformers builds in config.dtype when it is set
+    path = tmp_path / "fp32.json"
+    path.write_text(json.dumps(dict(TINY, torch_dtype="float32")))
+    cfg = sim.load_config(config_path=str(path))
+    fm = sim._fake_model(cfg)
+    assert fm.param_bytes == 2 * fm.n_params
+
+
+@pytest.mark.parametrize("name", sorted(COST_MODEL_CONFIGS))
+def test_cost_model_agrees_with_simulation_on_scaled_configs(name, tmp_path):
+    """The cost model's eager program (``program="eager"``) against the FakeTensor simulation, every mode."""
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(COST_MODEL_CONFIGS[name]))
+    cfg = sim.load_config(config_path=str(path))
+    rows = sim.compare_with_cost_model(cfg, [2048, 8192])
+    weights_and_grads = 2 * sim._fake_model(cfg).param_bytes
+    for r in rows:  # activations dominate the unchunked step: the check is not carried by the weights
+        if r["mode"] == "standard":
+            assert r["simulated_gib"] * sim.GiB > 3 * weights_and_grads, r
+    bad = [r for r in rows if abs(r["rel"]) > 0.10]
+    assert not bad, bad
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="measured: cost model under-predicts eager HF peaks by 14-44% except mst+ckpt (docs/simulate.md)",
-)
-def test_cost_model_agrees_within_10_percent():
+@pytest.mark.parametrize("model", ["llama3-8b", "llama2-7b"])
+def test_cost_model_agrees_within_10_percent(model):
     """Issue 5: simulated peaks agree with ``mstfx.planner.predict_peak`` within 10% at three lengths."""
-    cfg = sim.load_config("llama3-8b")
+    cfg = sim.load_config(model)
     rows = sim.compare_with_cost_model(cfg, [4096, 16384, 32768])
     bad = [r for r in rows if abs(r["rel"]) > 0.10]
     assert not bad, bad
