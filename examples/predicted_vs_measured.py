@@ -58,6 +58,15 @@ def build(name: str):
         cfg.update(dict(hidden_size=256, intermediate_size=896, num_hidden_layers=8, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=8000))
         return LlamaForCausalLM(cfg)
+    if name == "qwen2-tied":  # hold-out check: GQA 6/2, qkv biases, tied embeddings, I = 2.67 h
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        cfg = Qwen2Config(
+            hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+            num_key_value_heads=2, vocab_size=16000, tie_word_embeddings=True, use_cache=False,
+            max_position_embeddings=max(SEQ_LENS), attn_implementation="sdpa",
+        )
+        return Qwen2ForCausalLM(cfg)
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -164,9 +173,13 @@ def plot(cache: dict, models, modes, seq_lens) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    cols = 2 if len(models) > 2 else len(models)
+    rows = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
     colors = dict(zip(MODES + ("checkpointing",), ("tab:red", "tab:blue", "tab:green", "tab:orange")))
-    for ax, name in zip(axes[0], models):
+    for ax, name in zip(axes.flat, models):
         for mode in modes:
             pts = [(s, cache[f"{name}|{mode}|{s}"]) for s in seq_lens if f"{name}|{mode}|{s}" in cache]
             if not pts:
@@ -181,7 +194,7 @@ def plot(cache: dict, models, modes, seq_lens) -> None:
         ax.set_xlabel("sequence length S (batch 1)")
         ax.set_ylabel("peak MB above parameters (grads included)")
         ax.set_title({"llama": "Llama (ref. config, SwiGLU)", "gpt2": "GPT-2 (GELU)",
-                      "llama-deep": "Llama, 8 layers, GQA (not fitted on)"}.get(name, name))
+                      "llama-deep": "Llama, 8 layers, GQA", "qwen2-tied": "Qwen2, 4 layers, tied (not fitted on)"}.get(name, name))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("mstfx cost model: predicted vs measured peak (CPU, fp32, profiler method)")
@@ -192,7 +205,7 @@ def plot(cache: dict, models, modes, seq_lens) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["llama", "gpt2"])
+    ap.add_argument("--models", nargs="+", default=["llama", "gpt2", "llama-deep", "qwen2-tied"])
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--seq-lens", nargs="+", type=int, default=list(SEQ_LENS))
     ap.add_argument("--plot-only", action="store_true")

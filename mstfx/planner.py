@@ -40,6 +40,10 @@ GB = 1e9
 MAX_CHUNKS = 64
 #: The default LM-head rule never makes chunks shorter than this (as ``MstConfig``).
 MIN_HEAD_CHUNK_TOKENS = 256
+#: Headroom a plan keeps on the predicted gradients + activations (the part the cost model estimates;
+#: parameters and optimizer state are exact): the model's error over 36 measured CPU points is at most
+#: 8.7% (docs/predicted_vs_measured.md), so a plan that fits with 10% to spare fits when measured.
+MARGIN = 0.10
 
 __all__ = [
     "Breakdown",
@@ -61,19 +65,24 @@ class InfeasibleBudgetError(ValueError):
     ``seq_len`` and ``longest_seq_len`` (longest S that fits the budget with that maximal plan).
     """
 
-    def __init__(self, budget_bytes: float, min_peak_bytes: float, seq_len: int, longest: int, batch: int = 1):
+    def __init__(self, budget_bytes: float, min_peak_bytes: float, seq_len: int, longest: int, batch: int = 1,
+                 margin: float = 0.0, min_planned_bytes: float | None = None):
         self.budget_bytes = budget_bytes
         self.min_peak_bytes = min_peak_bytes
         self.seq_len = seq_len
         self.longest_seq_len = longest
         self.batch = batch
+        self.margin = margin
+        self.min_planned_bytes = min_peak_bytes if min_planned_bytes is None else min_planned_bytes
+        kept = (f" ({self.min_planned_bytes / GB:.3g} GB with the {margin:.0%} planning margin on gradients + "
+                f"activations; margin=0 plans to the bare prediction)" if margin else "")
         fits = f"the longest sequence that fits {budget_bytes / GB:.3g} GB is S = {longest}" if longest > 0 else (
             f"no sequence fits {budget_bytes / GB:.3g} GB (parameters, gradients and optimizer state alone exceed it)"
         )
         super().__init__(
             f"budget {budget_bytes / GB:.3g} GB cannot be met at S = {seq_len}, batch {batch}: the smallest "
-            f"achievable peak (mst with the most chunks, with or without activation checkpointing) is {min_peak_bytes / GB:.3g} GB; "
-            f"{fits}"
+            f"achievable peak (mst with the most chunks, with or without activation checkpointing) is "
+            f"{min_peak_bytes / GB:.3g} GB{kept}; {fits}; use a shorter sequence, a smaller batch or a larger budget"
         )
 
 
@@ -212,6 +221,18 @@ def check_budget(budget_gb: Any) -> float:
     return value * GB
 
 
+def check_margin(margin: Any) -> float:
+    """The planning margin as a fraction in [0, 1); ValueError otherwise."""
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not 0 <= float(margin) < 1:
+        raise ValueError(f"margin must be a fraction in [0, 1) (0.1 = plan with 10% headroom), got {margin!r}")
+    return float(margin)
+
+
+def with_margin(static: float, peak: float, margin: float) -> float:
+    """The peak a plan must fit: parameters + optimizer state exact, the rest grown by ``margin``."""
+    return static + (peak - static) * (1 + margin)
+
+
 def predict_peak(
     config: Any,
     seq_len: int,
@@ -255,27 +276,32 @@ def longest_seq_len(
     mixed_precision: str | bool | None = None,
     mlp_chunks: int | None = None,
     lm_head_chunks: int | None = None,
+    margin: float = 0.0,
 ) -> int:
     """Longest S whose predicted peak fits ``budget_gb`` (solved with sympy; 0 if none fits).
+
+    ``margin``: the fraction of headroom kept on gradients + activations (as :func:`plan`; 0 here, so
+    the answer is the cost model's own).
 
     In the mst modes with M left ``None``, M follows S by the backend's rule: an MLP chunk is at most
     ``hidden`` tokens, an LM-head chunk max(t·h/V, 256) tokens; each rule's branch is solved on its own.
     """
     budget = check_budget(budget_gb)
+    margin = check_margin(margin)
     batch = _check_positive_int("batch", batch)
     arch = arch_of(config)
     prec = cm.Precision.of(mixed_precision)
     chunked, _ = cm.mode_flags(mode)
     t = cm.B * cm.S
     if not chunked:
-        return cm.longest_s(cm.step_cost(arch, mode, optimizer, prec, 1, 1), budget, batch)
+        return cm.longest_s(cm.step_cost(arch, mode, optimizer, prec, 1, 1), budget, batch, margin)
     mlp_options = [mlp_chunks] if mlp_chunks else [t / arch.hidden]
     head_options = [lm_head_chunks] if lm_head_chunks else [sp.Rational(arch.vocab, arch.hidden), t / MIN_HEAD_CHUNK_TOKENS]
     best = None
     for m_mlp in mlp_options:
         for m_head in head_options:
             cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head)
-            s = cm.longest_s(cost, budget, batch)
+            s = cm.longest_s(cost, budget, batch, margin)
             best = s if best is None else min(best, s)
     return int(best)
 
@@ -313,14 +339,21 @@ class Plan:
     rows: list[PlanRow]
     longest_seq_len: int
     reason: str
+    margin: float = 0.0
 
     @property
     def predicted_peak(self) -> float:
         return self.breakdown.peak
 
     @property
+    def planned_peak(self) -> float:
+        """The predicted peak with the planning margin on gradients + activations (what must fit)."""
+        b = self.breakdown
+        return with_margin(b.params + b.optimizer, b.peak, self.margin)
+
+    @property
     def fits(self) -> bool:
-        return self.breakdown.peak <= self.budget_bytes
+        return self.planned_peak <= self.budget_bytes
 
     def config(self, **options: Any):
         """The :class:`~mstfx.MstConfig` that applies this plan (M per region kind)."""
@@ -366,8 +399,9 @@ class Plan:
         tab.add_row(f"optimizer ({self.optimizer})", "", "", _fmt_bytes(b.optimizer), "", "")
         tab.add_row(f"activation peak ({b.phase})", "", "", _fmt_bytes(b.activations), "", "")
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        tab.add_row("predicted peak vs budget", "", "", f"{_fmt_bytes(b.peak)} / {_fmt_bytes(self.budget_bytes)}",
-                    verdict, "")
+        tab.add_row("predicted peak vs budget", "", "", f"{_fmt_bytes(b.peak)} / {_fmt_bytes(self.budget_bytes)}", "", "")
+        tab.add_row(f"with {self.margin:.0%} margin on grads + activations", "", "",
+                    f"{_fmt_bytes(self.planned_peak)} / {_fmt_bytes(self.budget_bytes)}", verdict, "")
         return tab
 
     def __str__(self) -> str:
@@ -412,13 +446,17 @@ def plan(
     mixed_precision: str | bool | None = None,
     max_chunks: int = MAX_CHUNKS,
     allow_checkpointing: bool = True,
+    margin: float = MARGIN,
 ) -> Plan:
     """The cheapest plan whose predicted peak fits ``budget_gb`` (see the module doc for the order).
 
+    ``margin``: headroom kept on the predicted gradients + activations (default :data:`MARGIN`, the
+    cost model's measured error bound); 0 plans to the cost model's exact prediction.
     Raises ValueError for a bad budget/length/option and :class:`InfeasibleBudgetError` when even the
     maximal plan does not fit.
     """
     budget = check_budget(budget_gb)
+    margin = check_margin(margin)
     seq_len = _check_positive_int("seq_len", seq_len)
     batch = _check_positive_int("batch", batch)
     max_chunks = _check_positive_int("max_chunks", max_chunks)
@@ -430,7 +468,7 @@ def plan(
     cap = max(1, min(max_chunks, tokens))
 
     def candidate(mode: str, m_mlp: int, m_head: int, reason: str) -> Plan | None:
-        p = _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason)
+        p = _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason, margin)
         return p if p.fits else None
 
     steps = [("mst", False), ("mst+checkpointing", True)] if allow_checkpointing else [("mst", False)]
@@ -438,7 +476,7 @@ def plan(
     if found is None:
         for mode, _ in steps:
             cost = cm.step_cost(arch, mode, optimizer, prec, cm.M_MLP, cm.M_HEAD)
-            room = budget - float(cost.params + cost.optimizer)
+            room = (budget - float(cost.params + cost.optimizer)) / (1 + margin)
             ck = " + activation checkpointing" if mode.endswith("checkpointing") else ""
             # LM head alone (no recompute), then the MLPs too
             cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD)
@@ -456,15 +494,16 @@ def plan(
     if found is None:
         # the most memory-saving plans: everything chunked, and (if allowed) checkpointed as well
         finals = [("mst", cap)] + ([("mst+checkpointing", cap)] if allow_checkpointing else [])
-        least = min(_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, mm, cap, "").predicted_peak
-                    for m, mm in finals)
-        longest = max(longest_seq_len(arch, budget / GB, batch, m, optimizer, mixed_precision, max_chunks, max_chunks)
-                      for m, _ in finals)
-        raise InfeasibleBudgetError(budget, least, seq_len, longest, batch)
+        least = min((_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, mm, cap, "", margin)
+                     for m, mm in finals), key=lambda p: p.planned_peak)
+        longest = max(longest_seq_len(arch, budget / GB, batch, m, optimizer, mixed_precision, max_chunks, max_chunks,
+                                      margin) for m, _ in finals)
+        raise InfeasibleBudgetError(budget, least.predicted_peak, seq_len, longest, batch, margin, least.planned_peak)
     return found
 
 
-def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason) -> Plan:
+def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
+               margin: float = 0.0) -> Plan:
     cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head)
     base = {r.kind: r for r in cm.regions(arch, prec, "standard", 1, 1)}
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
@@ -483,10 +522,10 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
     if mode.endswith("checkpointing"):  # attention/MLP saved bytes are inside the checkpointed layer
         rows = [replace(r, bytes_after=0.0) if r.region in ("attention", "mlp") else r for r in rows]
     longest = longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision,
-                              m_mlp if m_mlp > 1 else None, m_head if m_head > 1 else None) if mode.startswith("mst") \
-        else longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision)
+                              m_mlp if m_mlp > 1 else None, m_head if m_head > 1 else None, margin) if mode.startswith("mst") \
+        else longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision, margin=margin)
     return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, m_mlp, m_head,
-                mode.endswith("checkpointing"), br, rows, longest, reason)
+                mode.endswith("checkpointing"), br, rows, longest, reason, margin)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -504,13 +543,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed-precision", default=None, help="fp32 (default), bf16, fp16 or amp (fp32 master weights)")
     ap.add_argument("--max-chunks", type=int, default=MAX_CHUNKS)
     ap.add_argument("--no-checkpointing", action="store_true", help="never plan activation checkpointing")
+    ap.add_argument("--margin", type=float, default=MARGIN,
+                    help=f"headroom on predicted grads + activations (default {MARGIN}: the cost model's error bound)")
     args = ap.parse_args(argv)
     from rich.console import Console
 
     console = Console(width=140)
     try:
         p = plan(args.config, args.seq_len, args.budget_gb, args.batch, args.optimizer, args.mixed_precision,
-                 args.max_chunks, not args.no_checkpointing)
+                 args.max_chunks, not args.no_checkpointing, args.margin)
     except InfeasibleBudgetError as err:
         console.print(f"[red]infeasible:[/red] {err}")
         return 1

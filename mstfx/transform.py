@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .planner import InfeasibleBudgetError, Plan, check_budget, plan
+from .planner import MARGIN, InfeasibleBudgetError, Plan, check_budget, check_margin, plan
 from .wrappers import without_logits
 
 log = logging.getLogger("mstfx")
@@ -89,6 +89,7 @@ def transform(
     optimizer: str = "adamw",
     mixed_precision: str | bool | None = None,
     max_chunks: int | None = None,
+    margin: float = MARGIN,
     **backend_options: Any,
 ) -> torch.nn.Module:
     """Plan for ``budget_gb`` and make ``model`` train through the mst backend (in place; returns it).
@@ -96,12 +97,14 @@ def transform(
     ``seq_len``: the longest sequence to plan for (default: the config's ``max_position_embeddings``);
     the plan must fit there, so every shorter sequence fits too.  Longer inputs are planned when they
     arrive and raise :class:`~mstfx.InfeasibleBudgetError` if they cannot fit.  ``optimizer`` and
-    ``mixed_precision`` are as in :func:`mstfx.plan`; other keywords go to :class:`~mstfx.MstConfig`.
+    ``mixed_precision`` and ``margin`` (headroom on the predicted gradients + activations) are as in
+    :func:`mstfx.plan`; other keywords go to :class:`~mstfx.MstConfig`.
     ``model._mstfx_transform`` (a :class:`TransformState`) holds the plan and the compile count.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform expects an nn.Module, got {type(model).__name__}")
     check_budget(budget_gb)
+    check_margin(margin)
     if getattr(model, _STATE, None) is not None:
         raise ValueError("model was already transformed; call mstfx.untransform(model) first")
     cfg = getattr(model, "config", None)
@@ -110,7 +113,8 @@ def transform(
         if seq_len is None:
             raise ValueError("pass seq_len=: the model's config does not give a maximum length")
     can_ckpt = callable(getattr(model, "gradient_checkpointing_enable", None))
-    opts = dict(batch=batch, optimizer=optimizer, mixed_precision=mixed_precision, allow_checkpointing=can_ckpt)
+    opts = dict(batch=batch, optimizer=optimizer, mixed_precision=mixed_precision, allow_checkpointing=can_ckpt,
+                margin=margin)
     if max_chunks is not None:
         opts["max_chunks"] = max_chunks
     top = plan(model, seq_len, budget_gb, **opts)  # raises before anything is changed
@@ -132,7 +136,8 @@ def transform(
         if b not in state.buckets:
             p = plan(model, max(b, s), budget_gb, **opts) if b != seq_len else top
             if p.checkpointing and not getattr(model, "is_gradient_checkpointing", False):
-                raise InfeasibleBudgetError(p.budget_bytes, p.predicted_peak, s, top.longest_seq_len, batch)
+                raise InfeasibleBudgetError(p.budget_bytes, p.predicted_peak, s, top.longest_seq_len, batch,
+                                            p.margin, p.planned_peak)
             backend = p.backend(**backend_options)
             state.buckets[b] = (p, _compiled_forward(original, b, backend), backend)
             log.info("mstfx: bucket S<=%d: mode %s, M mlp %d, M lm_head %d", b, p.mode, p.mlp_chunks, p.lm_head_chunks)

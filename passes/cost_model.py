@@ -65,11 +65,9 @@ COEF = {
     "attn_saved_h": 3.0,  # layer input, attention output (and its contiguous copy), residual, norm output
     "attn_saved_qkv": 1.0,  # q, k, v after rotary (× their widths)
     # MLP, not chunked: input + (gate, up) or (up) pre-activations
-    "mlp_saved_h": 1.0,
-    "mlp_saved_i": 2.0,  # × number of up-projections (pre- and post-activation)
-    # plain (GELU) MLP: the up-projection and its activation (GPT-2, measured once the causal mask,
-    # which GPT-2's compiled SDPA path makes too, is counted apart; 3 before, absorbing the mask)
-    "mlp_saved_i_ungated": 2.0,
+    "mlp_saved_h": 2.0,  # the residual entering the MLP's norm and the norm's output
+    "mlp_saved_i": 1.0,  # × number of up-projections: each pre-activation
+    "mlp_saved_down_in": 1.0,  # + the down-projection's input (activation, times the up-projection if gated)
     # transient of one layer's backward (gradients of the widest intermediates)
     "bwd_transient_i": 2.0,  # × number of up-projections, per token of the region
     "bwd_transient_h": 4.0,
@@ -246,8 +244,8 @@ def regions(
         layer_saved = attn.saved + (whole * mlp_full_saved + (1 - whole) * mlp.saved if chunk_mlp else mlp.saved)
         if chunk_mlp and whole:  # a chunk's up-projections are already in the whole recompute: only its gradients are new
             per_chunk = t / m_mlp
-            mlp = replace(mlp, bwd_transient=per_chunk * a * ((1 - whole) * COEF["mlp_saved_i"] + COEF["bwd_transient_i"])
-                          * arch.ups * arch.intermediate)
+            mlp = replace(mlp, bwd_transient=per_chunk * a * ((1 - whole) * mlp_saved_i(arch)
+                                                              + COEF["bwd_transient_i"] * arch.ups) * arch.intermediate)
         ckpt_region = RegionCost(
             "checkpointed layer", arch.layers, f"{h}", t * a * COEF["ckpt_saved_h"] * h, layer_saved,
             sp.Max(attn.bwd_transient, mlp.bwd_transient),
@@ -257,11 +255,19 @@ def regions(
     return [attn, mlp, head]
 
 
+def mlp_saved_i(arch: Arch) -> float:
+    """I-wide tensors an unchunked compiled MLP saves per token: each up-projection's output and the
+    down-projection's input (SwiGLU: gate, up, silu(gate)·up = 3; GELU: pre-activation, GELU = 2)."""
+    return COEF["mlp_saved_i"] * arch.ups + COEF["mlp_saved_down_in"]
+
+
 def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool, m_mlp, m_head):
     """(attention, MLP, unchunked MLP's saved bytes, LM head) of the Inductor-compiled step (:data:`COEF`)."""
     c, a = COEF, prec.act_bytes
     h, i, v, nh = arch.hidden, arch.intermediate, arch.vocab, arch.heads
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    if arch.causal_mask:  # with a mask HF's SDPA path repeats K and V to every query head (repeat_kv)
+        kv = q
     t = B * S
 
     attn_saved = t * a * (c["attn_saved_h"] * h + c["attn_saved_qkv"] * (q + 2 * kv)) + t * nh * FP32
@@ -271,7 +277,7 @@ def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: b
         attn_bwd += B * nh * S * S * a
     attn = RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
 
-    saved_i = c["mlp_saved_i"] * arch.ups if arch.gated else c["mlp_saved_i_ungated"]
+    saved_i = mlp_saved_i(arch)
     mlp_full_saved = t * a * (c["mlp_saved_h"] * h + saved_i * i)
     mlp_full_bwd = t * a * c["bwd_transient_i"] * arch.ups * i
     if chunk_mlp:
@@ -280,7 +286,7 @@ def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: b
             "mlp", arch.layers, f"{h}→{i}→{h}",
             saved=t * a * h * c["mlp_chunked_saved_h"],
             fwd_transient=per_chunk * a * arch.ups * i,
-            bwd_transient=per_chunk * a * (c["mlp_saved_i"] + c["bwd_transient_i"]) * arch.ups * i
+            bwd_transient=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i
             + (t * a * c["mlp_bias_bwd_i"] * i if arch.mlp_bias else 0),
             # each chunk's up-projections and activation run again in backward
             recompute_flops=2 * t * h * i * arch.ups,
@@ -476,14 +482,16 @@ def _roots_le(expr: sp.Expr, budget: float) -> float:
     return max(real)
 
 
-def longest_s(cost: StepCost, budget_bytes: float, batch: int = 1) -> int:
+def longest_s(cost: StepCost, budget_bytes: float, batch: int = 1, margin: float = 0.0) -> int:
     """Longest S (an integer, 0 if none) whose peak fits ``budget_bytes``, by solving each phase.
 
     The peak is ``static + max(phases)``, every phase non-decreasing in S, so the longest S is the
     smallest of the per-phase roots of ``static + phase(S) = budget``.  Symbols M must be substituted
-    first (a number, or a rule such as M = ⌈B·S/h⌉ relaxed to B·S/h).
+    first (a number, or a rule such as M = ⌈B·S/h⌉ relaxed to B·S/h).  ``margin``: the phases (gradients
+    + activations) must fit with that fraction to spare: ``static + phase·(1 + margin) <= budget``.
     """
     static = cost.params + cost.optimizer
+    budget_bytes = float(static) + (budget_bytes - float(static)) / (1 + margin)
     best = math.inf
     for expr in cost.phases.values():
         e = sp.simplify((static + expr).subs(B, batch))

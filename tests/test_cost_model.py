@@ -150,3 +150,23 @@ def test_bottom_layer_phase_bounds_deep_checkpointed_backward():
         vals = {k: cm.evaluate(v, 32768) for k, v in cost.phases.items()}
         assert max(vals, key=vals.get).startswith("bottom layer backward"), (program, vals)
         assert vals["bottom layer backward (attention)"] > vals["top layer backward (attention)"]
+
+
+def test_compiled_gqa_with_a_mask_saves_repeated_keys_and_values():
+    # HF's SDPA path repeats K/V to every query head when it passes a mask (repeat_kv): the compiled
+    # step saves the repeated tensors, so GQA saves as much as MHA there; without a mask it saves less
+    gqa = cm.Arch(**{**REF.__dict__, "kv_heads": 2})
+    for mask, same in ((True, True), (False, False)):
+        a = cm.Arch(**{**gqa.__dict__, "causal_mask": mask})
+        r = cm.Arch(**{**REF.__dict__, "causal_mask": mask})
+        saved = [cm.evaluate(cm.regions(x, cm.Precision(), "standard", 1, 1)[0].saved, 4096) for x in (a, r)]
+        assert (saved[0] == saved[1]) is same, saved
+
+
+def test_compiled_mlp_saves_each_up_projection_and_the_down_input():
+    # SwiGLU: gate, up, silu(gate)·up (3 × I per token); GELU: pre-activation and GELU (2 × I)
+    for gated, n_i in ((True, 3), (False, 2)):
+        arch = cm.Arch(**{**REF.__dict__, "gated": gated})
+        mlp = cm.regions(arch, cm.Precision(), "standard", 1, 1)[1]
+        per_token = cm.evaluate(mlp.saved, 1000) / 1000 / 4
+        assert per_token == pytest.approx(cm.COEF["mlp_saved_h"] * arch.hidden + n_i * arch.intermediate)
