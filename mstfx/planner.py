@@ -11,7 +11,8 @@ that fits, in this order of cost:
    the checkpoint bodies, so a layer's recompute in backward runs its MLP chunk by chunk).
 
 Within a step, each chunked region gets the *fewest* mini-sequences that fit (more chunks, more
-kernel launches and passes over the weights), found by solving ``peak(M) <= budget`` for M with sympy.
+kernel launches and passes over the weights), found by solving ``peak(M) <= budget`` for M with sympy,
+then rounded up to a count that divides the tokens (equal chunks, see :func:`_even_chunks`).
 A budget that even step 4 with the most chunks cannot meet raises :class:`InfeasibleBudgetError`,
 whose message gives the smallest achievable peak and the longest S that fits.
 
@@ -437,6 +438,18 @@ def _fewest_chunks(cost: cm.StepCost, symbol: sp.Symbol, room: float, seq_len: i
     return min(need, cap)
 
 
+def _even_chunks(m: int | None, tokens: int, cap: int) -> int | None:
+    """The smallest M >= m that divides ``tokens`` (equal chunks), if one is within ``cap``; else m.
+
+    Uneven chunks come in two sizes, and Inductor's buffer-reuse pool then keeps the buffers of both
+    alive through the next attention backward (measured: 9 chunk buffers at M = 3 for S = 4096 instead
+    of 6 at M = 4), which the cost model does not count.
+    """
+    if m is None:
+        return None
+    return next((k for k in range(m, cap + 1) if tokens % k == 0), m)
+
+
 def plan(
     model_or_config: Any,
     seq_len: int,
@@ -480,11 +493,11 @@ def plan(
             ck = " + activation checkpointing" if mode.endswith("checkpointing") else ""
             # LM head alone (no recompute), then the MLPs too
             cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD)
-            m_head = _fewest_chunks(cost_head, cm.M_HEAD, room, seq_len, batch, cap)
+            m_head = _even_chunks(_fewest_chunks(cost_head, cm.M_HEAD, room, seq_len, batch, cap), tokens, cap)
             if m_head is not None and (found := candidate(mode, 1, m_head, f"LM head chunked{ck}")):
                 break
-            m_head = _fewest_chunks(cost, cm.M_HEAD, room, seq_len, batch, cap)
-            m_mlp = _fewest_chunks(cost, cm.M_MLP, room, seq_len, batch, cap)
+            m_head = _even_chunks(_fewest_chunks(cost, cm.M_HEAD, room, seq_len, batch, cap), tokens, cap)
+            m_mlp = _even_chunks(_fewest_chunks(cost, cm.M_MLP, room, seq_len, batch, cap), tokens, cap)
             if m_head is not None and m_mlp is not None:
                 if found := candidate(mode, m_mlp, m_head, f"LM head and MLPs chunked{ck}"):
                     break

@@ -24,9 +24,9 @@ What is counted (t = B·S tokens, ``a`` bytes per activation element, fp32 = 4):
 
 Two programs (``PROGRAMS``).  ``compiled``, the step the mst backend runs: per-token coefficients
 (``COEF``) count tensors of the Inductor step in units of the hidden size ``h``, the MLP width ``I``,
-the vocab ``V``; they were fitted on the reference Llama config and a 2-layer GPT-2 (GELU) on CPU
-(fp32), from the profiler's allocation timelines (which tensor is alive at the peak), see
-docs/planning.md.  Two terms are not per token: the compiled HF SDPA path (transformers 5, Llama and
+the vocab ``V``; they were read off the profiler's live sets at the peak (which tensors, how many) of
+the reference Llama config, a 2-layer GPT-2 (GELU) and an 8-layer GQA Llama on CPU (fp32), and
+checked on a tied GQA Qwen2 never used to set them (36 points within 8.7%), see docs/planning.md.  Two terms are not per token: the compiled HF SDPA path (transformers 5, Llama and
 GPT-2 alike) keeps a B×S×S additive causal mask (``Arch.causal_mask``), and a tied, unchunked LM head
 (GPT-2) keeps its fp32 logits buffer and defers its weight gradient to the end of backward.
 ``eager``, the same step run op by op with FlashAttention (what ``mstfx simulate`` runs): no fitted
@@ -87,6 +87,10 @@ COEF = {
     # reduction into one kernel after the last chunk, so each chunk's I-wide gradients (the activation's
     # and the up-projection's) stay alive until then: per token of the region (measured at S = 4096, 8192)
     "mlp_bias_bwd_i": 2.0,
+    # 1: the chunk buffers of a chunked MLP's backward stay in Inductor's reuse pool (alive) through the
+    # attention backward that follows, until the next layer's MLP backward reuses them (measured: 6 of a
+    # SwiGLU chunk's 7 I-wide buffers at M = 4; 9 at M = 3, whose uneven chunks pool two sizes)
+    "mlp_chunk_pool": 1.0,
     # checkpointed layer keeps only its input (and the rotary tables)
     "ckpt_saved_h": 1.0,
     # the additive causal mask (B × S × S, activation dtype) the compiled HF SDPA path materialises
@@ -177,6 +181,9 @@ class RegionCost:
     bwd_transient: sp.Expr
     recompute_flops: sp.Expr = sp.Integer(0)
     chunks: sp.Expr = sp.Integer(1)
+    #: compiled, chunked: the chunk-sized part of ``bwd_transient``, which Inductor keeps in its
+    #: buffer-reuse pool after the region's backward (see ``mlp_chunk_pool``)
+    bwd_pooled: sp.Expr = sp.Integer(0)
 
 
 @dataclass
@@ -288,6 +295,7 @@ def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: b
             fwd_transient=per_chunk * a * arch.ups * i,
             bwd_transient=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i
             + (t * a * c["mlp_bias_bwd_i"] * i if arch.mlp_bias else 0),
+            bwd_pooled=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i * c["mlp_chunk_pool"],
             # each chunk's up-projections and activation run again in backward
             recompute_flops=2 * t * h * i * arch.ups,
             chunks=m_mlp,
@@ -440,7 +448,11 @@ def step_cost(
         tops = {"(attention)": ck.fwd_transient + attn.bwd_transient, "(mlp)": ck.fwd_transient + mlp.bwd_transient}
     else:
         layer_saved = attn.saved + mlp.saved
-        tops = {"(attention)": attn.bwd_transient, "(mlp)": mlp.bwd_transient}
+        # compiled: Inductor's buffer reuse keeps a chunked MLP's freed chunk buffers in its pool until the
+        # next layer's MLP backward allocates the same sizes, so they are alive in the attention backward
+        # between (measured, reference Llama, M = 3 and 4; COEF["mlp_chunk_pool"])
+        pool = mlp.bwd_pooled
+        tops = {"(attention)": attn.bwd_transient + pool, "(mlp)": mlp.bwd_transient}
     layers_saved = arch.layers * layer_saved
     # the causal mask of the attention layers, made once and alive until the first layer's backward
     # (compiled only: eager FlashAttention takes no mask)

@@ -86,17 +86,26 @@ def test_cheapest_plan_order_as_budget_shrinks():
 
 
 def test_fewest_chunks_that_fit():
+    # the fewest *equal* chunks: every smaller M that divides the 4096 tokens does not fit
     std = _peak(mode="standard")
-    p = P.plan(REF_CFG, 4096, 0.8 * std / 1e9, optimizer="none", margin=0)
-    assert p.mode == "mst"
-    if p.lm_head_chunks > 2:  # one chunk fewer on the LM head does not fit
-        fewer = P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mlp_chunks=p.mlp_chunks,
-                               lm_head_chunks=p.lm_head_chunks - 1).peak
-        assert fewer > p.budget_bytes
-    if p.mlp_chunks > 2:
-        fewer = P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mlp_chunks=p.mlp_chunks - 1,
-                               lm_head_chunks=p.lm_head_chunks).peak
-        assert fewer > p.budget_bytes
+    for fraction in (0.8, 0.6, 0.5):
+        p = P.plan(REF_CFG, 4096, fraction * std / 1e9, optimizer="none", margin=0)
+        assert p.mode == "mst" and 4096 % p.lm_head_chunks == 0 and 4096 % p.mlp_chunks == 0
+        for m in range(2, p.lm_head_chunks):
+            if 4096 % m == 0:
+                assert P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mlp_chunks=p.mlp_chunks,
+                                      lm_head_chunks=m).peak > p.budget_bytes
+        for m in range(2, p.mlp_chunks):
+            if 4096 % m == 0:
+                assert P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mlp_chunks=m,
+                                      lm_head_chunks=p.lm_head_chunks).peak > p.budget_bytes
+
+
+def test_uneven_token_counts_keep_the_fewest_chunks():
+    # 4099 tokens is prime: no equal split within the cap, so M stays the solved fewest count
+    p = P.plan(REF_CFG, 4099, 0.6 * _peak(mode="standard") / 1e9, optimizer="none")
+    assert p.mode == "mst" and p.lm_head_chunks > 1
+    assert P._even_chunks(3, 4096, 64) == 4 and P._even_chunks(3, 4099, 64) == 3 and P._even_chunks(5, 4096, 4) == 5
 
 
 def test_plan_needs_checkpointing_when_chunking_alone_is_not_enough():
