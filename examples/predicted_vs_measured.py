@@ -49,6 +49,13 @@ def build(name: str):
         from mstfx.bench import reference_config
 
         return LlamaForCausalLM(reference_config(max(SEQ_LENS)))
+    if name == "llama-bf16":  # the reference config in bf16 (weights, grads, activations; fp32 logits)
+        import torch
+        from transformers import LlamaForCausalLM
+
+        from mstfx.bench import reference_config
+
+        return LlamaForCausalLM(reference_config(max(SEQ_LENS))).to(torch.bfloat16)
     if name == "llama-deep":  # depth check: 8 narrower layers, GQA (predictions only, never fitted on)
         from transformers import LlamaForCausalLM
 
@@ -194,7 +201,8 @@ def plot(cache: dict, models, modes, seq_lens) -> None:
         ax.set_xlabel("sequence length S (batch 1)")
         ax.set_ylabel("peak MB above parameters (grads included)")
         ax.set_title({"llama": "Llama (ref. config, SwiGLU)", "gpt2": "GPT-2 (GELU)",
-                      "llama-deep": "Llama, 8 layers, GQA", "qwen2-tied": "Qwen2, 4 layers, tied (not fitted on)"}.get(name, name))
+                      "llama-deep": "Llama, 8 layers, GQA", "qwen2-tied": "Qwen2, 4 layers, tied (not fitted on)",
+                      "llama-bf16": "Llama (ref. config) in bf16 (not fitted on)"}.get(name, name))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("mstfx cost model: predicted vs measured peak (CPU, fp32, profiler method)")
@@ -205,7 +213,7 @@ def plot(cache: dict, models, modes, seq_lens) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["llama", "gpt2", "llama-deep", "qwen2-tied"])
+    ap.add_argument("--models", nargs="+", default=["llama", "gpt2", "llama-deep", "qwen2-tied", "llama-bf16"])
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--seq-lens", nargs="+", type=int, default=list(SEQ_LENS))
     ap.add_argument("--plot-only", action="store_true")

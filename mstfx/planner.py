@@ -42,7 +42,7 @@ MAX_CHUNKS = 64
 #: The default LM-head rule never makes chunks shorter than this (as ``MstConfig``).
 MIN_HEAD_CHUNK_TOKENS = 256
 #: Headroom a plan keeps on the predicted gradients + activations (the part the cost model estimates;
-#: parameters and optimizer state are exact): the model's error over 36 measured CPU points is at most
+#: parameters and optimizer state are exact): the model's error over 42 measured CPU points is at most
 #: 8.7% (docs/predicted_vs_measured.md), so a plan that fits with 10% to spare fits when measured.
 MARGIN = 0.10
 
@@ -234,6 +234,20 @@ def with_margin(static: float, peak: float, margin: float) -> float:
     return static + (peak - static) * (1 + margin)
 
 
+def precision_of(model_or_config: Any, mixed_precision: str | bool | None) -> str | bool | None:
+    """``mixed_precision`` as given; if None and the model is an nn.Module whose floating parameters are
+    all bf16 or fp16, "bf16" (its weights, gradients and activations are 2-byte: planning it as fp32
+    would double every predicted byte)."""
+    if mixed_precision is not None or not hasattr(model_or_config, "parameters"):
+        return mixed_precision
+    dtypes = {p.dtype for p in model_or_config.parameters() if p.is_floating_point()}
+    import torch
+
+    if dtypes and dtypes <= {torch.bfloat16, torch.float16}:
+        return "bf16"
+    return mixed_precision
+
+
 def predict_peak(
     config: Any,
     seq_len: int,
@@ -256,6 +270,7 @@ def predict_peak(
     seq_len = _check_positive_int("seq_len", seq_len)
     batch = _check_positive_int("batch", batch)
     arch = arch_of(config)
+    mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     chunked, _ = cm.mode_flags(mode)
     d_mlp, d_head = default_chunks(arch, seq_len * batch)
@@ -291,6 +306,7 @@ def longest_seq_len(
     margin = check_margin(margin)
     batch = _check_positive_int("batch", batch)
     arch = arch_of(config)
+    mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     chunked, _ = cm.mode_flags(mode)
     t = cm.B * cm.S
@@ -475,6 +491,7 @@ def plan(
     max_chunks = _check_positive_int("max_chunks", max_chunks)
     if optimizer not in cm.OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {cm.OPTIMIZERS}, got {optimizer!r}")
+    mixed_precision = precision_of(model_or_config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     arch = arch_of(model_or_config)
     tokens = seq_len * batch

@@ -26,7 +26,7 @@ Two programs (``PROGRAMS``).  ``compiled``, the step the mst backend runs: per-t
 (``COEF``) count tensors of the Inductor step in units of the hidden size ``h``, the MLP width ``I``,
 the vocab ``V``; they were read off the profiler's live sets at the peak (which tensors, how many) of
 the reference Llama config, a 2-layer GPT-2 (GELU) and an 8-layer GQA Llama on CPU (fp32), and
-checked on a tied GQA Qwen2 never used to set them (36 points within 8.7%), see docs/planning.md.  Two terms are not per token: the compiled HF SDPA path (transformers 5, Llama and
+checked on a tied GQA Qwen2 never used to set them, and in bf16 (42 points within 8.7%), see docs/planning.md.  Two terms are not per token: the compiled HF SDPA path (transformers 5, Llama and
 GPT-2 alike) keeps a B×S×S additive causal mask (``Arch.causal_mask``), and a tied, unchunked LM head
 (GPT-2) keeps its fp32 logits buffer and defers its weight gradient to the end of backward.
 ``eager``, the same step run op by op with FlashAttention (what ``mstfx simulate`` runs): no fitted
@@ -71,7 +71,9 @@ COEF = {
     # transient of one layer's backward (gradients of the widest intermediates)
     "bwd_transient_i": 2.0,  # × number of up-projections, per token of the region
     "bwd_transient_h": 4.0,
-    # LM head + loss, not chunked (fp32 logits): saved and backward transient, in units of V
+    # LM head + loss, not chunked: saved and backward transient, in units of V × the activation dtype
+    # (HF upcasts the logits to fp32 for the loss, but Inductor fuses the upcast into the loss kernels and
+    # saves the logits as the lm_head made them: measured in bf16, 262 MB = S·V·2 B at S = 4096)
     "head_saved_v": 1.0,
     "head_bwd_v": 0.0,  # Inductor writes dlogits in place of the saved logits
     # LM head + loss chunked: per chunk token, in units of V (the fp32 logits chunk: Inductor fuses
@@ -319,9 +321,9 @@ def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: b
     else:
         head = RegionCost(
             "lm_head", 1, f"{h}→{v}",
-            saved=t * v * FP32 * c["head_saved_v"],
+            saved=t * v * a * c["head_saved_v"],
             fwd_transient=0 * S,  # the loss is reduced from the saved logits, no second copy
-            bwd_transient=t * v * FP32 * c["head_bwd_v"] + t * a * h,
+            bwd_transient=t * v * a * c["head_bwd_v"] + t * a * h,
         )
     return attn, mlp, mlp_full_saved, head
 

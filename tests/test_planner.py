@@ -389,3 +389,15 @@ def test_five_lengths_compile_a_bounded_number_of_times():
     state = model._mstfx_transform
     assert len(state.buckets) == 3  # 512, 1024, 2048
     assert state.compiles <= 2 * len(state.buckets)
+
+
+def test_a_bf16_module_is_planned_in_bf16_unless_told_otherwise():
+    model = tiny_llama().to(torch.bfloat16)
+    inferred = P.predict_peak(model, 1024, mode="mst")
+    assert inferred.peak == pytest.approx(P.predict_peak(model, 1024, mode="mst", mixed_precision="bf16").peak)
+    assert inferred.params == sum(p.numel() for p in model.parameters()) * 2
+    fp32 = P.predict_peak(tiny_llama(), 1024, mode="mst")
+    assert fp32.params == 2 * inferred.params
+    # an explicit choice wins (bf16 weights with fp32 master copies)
+    assert P.predict_peak(model, 1024, mode="mst", mixed_precision="amp", optimizer="adamw").optimizer > 0
+    assert P.plan(model, 1024, 10).breakdown.params == inferred.params
