@@ -202,10 +202,10 @@ def plot(cache: dict, models, modes, seq_lens) -> None:
         ax.set_ylabel("peak MB above parameters (grads included)")
         ax.set_title({"llama": "Llama (ref. config, SwiGLU)", "gpt2": "GPT-2 (GELU)",
                       "llama-deep": "Llama, 8 layers, GQA", "qwen2-tied": "Qwen2, 4 layers, tied (not fitted on)",
-                      "llama-bf16": "Llama (ref. config) in bf16 (not fitted on)"}.get(name, name))
+                      "llama-bf16": "Llama (ref. config) in bf16"}.get(name, name))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("mstfx cost model: predicted vs measured peak (CPU, fp32, profiler method)")
+    fig.suptitle("mstfx cost model: predicted vs measured peak (CPU, profiler method)")
     fig.tight_layout()
     fig.savefig(PNG, dpi=120)
     print(f"wrote {PNG}")
