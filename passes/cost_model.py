@@ -313,7 +313,9 @@ def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: b
             saved=t * a * h + v * h * FP32,
             # (the V×h fp32 weight-gradient buffer made when the accumulator is finished is its own
             # phase in step_cost: phases stay free of Max so sympy can solve them)
-            fwd_transient=per_chunk * v * FP32 * c["head_chunk_v"] + t * a * h,
+            # in bf16/fp16 the chunk's logits gradient (activation dtype) is upcast to fp32 for the fp32
+            # accumulator, and both exist for that matmul (measured in bf16: V×chunk×2 + V×chunk×4)
+            fwd_transient=per_chunk * v * (FP32 * c["head_chunk_v"] + (a if a < FP32 else 0)) + t * a * h,
             # backward scales the accumulator into the weight gradient (counted with the grads)
             bwd_transient=t * a * h,
             chunks=m_head,

@@ -345,15 +345,10 @@ def _measured_peak(model, ids) -> int:
     return peak_bytes(step)[0]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fraction", [1.2, 0.8, 0.6, 0.5, "minimum"])
-def test_budget_sweep_measured_peak_within_budget(fraction):
-    """Whenever transform accepts a budget, params + measured peak stay within it (reference config, S=4096).
-
-    Each case uses the *tightest* budget its plan accepts (the plan's own peak with the default margin),
-    so no slack of the sweep hides an under-prediction.
-    """
-    model = _reference_llama()
+def _tight_budget_case(fraction, dtype=torch.float32):
+    """Transform with the *tightest* budget the plan for ``fraction`` × the standard prediction accepts
+    (its own peak with the default margin), so no slack hides an under-prediction; measure one step."""
+    model = _reference_llama().to(dtype)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     std = P.predict_peak(model, 4096, mode="standard", optimizer="none").peak
     if fraction == "minimum":  # the smallest budget any plan accepts: the infeasible error's own number
@@ -365,9 +360,23 @@ def test_budget_sweep_measured_peak_within_budget(fraction):
     plan = model._mstfx_transform.plan
     ids = torch.randint(0, 32000, (1, 4096), generator=torch.Generator().manual_seed(0))
     peak = _measured_peak(model, ids) + params
-    print(f"fraction {fraction}: plan {plan.mode} M={plan.mlp_chunks}/{plan.lm_head_chunks}, budget "
+    print(f"{dtype} fraction {fraction:.3g}: plan {plan.mode} M={plan.mlp_chunks}/{plan.lm_head_chunks}, budget "
           f"{tight * 1e3:.0f} MB, predicted {plan.predicted_peak / 1e6:.0f} MB, measured {peak / 1e6:.0f} MB")
     assert peak <= tight * 1e9, (plan.mode, peak, tight)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fraction", [1.2, 0.8, 0.6, 0.5, "minimum"])
+def test_budget_sweep_measured_peak_within_budget(fraction):
+    """Whenever transform accepts a budget, params + measured peak stay within it (reference config, S=4096)."""
+    _tight_budget_case(fraction)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fraction", [0.7, "minimum"])
+def test_budget_sweep_bf16_model(fraction):
+    """The same for the reference model in bf16 (planned as bf16 because its parameters are)."""
+    _tight_budget_case(fraction, torch.bfloat16)
 
 
 @pytest.mark.slow
