@@ -26,6 +26,19 @@ log = logging.getLogger("mstfx")
 #: partitioner's order already places each chunk's recompute just before its gradient).
 INDUCTOR_CONFIG_PATCHES = {"reorder_for_peak_memory": False}
 
+
+def inductor_config_patches() -> dict:
+    """:data:`INDUCTOR_CONFIG_PATCHES` plus the post-grad pass that keeps each chunk's bias-gradient
+    reduction with its chunk (``passes/bias_grad_order.py``), chained before any pass the user set."""
+    import torch._inductor.config as inductor_config
+
+    from mstfx.passes.bias_grad_order import BiasGradOrderPass
+
+    user = inductor_config.post_grad_custom_post_pass
+    if isinstance(user, BiasGradOrderPass):
+        user = user.then
+    return {**INDUCTOR_CONFIG_PATCHES, "post_grad_custom_post_pass": BiasGradOrderPass(then=user)}
+
 #: Reports of every graph compiled by any mst backend in this process, newest last.
 REPORTS: list = []
 _graph_ids = itertools.count()
@@ -50,7 +63,7 @@ class MstBackend:
             from torch._inductor.compile_fx import compile_fx
 
             # (compile_fx applies the patches to the backward too, which AOT compiles lazily)
-            return functools.partial(compile_fx, config_patches=dict(INDUCTOR_CONFIG_PATCHES))
+            return functools.partial(compile_fx, config_patches=inductor_config_patches())
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend(self.config.compiler)
