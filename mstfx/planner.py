@@ -174,7 +174,7 @@ def arch_of(source: Any) -> cm.Arch:
         kv_heads=int(get("num_key_value_heads", default=heads)), head_dim=int(get("head_dim", default=h // heads)),
         vocab=int(vocab), gated=gated, tied=bool(get("tie_word_embeddings", default=mtype == "gpt2")),
         params=params, eager_attention=attn_impl == "eager", norm=_norm_kind(mtype), sandwich_norms=mtype in _SANDWICH,
-        logit_softcap=bool(get("final_logit_softcapping")), mlp_bias=bool(get("mlp_bias", default=mtype in _UNGATED)),
+        logit_softcap=bool(get("final_logit_softcapping")),
         name=str(get("_name_or_path", default=mtype) or mtype),
     )
 

@@ -20,7 +20,7 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 aten = torch.ops.aten
 
@@ -99,7 +99,10 @@ class BiasGradOrderPass(CustomGraphPass):
             self.then(graph)
 
     def uuid(self):
+        # Inductor's FX graph cache keys on this: the hash of this file, so an edited pass never reuses
+        # code compiled by an older one
+        own = get_hash_for_files((__file__,))
         if self.then is None:
-            return "mstfx.bias_grad_order.v1"
+            return own
         inner = self.then.uuid() if hasattr(self.then, "uuid") else None
-        return None if inner is None else ("mstfx.bias_grad_order.v1", inner)  # None: not cacheable
+        return None if inner is None else (own, inner)  # None: the user's pass is not cacheable

@@ -85,10 +85,6 @@ COEF = {
     # 1 if the chunked LM head's fp32 weight-gradient accumulator outlives the head's backward
     # (measured 0: it is finished into the weight gradient in forward, see step_cost)
     "acc_alive": 0.0,
-    # chunked MLP whose up-projection has a bias (GPT-2): Inductor fuses every chunk's bias-gradient
-    # reduction into one kernel after the last chunk, so each chunk's I-wide gradients (the activation's
-    # and the up-projection's) stay alive until then: per token of the region (measured at S = 4096, 8192)
-    "mlp_bias_bwd_i": 2.0,
     # 1: the chunk buffers of a chunked MLP's backward stay in Inductor's reuse pool (alive) through the
     # attention backward that follows, until the next layer's MLP backward reuses them (measured: 6 of a
     # SwiGLU chunk's 7 I-wide buffers at M = 4; 9 at M = 3, whose uneven chunks pool two sizes)
@@ -128,7 +124,6 @@ class Arch:
     norm: str = "rms"
     sandwich_norms: bool = False  # a norm on each branch output too (Gemma 2/3: four norms per layer)
     logit_softcap: bool = False  # tanh soft-capping of the logits (Gemma 2)
-    mlp_bias: bool = False  # the MLP's linears have biases (GPT-2, GPT-NeoX, Phi)
     name: str = ""
 
     @property
@@ -295,8 +290,7 @@ def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: b
             "mlp", arch.layers, f"{h}→{i}→{h}",
             saved=t * a * h * c["mlp_chunked_saved_h"],
             fwd_transient=per_chunk * a * arch.ups * i,
-            bwd_transient=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i
-            + (t * a * c["mlp_bias_bwd_i"] * i if arch.mlp_bias else 0),
+            bwd_transient=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i,
             bwd_pooled=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i * c["mlp_chunk_pool"],
             # each chunk's up-projections and activation run again in backward
             recompute_flops=2 * t * h * i * arch.ups,
