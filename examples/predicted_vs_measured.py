@@ -9,15 +9,15 @@ fwd+bwd, gradients set to ``None`` beforehand so they count), the peak of the co
     mst+checkpointing   the mst backend and HF gradient checkpointing (non-reentrant)
 
 on the reference Llama config and on a GELU model (GPT-2 from a small config), for S in
-{1024, 2048, 4096, 8192}, and (``--models llama-deep``) on an 8-layer GQA Llama the coefficients were
-never fitted on.  It compares each with :func:`mstfx.planner.predict_peak` (gradients +
+{1024, 2048, 4096, 8192}, and on an 8-layer GQA Llama, a tied GQA Qwen2 (a hold-out) and the reference
+model in bf16 (``llama-deep``, ``qwen2-tied``, ``llama-bf16``).  It compares each with :func:`mstfx.planner.predict_peak` (gradients +
 activations, the part the profiler sees), prints a table, and draws ``docs/predicted_vs_measured.png``.
 
 Measurements are cached in ``docs/predicted_vs_measured.json`` (one key per model/mode/S), so an
 interrupted run resumes and ``--plot-only`` redraws without measuring.  Slow on 2 CPU cores:
 
     nice -n 10 python examples/predicted_vs_measured.py                 # everything missing
-    python examples/predicted_vs_measured.py --plot-only --models llama gpt2 llama-deep   # from the cache
+    python examples/predicted_vs_measured.py --plot-only                # table + PNG from the cache
     nice -n 10 python examples/predicted_vs_measured.py --models llama --modes mst --seq-lens 1024
 """
 
@@ -49,13 +49,10 @@ def build(name: str):
         from mstfx.bench import reference_config
 
         return LlamaForCausalLM(reference_config(max(SEQ_LENS)))
-    if name == "llama-bf16":  # the reference config in bf16 (weights, grads, activations; fp32 logits)
+    if name == "llama-bf16":  # the reference model in bf16 (weights, grads, activations)
         import torch
-        from transformers import LlamaForCausalLM
 
-        from mstfx.bench import reference_config
-
-        return LlamaForCausalLM(reference_config(max(SEQ_LENS))).to(torch.bfloat16)
+        return build("llama").to(torch.bfloat16)
     if name == "llama-deep":  # depth check: 8 narrower layers, GQA (predictions only, never fitted on)
         from transformers import LlamaForCausalLM
 

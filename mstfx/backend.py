@@ -9,6 +9,7 @@ reported: an unsupported region is never miscompiled.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from typing import Any
@@ -58,8 +59,6 @@ class MstBackend:
 
     def _compiler(self):
         if self.config.compiler == "inductor":
-            import functools
-
             from torch._inductor.compile_fx import compile_fx
 
             # (compile_fx applies the patches to the backward too, which AOT compiles lazily)

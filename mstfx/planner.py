@@ -229,9 +229,7 @@ def check_margin(margin: Any) -> float:
     return float(margin)
 
 
-def with_margin(static: float, peak: float, margin: float) -> float:
-    """The peak a plan must fit: parameters + optimizer state exact, the rest grown by ``margin``."""
-    return static + (peak - static) * (1 + margin)
+with_margin = cm.with_margin
 
 
 def precision_of(model_or_config: Any, mixed_precision: str | bool | None) -> str | bool | None:
@@ -434,7 +432,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _fewest_chunks(cost: cm.StepCost, symbol: sp.Symbol, room: float, seq_len: int, batch: int, cap: int) -> int | None:
-    """Smallest integer M in [2, cap] with every phase that depends on M within ``room`` (None if none).
+    """Smallest integer M in [2, cap] with every phase that depends on M within ``room`` (None if none),
+    rounded up to equal chunks (:func:`_even_chunks`).
 
     Each such phase is a(S) + k(S)/M; at a given S, solving ``phase = room`` for M gives the bound.
     """
@@ -451,18 +450,16 @@ def _fewest_chunks(cost: cm.StepCost, symbol: sp.Symbol, room: float, seq_len: i
             continue
         roots = [complex(r).real for r in sp.solve(sp.Eq(e, room), symbol) if abs(complex(r).imag) < 1e-9]
         need = max(need, math.ceil(max(roots) - 1e-9))
-    return min(need, cap)
+    return _even_chunks(min(need, cap), seq_len * batch, cap)
 
 
-def _even_chunks(m: int | None, tokens: int, cap: int) -> int | None:
+def _even_chunks(m: int, tokens: int, cap: int) -> int:
     """The smallest M >= m that divides ``tokens`` (equal chunks), if one is within ``cap``; else m.
 
     Uneven chunks come in two sizes, and Inductor's buffer-reuse pool then keeps the buffers of both
     alive through the next attention backward (measured: 9 chunk buffers at M = 3 for S = 4096 instead
     of 6 at M = 4), which the cost model does not count.
     """
-    if m is None:
-        return None
     return next((k for k in range(m, cap + 1) if tokens % k == 0), m)
 
 
@@ -506,15 +503,15 @@ def plan(
     if found is None:
         for mode, _ in steps:
             cost = cm.step_cost(arch, mode, optimizer, prec, cm.M_MLP, cm.M_HEAD)
-            room = (budget - float(cost.params + cost.optimizer)) / (1 + margin)
+            room = cm.margin_room(float(cost.params + cost.optimizer), budget, margin)
             ck = " + activation checkpointing" if mode.endswith("checkpointing") else ""
             # LM head alone (no recompute), then the MLPs too
             cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD)
-            m_head = _even_chunks(_fewest_chunks(cost_head, cm.M_HEAD, room, seq_len, batch, cap), tokens, cap)
+            m_head = _fewest_chunks(cost_head, cm.M_HEAD, room, seq_len, batch, cap)
             if m_head is not None and (found := candidate(mode, 1, m_head, f"LM head chunked{ck}")):
                 break
-            m_head = _even_chunks(_fewest_chunks(cost, cm.M_HEAD, room, seq_len, batch, cap), tokens, cap)
-            m_mlp = _even_chunks(_fewest_chunks(cost, cm.M_MLP, room, seq_len, batch, cap), tokens, cap)
+            m_head = _fewest_chunks(cost, cm.M_HEAD, room, seq_len, batch, cap)
+            m_mlp = _fewest_chunks(cost, cm.M_MLP, room, seq_len, batch, cap)
             if m_head is not None and m_mlp is not None:
                 if found := candidate(mode, m_mlp, m_head, f"LM head and MLPs chunked{ck}"):
                     break

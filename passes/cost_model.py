@@ -25,10 +25,11 @@ What is counted (t = B·S tokens, ``a`` bytes per activation element, fp32 = 4):
 Two programs (``PROGRAMS``).  ``compiled``, the step the mst backend runs: per-token coefficients
 (``COEF``) count tensors of the Inductor step in units of the hidden size ``h``, the MLP width ``I``,
 the vocab ``V``; they were read off the profiler's live sets at the peak (which tensors, how many) of
-the reference Llama config, a 2-layer GPT-2 (GELU) and an 8-layer GQA Llama on CPU (fp32), and
-checked on a tied GQA Qwen2 never used to set them, and in bf16 (42 points within 8.7%), see docs/planning.md.  Two terms are not per token: the compiled HF SDPA path (transformers 5, Llama and
-GPT-2 alike) keeps a B×S×S additive causal mask (``Arch.causal_mask``), and a tied, unchunked LM head
-(GPT-2) keeps its fp32 logits buffer and defers its weight gradient to the end of backward.
+the reference Llama config (fp32 and bf16), a 2-layer GPT-2 (GELU) and an 8-layer GQA Llama on CPU,
+and checked on a tied GQA Qwen2 never used to set them (42 points within 8.7%), see docs/planning.md.
+Two terms are not per token: the compiled HF SDPA path (transformers 5, Llama and GPT-2 alike) keeps
+a B×S×S additive causal mask (``Arch.causal_mask``), and a tied, unchunked LM head (GPT-2) keeps its
+logits buffer and defers its weight gradient to the end of backward.
 ``eager``, the same step run op by op with FlashAttention (what ``mstfx simulate`` runs): no fitted
 number, each op's saved tensors by autograd's rules (:func:`eager_regions`).  Modes:
 
@@ -178,9 +179,6 @@ class RegionCost:
     bwd_transient: sp.Expr
     recompute_flops: sp.Expr = sp.Integer(0)
     chunks: sp.Expr = sp.Integer(1)
-    #: compiled, chunked: the chunk-sized part of ``bwd_transient``, which Inductor keeps in its
-    #: buffer-reuse pool after the region's backward (see ``mlp_chunk_pool``)
-    bwd_pooled: sp.Expr = sp.Integer(0)
 
 
 @dataclass
@@ -291,7 +289,6 @@ def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: b
             saved=t * a * h * c["mlp_chunked_saved_h"],
             fwd_transient=per_chunk * a * arch.ups * i,
             bwd_transient=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i,
-            bwd_pooled=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i * c["mlp_chunk_pool"],
             # each chunk's up-projections and activation run again in backward
             recompute_flops=2 * t * h * i * arch.ups,
             chunks=m_mlp,
@@ -449,7 +446,7 @@ def step_cost(
         # compiled: Inductor's buffer reuse keeps a chunked MLP's freed chunk buffers in its pool until the
         # next layer's MLP backward allocates the same sizes, so they are alive in the attention backward
         # between (measured, reference Llama, M = 3 and 4; COEF["mlp_chunk_pool"])
-        pool = mlp.bwd_pooled
+        pool = mlp.bwd_transient * COEF["mlp_chunk_pool"] if compiled and mlp.chunks != 1 else 0
         tops = {"(attention)": attn.bwd_transient + pool, "(mlp)": mlp.bwd_transient}
     layers_saved = arch.layers * layer_saved
     # the causal mask of the attention layers, made once and alive until the first layer's backward
@@ -492,6 +489,18 @@ def _roots_le(expr: sp.Expr, budget: float) -> float:
     return max(real)
 
 
+def with_margin(static: float, peak: float, margin: float) -> float:
+    """The peak a plan must fit: ``static`` (parameters + optimizer state) exact, the rest of ``peak``
+    (gradients + activations, what the model estimates) grown by ``margin``."""
+    return static + (peak - static) * (1 + margin)
+
+
+def margin_room(static: float, budget: float, margin: float) -> float:
+    """Bytes left for gradients + activations under ``budget`` with ``margin`` kept (inverse of
+    :func:`with_margin`)."""
+    return (budget - static) / (1 + margin)
+
+
 def longest_s(cost: StepCost, budget_bytes: float, batch: int = 1, margin: float = 0.0) -> int:
     """Longest S (an integer, 0 if none) whose peak fits ``budget_bytes``, by solving each phase.
 
@@ -501,7 +510,7 @@ def longest_s(cost: StepCost, budget_bytes: float, batch: int = 1, margin: float
     + activations) must fit with that fraction to spare: ``static + phase·(1 + margin) <= budget``.
     """
     static = cost.params + cost.optimizer
-    budget_bytes = float(static) + (budget_bytes - float(static)) / (1 + margin)
+    budget_bytes = float(static) + margin_room(float(static), budget_bytes, margin)
     best = math.inf
     for expr in cost.phases.values():
         e = sp.simplify((static + expr).subs(B, batch))
