@@ -10,7 +10,7 @@ fwd+bwd, gradients set to ``None`` beforehand so they count), the peak of the co
 
 on the reference Llama config and on a GELU model (GPT-2 from a small config), for S in
 {1024, 2048, 4096, 8192}, and on an 8-layer GQA Llama, a tied GQA Qwen2 (a hold-out) and the reference
-model in bf16 (``llama-deep``, ``qwen2-tied``, ``llama-bf16``).  It compares each with :func:`mstfx.planner.predict_peak` (gradients +
+model in bf16 (``llama-deep``, ``qwen2-tied``, ``llama-bf16``).  It compares each with :func:`mstfx.planning.planner.predict_peak` (gradients +
 activations, the part the profiler sees), prints a table, and draws ``docs/predicted_vs_measured.png``.
 
 Measurements are cached in ``docs/predicted_vs_measured.json`` (one key per model/mode/S), so an
@@ -46,7 +46,7 @@ def build(name: str):
     if name == "llama":
         from transformers import LlamaForCausalLM
 
-        from mstfx.bench import reference_config
+        from mstfx.tools.bench import reference_config
 
         return LlamaForCausalLM(reference_config(max(SEQ_LENS)))
     if name == "llama-bf16":  # the reference model in bf16 (weights, grads, activations)
@@ -56,7 +56,7 @@ def build(name: str):
     if name == "llama-deep":  # depth check: 8 narrower layers, GQA (predictions only, never fitted on)
         from transformers import LlamaForCausalLM
 
-        from mstfx.bench import reference_config
+        from mstfx.tools.bench import reference_config
 
         cfg = reference_config(max(SEQ_LENS))
         cfg.update(dict(hidden_size=256, intermediate_size=896, num_hidden_layers=8, num_attention_heads=4,
@@ -86,7 +86,7 @@ def build(name: str):
 
 def profile_peak(step) -> int:
     """Peak bytes above what is live when ``step()`` starts (profiler method, shared notes §1)."""
-    from mstfx.measure import peak_bytes
+    from mstfx.tools.measure import peak_bytes
 
     return peak_bytes(step)[0]
 
@@ -125,7 +125,7 @@ def measure(name: str, mode: str, seq_len: int) -> int:
 
 def predict(name: str, mode: str, seq_len: int) -> float:
     """Predicted peak (bytes) of the part the profiler sees: gradients + activations."""
-    from mstfx.planner import predict_peak
+    from mstfx.planning.planner import predict_peak
 
     b = predict_peak(built(name), seq_len, batch=1, mode=mode, optimizer="none")
     return b.grads + b.activations

@@ -17,8 +17,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 import mstfx
-from mstfx.bench import reference_config
-from mstfx.measure import peak_bytes
+from mstfx.tools.bench import reference_config
+from mstfx.tools.measure import peak_bytes
 
 
 def train(model, backend, ids_batches, measure_step: int = 1):

@@ -10,12 +10,12 @@ from .backend import MstBackend, backend
 from .config import MstConfig
 from .explain import explain
 from .wrappers import drop_logits
-from .passes.chunked_ops import chunked_logprobs, linear_cross_entropy
+from .chunked_ops import chunked_logprobs, linear_cross_entropy
 
 __all__ = ["MstBackend", "MstConfig", "backend", "drop_logits", "explain", "linear_cross_entropy", "chunked_logprobs"]
 __version__ = "0.1.0"
 
-from .planner import InfeasibleBudgetError, Plan, plan  # noqa: E402
+from .planning.planner import InfeasibleBudgetError, Plan, plan  # noqa: E402
 from .transform import transform, untransform  # noqa: E402
 
 __all__ += ["InfeasibleBudgetError", "Plan", "plan", "transform", "untransform"]

@@ -33,7 +33,7 @@ def inductor_config_patches() -> dict:
     reduction with its chunk (``passes/bias_grad_order.py``), chained before any pass the user set."""
     import torch._inductor.config as inductor_config
 
-    from mstfx.passes.bias_grad_order import BiasGradOrderPass
+    from mstfx.post_grad.bias_grad_order import BiasGradOrderPass
 
     user = inductor_config.post_grad_custom_post_pass
     if isinstance(user, BiasGradOrderPass):

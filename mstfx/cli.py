@@ -10,9 +10,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "bench": ("mstfx.bench", "peak memory and step time: eager, checkpointing, Inductor, auto_chunker, mst"),
-    "plan": ("mstfx.planner", "what mst would chunk for a model, sequence length and memory budget"),
-    "simulate": ("mstfx.simulate", "longest sequence that trains on a GPU of a given size (FakeTensor, no GPU)"),
+    "bench": ("mstfx.tools.bench", "peak memory and step time: eager, checkpointing, Inductor, auto_chunker, mst"),
+    "plan": ("mstfx.planning.planner", "what mst would chunk for a model, sequence length and memory budget"),
+    "simulate": ("mstfx.tools.simulate", "longest sequence that trains on a GPU of a given size (FakeTensor, no GPU)"),
 }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .planner import MARGIN, InfeasibleBudgetError, Plan, check_budget, check_margin, plan
+from .planning.planner import MARGIN, InfeasibleBudgetError, Plan, check_budget, check_margin, plan
 from .wrappers import without_logits
 
 log = logging.getLogger("mstfx")

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 import mstfx
-from mstfx.passes import bias_grad_order as bgo
+from mstfx.post_grad import bias_grad_order as bgo
 
 from conftest import assert_same, loss_and_grads, tiny_gpt2
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 
-from mstfx.passes import chunked_ops
+from mstfx import chunked_ops
 
 
 def _reference(h, w, b, t, ignore_index, reduction, transforms):

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from mstfx import bench, cli
+from mstfx import cli
+from mstfx.tools import bench
 
 
 def test_help_lists_commands(capsys):

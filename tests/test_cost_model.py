@@ -7,7 +7,7 @@ import math
 import pytest
 import sympy as sp
 
-from mstfx.passes import cost_model as cm
+from mstfx.planning import cost_model as cm
 
 REF = cm.Arch(hidden=512, intermediate=1792, layers=2, heads=8, kv_heads=8, head_dim=64, vocab=32000)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import mstfx
-from mstfx import planner as P
-from mstfx.passes import cost_model as cm
+from mstfx.planning import planner as P
+from mstfx.planning import cost_model as cm
 from mstfx.transform import bucket_of, transform, untransform
 
 from conftest import tiny_llama
@@ -326,7 +326,7 @@ def test_transform_enables_checkpointing_when_the_plan_needs_it():
 def _reference_llama():
     from transformers import LlamaForCausalLM
 
-    from mstfx.bench import reference_config
+    from mstfx.tools.bench import reference_config
 
     torch.manual_seed(0)
     return LlamaForCausalLM(reference_config(4096)).train()
@@ -334,7 +334,7 @@ def _reference_llama():
 
 def _measured_peak(model, ids) -> int:
     """Profiler method (shared notes §1): bytes above what is live at the start, grads None beforehand."""
-    from mstfx.measure import peak_bytes
+    from mstfx.tools.measure import peak_bytes
 
     def step():
         model(input_ids=ids, labels=ids).loss.backward()

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from . import model_configs
+from .. import model_configs
 
 GiB = 1 << 30
 
@@ -642,7 +642,7 @@ def _interpolated_max(all_runs: dict[int, dict[str, Breakdown]], optimizer: str,
 
 # --------------------------------------------------------------------------------------------- cost model
 
-#: our mode names -> the cost model's (``mstfx.planner.predict_peak``)
+#: our mode names -> the cost model's (``mstfx.planning.planner.predict_peak``)
 COST_MODEL_MODES = {"standard": "standard", "ckpt": "checkpointing", "mst": "mst", "mst+ckpt": "mst+checkpointing"}
 
 
@@ -651,7 +651,7 @@ def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> li
 
     ``rel`` = (predicted − simulated) / simulated; issue 5 asks for |rel| ≤ 0.10.
     """
-    from mstfx.planner import arch_of, predict_peak
+    from mstfx.planning.planner import arch_of, predict_peak
 
     # the simulation runs FlashAttention whatever the config asks for (no S × S scores)
     arch = replace(arch_of(config), eager_attention=False)

@@ -183,3 +183,113 @@ def is_last_dim_getitem(node: fx.Node) -> bool:
 
 def users_outside(node: fx.Node, region: set[fx.Node]) -> list[fx.Node]:
     return [u for u in node.users if u not in region]
+
+
+# --------------------------------------------------------------------------------------------------
+# Side effects: nodes that no pass may remove, move past, or copy
+# --------------------------------------------------------------------------------------------------
+_INPLACE_OPERATORS = {
+    operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+    operator.ixor, operator.ilshift, operator.irshift,
+}
+#: Modules whose functions change interpreter state (vmap/jvp nesting, dual levels, batch dims):
+#: Dynamo records them as nodes whose return value is often unused (HF 4.57 builds masks with vmap).
+_STATEFUL_MODULES = ("torch._C._functorch", "torch._functorch")
+#: Name fragments of state-changing functions that fx's own purity table does not list.
+_STATEFUL_NAME_PARTS = ("_set_", "_enter_", "_exit_", "increment_nesting", "decrement_nesting", "_batch_dim")
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_flag_index(target: Any) -> int | None:
+    """Position of an ``inplace`` parameter of a Python function (``F.relu(x, inplace)``), if any."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """True when ``node`` writes to memory or state that other nodes can observe.
+
+    Conservative on purpose: in-place methods (``copy_``, ``scatter_``, ``x += y``), ``out=`` and
+    ``inplace=True`` variants, mutable-schema and effectful ops (fx's own :meth:`fx.Node.is_impure`),
+    random ops, grad-mode / autocast / vmap context nodes and anything called through a module.  Such a
+    node is never removed, moved past, or copied by an mstfx pass, even when its result is unused:
+    its effect is what matters.
+    """
+    if node.op in ("placeholder", "output", "get_attr"):
+        return False
+    if node.op == "call_module":
+        return True  # opaque: we cannot see what it does
+    target = node.target
+    if node.op == "call_method":
+        name = str(target)
+        return (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__delitem__") or (
+            name.startswith("__i") and name.endswith("__") and name not in ("__index__", "__int__", "__invert__")
+        )
+    if node.op != "call_function":
+        return True
+    if node.kwargs.get("out") is not None or node.kwargs.get("inplace") is True:
+        return True
+    if target in _INPLACE_OPERATORS or node.is_impure():
+        return True
+    name = getattr(target, "__name__", "") or ""
+    module = getattr(target, "__module__", "") or ""
+    if module.startswith(_STATEFUL_MODULES) or any(part in name for part in _STATEFUL_NAME_PARTS):
+        return True
+    if name.endswith("_") and not name.endswith("__") and (module.startswith("torch") or target in vars(torch).values()):
+        return True  # torch.relu_, torch.nn.init.normal_, ...
+    index = _inplace_flag_index(target) if callable(target) and module.startswith("torch") else None
+    return index is not None and len(node.args) > index and node.args[index] is True
+
+
+def side_effect_between(first: fx.Node, last: fx.Node, ignore: set[fx.Node] = frozenset()) -> fx.Node | None:
+    """The first side-effecting node strictly between ``first`` and ``last`` in graph order (or ``None``).
+
+    A rewrite that inserts a region's computation at ``last`` moves it past every node in between; if
+    one of them mutates memory the region reads, the moved computation would read the new value.
+    """
+    node = first.next
+    while node is not last and node.op != "root":
+        if node not in ignore and has_side_effects(node):
+            return node
+        node = node.next
+    return None
+
+
+def check_no_side_effects(nodes: list[fx.Node], sink: fx.Node) -> None:
+    """Raise :class:`CantChunk` if a region ``nodes`` (graph order, ending at ``sink``) contains or
+    crosses a side-effecting node; the region is then left unchanged and reported."""
+    for node in nodes:
+        if has_side_effects(node):
+            raise CantChunk(f"{node.name} ({getattr(node.target, '__name__', node.target)}) has side effects (in-place or stateful)")
+    first = nodes[0] if nodes else sink
+    crossed = side_effect_between(first, sink, set(nodes))
+    if crossed is not None:
+        raise CantChunk(
+            f"{crossed.name} ({getattr(crossed.target, '__name__', crossed.target)}) has side effects and lies "
+            "inside the region: the rewrite would move the region's reads past it"
+        )
+
+
+def erase_if_dead(graph: fx.Graph, roots: list[fx.Node]) -> int:
+    """Erase the nodes among ``roots`` (and, transitively, their inputs) that have no users and no side
+    effects; returns how many.  Unlike ``graph.eliminate_dead_code()`` it touches only what a rewrite
+    made dead, and never a node whose effect matters more than its (unused) result."""
+    erased = 0
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node.graph is not graph or node.users or node.op not in ("call_function", "call_method"):
+            continue
+        if has_side_effects(node):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erased += 1
+        stack.extend(inputs)
+    return erased

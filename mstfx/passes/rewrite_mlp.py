@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from . import chunked_ops
+from .. import chunked_ops
 from .common import is_view, mst_meta, split_dim, tensor_of
 from .find_mlp import MlpRegion
 

@@ -2,16 +2,18 @@
 
 The loss node is replaced by :func:`chunked_ops.linear_cross_entropy` on the flattened hidden states,
 the head weight (and bias) and the flattened targets.  The old logits chain becomes dead and is
-removed by dead-code elimination, unless the logits escape the graph, in which case it stays for
-that user only.
+removed, unless the logits escape the graph, in which case it stays for that user only.  Only the
+nodes that this rewrite made dead are removed (``erase_if_dead``), never a side-effecting node:
+a whole-graph ``eliminate_dead_code()`` would delete in-place writes and vmap/autocast context
+nodes whose results are unused but whose effects are not.
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
 
-from . import chunked_ops
-from .common import mst_meta
+from .. import chunked_ops
+from .common import erase_if_dead, mst_meta
 from .find_lm_head import LmHeadRegion
 
 
@@ -33,6 +35,7 @@ def rewrite_lm_head(graph: fx.Graph, region: LmHeadRegion, chunks: int) -> fx.No
     loss.meta.update({k: v for k, v in ce.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     mst_meta(loss).update(region=region.name, chunks=chunks)
     ce.replace_all_uses_with(loss)
+    old_inputs = ce.all_input_nodes
     graph.erase_node(ce)
-    graph.eliminate_dead_code()
+    erase_if_dead(graph, old_inputs)  # the logits chain, unless the logits escape (never a side effect)
     return loss

@@ -1,6 +1,6 @@
 """Plan: what mst must chunk (and whether to checkpoint) so a training step fits a memory budget.
 
-The planner asks the symbolic cost model (``mstfx.passes.cost_model``) and picks the *cheapest* plan
+The planner asks the symbolic cost model (``mstfx.planning.cost_model``) and picks the *cheapest* plan
 that fits, in this order of cost:
 
 1. nothing (plain compile),
@@ -33,8 +33,8 @@ from typing import Any
 
 import sympy as sp
 
-from . import model_configs
-from .passes import cost_model as cm
+from .. import model_configs
+from . import cost_model as cm
 
 GB = 1e9
 #: The most mini-sequences a plan gives one region: the rewrite unrolls M copies into the graph.
@@ -147,7 +147,7 @@ def _config_dict(source: Any) -> tuple[dict, int | None]:
 
 
 def arch_of(source: Any) -> cm.Arch:
-    """:class:`~mstfx.passes.cost_model.Arch` of a model, HF config, config dict, config path or name."""
+    """:class:`~mstfx.planning.cost_model.Arch` of a model, HF config, config dict, config path or name."""
     if isinstance(source, cm.Arch):
         return source
     d, params = _config_dict(source)
@@ -372,7 +372,7 @@ class Plan:
 
     def config(self, **options: Any):
         """The :class:`~mstfx.MstConfig` that applies this plan (M per region kind)."""
-        from .config import MstConfig
+        from ..config import MstConfig
 
         chunked = self.mode.startswith("mst")
         planned = dict(
@@ -388,7 +388,7 @@ class Plan:
 
     def backend(self, **options: Any):
         """An mst backend configured by this plan."""
-        from .backend import MstBackend
+        from ..backend import MstBackend
 
         return MstBackend(self.config(**options))
 

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import CantChunk, LinearMatch, is_cast, is_view, match_linear, tensor_of
+from .common import CantChunk, LinearMatch, check_no_side_effects, is_cast, is_view, match_linear, tensor_of
 
 _CE_FUNCS = {F.cross_entropy}
 _CE_DEFAULTS = {
@@ -141,6 +141,7 @@ def match_lm_head(ce: fx.Node) -> LmHeadRegion:
         chain.append(node)
         node = src
     chain.append(node)
+    check_no_side_effects(chain[::-1], ce)  # the rewrite moves the head and its transforms to the loss
     escape = any(u not in chain and u is not ce for n in chain for u in n.users)
     if head.node.target is torch.addmm:
         raise CantChunk("LM head written as addmm (transposed weight) is not supported")

@@ -21,6 +21,7 @@ import torch.fx as fx
 from .common import (
     CantChunk,
     LinearMatch,
+    check_no_side_effects,
     is_cast,
     is_dropout,
     is_identity_dropout,
@@ -160,6 +161,7 @@ def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
         raise CantChunk(f"{x.name}: MLP input is not a [tokens, hidden] tensor")
     order = {n: i for i, n in enumerate(x.graph.nodes)}
     nodes = sorted(region, key=order.__getitem__)
+    check_no_side_effects(nodes, sink)
     tokens = math.prod(xv.shape[:-1])
     name = _module_path(sink) or sink.name
     return MlpRegion(
