@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ INDUCTOR_CONFIG_PATCHES = {"reorder_for_peak_memory": False}
 
 def inductor_config_patches() -> dict:
     """:data:`INDUCTOR_CONFIG_PATCHES` plus the post-grad pass that keeps each chunk's bias-gradient
-    reduction with its chunk (``passes/bias_grad_order.py``), chained before any pass the user set."""
+    reduction with its chunk (``mstfx/post_grad/bias_grad_order.py``), chained before any pass the user set."""
     import torch._inductor.config as inductor_config
 
     from mstfx.post_grad.bias_grad_order import BiasGradOrderPass
@@ -39,6 +40,24 @@ def inductor_config_patches() -> dict:
     if isinstance(user, BiasGradOrderPass):
         user = user.then
     return {**INDUCTOR_CONFIG_PATCHES, "post_grad_custom_post_pass": BiasGradOrderPass(then=user)}
+
+class MstFallbackWarning(UserWarning):
+    """A graph whose regions were found was compiled unchanged: its memory saving is lost."""
+
+
+def _fallback(report, what: str) -> None:
+    """Tell the user (a warning, not only a report line) and count it in ``counters["mstfx"]``."""
+    from torch._dynamo.utils import counters
+
+    counters["mstfx"]["fallbacks"] += 1
+    warnings.warn(
+        f"mstfx: graph {report.graph_index} was compiled WITHOUT chunking ({what}: {report.error}); "
+        "its memory saving is lost. Run mstfx.explain() for the regions, and report the graph if it "
+        "should be supported (compiler='aot_eager' narrows down a compile failure).",
+        MstFallbackWarning,
+        stacklevel=3,
+    )
+
 
 #: Reports of every graph compiled by any mst backend in this process, newest last.
 REPORTS: list = []
@@ -78,8 +97,15 @@ class MstBackend:
                 raise
             log.warning("mstfx: analysis failed (%s); compiling graph %d unchanged", err, index, exc_info=True)
             new_gm, report = gm, GraphReport(index, error=f"analysis failed: {type(err).__name__}: {err}")
+            _fallback(report, "analysis raised")
         self.reports.append(report)
         REPORTS.append(report)
+        from torch._dynamo.utils import counters
+
+        counters["mstfx"]["regions_chunked"] += len(report.chunked)
+        counters["mstfx"]["regions_left_unchanged"] += len(report.skipped)
+        if report.error is not None and new_gm is gm and report.error != "already rewritten by mstfx":
+            _fallback(report, "the rewrite was rolled back")
         from .distributed import warn_if_ddp_split
 
         warn_if_ddp_split(report)
@@ -93,7 +119,8 @@ class MstBackend:
             if _is_dynamo_control_flow(err):
                 raise  # e.g. TensorifyScalarRestartAnalysis: Dynamo re-traces and calls us again
             log.warning("mstfx: compiling the rewritten graph failed (%s); compiling it unchanged", err, exc_info=True)
-            report.error = f"compile of rewritten graph failed: {type(err).__name__}: {err}"
+            report.roll_back(f"compile of rewritten graph failed: {type(err).__name__}: {err}")
+            _fallback(report, "the rewritten graph failed to compile")
             return compiler(gm, example_inputs)
 
 

@@ -1,17 +1,20 @@
-"""The mstfx graph passes (installed as ``mstfx.passes``).
+"""The mstfx torch-level graph passes: analyse and rewrite the FX graph Dynamo hands to the backend.
 
-Level: the torch-level FX graph that Dynamo hands to a backend, before AOT autograd.  The passes run
-in the order of :data:`PASS_ORDER`::
+Level: the torch-level graph, before AOT autograd (the one aten-level pass, which runs inside Inductor
+after the partitioner, is :mod:`mstfx.post_grad`).  :func:`run_passes` runs them in the order of
+:data:`PASS_ORDER`::
 
-    find_mlp        analyse: token-wise MLP regions (up-projection → activation → down-projection)
     find_lm_head    analyse: LM head (+ scaling / soft-capping) feeding cross-entropy
+    find_mlp        analyse: token-wise MLP regions (up-projection → activation → down-projection),
+                    also inside activation-checkpointed bodies; never a projection the head claimed
     chunk_rule      choose M per region (paper's rule, or the user's / planner's numbers)
     rewrite_mlp     chunked loop, tagged for recompute in backward
     rewrite_lm_head fused chunked linear cross-entropy (loss and logits-gradient per chunk)
     verify          fake-tensor propagation of the rewritten graph; any failure restores the original
 
 Each region is rewritten whole or not at all; a graph whose rewrite fails verification is returned
-unchanged and the failure is reported.
+unchanged and the failure is reported.  No pass removes, moves past, or copies a node with side effects
+(:func:`.common.has_side_effects`): a region that contains or crosses one is left unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .rewrite_mlp import rewrite_mlp
 
 log = logging.getLogger("mstfx")
 
-PASS_ORDER = ("find_mlp", "find_lm_head", "chunk_rule", "rewrite_mlp", "rewrite_lm_head", "verify")
+PASS_ORDER = ("find_lm_head", "find_mlp", "chunk_rule", "rewrite_mlp", "rewrite_lm_head", "verify")
 
 __all__ = [
     "PASS_ORDER",
@@ -193,12 +196,8 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
         new.recompile()
         _verify(new)
     except Exception as err:  # never hand a half-checked rewrite to the compiler
-        log.warning("mstfx: rewritten graph failed verification (%s); compiling it unchanged", err)
-        report.error = f"verification failed: {type(err).__name__}: {err}"
-        report.decisions = [
-            RegionDecision(d.kind, d.where, "skipped", report.error) if d.action == "chunked" else d
-            for d in report.decisions
-        ]
+        log.info("mstfx: rewritten graph failed verification (%s); compiling it unchanged", err)
+        report.roll_back(f"verification failed: {type(err).__name__}: {err}")
         return gm, report
     new.meta[REWRITTEN_KEY] = True
     return new, report

@@ -22,6 +22,7 @@ from .common import (
     CantChunk,
     LinearMatch,
     check_no_side_effects,
+    has_side_effects,
     is_cast,
     is_dropout,
     is_identity_dropout,
@@ -110,6 +111,8 @@ def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
         for user in node.users:
             if user.op == "output":
                 raise CantChunk(f"{node.name} is a graph output (escapes the MLP)")
+            if has_side_effects(user):
+                raise CantChunk(f"{user.name} ({getattr(user.target, '__name__', user.target)}) has side effects (in-place or stateful)")
             lin = match_linear(user)
             if lin is not None:
                 if lin.input is not node:

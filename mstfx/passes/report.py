@@ -34,6 +34,13 @@ class GraphReport:
     logits_escape: bool = False
     error: str | None = None
 
+    def roll_back(self, error: str) -> None:
+        """The graph is compiled unchanged after all: every "chunked" decision becomes "skipped" with ``error``."""
+        self.error = error
+        self.decisions = [
+            RegionDecision(d.kind, d.where, "skipped", error) if d.action == "chunked" else d for d in self.decisions
+        ]
+
     @property
     def chunked(self) -> list[RegionDecision]:
         return [d for d in self.decisions if d.action == "chunked"]

@@ -232,6 +232,32 @@ ARCHITECTURES: list[Arch] = [
         {"mlp": 2, "lm_head+loss": 1},
         note="shared-expert MLP chunked; routed experts left unchanged",
     ),
+    Arch(
+        "deepseek-v3",
+        "MLA attention (low-rank q/kv), routed + shared experts, dense first layer",
+        _hf(
+            "DeepseekV3Config",
+            "DeepseekV3ForCausalLM",
+            **_common(
+                intermediate_size=176,
+                moe_intermediate_size=32,
+                num_key_value_heads=4,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                n_group=1,
+                topk_group=1,
+                first_k_dense_replace=1,
+                q_lora_rank=32,
+                kv_lora_rank=16,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+            ),
+        ),
+        {"mlp": 1, "lm_head+loss": 1},
+        note="its graph writes buffers in place (copy_, scatter_) with unused results: kept, never removed",
+    ),
 ]
 
 BY_NAME = {a.name: a for a in ARCHITECTURES}
