@@ -340,6 +340,11 @@ def chunked_logprobs(
     """
     import math
 
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"chunked_logprobs: chunks must be a positive integer (or None for the MsT rule), got {chunks!r}")
+    for name, value in (("temperature", temperature), ("softcap", softcap)):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"chunked_logprobs: {name} must be a positive number, got {value!r}")
     if isinstance(lm_head, torch.nn.Module):
         weight, bias = lm_head.weight, getattr(lm_head, "bias", None) if bias is None else bias
     else:

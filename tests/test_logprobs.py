@@ -172,3 +172,10 @@ def test_logprob_loss_without_cross_entropy_is_not_chunked_at_the_head():
     assert_same(ref, run(torch.compile(step, backend=be)))
     kinds = [d.kind for r in be.reports for d in r.chunked]
     assert "lm_head+loss" not in kinds and kinds.count("mlp") == 1, mstfx.explain(be)
+
+
+@pytest.mark.parametrize("kwargs", [{"chunks": 0}, {"chunks": -2}, {"chunks": 2.5}, {"chunks": True}, {"temperature": 0.0}, {"softcap": -1.0}])
+def test_chunked_logprobs_rejects_bad_arguments_by_name(kwargs):
+    hidden, head, labels = torch.randn(2, 8, 16), torch.nn.Linear(16, 32), torch.randint(0, 32, (2, 8))
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        mstfx.chunked_logprobs(hidden, head, labels, **kwargs)
