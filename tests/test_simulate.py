@@ -194,7 +194,7 @@ def test_cost_model_agrees_with_simulation_on_scaled_configs(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama3-8b", "llama2-7b"])
 def test_cost_model_agrees_within_10_percent(model):
-    """Issue 5: simulated peaks agree with ``mstfx.planning.planner.predict_peak`` within 10% at three lengths."""
+    """Simulated peaks agree with ``mstfx.planning.planner.predict_peak`` within 10% at three lengths."""
     cfg = sim.load_config(model)
     rows = sim.compare_with_cost_model(cfg, [4096, 16384, 32768])
     bad = [r for r in rows if abs(r["rel"]) > 0.10]

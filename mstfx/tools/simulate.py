@@ -22,7 +22,7 @@ are captured outside it, with the same fake parameters, and replayed inside.)
 Attention runs as FlashAttention-2 does on a GPU (no S×S tensor, K/V kept at their own head count,
 the backward's fp32 dq accumulator and GQA-expanded dk/dv workspace), and HF's packed-sequence probe,
 which cannot read fake position ids, is answered "not packed" as a real single-sequence run does
-(see ``/work/shared/notes/measuring.md`` §3).
+(see docs/simulate.md).
 
 Optimizer state is added by formula (see :data:`OPTIMIZERS`); "grads freed as made" setups (the MsT
 paper's optimizer-in-backward) use the peak of (memory − gradients) over the step plus the largest
@@ -649,7 +649,7 @@ COST_MODEL_MODES = {"standard": "standard", "ckpt": "checkpointing", "mst": "mst
 def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> list[dict]:
     """Simulated vs predicted peak (bf16 weights, grads kept, no optimizer state) at each length and mode.
 
-    ``rel`` = (predicted − simulated) / simulated; issue 5 asks for |rel| ≤ 0.10.
+    ``rel`` = (predicted − simulated) / simulated; the target is |rel| ≤ 0.10.
     """
     from mstfx.planning.planner import arch_of, predict_peak
 
