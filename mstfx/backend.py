@@ -70,6 +70,8 @@ class MstBackend:
     def __init__(self, config: MstConfig | None = None, **options: Any) -> None:
         if config is not None and options:
             raise TypeError("pass either a MstConfig or keyword options, not both")
+        if config is not None and not isinstance(config, MstConfig):
+            raise TypeError(f"MstBackend takes a MstConfig or keyword options, got {config!r}; e.g. MstBackend(mini_sequences=8)")
         self.config = config if config is not None else MstConfig(**options)
         self.reports: list = []
 

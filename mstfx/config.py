@@ -6,6 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Largest M a user may ask for.  The rewrite unrolls one copy of a region per mini-sequence, so
+#: compile time grows with M (measured: M = 64 compiles about 2.5× longer than M = 8); past this the
+#: first step waits tens of minutes for no further memory saving once a chunk is a few tokens long.
+MAX_USER_CHUNKS = 256
+
 
 @dataclass
 class MstConfig:
@@ -30,6 +35,13 @@ class MstConfig:
     compiler: str = "inductor"
 
     def __post_init__(self) -> None:
+        for name in ("chunk_mlp", "chunk_lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.region_chunks, dict) or not all(isinstance(k, str) for k in self.region_chunks):
+            raise ValueError(
+                f"region_chunks must map region names (e.g. 'model.layers.3.mlp') to M, got {self.region_chunks!r}"
+            )
         for name in ("mini_sequences", "lm_head_chunks"):
             _check_count(name, getattr(self, name), allow_none=True)
         _check_count("min_lm_head_chunk_tokens", self.min_lm_head_chunk_tokens, allow_none=False)
@@ -53,5 +65,10 @@ def _check_count(name: str, value: Any, *, allow_none: bool) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer (number of mini-sequences), got {value!r}")
+    if name != "min_lm_head_chunk_tokens" and value > MAX_USER_CHUNKS:
+        raise ValueError(
+            f"{name}={value} is more than {MAX_USER_CHUNKS} mini-sequences: each one is an unrolled copy of the "
+            "region, so compile time grows with M; use a plan (mstfx.plan / mstfx.transform) or a smaller M"
+        )
     if isinstance(value, float) and math.isnan(value):  # pragma: no cover - caught above
         raise ValueError(f"{name} is NaN")

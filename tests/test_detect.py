@@ -171,3 +171,24 @@ def test_config_validation():
         mstfx.MstConfig(compiler="tvm")
     with pytest.raises(TypeError):
         mstfx.backend(mstfx.MstConfig(), mini_sequences=2)
+
+
+@pytest.mark.parametrize(
+    "options,field",
+    [
+        ({"chunk_mlp": "no"}, "chunk_mlp"),
+        ({"chunk_lm_head": 0}, "chunk_lm_head"),
+        ({"region_chunks": [1, 2]}, "region_chunks"),
+        ({"region_chunks": {3: 2}}, "region_chunks"),
+        ({"mini_sequences": 10**6}, "mini_sequences"),
+        ({"region_chunks": {"model.layers.0.mlp": 1000}}, "region_chunks"),
+    ],
+)
+def test_config_rejects_bad_options_naming_the_field(options, field):
+    with pytest.raises(ValueError, match=field):
+        mstfx.MstConfig(**options)
+
+
+def test_backend_rejects_a_non_config_positional_argument():
+    with pytest.raises(TypeError, match="MstConfig"):
+        mstfx.MstBackend(5)
