@@ -41,17 +41,25 @@ def inductor_config_patches() -> dict:
         user = user.then
     return {**INDUCTOR_CONFIG_PATCHES, "post_grad_custom_post_pass": BiasGradOrderPass(then=user)}
 
+
 class MstFallbackWarning(UserWarning):
     """A graph whose regions were found was compiled unchanged: its memory saving is lost."""
 
 
-def _fallback(report, what: str) -> None:
-    """Tell the user (a warning, not only a report line) and count it in ``counters["mstfx"]``."""
+def _count_and_warn(report) -> None:
+    """Count the graph's final outcome in ``counters["mstfx"]``; a fallback (analysis, verification or
+    compile failure) is also a warning the user sees, not only a report line."""
     from torch._dynamo.utils import counters
 
+    from .passes.common import ALREADY_REWRITTEN
+
+    counters["mstfx"]["regions_chunked"] += len(report.chunked)
+    counters["mstfx"]["regions_left_unchanged"] += len(report.skipped)
+    if report.error is None or report.error == ALREADY_REWRITTEN:
+        return
     counters["mstfx"]["fallbacks"] += 1
     warnings.warn(
-        f"mstfx: graph {report.graph_index} was compiled WITHOUT chunking ({what}: {report.error}); "
+        f"mstfx: graph {report.graph_index} was compiled WITHOUT chunking ({report.error}); "
         "its memory saving is lost. Run mstfx.explain() for the regions, and report the graph if it "
         "should be supported (compiler='aot_eager' narrows down a compile failure).",
         MstFallbackWarning,
@@ -99,31 +107,24 @@ class MstBackend:
                 raise
             log.warning("mstfx: analysis failed (%s); compiling graph %d unchanged", err, index, exc_info=True)
             new_gm, report = gm, GraphReport(index, error=f"analysis failed: {type(err).__name__}: {err}")
-            _fallback(report, "analysis raised")
         self.reports.append(report)
         REPORTS.append(report)
-        from torch._dynamo.utils import counters
-
-        counters["mstfx"]["regions_chunked"] += len(report.chunked)
-        counters["mstfx"]["regions_left_unchanged"] += len(report.skipped)
-        if report.error is not None and new_gm is gm and report.error != "already rewritten by mstfx":
-            _fallback(report, "the rewrite was rolled back")
         from .distributed import warn_if_ddp_split
 
         warn_if_ddp_split(report)
         log.info("%s", report)
         compiler = self._compiler()
-        if new_gm is gm:
-            return compiler(gm, example_inputs)
-        try:
-            return compiler(new_gm, example_inputs)
-        except Exception as err:
-            if _is_dynamo_control_flow(err):
-                raise  # e.g. TensorifyScalarRestartAnalysis: Dynamo re-traces and calls us again
-            log.warning("mstfx: compiling the rewritten graph failed (%s); compiling it unchanged", err, exc_info=True)
-            report.roll_back(f"compile of rewritten graph failed: {type(err).__name__}: {err}")
-            _fallback(report, "the rewritten graph failed to compile")
-            return compiler(gm, example_inputs)
+        compiled = None
+        if new_gm is not gm:
+            try:
+                compiled = compiler(new_gm, example_inputs)
+            except Exception as err:
+                if _is_dynamo_control_flow(err):
+                    raise  # e.g. TensorifyScalarRestartAnalysis: Dynamo re-traces and calls us again
+                log.warning("mstfx: compiling the rewritten graph failed (%s); compiling it unchanged", err, exc_info=True)
+                report.roll_back(f"compile of rewritten graph failed: {type(err).__name__}: {err}")
+        _count_and_warn(report)
+        return compiled if compiled is not None else compiler(gm, example_inputs)
 
 
 def _is_dynamo_control_flow(err: BaseException) -> bool:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import positive_int
+
 #: A logit transform between the LM head matmul and the loss, as plain data:
 #: ``("cast", dtype)``, ``("scale", c)`` (logits * c) or ``("tanh",)``.
 Transform = tuple
@@ -340,8 +342,8 @@ def chunked_logprobs(
     """
     import math
 
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
-        raise ValueError(f"chunked_logprobs: chunks must be a positive integer (or None for the MsT rule), got {chunks!r}")
+    if chunks is not None:
+        positive_int("chunked_logprobs: chunks", chunks)
     for name, value in (("temperature", temperature), ("softcap", softcap)):
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"chunked_logprobs: {name} must be a positive number, got {value!r}")

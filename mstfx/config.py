@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +43,11 @@ class MstConfig:
                 f"region_chunks must map region names (e.g. 'model.layers.3.mlp') to M, got {self.region_chunks!r}"
             )
         for name in ("mini_sequences", "lm_head_chunks"):
-            _check_count(name, getattr(self, name), allow_none=True)
-        _check_count("min_lm_head_chunk_tokens", self.min_lm_head_chunk_tokens, allow_none=False)
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name), cap=MAX_USER_CHUNKS)
+        positive_int("min_lm_head_chunk_tokens", self.min_lm_head_chunk_tokens)
         for key, val in self.region_chunks.items():
-            _check_count(f"region_chunks[{key!r}]", val, allow_none=False)
+            positive_int(f"region_chunks[{key!r}]", val, cap=MAX_USER_CHUNKS)
         if self.compiler not in ("inductor", "aot_eager", "eager"):
             raise ValueError(f"compiler must be 'inductor', 'aot_eager' or 'eager', got {self.compiler!r}")
 
@@ -60,15 +61,13 @@ class MstConfig:
         return self.lm_head_chunks if self.lm_head_chunks is not None else self.mini_sequences
 
 
-def _check_count(name: str, value: Any, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer (number of mini-sequences), got {value!r}")
-    if name != "min_lm_head_chunk_tokens" and value > MAX_USER_CHUNKS:
+def positive_int(name: str, value: Any, *, cap: int | None = None) -> int:
+    """``value`` as an int, or a ValueError that names ``name`` (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if cap is not None and value > cap:
         raise ValueError(
-            f"{name}={value} is more than {MAX_USER_CHUNKS} mini-sequences: each one is an unrolled copy of the "
+            f"{name}={value} is more than {cap} mini-sequences: each one is an unrolled copy of the "
             "region, so compile time grows with M; use a plan (mstfx.plan / mstfx.transform) or a smaller M"
         )
-    if isinstance(value, float) and math.isnan(value):  # pragma: no cover - caught above
-        raise ValueError(f"{name} is NaN")
+    return int(value)

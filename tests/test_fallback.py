@@ -56,3 +56,20 @@ def test_counters_record_chunked_regions():
     counters.clear()
     loss_and_grads(model, ids, ids, mstfx.backend(compiler="aot_eager", mini_sequences=4))
     assert counters["mstfx"]["regions_chunked"] == 3 and counters["mstfx"]["fallbacks"] == 0
+
+
+def test_analysis_failure_warns_once_per_graph(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected analysis failure")
+
+    monkeypatch.setattr(mstfx.passes, "run_passes", broken)
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (2, 32))
+    ref = loss_and_grads(model, ids, ids)
+    counters.clear()
+    be = mstfx.backend(compiler="aot_eager", mini_sequences=4)
+    with pytest.warns(mstfx.MstFallbackWarning) as caught:
+        got = loss_and_grads(model, ids, ids, be)
+    assert_same(ref, got)
+    fallbacks = [w for w in caught if issubclass(w.category, mstfx.MstFallbackWarning)]
+    assert len(fallbacks) == len(be.reports) == counters["mstfx"]["fallbacks"]

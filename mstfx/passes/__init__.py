@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from . import chunk_rule
-from .common import REWRITTEN_KEY, CantChunk
+from .common import ALREADY_REWRITTEN, REWRITTEN_KEY, CantChunk
 from .find_lm_head import LmHeadRegion, find_lm_head_regions
 from .find_mlp import MlpRegion, find_mlp_regions
 from .report import GraphReport, RegionDecision
@@ -113,7 +113,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
     """Run the pass pipeline on a copy of ``gm``; return the graph to compile and the report."""
     report = GraphReport(graph_index)
     if gm.meta.get(REWRITTEN_KEY):
-        report.error = "already rewritten by mstfx"
+        report.error = ALREADY_REWRITTEN
         return gm, report
     new = _copy_graph_module(gm)
     graph = new.graph

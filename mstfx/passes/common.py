@@ -22,6 +22,8 @@ import torch.nn.functional as F
 MST_META_KEY = "mst"
 #: Key under ``gm.meta`` that marks a graph as already rewritten, so it is never chunked twice.
 REWRITTEN_KEY = "mst_rewritten"
+#: The report error of a graph that is already rewritten (compiled as it is, not a fallback).
+ALREADY_REWRITTEN = "already rewritten by mstfx"
 
 
 class CantChunk(RuntimeError):

@@ -34,6 +34,7 @@ from typing import Any
 import sympy as sp
 
 from .. import model_configs
+from ..config import positive_int
 from . import cost_model as cm
 
 GB = 1e9
@@ -206,12 +207,6 @@ def default_chunks(arch: cm.Arch, tokens: int) -> tuple[int, int]:
     return mlp, head
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def check_budget(budget_gb: Any) -> float:
     """Bytes of a budget in GB; ValueError for a non-numeric, NaN, infinite or non-positive one."""
     if isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real):
@@ -265,8 +260,8 @@ def predict_peak(
     ``program="eager"`` predicts the same step run op by op with FlashAttention (``mstfx simulate``).
     Stable signature: ``mstfx simulate`` compares against it.
     """
-    seq_len = _check_positive_int("seq_len", seq_len)
-    batch = _check_positive_int("batch", batch)
+    seq_len = positive_int("seq_len", seq_len)
+    batch = positive_int("batch", batch)
     arch = arch_of(config)
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
@@ -302,7 +297,7 @@ def longest_seq_len(
     """
     budget = check_budget(budget_gb)
     margin = check_margin(margin)
-    batch = _check_positive_int("batch", batch)
+    batch = positive_int("batch", batch)
     arch = arch_of(config)
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
@@ -483,9 +478,9 @@ def plan(
     """
     budget = check_budget(budget_gb)
     margin = check_margin(margin)
-    seq_len = _check_positive_int("seq_len", seq_len)
-    batch = _check_positive_int("batch", batch)
-    max_chunks = _check_positive_int("max_chunks", max_chunks)
+    seq_len = positive_int("seq_len", seq_len)
+    batch = positive_int("batch", batch)
+    max_chunks = positive_int("max_chunks", max_chunks)
     if optimizer not in cm.OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {cm.OPTIMIZERS}, got {optimizer!r}")
     mixed_precision = precision_of(model_or_config, mixed_precision)
