@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .config import MstConfig
+from .passes.attention import GUARD_KEY
 
 log = logging.getLogger("mstfx")
 
@@ -55,6 +56,7 @@ def _count_and_warn(report) -> None:
 
     counters["mstfx"]["regions_chunked"] += len(report.chunked)
     counters["mstfx"]["regions_left_unchanged"] += len(report.skipped)
+    counters["mstfx"]["attention_rewritten"] += len(report.rewritten)
     if report.error is None or report.error == ALREADY_REWRITTEN:
         return
     counters["mstfx"]["fallbacks"] += 1
@@ -118,6 +120,9 @@ class MstBackend:
         if new_gm is not gm:
             try:
                 compiled = compiler(new_gm, example_inputs)
+                mask_guard = new_gm.meta.get(GUARD_KEY)
+                if mask_guard is not None:
+                    compiled = GuardedGraph(mask_guard, compiled, compiler)
             except Exception as err:
                 if _is_dynamo_control_flow(err):
                     raise  # e.g. TensorifyScalarRestartAnalysis: Dynamo re-traces and calls us again
@@ -125,6 +130,34 @@ class MstBackend:
                 report.roll_back(f"compile of rewritten graph failed: {type(err).__name__}: {err}")
         _count_and_warn(report)
         return compiled if compiled is not None else compiler(gm, example_inputs)
+
+
+class GuardedGraph:
+    """The compiled graph whose attention rewrite relies on run-time checks, and its exact fallback.
+
+    Each call first runs the small guard graph (it reads only B×S inputs such as the padding mask):
+    when every check holds the rewritten graph runs, otherwise the graph that keeps the mask, compiled
+    on the first call that needs it.  The guard's answer is a host-side bool (one device sync).
+    """
+
+    def __init__(self, mask_guard, compiled, compiler) -> None:
+        self.guard = mask_guard.guard
+        self.masked_gm = mask_guard.masked
+        self.compiled = compiled
+        self.compiler = compiler
+        self.masked = None
+        self.calls = {"causal": 0, "masked": 0}
+
+    def __call__(self, *args):
+        if bool(self.guard(*args)):
+            self.calls["causal"] += 1
+            return self.compiled(*args)
+        self.calls["masked"] += 1
+        if self.masked is None:
+            log.info("mstfx: inputs fail the attention guard; compiling the graph that keeps the mask")
+            self.masked = self.compiler(self.masked_gm, list(args))
+        return self.masked(*args)
+
 
 
 def _is_dynamo_control_flow(err: BaseException) -> bool:

@@ -21,6 +21,8 @@ class MstConfig:
             (MLP: ⌈tokens/hidden⌉, LM head: ⌈vocab/hidden⌉), see ``mstfx.passes.chunk_rule``.
         lm_head_chunks: M for the LM head + loss only (overrides ``mini_sequences`` there).
         chunk_mlp / chunk_lm_head: turn a region kind off.
+        rewrite_attention: hand SDPA ``is_causal=True`` instead of an in-graph causal mask and the
+            unexpanded K/V of grouped-query attention (``mstfx/passes/attention.py``).
         region_chunks: per-region M by region name (``"model.layers.3.mlp"``), as a plan gives it.
         min_lm_head_chunk_tokens: the default LM-head rule never makes chunks shorter than this.
         compiler: ``"inductor"`` (default) or ``"aot_eager"`` / ``"eager"`` to debug the rewrite.
@@ -30,12 +32,13 @@ class MstConfig:
     lm_head_chunks: int | None = None
     chunk_mlp: bool = True
     chunk_lm_head: bool = True
+    rewrite_attention: bool = True
     region_chunks: dict[str, int] = field(default_factory=dict)
     min_lm_head_chunk_tokens: int = 256
     compiler: str = "inductor"
 
     def __post_init__(self) -> None:
-        for name in ("chunk_mlp", "chunk_lm_head"):
+        for name in ("chunk_mlp", "chunk_lm_head", "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.region_chunks, dict) or not all(isinstance(k, str) for k in self.region_chunks):

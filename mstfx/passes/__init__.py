@@ -10,6 +10,8 @@ after the partitioner, is :mod:`mstfx.post_grad`).  :func:`run_passes` runs them
     chunk_rule      choose M per region (paper's rule, or the user's / planner's numbers)
     rewrite_mlp     chunked loop, tagged for recompute in backward
     rewrite_lm_head fused chunked linear cross-entropy (loss and logits-gradient per chunk)
+    attention       SDPA fed HF's in-graph causal mask → is_causal=True (under a torch.cond guard when
+                    the mask reads a runtime padding mask or position ids); repeat_kv → enable_gqa
     verify          fake-tensor propagation of the rewritten graph; any failure restores the original
 
 Each region is rewritten whole or not at all; a graph whose rewrite fails verification is returned
@@ -26,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from . import chunk_rule
+from .attention import GUARD_KEY, MaskGuard, rewrite_attention
 from .common import ALREADY_REWRITTEN, REWRITTEN_KEY, CantChunk
 from .find_lm_head import LmHeadRegion, find_lm_head_regions
 from .find_mlp import MlpRegion, find_mlp_regions
@@ -35,7 +38,7 @@ from .rewrite_mlp import rewrite_mlp
 
 log = logging.getLogger("mstfx")
 
-PASS_ORDER = ("find_lm_head", "find_mlp", "chunk_rule", "rewrite_mlp", "rewrite_lm_head", "verify")
+PASS_ORDER = ("find_lm_head", "find_mlp", "chunk_rule", "rewrite_mlp", "rewrite_lm_head", "attention", "verify")
 
 __all__ = [
     "PASS_ORDER",
@@ -56,11 +59,11 @@ def _param_placeholders(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
     return {node for node, ex in zip(phs, example_inputs) if isinstance(ex, torch.nn.Parameter)}
 
 
-def _checkpoint_bodies(gm: fx.GraphModule, params: set[fx.Node]) -> list[tuple[fx.GraphModule, set[fx.Node]]]:
+def _checkpoint_bodies(gm: fx.GraphModule, params: set[fx.Node]) -> list[tuple[fx.GraphModule, set[fx.Node], fx.Node]]:
     """Bodies of activation-checkpointed regions (``model.gradient_checkpointing_enable()``).
 
     Dynamo turns ``torch.utils.checkpoint`` into ``tag_activation_checkpoint(body, *operands)``; the
-    MLP then lives in ``body``.  Each body is replaced by a private copy (the original graph stays
+    MLP and the attention then live in ``body``.  Each body is replaced by a private copy (the original graph stays
     untouched for the fallback), and its placeholders that receive parameters count as parameters.
     """
     hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
@@ -78,7 +81,7 @@ def _checkpoint_bodies(gm: fx.GraphModule, params: set[fx.Node]) -> list[tuple[f
         setattr(gm, body_ref.target, body)
         phs = [n for n in body.graph.nodes if n.op == "placeholder"]
         body_params = {ph for ph, arg in zip(phs, node.args[1:]) if isinstance(arg, fx.Node) and arg in params}
-        bodies.append((body, body_params))
+        bodies.append((body, body_params, node))
     return bodies
 
 
@@ -121,9 +124,10 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
 
     heads, head_skipped = find_lm_head_regions(graph) if config.chunk_lm_head else ([], [])
     head_nodes = {h.head.node for h in heads}
+    bodies = _checkpoint_bodies(new, params)
     mlps: list[tuple[fx.GraphModule, MlpRegion]] = []
     if config.chunk_mlp:
-        for owner, owner_params in [(new, params), *_checkpoint_bodies(new, params)]:
+        for owner, owner_params in [(new, params), *[(body, body_params) for body, body_params, _ in bodies]]:
             found, mlp_skipped = find_mlp_regions(owner.graph, owner_params, head_nodes)
             mlps += [(owner, r) for r in found]
             for where, why in mlp_skipped:
@@ -189,12 +193,34 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
                 detail=detail,
             )
         )
+    masked = None
+    if config.rewrite_attention:
+        masked = _copy_graph_module(new)  # the graph for inputs that fail a run-time check, if any
+        masked_bodies = [(body, hop) for body, _, hop in _checkpoint_bodies(masked, set())]
+        decisions, guard = rewrite_attention(new, [(body, hop) for body, _, hop in bodies], assume_checks=True)
+        report.decisions += decisions
+        if any(d.action == "rewritten" for d in decisions):
+            changed = True
+            for body, _, _ in bodies:
+                body.recompile()
+        if guard is None:
+            masked = None
+        else:
+            rewrite_attention(masked, masked_bodies, assume_checks=False)
+            for body, _ in masked_bodies:
+                body.recompile()
+            new.meta[GUARD_KEY] = MaskGuard(guard, masked)
     if not changed:
         return gm, report
     try:
         graph.lint()
         new.recompile()
         _verify(new)
+        if masked is not None:
+            masked.graph.lint()
+            masked.recompile()
+            _verify(masked)
+            masked.meta[REWRITTEN_KEY] = True
     except Exception as err:  # never hand a half-checked rewrite to the compiler
         log.info("mstfx: rewritten graph failed verification (%s); compiling it unchanged", err)
         report.roll_back(f"verification failed: {type(err).__name__}: {err}")

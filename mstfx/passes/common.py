@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,20 @@ def value_of(node: Any) -> Any:
     if "example_value" in node.meta:
         return node.meta["example_value"]
     return node.meta.get("val")
+
+
+def module_path(node: fx.Node, *, strip_leaf: bool = False) -> str:
+    """Dotted module path from Dynamo's ``nn_module_stack`` (report only; never used for matching).
+
+    ``strip_leaf`` drops the innermost module, so a projection inside an MLP names the MLP block
+    (``model.layers.0.mlp``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = re.sub(r"^[LG]\['[^']*'\]\.?", "", list(stack.values())[-1][0])
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"^(\[\d+\]\.|__self__\.|self\.|_orig_mod\.)+", "", path)
+    return path.rsplit(".", 1)[0] if strip_leaf and "." in path else path
 
 
 def tensor_of(node: Any) -> torch.Tensor | None:

@@ -12,7 +12,6 @@ them.  Anything else raises :class:`CantChunk` with the reason, and the graph is
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +21,7 @@ from .common import (
     CantChunk,
     LinearMatch,
     check_no_side_effects,
+    module_path,
     has_side_effects,
     is_cast,
     is_dropout,
@@ -166,7 +166,7 @@ def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
     nodes = sorted(region, key=order.__getitem__)
     check_no_side_effects(nodes, sink)
     tokens = math.prod(xv.shape[:-1])
-    name = _module_path(sink) or sink.name
+    name = module_path(sink, strip_leaf=True) or sink.name
     return MlpRegion(
         input=x,
         output=sink,
@@ -180,18 +180,6 @@ def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
         activation=_describe_activation(nodes),
         name=name,
     )
-
-
-def _module_path(node: fx.Node) -> str:
-    """Dotted module path from Dynamo's ``nn_module_stack`` (report only; never used for matching)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = re.sub(r"^[LG]\['[^']*'\]\.?", "", list(stack.values())[-1][0])
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"^(\[\d+\]\.|__self__\.|self\.|_orig_mod\.)+", "", path)
-    # Strip the MLP's own projection so the name is the MLP block, e.g. model.layers.0.mlp
-    return path.rsplit(".", 1)[0] if "." in path else path
 
 
 def _stacked_weight(node: fx.Node, param_nodes: set[fx.Node]) -> fx.Node | None:
@@ -251,13 +239,13 @@ def find_mlp_regions(
         try:
             region = _region_from_up(lin, free)
         except CantChunk as err:
-            skipped.append((_module_path(node) or node.name, str(err)))
+            skipped.append((module_path(node, strip_leaf=True) or node.name, str(err)))
             continue
         claimed.update(region.nodes)
         regions.append(region)
     experts: dict[str, int] = {}
     for node in routed_expert_matmuls(graph, param_nodes, free):
-        where = _module_path(node) or node.name
+        where = module_path(node, strip_leaf=True) or node.name
         experts[where] = experts.get(where, 0) + 1
     for where, n in experts.items():
         skipped.append(

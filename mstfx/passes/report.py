@@ -11,7 +11,7 @@ class RegionDecision:
 
     kind: str  # "mlp" or "lm_head+loss"
     where: str  # module path or node name, for humans
-    action: str  # "chunked" or "skipped"
+    action: str  # "chunked", "rewritten" (attention) or "skipped"
     reason: str
     tokens: int | str | None = None
     hidden: int | None = None
@@ -35,10 +35,11 @@ class GraphReport:
     error: str | None = None
 
     def roll_back(self, error: str) -> None:
-        """The graph is compiled unchanged after all: every "chunked" decision becomes "skipped" with ``error``."""
+        """The graph is compiled unchanged after all: every "chunked" or "rewritten" decision becomes
+        "skipped" with ``error``."""
         self.error = error
         self.decisions = [
-            RegionDecision(d.kind, d.where, "skipped", error) if d.action == "chunked" else d for d in self.decisions
+            RegionDecision(d.kind, d.where, "skipped", error) if d.action != "skipped" else d for d in self.decisions
         ]
 
     @property
@@ -47,13 +48,18 @@ class GraphReport:
 
     @property
     def skipped(self) -> list[RegionDecision]:
-        return [d for d in self.decisions if d.action != "chunked"]
+        return [d for d in self.decisions if d.action == "skipped"]
+
+    @property
+    def rewritten(self) -> list[RegionDecision]:
+        return [d for d in self.decisions if d.action == "rewritten"]
 
     def __str__(self) -> str:
         header = ["region", "where", "action", "tokens×in→width", "M", "why"]
         rows = [header] + [d.row() for d in self.decisions]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = [f"mstfx graph {self.graph_index}: {len(self.chunked)} region(s) chunked, {len(self.skipped)} left unchanged"]
+        lines = [f"mstfx graph {self.graph_index}: {len(self.chunked)} region(s) chunked, "
+                 f"{len(self.rewritten)} attention call(s) rewritten, {len(self.skipped)} left unchanged"]
         if self.error:
             lines.append(f"  graph left unchanged: {self.error}")
         for r in rows:

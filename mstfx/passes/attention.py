@@ -1,0 +1,473 @@
+"""Analyse + rewrite: attention fed a plain causal mask, or K/V expanded to every query head.
+
+Under ``torch.compile`` Hugging Face's SDPA path builds its boolean mask *inside* the graph: index
+tensors from ``arange`` laid along the query and key axes, compared (``kv <= q``), looked up in the
+padding mask or the position ids, combined with ``&`` and expanded to B×1×S×S.  That tensor costs S²
+bytes and keeps SDPA off its causal kernels.  Grouped-query layers also expand K and V to every query
+head (``repeat_kv``: ``k[:, :, None].expand(...).reshape(...)``), so attention saves MHA-sized K and V.
+
+The mask is read symbolically, node by node (:func:`analyse_mask`), into one of three verdicts:
+
+* **causal**: it is ``key <= query`` and nothing else: SDPA gets ``is_causal=True`` and no mask;
+* **causal if** some B×S ingredient passes a check (no zeros in the padding mask, positions that
+  increase along each row, one packed sequence per row; see :mod:`mstfx.attention_ops`).  Ingredients
+  that are compile-time constants are checked now.  The others are checked on every call by a small
+  guard graph (:func:`build_guard`) that reads only those B×S inputs: the backend runs the causal graph
+  when every check holds and a second graph that keeps the mask otherwise (compiled on first need), so
+  the result is exact for every input.  (A ``torch.cond`` inside the graph would avoid the host-side
+  check, but ``cond`` cannot run inside an activation-checkpointed body, where the layers are.)
+* anything else (sliding windows, chunked attention, offsets, a 4-D mask handed in by the caller) is
+  left unchanged and the report says why.
+
+``repeat_kv``-expanded K/V are replaced by the unexpanded tensors with ``enable_gqa=True`` (exact: SDPA
+broadcasts each K/V head to its group of query heads).  The same rewrite runs inside activation-
+checkpointed bodies, whose mask arrives as an operand built in the outer graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .. import attention_ops
+from .common import erase_if_dead, has_side_effects, module_path, tensor_of, value_of
+from .report import RegionDecision
+
+SDPA_FUNCS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+#: Largest ingredient evaluated at compile time to prove a check (elements); larger ones are checked at run time.
+_MAX_CONSTANT_ELEMENTS = 1 << 22
+
+
+class NotCausal(Exception):
+    """The mask is not (provably) the causal mask; the message is the reason shown in the report."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Abstract values of the mask's construction
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Range:
+    """``arange(length) + offset`` (1-D)."""
+
+    length: Any
+    offset: Any
+
+
+@dataclass(frozen=True)
+class _Index:
+    """A :class:`_Range` laid along one dim of the 4-D mask (0 batch, 2 query, 3 key), size 1 elsewhere."""
+
+    dim: int
+    length: Any
+    offset: Any
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """``table[batch, index]``: one value of a B×S ingredient per query (dim 2) or per key (dim 3)."""
+
+    table: fx.Node
+    dim: int
+
+
+@dataclass(frozen=True)
+class _Term:
+    """A boolean mask: the causal mask (``causal``) or all True, provided every check holds."""
+
+    causal: bool
+    checks: tuple[tuple[str, fx.Node], ...] = ()
+
+
+_ABSTRACT = (_Range, _Index, _Lookup, _Term)
+_COMPARE = {
+    operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "gt", operator.eq: "eq",
+    torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt", torch.eq: "eq",
+}
+_COMPARE_METHODS = {"le", "lt", "ge", "gt", "eq", "__le__", "__lt__", "__ge__", "__gt__", "__eq__"}
+_AND = {operator.and_, torch.logical_and, torch.bitwise_and}
+_AND_METHODS = {"__and__", "logical_and", "bitwise_and"}
+
+
+def _same(a: Any, b: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def _full_index(idx: Any) -> int | None:
+    """The dim of the one full slice in a 4-entry index of Nones (``r[None, None, :, None]``)."""
+    if not isinstance(idx, tuple) or len(idx) != 4:
+        return None
+    slices = [i for i, e in enumerate(idx) if isinstance(e, slice)]
+    if len(slices) != 1 or idx[slices[0]] != slice(None, None, None):
+        return None
+    return slices[0] if all(e is None for i, e in enumerate(idx) if i != slices[0]) else None
+
+
+def _as_term(val: Any, node: fx.Node) -> _Term:
+    if isinstance(val, _Term):
+        return val
+    if isinstance(val, _Lookup):  # a boolean ingredient looked up per key or query: a padding mask
+        return _Term(False, (("all_true", val.table),))
+    if val is True:
+        return _Term(False)
+    raise NotCausal(f"{node.name} combines a non-boolean term into the mask")
+
+
+def _compare(kind: str, a: Any, b: Any, node: fx.Node) -> _Term:
+    if kind in ("ge", "gt"):  # a >= b is b <= a
+        kind, a, b = {"ge": "le", "gt": "lt"}[kind], b, a
+    if kind == "le" and isinstance(a, _Index) and isinstance(b, _Index):
+        if (a.dim, b.dim) == (3, 2) and _same(a.length, b.length) and _same(a.offset, b.offset):
+            return _Term(True)  # key <= query
+    if kind == "le" and isinstance(a, _Lookup) and isinstance(b, _Lookup) and a.table is b.table:
+        if (a.dim, b.dim) == (3, 2):  # pos[key] <= pos[query]: causal when positions increase along rows
+            return _Term(True, (("rows_increasing", a.table),))
+    if kind == "eq" and isinstance(a, _Lookup) and isinstance(b, _Lookup) and a.table is b.table:
+        if {a.dim, b.dim} == {2, 3}:  # id[query] == id[key]: all True when each row has one id
+            return _Term(False, (("rows_constant", a.table),))
+    raise NotCausal(
+        f"{node.name} ({kind}) is not the causal condition key <= query "
+        "(a sliding window, chunked attention or offset mask is left unchanged)"
+    )
+
+
+class _MaskReader:
+    """Evaluates the mask's construction over :class:`_Range`/:class:`_Index`/:class:`_Lookup`/
+    :class:`_Term`.  Any other node is an opaque tensor (an *ingredient*); comparing opaque tensors, or
+    transforming a boolean term in a way this reader does not know, is a :class:`NotCausal`."""
+
+    def __init__(self) -> None:
+        self.memo: dict[fx.Node, Any] = {}
+
+    def __call__(self, node: Any) -> Any:
+        if not isinstance(node, fx.Node):
+            return node
+        if node not in self.memo:
+            self.memo[node] = self._eval(node)
+        return self.memo[node]
+
+    def _eval(self, node: fx.Node) -> Any:
+        if node.op not in ("call_function", "call_method"):
+            return None
+        if has_side_effects(node):
+            raise NotCausal(f"{node.name} has side effects")
+        target = node.target
+        args = list(fx.node.map_aggregate(node.args, self))
+        if node.op == "call_function" and target is torch.arange:
+            if len(args) == 1:
+                return _Range(args[0], 0)
+            if len(args) == 2 or (len(args) == 3 and args[2] == 1):
+                return _Range(args[1] - args[0], args[0])
+            return None
+        if node.op == "call_function" and target in (operator.add, operator.sub) and len(args) == 2:
+            shift = [a for a in args if isinstance(a, (int, torch.SymInt))]
+            ranged = [a for a in args if isinstance(a, (_Range, _Index))]
+            if len(shift) == 1 and len(ranged) == 1 and (target is operator.add or args[1] is shift[0]):
+                r, c = ranged[0], shift[0] if target is operator.add else -shift[0]
+                return _Range(r.length, r.offset + c) if isinstance(r, _Range) else _Index(r.dim, r.length, r.offset + c)
+        if node.op == "call_function" and target is operator.getitem and len(args) == 2:
+            base, idx = args
+            if isinstance(base, _Range):
+                dim = _full_index(idx)
+                if dim is not None:
+                    return _Index(dim, base.length, base.offset)
+            elif base is None and isinstance(idx, tuple) and all(isinstance(i, _Index) for i in idx):
+                if len(idx) == 2 and idx[0].dim == 0 and idx[1].dim in (2, 3) and _same(idx[0].offset, 0):
+                    return _Lookup(node.args[0], idx[1].dim)
+                if len(idx) == 1 and idx[0].dim in (2, 3):
+                    return _Lookup(node.args[0], idx[0].dim)
+        kind = _COMPARE.get(target) if node.op == "call_function" else (
+            str(target).strip("_") if target in _COMPARE_METHODS else None
+        )
+        if kind is not None and len(args) == 2:
+            return _compare(kind, args[0], args[1], node)
+        if (node.op == "call_function" and target in _AND) or (node.op == "call_method" and target in _AND_METHODS):
+            if len(args) == 2:
+                a, b = _as_term(args[0], node), _as_term(args[1], node)
+                return _Term(a.causal or b.causal, a.checks + tuple(c for c in b.checks if c not in a.checks))
+        if node.op == "call_method" and target == "new_ones" and isinstance(args[0], _ABSTRACT):
+            size = args[1] if len(args) > 1 else node.kwargs.get("size")
+            if tuple(size) == () and node.kwargs.get("dtype") is torch.bool:
+                return _Term(False)
+        if node.op == "call_method" and target in ("to", "expand", "contiguous") and isinstance(args[0], _ABSTRACT):
+            val = tensor_of(node)
+            if target != "to" or (val is not None and val.dtype in (torch.bool, tensor_of(node.args[0]).dtype)):
+                return args[0]  # a device move, a no-op cast or a broadcast keeps the meaning
+        if any(isinstance(a, _Term) for a in args) or any(isinstance(self(v), _Term) for v in node.kwargs.values()):
+            raise NotCausal(f"{node.name} ({getattr(target, '__name__', target)}) transforms the mask in a way not recognised")
+        return None  # an opaque tensor (an ingredient, or indices used some other way: not the causal condition)
+
+
+@dataclass
+class MaskAnalysis:
+    """The verdict on one mask node (see the module docstring)."""
+
+    mask: fx.Node
+    causal: bool  # False: all True under the checks (no mask needed at all)
+    checks: list[tuple[str, fx.Node]]  # still to run at run time
+    construction: list[fx.Node]  # the nodes that build the mask, in graph order
+    ingredients: list[fx.Node]  # the tensors they read from outside
+
+
+def _constant_value(node: fx.Node) -> torch.Tensor | None:
+    """``node``'s value when it depends on no graph input and is small (evaluated now), else None."""
+    order: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op not in ("call_function", "call_method") or has_side_effects(n):
+            return None
+        val = value_of(n)
+        if isinstance(val, torch.Tensor) and val.numel() > _MAX_CONSTANT_ELEMENTS:
+            return None
+        order.append(n)
+        stack.extend(n.all_input_nodes)
+    env: dict[fx.Node, Any] = {}
+    try:
+        for n in sorted(order, key=_position(node.graph)):
+            args = fx.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.map_arg(n.kwargs, lambda a: env[a])
+            env[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
+    except Exception:
+        return None
+    out = env[node]
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _position(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return index.__getitem__
+
+
+def analyse_mask(mask: fx.Node) -> MaskAnalysis:
+    """Read how ``mask`` is built; raise :class:`NotCausal` unless it is (conditionally) causal."""
+    if mask.op == "placeholder":
+        raise NotCausal("the mask is a graph input (built outside the compiled region)")
+    reader = _MaskReader()
+    term = reader(mask)
+    if not isinstance(term, _Term):
+        raise NotCausal(f"{mask.name} is not a mask built from query/key indices")
+    checks = []
+    for kind, table in term.checks:
+        const = _constant_value(table)
+        if const is None:
+            checks.append((kind, table))
+        elif not bool(attention_ops.CHECKS[kind](const)):
+            raise NotCausal(f"its {table.name} fails {kind} (e.g. packed sequences): the mask is not causal")
+    construction = sorted((n for n, v in reader.memo.items() if isinstance(v, _ABSTRACT)), key=_position(mask.graph))
+    inside = set(construction)
+    ingredients: list[fx.Node] = []
+    for n in construction:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in ingredients:
+                ingredients.append(a)
+    for n in ingredients:
+        if tensor_of(n) is None:
+            raise NotCausal(f"the mask reads {n.name}, which is not a tensor")
+    return MaskAnalysis(mask, term.causal, checks, construction, ingredients)
+
+
+# --------------------------------------------------------------------------------------------------
+# SDPA calls
+# --------------------------------------------------------------------------------------------------
+def _sdpa_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    i = _SDPA_ARGS.index(name)
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _sdpa_with(node: fx.Node, **changes: Any) -> tuple[tuple, dict]:
+    """``node``'s arguments as (q, k, v) + keywords, with ``changes`` applied."""
+    kwargs = {name: _sdpa_arg(node, name) for name in _SDPA_ARGS[3:] if _sdpa_arg(node, name) is not None}
+    kwargs.update(changes)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return tuple(_sdpa_arg(node, n) for n in _SDPA_ARGS[:3]), kwargs
+
+
+def _unexpanded_kv(node: Any) -> tuple[fx.Node, int] | None:
+    """``(kv, n_rep)`` when ``node`` is ``kv[:, :, None].expand(B, H_kv, n_rep, S, D).reshape(B, H_kv·n_rep, S, D)``."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in ("reshape", "view"):
+        return None
+    expand = node.args[0]
+    if not isinstance(expand, fx.Node) or expand.op != "call_method" or expand.target != "expand":
+        return None
+    index = expand.args[0]
+    if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem):
+        return None
+    src, idx = index.args
+    full = slice(None, None, None)
+    if not (isinstance(idx, tuple) and len(idx) >= 3 and idx[:3] == (full, full, None) and all(e == full for e in idx[3:])):
+        return None
+    src_val, exp_val, out_val = tensor_of(src), tensor_of(expand), tensor_of(node)
+    if src_val is None or exp_val is None or out_val is None or src_val.dim() != 4 or exp_val.dim() != 5:
+        return None
+    b, h_kv, s, d = src_val.shape
+    n_rep = exp_val.shape[2]
+    if tuple(exp_val.shape) != (b, h_kv, n_rep, s, d) or tuple(out_val.shape) != (b, h_kv * n_rep, s, d):
+        return None
+    return src, int(n_rep)
+
+
+def _rewrite_gqa(sdpa: fx.Node) -> int | None:
+    """Hand SDPA the unexpanded K/V with ``enable_gqa=True``; returns the group size, or None."""
+    if _sdpa_arg(sdpa, "enable_gqa"):
+        return None
+    k, v = _unexpanded_kv(_sdpa_arg(sdpa, "key")), _unexpanded_kv(_sdpa_arg(sdpa, "value"))
+    if k is None or v is None or k[1] != v[1]:
+        return None
+    old = [_sdpa_arg(sdpa, "key"), _sdpa_arg(sdpa, "value")]
+    args, kwargs = _sdpa_with(sdpa, enable_gqa=True)
+    sdpa.args, sdpa.kwargs = (args[0], k[0], v[0]), kwargs
+    erase_if_dead(sdpa.graph, old)
+    return k[1]
+
+
+def _make_causal(sdpa: fx.Node, analysis: MaskAnalysis) -> None:
+    args, kwargs = _sdpa_with(sdpa, attn_mask=None, is_causal=analysis.causal or None)
+    sdpa.args, sdpa.kwargs = args, kwargs
+
+
+def _describe(analysis: MaskAnalysis) -> str:
+    what = "causal mask → is_causal=True" if analysis.causal else "all-True mask dropped"
+    if analysis.checks:
+        checks = ", ".join(f"{kind}({table.name})" for kind, table in analysis.checks)
+        what += f" when {checks} (checked each step; the masked graph otherwise)"
+    return what
+
+
+def build_guard(graph: fx.Graph, checks: list[tuple[str, fx.Node]], owner: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with ``graph``'s placeholders that returns the conjunction of ``checks``: whether
+    the causal rewrite is exact for these inputs.  It reads only the small B×S ingredients."""
+    needed: set[fx.Node] = set()
+    stack = [table for _, table in checks]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        if has_side_effects(node) or node.op not in ("placeholder", "call_function", "call_method", "get_attr"):
+            raise NotCausal(f"the guard would have to run {node.name}")
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    guard = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            env[node] = guard.placeholder(node.name)
+        elif node in needed:
+            env[node] = guard.node_copy(node, lambda a: env[a])
+    preds = [guard.call_function(attention_ops.CHECKS[kind], (env[table],)) for kind, table in checks]
+    guard.output(guard.call_function(attention_ops.all_of, tuple(preds)))
+    return fx.GraphModule(owner, guard)
+
+
+def rewrite_attention(
+    main: fx.GraphModule, bodies: list[tuple[fx.GraphModule, fx.Node]], *, assume_checks: bool
+) -> tuple[list[RegionDecision], fx.GraphModule | None]:
+    """Rewrite every SDPA call of ``main`` and of the checkpointed ``bodies`` (each with the
+    ``tag_activation_checkpoint`` node that calls it).
+
+    A mask that is causal only under run-time checks is rewritten when ``assume_checks`` (the caller
+    then guards the graph with :func:`build_guard` on the returned checks) and kept otherwise.
+    Returns one decision per call and the guard of the checks assumed (None when none were).
+    """
+    decisions: list[RegionDecision] = []
+    analyses: dict[fx.Node, MaskAnalysis | NotCausal] = {}
+    assumed: list[tuple[str, fx.Node]] = []
+
+    def analysis_of(mask: fx.Node) -> MaskAnalysis | NotCausal:
+        if mask not in analyses:
+            try:
+                analyses[mask] = analyse_mask(mask)
+            except NotCausal as err:
+                analyses[mask] = err
+        return analyses[mask]
+
+    for owner, hop in [(main, None), *bodies]:
+        outer_of = {}
+        if hop is not None:
+            phs = [n for n in owner.graph.nodes if n.op == "placeholder"]
+            outer_of = dict(zip(phs, hop.args[1:]))
+        calls = [n for n in owner.graph.nodes if n.op == "call_function" and n.target in SDPA_FUNCS]
+        released = {_sdpa_arg(n, "attn_mask") for n in calls} - {None}
+        for sdpa in calls:
+            decisions.append(_rewrite_one(main, sdpa, outer_of, analysis_of, assumed if assume_checks else None))
+        if hop is not None:
+            _drop_unused_operands(owner, hop, released)
+    guard = build_guard(main.graph, assumed, main) if assumed else None  # before the ingredients die
+    erase_if_dead(main.graph, [a.mask for a in analyses.values() if isinstance(a, MaskAnalysis)])
+    return decisions, guard
+
+
+def _rewrite_one(
+    main: fx.GraphModule, sdpa: fx.Node, outer_of: dict, analysis_of, assumed: list | None
+) -> RegionDecision:
+    """Rewrite one SDPA call; checks it relies on are added to ``assumed`` (None: rely on none)."""
+    where = module_path(sdpa) or sdpa.name
+    q = tensor_of(_sdpa_arg(sdpa, "query"))
+    tokens = int(q.shape[-2]) if q is not None and isinstance(q.shape[-2], int) else None
+    done = []
+    group = _rewrite_gqa(sdpa)
+    if group is not None:
+        done.append(f"K/V unexpanded (enable_gqa, {group} query heads per K/V head)")
+    mask = _sdpa_arg(sdpa, "attn_mask")
+    why_not = None
+    if isinstance(mask, fx.Node):
+        outer = outer_of.get(mask, mask)
+        analysis = analysis_of(outer) if isinstance(outer, fx.Node) and outer.graph is main.graph else None
+        if analysis is None:
+            why_not = "the mask comes from outside the graph"
+        elif isinstance(analysis, NotCausal):
+            why_not = f"mask not plain causal: {analysis}"
+        elif _sdpa_arg(sdpa, "is_causal") or float(_sdpa_arg(sdpa, "dropout_p") or 0.0) != 0.0:
+            why_not = "mask with is_causal=True or dropout"
+        elif analysis.checks and assumed is None:
+            why_not = f"mask kept: this is the graph for inputs that fail {_describe(analysis)}"
+        else:
+            _make_causal(sdpa, analysis)
+            if assumed is not None:
+                assumed += [c for c in analysis.checks if c not in assumed]
+            done.append(_describe(analysis))
+    if not done:
+        return RegionDecision("attention", where, "skipped", why_not or "no mask and no expanded K/V: nothing to do", tokens=tokens)
+    detail = "; ".join(done) + (f"; {why_not}" if why_not else "")
+    return RegionDecision("attention", where, "rewritten", "S×S mask / expanded K/V", tokens=tokens, detail=detail)
+
+
+def _drop_unused_operands(body: fx.GraphModule, hop: fx.Node, released: set[fx.Node]) -> None:
+    """Remove the ``released`` body placeholders (masks) the rewrite left without users, and their operands."""
+    phs = [n for n in body.graph.nodes if n.op == "placeholder"]
+    dead = {i for i, ph in enumerate(phs) if ph in released and not ph.users}
+    if not dead:
+        return
+    operands = list(hop.args[1:])
+    for i in dead:
+        body.graph.erase_node(phs[i])
+    hop.args = (hop.args[0], *[op for i, op in enumerate(operands) if i not in dead])
+    body.recompile()
+
+
+#: Key under ``gm.meta`` of a graph whose attention rewrite relies on run-time checks (:class:`MaskGuard`).
+GUARD_KEY = "mst_mask_guard"
+
+
+@dataclass
+class MaskGuard:
+    """What the backend needs to keep a check-dependent rewrite exact: ``guard(*inputs)`` says whether
+    the rewritten graph is exact for these inputs, ``masked`` is the graph to run when it is not."""
+
+    guard: fx.GraphModule
+    masked: fx.GraphModule
