@@ -125,6 +125,7 @@ def _as_term(val: Any, node: fx.Node) -> _Term:
 
 
 def _compare(kind: str, a: Any, b: Any, node: fx.Node) -> _Term:
+    asked = kind
     if kind in ("ge", "gt"):  # a >= b is b <= a
         kind, a, b = {"ge": "le", "gt": "lt"}[kind], b, a
     if kind == "le" and isinstance(a, _Index) and isinstance(b, _Index):
@@ -137,7 +138,7 @@ def _compare(kind: str, a: Any, b: Any, node: fx.Node) -> _Term:
         if {a.dim, b.dim} == {2, 3}:  # id[query] == id[key]: all True when each row has one id
             return _Term(False, (("rows_constant", a.table),))
     raise NotCausal(
-        f"{node.name} ({kind}) is not the causal condition key <= query "
+        f"{node.name} ({asked}) is not the causal condition key <= query "
         "(a sliding window, chunked attention or offset mask is left unchanged)"
     )
 

@@ -274,12 +274,12 @@ def sample_batch(batch: int = 2, seq: int = 48, seed: int = 0) -> tuple[torch.Te
     return ids, labels
 
 
-def loss_and_grads(model, ids, labels, compile_backend=None):
+def loss_and_grads(model, ids, labels, compile_backend=None, attention_mask=None):
     model.zero_grad(set_to_none=True)
-    fn = lambda i, l: model(input_ids=i, labels=l).loss  # noqa: E731
+    fn = lambda i, l, a: model(input_ids=i, labels=l, attention_mask=a).loss  # noqa: E731
     if compile_backend is not None:
         fn = torch.compile(fn, backend=compile_backend)
-    loss = fn(ids, labels)
+    loss = fn(ids, labels, attention_mask)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
@@ -295,17 +295,26 @@ def max_diff(ref, got) -> float:
     return d
 
 
-def run_arch(arch: Arch, compiler: str = "aot_eager", mini_sequences: int = MINI_SEQUENCES, **options):
-    """Eager reference and one mst step on the same weights: ``(ref, got, backend)``."""
+def run_arch(arch: Arch, compiler: str = "aot_eager", mini_sequences: int = MINI_SEQUENCES, padding: int = 0, **options):
+    """Eager reference and one mst step on the same weights: ``(ref, got, backend)``.
+
+    The batch carries an ``attention_mask``, as every data collator's does: all ones, or with the
+    last ``padding`` tokens of the second sequence masked out.
+    """
     import mstfx
 
     model = arch.build()
     model.train()
     ids, labels = sample_batch()
-    ref = loss_and_grads(model, ids, labels)
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[1, -padding:] = 0
+        labels = labels.clone()
+        labels[1, -padding:] = -100
+    ref = loss_and_grads(model, ids, labels, attention_mask=mask)
     torch._dynamo.reset()
     be = mstfx.backend(compiler=compiler, mini_sequences=mini_sequences, **options)
-    got = loss_and_grads(model, ids, labels, be)
+    got = loss_and_grads(model, ids, labels, be, attention_mask=mask)
     torch._dynamo.reset()
     return ref, got, be
 
