@@ -31,16 +31,26 @@ INDUCTOR_CONFIG_PATCHES = {"reorder_for_peak_memory": False}
 
 
 def inductor_config_patches() -> dict:
-    """:data:`INDUCTOR_CONFIG_PATCHES` plus the post-grad pass that keeps each chunk's bias-gradient
-    reduction with its chunk (``mstfx/post_grad/bias_grad_order.py``), chained before any pass the user set."""
+    """:data:`INDUCTOR_CONFIG_PATCHES` plus mstfx's two aten-level passes, each chained before any pass
+    the user set: the joint-graph pass that saves checkpointed regions' outputs instead of recomputing
+    them (``mstfx/post_grad/checkpoint_outputs.py``) and the post-grad pass that keeps each chunk's
+    bias-gradient reduction with its chunk (``mstfx/post_grad/bias_grad_order.py``)."""
     import torch._inductor.config as inductor_config
 
     from mstfx.post_grad.bias_grad_order import BiasGradOrderPass
+    from mstfx.post_grad.checkpoint_outputs import SaveCheckpointOutputsPass
 
-    user = inductor_config.post_grad_custom_post_pass
-    if isinstance(user, BiasGradOrderPass):
-        user = user.then
-    return {**INDUCTOR_CONFIG_PATCHES, "post_grad_custom_post_pass": BiasGradOrderPass(then=user)}
+    user_post = inductor_config.post_grad_custom_post_pass
+    if isinstance(user_post, BiasGradOrderPass):
+        user_post = user_post.then
+    user_joint = inductor_config.joint_custom_pre_pass
+    if isinstance(user_joint, SaveCheckpointOutputsPass):
+        user_joint = user_joint.then
+    return {
+        **INDUCTOR_CONFIG_PATCHES,
+        "post_grad_custom_post_pass": BiasGradOrderPass(then=user_post),
+        "joint_custom_pre_pass": SaveCheckpointOutputsPass(then=user_joint),
+    }
 
 
 class MstFallbackWarning(UserWarning):

@@ -239,10 +239,14 @@ def _constant_value(node: fx.Node) -> torch.Tensor | None:
         order.append(n)
         stack.extend(n.all_input_nodes)
     env: dict[fx.Node, Any] = {}
+
+    def on_cpu(a: Any) -> Any:  # evaluated here, whatever device the graph targets (meta, cuda)
+        return env[a] if isinstance(a, fx.Node) else torch.device("cpu") if isinstance(a, torch.device) else a
+
     try:
         for n in sorted(order, key=_position(node.graph)):
-            args = fx.map_arg(n.args, lambda a: env[a])
-            kwargs = fx.map_arg(n.kwargs, lambda a: env[a])
+            args = fx.node.map_aggregate(n.args, on_cpu)
+            kwargs = fx.node.map_aggregate(n.kwargs, on_cpu)
             env[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
     except Exception:
         return None
@@ -395,6 +399,8 @@ def rewrite_attention(
                 analyses[mask] = analyse_mask(mask)
             except NotCausal as err:
                 analyses[mask] = err
+            except Exception as err:  # a reader bug must cost the rewrite of this mask, nothing else
+                analyses[mask] = NotCausal(f"could not read the mask ({type(err).__name__}: {err})")
         return analyses[mask]
 
     for owner, hop in [(main, None), *bodies]:

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 MST_META_KEY = "mst"
 #: Key under ``gm.meta`` that marks a graph as already rewritten, so it is never chunked twice.
 REWRITTEN_KEY = "mst_rewritten"
+#: First ``ac_graph_id`` of the recompute tags mstfx puts on MLP chunks, far above the ids Dynamo
+#: gives user checkpoints, so later passes can tell the two apart.
+MST_AC_GRAPH_ID_BASE = 1_000_000
 #: The report error of a graph that is already rewritten (compiled as it is, not a fallback).
 ALREADY_REWRITTEN = "already rewritten by mstfx"
 

@@ -20,10 +20,10 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from .. import chunked_ops
-from .common import is_view, mst_meta, split_dim, tensor_of
+from .common import MST_AC_GRAPH_ID_BASE, is_view, mst_meta, split_dim, tensor_of
 from .find_mlp import MlpRegion
 
-_ac_ids = itertools.count(1_000_000)  # far from ids Dynamo gives user checkpoints
+_ac_ids = itertools.count(MST_AC_GRAPH_ID_BASE)
 
 
 def _copy_for_chunk(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:

@@ -18,7 +18,8 @@ import torch
 
 from .measure import peak_bytes, step_seconds, training_step
 
-VARIANTS = ["eager", "eager+ckpt", "inductor(model)", "inductor", "inductor+auto_chunker", "mst", "mst+ckpt"]
+VARIANTS = ["eager", "eager+ckpt", "eager-mst", "inductor(model)", "inductor", "inductor+auto_chunker", "mst", "mst+ckpt"]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "eager-mst"]
 
 
 @dataclass
@@ -28,6 +29,24 @@ class BenchRow:
     step_s: float
     loss: float
     report: str = ""
+
+
+def mlp_heavy_config(seq_len: int = 8192):
+    """A CPU configuration where the MLPs dominate (HF Llama hidden 256, intermediate 1024, 4 layers,
+    8 query / 2 KV heads, vocab 2000): the one to compare with a hand-written eager MsT."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=2000,
+        max_position_embeddings=max(seq_len, 4096),
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
 
 
 def reference_config(seq_len: int = 4096):
@@ -47,9 +66,48 @@ def reference_config(seq_len: int = 4096):
     )
 
 
+CONFIGS = {"reference": reference_config, "mlp-heavy": mlp_heavy_config}
+
+
+def hand_written_mst(model, ids):
+    """MsT written by hand in eager, as a careful user would: each MLP runs its tokens in M chunks, each
+    under ``torch.utils.checkpoint`` (recomputed in backward), and the loss is the chunked linear
+    cross-entropy on the final hidden states.  M follows the paper's rule, as the backend's default."""
+    import types
+
+    from torch.utils.checkpoint import checkpoint
+
+    from mstfx import linear_cross_entropy
+    from mstfx.passes import chunk_rule
+
+    cfg = model.config
+    tokens = ids.numel()
+    m_mlp = chunk_rule.mlp_chunks(tokens, cfg.hidden_size, None)
+    m_head = chunk_rule.lm_head_chunks(tokens, cfg.hidden_size, cfg.vocab_size, None, 256)
+    for layer in model.model.layers:
+        mlp, plain = layer.mlp, type(layer.mlp).forward
+
+        def chunked(self, x, plain=plain):
+            flat = x.reshape(-1, x.shape[-1])
+            outs = [checkpoint(plain, self, piece, use_reentrant=False) for piece in flat.tensor_split(m_mlp)]
+            return torch.cat(outs).view(*x.shape[:-1], -1)
+
+        mlp.forward = types.MethodType(chunked, mlp)
+
+    def loss():
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        return linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, None, ids[:, 1:].reshape(-1), chunks=m_head
+        )
+
+    return loss
+
+
 def _loss_callable(variant: str, model, ids):
     import mstfx
 
+    if variant == "eager-mst":
+        return hand_written_mst(model, ids)
     if variant in ("eager", "eager+ckpt"):
         return lambda: model(input_ids=ids, labels=ids).loss
     if variant == "inductor(model)":
@@ -84,7 +142,9 @@ def prepare_variant(variant: str, base, ids):
     return step
 
 
-def run(seq_len: int, variants: list[str], repeats: int, batch: int = 1, seed: int = 0, progress: bool = True) -> list[BenchRow]:
+def run(
+    seq_len: int, variants: list[str], repeats: int, batch: int = 1, seed: int = 0, progress: bool = True, config: str = "reference"
+) -> list[BenchRow]:
     """Peaks variant by variant, then step times *interleaved* (A, B, C, A, B, C, ...).
 
     Interleaving makes the time ratios robust to load that changes over the run (shared machines).
@@ -94,7 +154,7 @@ def run(seq_len: int, variants: list[str], repeats: int, batch: int = 1, seed: i
     import mstfx
 
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(reference_config(seq_len))
+    base = LlamaForCausalLM(CONFIGS[config](seq_len))
     ids = torch.randint(0, base.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
     steps, peaks, losses, reports = {}, {}, {}, {}
 
@@ -144,14 +204,14 @@ def ratios(rows: list[BenchRow]) -> dict[str, dict[str, float]]:
     return out
 
 
-def render(rows: list[BenchRow], seq_len: int) -> str:
+def render(rows: list[BenchRow], seq_len: int, config: str = "reference") -> str:
     from io import StringIO
 
     from rich.console import Console
     from rich.table import Table
 
     rat = ratios(rows)
-    table = Table(title=f"one training step, reference Llama config, S={seq_len}, fp32, CPU")
+    table = Table(title=f"one training step, {config} Llama config, S={seq_len}, fp32, CPU")
     for col in ["variant", "peak MB", "peak / inductor(model)", "step s", "time / inductor", "loss"]:
         table.add_column(col, justify="right" if col != "variant" else "left")
     for r in rows:
@@ -184,7 +244,11 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument(
+        "--config", default="reference", choices=sorted(CONFIGS),
+        help="reference: hidden 512, 2 layers, vocab 32000; mlp-heavy: hidden 256, intermediate 1024, 4 layers, vocab 2000",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     args = parser.parse_args(argv)
@@ -196,11 +260,11 @@ def cli_main(argv: list[str]) -> int:
     if args.seq_len < 1 or args.batch < 1 or args.repeats < 1:
         print("mstfx bench: --seq-len, --batch and --repeats must be positive", file=sys.stderr)
         return 2
-    rows = run(args.seq_len, variants, args.repeats, args.batch, progress=not args.json)
+    rows = run(args.seq_len, variants, args.repeats, args.batch, progress=not args.json, config=args.config)
     if args.json:
         print(json.dumps({"seq_len": args.seq_len, "rows": [asdict(r) for r in rows], "ratios": ratios(rows)}, indent=2))
     else:
-        print(render(rows, args.seq_len))
+        print(render(rows, args.seq_len, args.config))
         if args.markdown:
             print(markdown(rows))
         for r in rows:

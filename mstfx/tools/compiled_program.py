@@ -1,0 +1,378 @@
+"""The peak memory of the *compiled* training step, found without a GPU.
+
+The eager simulation (:mod:`mstfx.tools.simulate`) runs the model op by op.  What a user runs is the
+program ``torch.compile(..., backend="mst")`` builds: Dynamo's graph, the mst passes, AOT autograd's
+joint graph and min-cut partition (what the forward saves, what the backward recomputes), then
+Inductor's kernels.  This module builds exactly that program for the real config:
+
+1. the model is made on the ``meta`` device (no weights) and captured by Dynamo;
+2. the graph goes through :func:`mstfx.passes.run_passes` (or not, for plain Inductor);
+3. AOT autograd traces forward + backward with Inductor's decompositions and partitions them with
+   Inductor's partitioner; the forward and backward graphs are kept;
+4. :func:`graph_peak` walks both graphs in order and tracks every buffer from the node that makes it
+   to its last reader, the way Inductor's generated code allocates and frees.
+
+SDPA is replaced, after the passes, by an op with FlashAttention-2's memory behaviour (output and
+log-sum-exp saved; the backward's fp32 dq accumulator and, with GQA, H-head dk/dv workspace), since on
+the meta device SDPA would fall back to the math kernel and its S×S weights.  Pointwise ops whose
+readers are all pointwise or reductions are fused by Inductor and make no buffer.  Identical decoder
+layers make the peak linear in the layer count, so models are captured with 2 and 3 layers and the
+peak is extrapolated (:func:`compiled_peak`), which keeps an 8B capture to seconds.  The estimate is
+checked against the profiler's CPU peaks of Inductor-compiled steps (``tests/test_compiled_program.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+# ---------------------------------------------------------------------------------------- attention
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_ops():
+    """``mstfx_sim::flash_attention`` (+ backward): shapes and memory of FlashAttention-2, no maths."""
+    from torch.library import custom_op
+
+    @custom_op("mstfx_sim::flash_attention", mutates_args=())
+    def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("mstfx_sim::flash_attention only runs on fake/meta tensors (memory simulation)")
+
+    @flash_attention.register_fake
+    def _(q, k, v, mask):
+        b, h, s, _ = q.shape
+        return torch.empty_like(q), q.new_empty(b, h, s, dtype=torch.float32)
+
+    @custom_op("mstfx_sim::flash_attention_backward", mutates_args=())
+    def flash_attention_backward(
+        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise RuntimeError("mstfx_sim::flash_attention_backward only runs on fake/meta tensors (memory simulation)")
+
+    @flash_attention_backward.register_fake
+    def _(dout, q, k, v, out, lse, mask):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], mask)
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward(dout, q, k, v, out, lse, mask)
+        return dq, dk, dv, None
+
+    flash_attention.register_autograd(backward, setup_context=setup_context)
+    return flash_attention, flash_attention_backward
+
+
+def simulated_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Drop-in for ``F.scaled_dot_product_attention`` in a captured graph (simulation only).
+
+    A boolean mask is turned into an additive one first, in the query's dtype, as SDPA itself does
+    before its fused kernels: that S×S tensor is made, and saved for the backward."""
+    flash_attention, _ = _flash_ops()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.where(attn_mask, 0.0, float("-inf")).to(query.dtype)
+    return flash_attention(query, key, value, attn_mask)[0]
+
+
+def _flash_backward_workspace(node: fx.Node) -> int:
+    """FA2's backward scratch beyond its outputs: fp32 dq accumulator, softmax_d, GQA dk/dv at H heads."""
+    q, k = (node.args[1].meta["val"], node.args[2].meta["val"])
+    b, h, s, d = q.shape
+    work = b * s * h * d * 4 + b * h * s * 4
+    if k.shape[1] != h:
+        work += 2 * b * s * h * d * q.element_size()
+    return int(work)
+
+
+def use_simulated_attention(gm: fx.GraphModule) -> int:
+    """Replace every SDPA call in ``gm`` and its submodules by :func:`simulated_sdpa`; returns how many."""
+    from mstfx.passes.attention import SDPA_FUNCS
+
+    n = 0
+    for mod in gm.modules():
+        if not isinstance(mod, fx.GraphModule):
+            continue
+        for node in mod.graph.nodes:
+            if node.op == "call_function" and node.target in SDPA_FUNCS:
+                node.target = simulated_sdpa
+                n += 1
+        mod.recompile()
+    return n
+
+
+# ---------------------------------------------------------------------------------------- capture
+
+
+@dataclass
+class Program:
+    """The forward and backward graphs AOT autograd made for one compiled step, and the mst report."""
+
+    forward: fx.GraphModule
+    backward: fx.GraphModule
+    report: Any = None
+
+
+def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None) -> Program:
+    """Build the compiled step of ``model(input_ids=ids, labels=ids).loss`` (``mst_config=None``: plain
+    Inductor) and run it once forward and backward on ``ids``' device (``meta``: no maths at all)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    from mstfx.passes import run_passes
+    from mstfx.post_grad.checkpoint_outputs import save_checkpoint_outputs
+
+    def partition(joint, joint_inputs, **kwargs):  # the mst backend's joint pass, then Inductor's partitioner
+        if mst_config is not None:
+            save_checkpoint_outputs(joint.graph)
+        return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
+
+    got: dict[str, Any] = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            got[name] = gm
+            return gm
+
+        return compiler
+
+    def backend(gm, example_inputs):
+        if mst_config is not None:
+            gm, got["report"] = run_passes(gm, example_inputs, mst_config, 0)
+            if got["report"].error:
+                raise RuntimeError(f"the mst passes left the graph unchanged: {got['report'].error}")
+        else:
+            gm = copy.copy(gm)
+        use_simulated_attention(gm)
+        return aot_module_simplified(
+            gm,
+            example_inputs,
+            fw_compiler=keep("forward"),
+            bw_compiler=keep("backward"),
+            partition_fn=partition,
+            decompositions=select_decomp_table(),
+        )
+
+    torch._dynamo.reset()
+    try:
+        loss = torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend=backend, dynamic=False, fullgraph=True)(ids)
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    if "forward" not in got or "backward" not in got:
+        raise RuntimeError("AOT autograd produced no forward/backward pair")
+    return Program(got["forward"], got["backward"], got.get("report"))
+
+
+# ---------------------------------------------------------------------------------------- liveness
+
+_DEBUG = False
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "var_mean", "prod", "any", "all", "argmax", "argmin"}
+_WORKSPACE = {"mstfx_sim.flash_attention_backward.default": _flash_backward_workspace}
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(node.target)
+
+
+def _is_view(node: fx.Node) -> bool:
+    """A node whose value aliases its first input's buffer: view ops, and the pieces of a view op with
+    several outputs (``split``)."""
+    target = node.target
+    if node.op != "call_function":
+        return False
+    if target is operator.getitem:
+        base = node.args[0]
+        return not isinstance(base.meta.get("val"), (tuple, list)) or getattr(base.target, "is_view", False)
+    return getattr(target, "is_view", False)
+
+
+def _fusible(node: fx.Node) -> bool:
+    """Pointwise ops and reductions: Inductor fuses their pointwise producers into their kernel."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    return torch.Tag.pointwise in target.tags or target._schema.name.split("::")[-1] in _REDUCTIONS
+
+
+def _nbytes(val: Any) -> int:
+    if not isinstance(val, torch.Tensor):
+        return 0
+    return int(val.untyped_storage().nbytes()) if val.numel() else 0
+
+
+@dataclass
+class GraphPeak:
+    """The peak of one graph: bytes alive (beyond its inputs' owners), and the node where it happens."""
+
+    peak: int
+    at: str
+    grads_at_peak: int = 0
+
+
+def graph_peak(
+    gm: fx.GraphModule, *, inputs_owned: bool, grad_outputs: set[int] = frozenset(), attention_workspace: bool = True,
+    input_groups: dict[str, tuple[str, int]] | None = None,
+) -> GraphPeak:
+    """Walk ``gm`` in order: each materialised node allocates its value, each buffer is freed after its
+    last reader (fused readers read on behalf of their own readers).  ``inputs_owned``: the graph frees
+    its inputs after their last use and counts them from the start (the backward's saved tensors;
+    parameters, named ``primals_*`` by AOT autograd, are never counted).
+    ``grad_outputs``: output positions that are gradients (reported separately at the peak).
+    ``input_groups``: placeholder name → (buffer, bytes) for inputs that are views of one storage
+    (the forward saved several pieces of one tensor): counted once, freed after the last piece."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    output = nodes[-1]
+    outs = [a for a in fx.node.map_aggregate(output.args[0], lambda a: a) if isinstance(a, fx.Node)] if output.args else []
+    flat_outs = []
+    fx.node.map_aggregate(output.args[0], lambda a: flat_outs.append(a) if isinstance(a, fx.Node) else None)
+    out_set = set(flat_outs)
+    grad_nodes = {flat_outs[i] for i in grad_outputs if i < len(flat_outs)}
+
+    # which nodes make a buffer
+    def materialised(n: fx.Node) -> bool:
+        if n.op == "placeholder":
+            return inputs_owned and not n.name.startswith("primals")
+        if n.op != "call_function" or _is_view(n):
+            return False
+        if n.target is operator.getitem:  # an element of a multi-output op: its own buffer
+            return True
+        if isinstance(n.meta.get("val"), (tuple, list)):
+            return False  # the elements are counted through their getitems
+        if n in out_set or not _fusible(n) or torch.Tag.pointwise not in getattr(n.target, "tags", ()):
+            return True
+        if not all(_fusible(u) for u in n.users):
+            return True
+        # Inductor inlines a pointwise op into its readers until the inlined expression reads too many
+        # buffers (``realize_reads_threshold``): then it is realised after all
+        return len(reads[n]) > realize_reads
+
+    from torch._inductor import config as inductor_config
+
+    realize_reads = inductor_config.realize_reads_threshold
+    real: dict[fx.Node, bool] = {}
+    reads: dict[fx.Node, frozenset] = {}  # buffers an inlined node's expression reads
+    for n in nodes:
+        inputs = frozenset().union(*[
+            (frozenset([a]) if real.get(a) or a.op == "placeholder" else reads.get(a, frozenset())) for a in n.all_input_nodes
+        ]) if n.all_input_nodes else frozenset()
+        reads[n] = inputs
+        real[n] = materialised(n)
+        if real[n]:
+            reads[n] = frozenset([n])
+
+    @functools.lru_cache(maxsize=None)
+    def read_until(n: fx.Node) -> int:
+        """The last position at which ``n``'s value is read (through fused readers and views)."""
+        last = pos[n]
+        for u in n.users:
+            if u.op == "output":
+                last = max(last, len(nodes))
+            elif real[u] or not (_is_view(u) or _fusible(u) or u.target is operator.getitem):
+                last = max(last, pos[u])
+            else:
+                last = max(last, read_until(u))
+        return last
+
+    def owner(n: fx.Node) -> fx.Node | None:
+        while n is not None and not real.get(n, False):
+            if (_is_view(n) or getattr(n.target, "is_view", False)) and n.args and isinstance(n.args[0], fx.Node):
+                n = n.args[0]
+            else:
+                return None
+        return n
+
+    # buffers: each materialised node is one, except inputs that share a storage (``input_groups``)
+    groups = input_groups or {}
+    key = {n: groups.get(n.name, (n.name, None))[0] if n.op == "placeholder" else n.name for n in nodes if real[n]}
+    size: dict[str, int] = {}
+    for n, k in key.items():
+        given = groups.get(n.name, (None, None))[1] if n.op == "placeholder" else None
+        size[k] = max(size.get(k, 0), given if given is not None else _nbytes(n.meta.get("val")))
+    first: dict[str, int] = {}
+    last_read: dict[str, int] = {}
+    for n, k in key.items():
+        first.setdefault(k, pos[n])
+        last_read[k] = max(last_read.get(k, 0), read_until(n))
+    for n in nodes:  # views and fused readers keep their owner alive
+        if not real[n] and n.op == "call_function":
+            o = owner(n)
+            if o is not None:
+                last_read[key[o]] = max(last_read[key[o]], read_until(n))
+    alloc_at: dict[int, list[str]] = {}
+    free_at: dict[int, list[str]] = {}
+    for k in size:
+        alloc_at.setdefault(first[k], []).append(k)
+        free_at.setdefault(last_read[k], []).append(k)
+    grad_keys = {key[n] for n in grad_nodes if n in key}
+
+    live = grads = 0
+    peak = GraphPeak(0, "start")
+    for i, n in enumerate(nodes):
+        for k in alloc_at.get(i, ()):
+            live += size[k]
+            grads += size[k] if k in grad_keys else 0
+        work = _WORKSPACE.get(_op_name(n)) if attention_workspace else None
+        transient = work(n) if work is not None else 0
+        if live + transient > peak.peak:
+            peak = GraphPeak(live + transient, n.name, grads)
+            if _DEBUG:
+                peak.alive = {k: size[k] for k in size if first[k] <= i <= last_read[k]}
+        for k in free_at.get(i, ()):
+            live -= size[k]
+            grads -= size[k] if k in grad_keys else 0
+    return peak
+
+
+def saved_storages(forward: fx.GraphModule) -> dict[str, tuple[str, int]]:
+    """Forward output name → (the forward node owning its storage, that storage's bytes): the saved
+    tensors reach the backward as placeholders of the same names."""
+    out: dict[str, tuple[str, int]] = {}
+    for node in forward.graph.output_node().all_input_nodes:
+        base = node
+        while base.op == "call_function" and (_is_view(base) or getattr(base.target, "is_view", False)):
+            if not (base.args and isinstance(base.args[0], fx.Node)):
+                break
+            base = base.args[0]
+        if base.op == "placeholder":
+            out[node.name] = (f"input:{base.name}", 0)  # a view of a parameter or input: not new memory
+        else:
+            out[node.name] = (base.name, _nbytes(base.meta.get("val")))
+    return out
+
+
+@dataclass
+class StepPeak:
+    """Peak bytes of one compiled step above parameters (activations, and gradients made so far)."""
+
+    total: int
+    activations: int
+    grads: int
+    where: str
+
+
+def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
+    """The step's peak: the forward's, or the saved tensors plus the backward's, whichever is higher.
+
+    The backward's outputs are the gradients; all are counted as gradients, as autograd keeps them in
+    ``.grad``.  ``device="cpu"`` drops FlashAttention-2's backward workspace (CPU's flash kernel keeps
+    only small per-thread buffers), for checks against CPU profiler peaks."""
+    fw = graph_peak(program.forward, inputs_owned=False)
+    groups = saved_storages(program.forward)
+    bw_out = program.backward.graph.output_node().args[0]
+    n_out = len(bw_out) if isinstance(bw_out, (tuple, list)) else 1
+    bw = graph_peak(program.backward, inputs_owned=True, grad_outputs=set(range(n_out)), attention_workspace=device != "cpu", input_groups=groups)
+    if fw.peak >= bw.peak:
+        return StepPeak(fw.peak, fw.peak, 0, f"forward at {fw.at}")
+    return StepPeak(bw.peak, bw.peak - bw.grads_at_peak, bw.grads_at_peak, f"backward at {bw.at}")
