@@ -149,7 +149,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
                 RegionDecision("mlp", region.name, "skipped", "one mini-sequence: nothing to save", chunks=1, **common)
             )
             continue
-        rewrite_mlp(owner, region, m, eager=config.compiler == "eager")
+        rewrite_mlp(owner, region, m, eager=config.compiler == "eager", in_checkpoint=owner is not new)
         if owner is not new:
             owner.recompile()
         changed = True

@@ -67,7 +67,7 @@ def extract_body(owner: fx.GraphModule, region: MlpRegion) -> tuple[fx.GraphModu
     return fx.GraphModule(owner, graph), externals
 
 
-def rewrite_mlp(gm: fx.GraphModule, region: MlpRegion, chunks: int, *, eager: bool = False) -> fx.Node:
+def rewrite_mlp(gm: fx.GraphModule, region: MlpRegion, chunks: int, *, eager: bool = False, in_checkpoint: bool = False) -> fx.Node:
     """Replace ``region`` by its chunked form; returns the node that now holds the region output.
 
     ``eager=False`` (for compilers) inlines each chunk with recompute tags.  ``eager=True`` calls each
@@ -97,8 +97,9 @@ def rewrite_mlp(gm: fx.GraphModule, region: MlpRegion, chunks: int, *, eager: bo
                 new = _copy_for_chunk(graph, node, env)
                 new.meta.pop("example_value", None)
                 new.meta.pop("val", None)
-                new.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-                new.meta["ac_graph_id"] = ac_id
+                if not in_checkpoint:
+                    new.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+                    new.meta["ac_graph_id"] = ac_id
                 mst_meta(new).update(region=region.name, chunk=i)
                 env[node] = new
             outs.append(_flat_output(graph, env[sink], sink))

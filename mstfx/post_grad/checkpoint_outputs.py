@@ -27,24 +27,46 @@ _RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes that depend on a tangent (the joint graph's backward half)."""
+    """The joint graph's backward half: nodes AOT autograd traced in the backward (it tags them), and
+    anything that depends on a tangent."""
     out: set[fx.Node] = set()
     for node in graph.nodes:
-        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(a in out for a in node.all_input_nodes):
+        if (
+            node.meta.get("partitioner_tag") == "is_backward"
+            or node.meta.get("autograd_backward")
+            or (node.op == "placeholder" and node.name.startswith("tangents"))
+            or any(a in out for a in node.all_input_nodes)
+        ):
             out.add(node)
     return out
 
 
 def save_checkpoint_outputs(graph: fx.Graph) -> int:
-    """Tag recompute-tagged forward nodes read by untagged forward nodes ``MUST_SAVE``; returns how many."""
+    """Tag ``MUST_SAVE`` each forward node of a checkpointed region read by a forward node that does not
+    lead back into that region (code after the region; decompositions also leave untagged nodes
+    *inside* a region, which lead back into it); returns how many nodes were tagged."""
     backward = _backward_nodes(graph)
+    forward = [n for n in graph.nodes if n not in backward]
+    region = {n: n.meta.get("ac_graph_id") for n in forward if n.meta.get("recompute") in _RECOMPUTE}
+    leads_to: dict[fx.Node, frozenset] = {}  # regions reachable from a node through forward users
+    for node in reversed(forward):
+        ids: set = set()
+        for user in node.users:
+            if user in backward or user.op == "output":
+                continue
+            ids |= leads_to.get(user, frozenset())
+            if user in region:
+                ids.add(region[user])
+        leads_to[node] = frozenset(ids)
     tagged = 0
-    for node in graph.nodes:
-        if node in backward or node.meta.get("recompute") not in _RECOMPUTE:
+    for node, rid in region.items():
+        if rid is None or rid >= MST_AC_GRAPH_ID_BASE:
             continue
-        if node.meta.get("ac_graph_id", 0) >= MST_AC_GRAPH_ID_BASE:
-            continue
-        if any(u not in backward and u.op != "output" and u.meta.get("recompute") not in _RECOMPUTE for u in node.users):
+        if any(
+            u not in region and u not in backward and u.op != "output" and rid not in leads_to[u]
+            and not all(w in backward for w in u.users)  # a view kept only for the backward is not code after the region
+            for u in node.users
+        ):
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             tagged += 1
     return tagged

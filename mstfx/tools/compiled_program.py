@@ -141,8 +141,10 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None) 
 
     def keep(name):
         def compiler(gm, example_inputs):
+            from torch._functorch.aot_autograd import make_boxed_func
+
             got[name] = gm
-            return gm
+            return make_boxed_func(gm)
 
         return compiler
 
@@ -315,7 +317,7 @@ def graph_peak(
     for k in size:
         alloc_at.setdefault(first[k], []).append(k)
         free_at.setdefault(last_read[k], []).append(k)
-    grad_keys = {key[n] for n in grad_nodes if n in key}
+    grad_keys = {key[o] for o in (n if real.get(n) else owner(n) for n in grad_nodes) if o is not None and o in key}
 
     live = grads = 0
     peak = GraphPeak(0, "start")
@@ -376,3 +378,69 @@ def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
     if fw.peak >= bw.peak:
         return StepPeak(fw.peak, fw.peak, 0, f"forward at {fw.at}")
     return StepPeak(bw.peak, bw.peak - bw.grads_at_peak, bw.grads_at_peak, f"backward at {bw.at}")
+
+
+# ---------------------------------------------------------------------------------------- whole models
+
+#: simulate's modes → (mst passes, gradient checkpointing)
+MODE_FLAGS = {"standard": (False, False), "ckpt": (False, True), "mst": (True, False), "mst+ckpt": (True, True)}
+
+
+def _meta_model(config, layers: int | None = None):
+    """``config``'s causal LM on the meta device, bf16, SDPA attention, no cache (optionally fewer layers)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config)
+    cfg.use_cache = False
+    cfg._attn_implementation = "sdpa"
+    cfg.dtype = torch.bfloat16
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+        for name in ("layer_types", "mlp_layer_types"):  # per-layer lists must match the layer count
+            if isinstance(getattr(cfg, name, None), list):
+                setattr(cfg, name, getattr(cfg, name)[:layers])
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model
+
+
+def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | None = None, device: str = "cuda", mst_config=None) -> StepPeak:
+    """The compiled step's peak for ``config`` with ``layers`` decoder layers (default: all)."""
+    import warnings
+
+    mst, ckpt = MODE_FLAGS[mode]
+    model = _meta_model(config, layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+    from mstfx.config import MstConfig
+
+    program = capture_program(model, ids, (mst_config or MstConfig()) if mst else None)
+    return program_peak(program, device=device)
+
+
+def compiled_peak(config, seq_len: int, mode: str, batch: int = 1, *, device: str = "cuda") -> StepPeak:
+    """The compiled step's peak for the whole model.  Decoder layers are identical, so the peak is
+    linear in their number: it is measured with 2 and 3 layers and extrapolated (exact below 4)."""
+    layers = config.num_hidden_layers
+    if layers <= 3:
+        return step_peak(config, seq_len, mode, batch, device=device)
+    two = step_peak(config, seq_len, mode, batch, layers=2, device=device)
+    three = step_peak(config, seq_len, mode, batch, layers=3, device=device)
+    extra = layers - 3
+
+    def line(a: int, b: int) -> int:
+        return b + extra * (b - a)
+
+    return StepPeak(
+        line(two.total, three.total), line(two.activations, three.activations), line(two.grads, three.grads),
+        f"{three.where} (extrapolated from 2 and 3 layers)",
+    )

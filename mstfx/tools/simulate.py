@@ -486,22 +486,53 @@ def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks) -> 
     return out
 
 
-def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1) -> dict[str, Breakdown]:
+#: which program is simulated: the eager step (op by op under MemTracker) or the compiled one (the
+#: graphs the mst backend / Inductor builds, see :mod:`mstfx.tools.compiled_program`)
+PROGRAMS = ("eager", "compiled")
+
+
+def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch: int, gpus: int) -> dict[str, Breakdown]:
+    """Breakdowns of the compiled step: activations and gradients at its peak from the program itself.
+
+    Its backward is one graph whose outputs are all the gradients, so they are alive together until it
+    returns, whatever the optimizer setup: "grads freed as made" does not apply to it."""
+    from .compiled_program import compiled_peak
+
+    if gpus > 1:
+        raise SimulateError("--program compiled models one GPU; use --program eager with --gpus")
+    peak = compiled_peak(config, seq_len, mode, batch)
+    return {
+        opt: Breakdown(
+            seq_len=seq_len, mode=mode, optimizer=opt, batch=batch, gpus=1, params=fm.param_bytes,
+            grads=peak.grads, optimizer_state=state_bpp * fm.n_params, activations=peak.activations,
+        )
+        for opt, (state_bpp, _, _) in OPTIMIZERS.items()
+    }
+
+
+def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1, program: str = "eager") -> dict[str, Breakdown]:
     """One simulated step; the peak breakdown for every optimizer setup of :data:`OPTIMIZERS`."""
     _check_args(seq_len, mode, batch, "adamw", gpus)
+    if program not in PROGRAMS:
+        raise SimulateError(f"unknown program {program!r}; one of {', '.join(PROGRAMS)}")
     fm = _fake_model(config)
+    if program == "compiled":
+        return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus)
     tracker, chunks = fm.step_peak(seq_len, batch, mode, _weights(gpus))
     return _breakdowns(fm, tracker, seq_len, mode, batch, gpus, chunks)
 
 
-def simulate_peak(config, seq_len: int, mode: str, batch: int = 1, optimizer: str = "adamw", gpus: int = 1) -> Breakdown:
+def simulate_peak(
+    config, seq_len: int, mode: str, batch: int = 1, optimizer: str = "adamw", gpus: int = 1, program: str = "eager"
+) -> Breakdown:
     """Simulated per-GPU peak of one training step (fwd + bwd, optimizer state resident).
 
     ``config``: a transformers config (see :func:`load_config`); ``mode``: one of :data:`MODES`;
-    ``optimizer``: one of :data:`OPTIMIZERS`; ``gpus > 1``: FSDP, params/grads/optimizer sharded.
+    ``optimizer``: one of :data:`OPTIMIZERS`; ``gpus > 1``: FSDP, params/grads/optimizer sharded;
+    ``program``: "eager" (op by op) or "compiled" (what ``backend="mst"`` / Inductor builds).
     """
     _check_args(seq_len, mode, batch, optimizer, gpus)
-    return simulate_all(config, seq_len, mode, batch, gpus)[optimizer]
+    return simulate_all(config, seq_len, mode, batch, gpus, program)[optimizer]
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -595,7 +626,8 @@ def longest_seq_len(
 
 
 def find_max_seq_len(
-    config, gpu_gb: float, mode: str, optimizer: str = "adamw", batch: int = 1, gpus: int = 1, progress=None, **search
+    config, gpu_gb: float, mode: str, optimizer: str = "adamw", batch: int = 1, gpus: int = 1, progress=None,
+    program: str = "eager", **search
 ) -> tuple[ModeResult, dict[int, dict[str, Breakdown]]]:
     """Longest S that fits ``gpu_gb`` GiB per GPU in ``mode``; also every run's breakdowns."""
     _check_args(1, mode, batch, optimizer, gpus)
@@ -611,7 +643,7 @@ def find_max_seq_len(
         return ModeResult(mode, 0, None, [], True, note), all_runs
 
     def peak(s: int) -> float:
-        bd = simulate_all(config, s, mode, batch, gpus)
+        bd = simulate_all(config, s, mode, batch, gpus, program)
         all_runs[s] = bd
         if progress is not None:
             progress(mode, s, bd[optimizer].total)
@@ -698,6 +730,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantum", type=int, default=128, help="answer granularity in tokens")
     p.add_argument("--plot", default=None, help="PNG path (default: simulate-<model>.png; 'none' to skip)")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to a file or '-' for stdout")
+    p.add_argument(
+        "--program", default="eager", choices=PROGRAMS,
+        help="eager: the step run op by op (FlashAttention); compiled: the graphs torch.compile(backend='mst') "
+        "builds (plain Inductor for standard/ckpt), their saved tensors and recomputes (default eager)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--compare-cost-model",
@@ -748,7 +785,7 @@ def run_cli(args) -> dict:
         for mode in modes:
             results[mode], all_runs[mode] = find_max_seq_len(
                 config, args.gpu_gb, mode, args.optimizer, args.batch, args.gpus, progress,
-                start=args.start, quantum=args.quantum,
+                program=args.program, start=args.start, quantum=args.quantum,
             )
     finally:
         if bar is not None:
@@ -763,6 +800,7 @@ def run_cli(args) -> dict:
         "strategy": args.strategy if args.gpus > 1 else None,
         "batch": args.batch,
         "optimizer": args.optimizer,
+        "program": args.program,
         "seconds": round(elapsed, 1),
         "modes": {},
         "by_optimizer": {},
@@ -793,7 +831,7 @@ def _print_table(out: dict) -> None:
     title = (
         f"{out['model']} ({out['params_billion']}B params) on "
         + (f"{out['gpus']} × " if out["gpus"] > 1 else "")
-        + f"{out['gpu_gib']:g} GiB, batch {out['batch']}, optimizer {out['optimizer']}"
+        + f"{out['gpu_gib']:g} GiB, batch {out['batch']}, optimizer {out['optimizer']}, {out.get('program', 'eager')} program"
         + (f", {out['strategy']} (per-GPU)" if out["strategy"] else "")
     )
     t = Table(title=title)

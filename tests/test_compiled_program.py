@@ -1,0 +1,130 @@
+"""The compiled program: what the forward saves, when the backward recomputes, and its simulated peak.
+
+The program is captured on the meta device (no weights, no maths): Dynamo, the mst passes, AOT
+autograd's partition.  Checked here: checkpointed layers recompute their MLP one chunk at a time (the
+last layer too), the estimate follows the profiler's CPU peaks of the real Inductor step, and
+``simulate_peak(program="compiled")`` answers for a whole config.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mstfx
+from mstfx.tools.compiled_program import capture_program, program_peak
+
+
+def _llama_config(layers=2, hidden=128, inter=512, vocab=1000):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, use_cache=False, attn_implementation="sdpa",
+    )
+
+
+def _meta_llama(cfg, checkpointing=True):
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def _recomputed_up_projection_runs(program, chunk_tokens, inter):
+    """Lengths of the runs of consecutive recomputed up-projections (chunk×I matmuls of a checkpointed
+    layer) in the backward, with no gradient matmul between them."""
+    runs, current = [], 0
+    for node in program.backward.graph.nodes:
+        if node.op != "call_function" or "mm" not in str(node.target):
+            continue
+        shape = tuple(node.meta["val"].shape)
+        if "ac_graph_id" in node.meta and shape == (chunk_tokens, inter):
+            current += 1
+        else:
+            if current:
+                runs.append(current)
+            current = 0
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_checkpointed_layers_recompute_one_chunk_at_a_time(layers):
+    """Every checkpointed layer, the last one included (its output feeds the final norm), rebuilds its
+    MLP chunk by chunk: at most the gate and up projections of one chunk before that chunk's gradients."""
+    cfg = _llama_config(layers=layers)
+    seq, m = 1024, 8
+    program = capture_program(_meta_llama(cfg), torch.zeros(1, seq, dtype=torch.long, device="meta"), mstfx.MstConfig(mini_sequences=m))
+    runs = _recomputed_up_projection_runs(program, seq // m, cfg.intermediate_size)
+    assert len(runs) >= layers * m, runs  # every chunk of every layer is recomputed in the backward
+    assert max(runs) <= 2, f"chunks recomputed together before their gradients: {runs}"
+
+
+def test_attention_leaves_no_square_tensor_in_the_program():
+    cfg = _llama_config(layers=2)
+    seq = 640  # nothing else in this model is 640×640
+    program = capture_program(_meta_llama(cfg), torch.zeros(1, seq, dtype=torch.long, device="meta"), mstfx.MstConfig())
+    for gm in (program.forward, program.backward):
+        squares = [n.name for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+                   and n.meta["val"].dim() >= 2 and tuple(n.meta["val"].shape[-2:]) == (seq, seq)]
+        assert squares == []
+    plain = capture_program(_meta_llama(cfg), torch.zeros(1, seq, dtype=torch.long, device="meta"), None)
+    assert any(isinstance(n.meta.get("val"), torch.Tensor) and tuple(n.meta["val"].shape[-2:]) == (seq, seq)
+               for n in plain.forward.graph.nodes), "plain Inductor's program should still hold HF's S×S mask"
+
+
+def test_extrapolated_layers_match_a_direct_capture():
+    """Identical layers make the peak linear in their count: 2 and 3 layers predict 5."""
+    from mstfx.tools.compiled_program import compiled_peak, step_peak
+
+    cfg = _llama_config(layers=5)
+    direct = step_peak(cfg, 1024, "mst+ckpt")
+    extrapolated = compiled_peak(cfg, 1024, "mst+ckpt")
+    assert abs(extrapolated.total / direct.total - 1) < 0.02, (extrapolated, direct)
+
+
+def test_simulate_peak_compiled_program():
+    from mstfx.tools.simulate import simulate_peak
+
+    cfg = _llama_config(layers=3)
+    mst = simulate_peak(cfg, 1024, "mst+ckpt", optimizer="adamw", program="compiled")
+    plain = simulate_peak(cfg, 1024, "standard", optimizer="adamw", program="compiled")
+    assert 0 < mst.activations < plain.activations
+    assert mst.params == plain.params > 0 and mst.optimizer_state == 8 * mst.params / 2  # bf16 params, 8 B/param states
+    with pytest.raises(ValueError, match="program"):
+        simulate_peak(cfg, 1024, "mst", program="jit")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["mst", "mst+ckpt"])
+@pytest.mark.parametrize("seq", [2048, 8192])
+def test_estimate_follows_the_profiler(mode, seq):
+    """The simulated peak of the compiled program within 10% of the profiler's peak of the real CPU step
+    (HF Llama, hidden 256, intermediate 1024, 4 layers, vocab 2000, fp32)."""
+    from transformers import LlamaForCausalLM
+
+    from mstfx.tools.bench import mlp_heavy_config
+    from mstfx.tools.measure import peak_bytes, training_step
+
+    cfg = mlp_heavy_config(seq)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    checkpointing = mode.endswith("ckpt")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend=mstfx.backend())
+    step = training_step(model, lambda: compiled(ids))
+    step()
+    measured, _ = peak_bytes(step)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(cfg)
+    if checkpointing:
+        meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    estimate = program_peak(capture_program(meta.train(), torch.zeros(1, seq, dtype=torch.long, device="meta"), mstfx.MstConfig()), device="cpu")
+    assert abs(estimate.total / measured - 1) <= 0.10, (estimate, measured)
