@@ -93,12 +93,22 @@ def test_longest_s_needs_m_substituted_and_handles_static_overflow():
 
 
 def test_m_of_one_means_not_chunked():
+    # M = 1 chunks nothing; what stays is the attention pass, which removes HF's S×S mask
+    no_mask = cm.Arch(**{**REF.__dict__, "causal_mask": False})
     one = cm.regions(REF, cm.Precision(), "mst", 1, 1)
-    std = cm.regions(REF, cm.Precision(), "standard", 1, 1)
+    std = cm.regions(no_mask, cm.Precision(), "standard", 1, 1)
     for a, b in zip(one, std):
         assert sp.simplify(a.saved - b.saved) == 0
     assert math.isclose(cm.evaluate(cm.step_cost(REF, "mst", m_mlp=1, m_head=1).peak, 4096),
-                        cm.evaluate(cm.step_cost(REF, "standard", m_mlp=1, m_head=1).peak, 4096))
+                        cm.evaluate(cm.step_cost(no_mask, "standard", m_mlp=1, m_head=1).peak, 4096))
+
+
+def test_mst_modes_drop_the_mask_only_where_attention_is_plain_causal():
+    windowed = cm.Arch(**{**REF.__dict__, "plain_causal": False})
+    for mode in cm.MODES:
+        chunked = mode.startswith("mst")
+        assert cm.mask_kept(REF, mode) is not chunked
+        assert cm.mask_kept(windowed, mode) is True
 
 
 def test_mlps_inside_checkpointed_layers_are_chunked():

@@ -95,11 +95,11 @@ COEF = {
     # the additive causal mask (B × S × S, activation dtype) the compiled HF SDPA path materialises
     # once and keeps until the last attention backward (measured: 16.8 MB at S = 2048, 67.1 MB at 4096)
     "mask_s2": 1.0,
-    # 1: a checkpointed layer's recompute makes *every* chunk's up-projections before the layer's
-    # backward runs (measured on Inductor: the partitioner recomputes the whole checkpointed body
-    # ahead of its backward), so chunking inside checkpointed layers only shrinks the MLP's backward
-    # transient to one chunk; 0 would be the ideal chunk-by-chunk recompute
-    "ckpt_mlp_whole": 1.0,
+    # 0: a checkpointed layer's MLP is recomputed chunk by chunk, each chunk just before its gradient
+    # (checked on the captured backward, tests/test_compiled_program.py).  It was 1 (every chunk's
+    # up-projections alive together) while mstfx's chunk tags inside checkpoint bodies read as
+    # checkpoint boundaries to the partitioner and the last layer's output was recomputed whole
+    "ckpt_mlp_whole": 0.0,
 }
 
 
@@ -119,6 +119,10 @@ class Arch:
     params: int | None = None  # exact count when known (an nn.Module); else estimated
     eager_attention: bool = False  # materialises heads × S × S scores (quadratic in S)
     causal_mask: bool = True  # the compiled HF SDPA path materialises a B × S × S additive mask (transformers 5)
+    #: attention is plain causal (no sliding window, no chunked attention): in the mst modes the
+    #: backend's attention pass then hands SDPA ``is_causal=True`` and the unexpanded K/V, so the
+    #: compiled step keeps neither the mask nor repeated K/V (``mstfx/passes/attention.py``)
+    plain_causal: bool = True
     #: how a norm keeps its input for backward (eager program): "rms" (HF Llama: fp32 copy of the input,
     #: weight applied in the activation dtype), "rms_fp32" (HF Gemma: weight applied in fp32 too),
     #: "layer" (``native_layer_norm``: the input itself plus mean and rstd)
@@ -235,12 +239,14 @@ def regions(
     # recompute makes only the MLP input, and its backward runs chunk by chunk (see "checkpointed layer")
     chunk_mlp = chunked and not (isinstance(m_mlp, (int, sp.Integer)) and int(m_mlp) == 1)
     chunk_head = chunked and not (isinstance(m_head, (int, sp.Integer)) and int(m_head) == 1)
-    build = compiled_regions if program == "compiled" else eager_regions
-    attn, mlp, mlp_full_saved, head = build(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head)
+    if program == "compiled":
+        attn, mlp, mlp_full_saved, head = compiled_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head, mask_kept(arch, mode))
+    else:
+        attn, mlp, mlp_full_saved, head = eager_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head)
     if ckpt:  # a checkpointed layer keeps its input; its activations come back one layer at a time
-        # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``); compiled,
-        # the recompute ahead of it makes all chunks' up-projections (``ckpt_mlp_whole``, measured);
-        # eager, each chunk's own checkpoint recomputes it just before its backward
+        # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``), each
+        # chunk recomputed just before its gradient (``ckpt_mlp_whole`` = 0; eager: each chunk's own
+        # checkpoint)
         whole = COEF["ckpt_mlp_whole"] if program == "compiled" else 0.0
         h, t, a = arch.hidden, B * S, prec.act_bytes
         layer_saved = attn.saved + (whole * mlp_full_saved + (1 - whole) * mlp.saved if chunk_mlp else mlp.saved)
@@ -263,12 +269,20 @@ def mlp_saved_i(arch: Arch) -> float:
     return COEF["mlp_saved_i"] * arch.ups + COEF["mlp_saved_down_in"]
 
 
-def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool, m_mlp, m_head):
-    """(attention, MLP, unchunked MLP's saved bytes, LM head) of the Inductor-compiled step (:data:`COEF`)."""
+def mask_kept(arch: Arch, mode: str) -> bool:
+    """Whether the compiled step in ``mode`` still holds HF's S×S mask (and K/V repeated per query head):
+    plain Inductor does; the mst backend removes both where attention is plain causal."""
+    return arch.causal_mask and not (mode_flags(mode)[0] and arch.plain_causal)
+
+
+def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool, m_mlp, m_head, mask: bool | None = None):
+    """(attention, MLP, unchunked MLP's saved bytes, LM head) of the Inductor-compiled step (:data:`COEF`).
+
+    ``mask``: the step holds HF's mask and repeated K/V (default ``arch.causal_mask``; see :func:`mask_kept`)."""
     c, a = COEF, prec.act_bytes
     h, i, v, nh = arch.hidden, arch.intermediate, arch.vocab, arch.heads
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    if arch.causal_mask:  # with a mask HF's SDPA path repeats K and V to every query head (repeat_kv)
+    if arch.causal_mask if mask is None else mask:  # with a mask HF's SDPA path repeats K and V to every query head (repeat_kv)
         kv = q
     t = B * S
 
@@ -451,7 +465,7 @@ def step_cost(
     layers_saved = arch.layers * layer_saved
     # the causal mask of the attention layers, made once and alive until the first layer's backward
     # (compiled only: eager FlashAttention takes no mask)
-    mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if arch.causal_mask and compiled else sp.Integer(0)
+    mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if mask_kept(arch, mode) and compiled else sp.Integer(0)
     layers_saved = layers_saved + mask
     # tied weight, head not chunked (measured on GPT-2): the LM head's weight gradient waits to be summed
     # with the embedding's at the end of backward, and the fp32 logits/dlogits buffer lives until then

@@ -147,6 +147,17 @@ def _config_dict(source: Any) -> tuple[dict, int | None]:
     raise TypeError(f"expected an nn.Module, a config (dict or HF config) or a path/name, got {type(source).__name__}")
 
 
+def _plain_causal(d: dict) -> bool:
+    """No sliding window or chunked attention on any layer (the attention pass leaves those masks)."""
+    types = d.get("layer_types") or []
+    if any("sliding" in str(t) or "chunk" in str(t) for t in types):
+        return False
+    if d.get("attention_chunk_size"):
+        return False
+    window = d.get("sliding_window")
+    return not window or d.get("use_sliding_window") is False
+
+
 def arch_of(source: Any) -> cm.Arch:
     """:class:`~mstfx.planning.cost_model.Arch` of a model, HF config, config dict, config path or name."""
     if isinstance(source, cm.Arch):
@@ -176,6 +187,7 @@ def arch_of(source: Any) -> cm.Arch:
         vocab=int(vocab), gated=gated, tied=bool(get("tie_word_embeddings", default=mtype == "gpt2")),
         params=params, eager_attention=attn_impl == "eager", norm=_norm_kind(mtype), sandwich_norms=mtype in _SANDWICH,
         logit_softcap=bool(get("final_logit_softcapping")),
+        plain_causal=_plain_causal(d),
         name=str(get("_name_or_path", default=mtype) or mtype),
     )
 
