@@ -324,7 +324,7 @@ def test_ddp_whole_graph_chunks_every_mlp_and_matches_eager(ddp_results):
         assert len(reports) == 1 and reports[0]["error"] is None, text
         kinds = sorted(d[0] for d in reports[0]["decisions"] if d[2] == "chunked")
         assert kinds == ["lm_head+loss", "mlp", "mlp"], text
-        assert all(d[2] == "chunked" for d in reports[0]["decisions"]), text
+        assert all(d[2] == "chunked" for d in reports[0]["decisions"] if d[0] != "attention"), text
 
 
 def test_ddp_whole_graph_is_scoped():

@@ -356,12 +356,16 @@ def saved_storages(forward: fx.GraphModule) -> dict[str, tuple[str, int]]:
 
 @dataclass
 class StepPeak:
-    """Peak bytes of one compiled step above parameters (activations, and gradients made so far)."""
+    """Peak bytes of one compiled step above parameters (activations, and gradients made so far), and
+    the peaks of its two graphs (the backward's with the gradients alive at it)."""
 
     total: int
     activations: int
     grads: int
     where: str
+    forward: int = 0
+    backward: int = 0
+    backward_grads: int = 0
 
 
 def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
@@ -375,9 +379,10 @@ def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
     bw_out = program.backward.graph.output_node().args[0]
     n_out = len(bw_out) if isinstance(bw_out, (tuple, list)) else 1
     bw = graph_peak(program.backward, inputs_owned=True, grad_outputs=set(range(n_out)), attention_workspace=device != "cpu", input_groups=groups)
+    phases = dict(forward=fw.peak, backward=bw.peak, backward_grads=bw.grads_at_peak)
     if fw.peak >= bw.peak:
-        return StepPeak(fw.peak, fw.peak, 0, f"forward at {fw.at}")
-    return StepPeak(bw.peak, bw.peak - bw.grads_at_peak, bw.grads_at_peak, f"backward at {bw.at}")
+        return StepPeak(fw.peak, fw.peak, 0, f"forward at {fw.at}", **phases)
+    return StepPeak(bw.peak, bw.peak - bw.grads_at_peak, bw.grads_at_peak, f"backward at {bw.at}", **phases)
 
 
 # ---------------------------------------------------------------------------------------- whole models
@@ -428,8 +433,10 @@ def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | 
 
 
 def compiled_peak(config, seq_len: int, mode: str, batch: int = 1, *, device: str = "cuda") -> StepPeak:
-    """The compiled step's peak for the whole model.  Decoder layers are identical, so the peak is
-    linear in their number: it is measured with 2 and 3 layers and extrapolated (exact below 4)."""
+    """The compiled step's peak for the whole model.  Decoder layers are identical, so the forward's
+    peak and the backward's peak are each linear in their number: both are measured with 2 and 3
+    layers and extrapolated separately (the step's peak may sit in the backward at 3 layers and in the
+    forward at 32), then the larger is taken (exact below 4 layers)."""
     layers = config.num_hidden_layers
     if layers <= 3:
         return step_peak(config, seq_len, mode, batch, device=device)
@@ -440,7 +447,10 @@ def compiled_peak(config, seq_len: int, mode: str, batch: int = 1, *, device: st
     def line(a: int, b: int) -> int:
         return b + extra * (b - a)
 
-    return StepPeak(
-        line(two.total, three.total), line(two.activations, three.activations), line(two.grads, three.grads),
-        f"{three.where} (extrapolated from 2 and 3 layers)",
-    )
+    forward = line(two.forward, three.forward)
+    backward = line(two.backward, three.backward)
+    grads = line(two.backward_grads, three.backward_grads)
+    note = "(extrapolated from 2 and 3 layers)"
+    if forward >= backward:
+        return StepPeak(forward, forward, 0, f"forward {note}", forward, backward, grads)
+    return StepPeak(backward, backward - grads, grads, f"backward {note}", forward, backward, grads)
