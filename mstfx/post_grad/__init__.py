@@ -1,6 +1,38 @@
-"""Aten-level passes that run inside Inductor, on the post-grad graph (after AOT autograd and the
-partitioner), chained into ``torch._inductor.config.post_grad_custom_post_pass`` by the backend.
+"""Aten-level passes that run inside Inductor, chained by the backend into Inductor's custom-pass hooks:
+``joint_custom_pre_pass`` (the joint graph, before the partition: :mod:`.checkpoint_outputs`) and
+``post_grad_custom_post_pass`` (after it: :mod:`.bias_grad_order`).
 
-The torch-level passes that find and rewrite regions are in :mod:`mstfx.passes`; these only fix the
-order Inductor gives to what the rewrite produced.
+The torch-level passes that find and rewrite regions are in :mod:`mstfx.passes`; these only decide
+what Inductor saves and in which order it runs what the rewrite produced.
 """
+
+from __future__ import annotations
+
+import inspect
+
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+
+class ChainedPass(CustomGraphPass):
+    """An mstfx pass in one of Inductor's custom-pass slots, then ``then`` (the pass the user had set)."""
+
+    def __init__(self, then: CustomGraphPass | None = None) -> None:
+        self.then = then
+
+    def run(self, graph: fx.Graph) -> None:
+        raise NotImplementedError
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.run(graph)
+        if self.then is not None:
+            self.then(graph)
+
+    def uuid(self):
+        # Inductor's FX graph cache keys on this: the hash of the pass's file, so an edited pass never
+        # reuses code compiled by an older one
+        own = get_hash_for_files((inspect.getfile(type(self)),))
+        if self.then is None:
+            return own
+        inner = self.then.uuid() if hasattr(self.then, "uuid") else None
+        return None if inner is None else (own, inner)  # None: the user's pass is not cacheable

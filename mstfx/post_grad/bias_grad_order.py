@@ -20,7 +20,8 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from . import ChainedPass
 
 aten = torch.ops.aten
 
@@ -87,22 +88,8 @@ def keep_bias_grads_with_their_chunks(graph: fx.Graph) -> int:
     return len(nodes)
 
 
-class BiasGradOrderPass(CustomGraphPass):
+class BiasGradOrderPass(ChainedPass):
     """The pass as Inductor's ``post_grad_custom_post_pass``; runs ``then`` (a user's pass) after it."""
 
-    def __init__(self, then: CustomGraphPass | None = None) -> None:
-        self.then = then
-
-    def __call__(self, graph: fx.Graph) -> None:
+    def run(self, graph: fx.Graph) -> None:
         keep_bias_grads_with_their_chunks(graph)
-        if self.then is not None:
-            self.then(graph)
-
-    def uuid(self):
-        # Inductor's FX graph cache keys on this: the hash of this file, so an edited pass never reuses
-        # code compiled by an older one
-        own = get_hash_for_files((__file__,))
-        if self.then is None:
-            return own
-        inner = self.then.uuid() if hasattr(self.then, "uuid") else None
-        return None if inner is None else (own, inner)  # None: the user's pass is not cacheable

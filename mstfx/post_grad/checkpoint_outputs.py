@@ -18,10 +18,11 @@ just before its own backward, one MLP chunk at a time.
 from __future__ import annotations
 
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
 
 from mstfx.passes.common import MST_AC_GRAPH_ID_BASE
+
+from . import ChainedPass
 
 _RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
 
@@ -72,20 +73,8 @@ def save_checkpoint_outputs(graph: fx.Graph) -> int:
     return tagged
 
 
-class SaveCheckpointOutputsPass(CustomGraphPass):
+class SaveCheckpointOutputsPass(ChainedPass):
     """The pass as Inductor's ``joint_custom_pre_pass``; runs ``then`` (a user's pass) after it."""
 
-    def __init__(self, then: CustomGraphPass | None = None) -> None:
-        self.then = then
-
-    def __call__(self, graph: fx.Graph) -> None:
+    def run(self, graph: fx.Graph) -> None:
         save_checkpoint_outputs(graph)
-        if self.then is not None:
-            self.then(graph)
-
-    def uuid(self):
-        own = get_hash_for_files((__file__,))
-        if self.then is None:
-            return own
-        inner = self.then.uuid() if hasattr(self.then, "uuid") else None
-        return None if inner is None else (own, inner)
