@@ -178,7 +178,6 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None) 
 
 # ---------------------------------------------------------------------------------------- liveness
 
-_DEBUG = False
 _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "var_mean", "prod", "any", "all", "argmax", "argmin"}
 _WORKSPACE = {"mstfx_sim.flash_attention_backward.default": _flash_backward_workspace}
 
@@ -236,7 +235,6 @@ def graph_peak(
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     output = nodes[-1]
-    outs = [a for a in fx.node.map_aggregate(output.args[0], lambda a: a) if isinstance(a, fx.Node)] if output.args else []
     flat_outs = []
     fx.node.map_aggregate(output.args[0], lambda a: flat_outs.append(a) if isinstance(a, fx.Node) else None)
     out_set = set(flat_outs)
@@ -329,8 +327,6 @@ def graph_peak(
         transient = work(n) if work is not None else 0
         if live + transient > peak.peak:
             peak = GraphPeak(live + transient, n.name, grads)
-            if _DEBUG:
-                peak.alive = {k: size[k] for k in size if first[k] <= i <= last_read[k]}
         for k in free_at.get(i, ()):
             live -= size[k]
             grads -= size[k] if k in grad_keys else 0
