@@ -169,7 +169,6 @@ class GuardedGraph:
         return self.masked(*args)
 
 
-
 def _is_dynamo_control_flow(err: BaseException) -> bool:
     """Exceptions Dynamo raises through a backend on purpose (restart the analysis): never swallow them."""
     from torch._dynamo.exc import RestartAnalysis

@@ -10,8 +10,8 @@ after the partitioner, is :mod:`mstfx.post_grad`).  :func:`run_passes` runs them
     chunk_rule      choose M per region (paper's rule, or the user's / planner's numbers)
     rewrite_mlp     chunked loop, tagged for recompute in backward
     rewrite_lm_head fused chunked linear cross-entropy (loss and logits-gradient per chunk)
-    attention       SDPA fed HF's in-graph causal mask → is_causal=True (under a torch.cond guard when
-                    the mask reads a runtime padding mask or position ids); repeat_kv → enable_gqa
+    attention       SDPA fed HF's in-graph causal mask → is_causal=True (guarded per step when the mask
+                    reads a runtime padding mask or position ids); repeat_kv → enable_gqa
     verify          fake-tensor propagation of the rewritten graph; any failure restores the original
 
 Each region is rewritten whole or not at all; a graph whose rewrite fails verification is returned

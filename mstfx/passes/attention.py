@@ -463,8 +463,7 @@ def _drop_unused_operands(body: fx.GraphModule, hop: fx.Node, released: set[fx.N
     operands = list(hop.args[1:])
     for i in dead:
         body.graph.erase_node(phs[i])
-    hop.args = (hop.args[0], *[op for i, op in enumerate(operands) if i not in dead])
-    body.recompile()
+    hop.args = (hop.args[0], *[op for i, op in enumerate(operands) if i not in dead])  # the caller recompiles
 
 
 #: Key under ``gm.meta`` of a graph whose attention rewrite relies on run-time checks (:class:`MaskGuard`).

@@ -31,38 +31,27 @@ class BenchRow:
     report: str = ""
 
 
+def _llama_config(seq_len: int, **sizes):
+    """An HF Llama config for CPU measurements: SDPA attention, no cache, positions for ``seq_len``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**sizes, max_position_embeddings=max(seq_len, 4096), use_cache=False, attn_implementation="sdpa")
+
+
 def mlp_heavy_config(seq_len: int = 8192):
     """A CPU configuration where the MLPs dominate (HF Llama hidden 256, intermediate 1024, 4 layers,
     8 query / 2 KV heads, vocab 2000): the one to compare with a hand-written eager MsT."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=2000,
-        max_position_embeddings=max(seq_len, 4096),
-        use_cache=False,
-        attn_implementation="sdpa",
+    return _llama_config(
+        seq_len, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=2000,
     )
 
 
 def reference_config(seq_len: int = 4096):
     """The reference CPU configuration of the design notes (HF Llama, 2 layers, vocab 32000)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1792,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=max(seq_len, 4096),
-        use_cache=False,
-        attn_implementation="sdpa",
+    return _llama_config(
+        seq_len, hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=32000,
     )
 
 

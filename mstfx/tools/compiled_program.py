@@ -84,14 +84,19 @@ def simulated_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     return flash_attention(query, key, value, attn_mask)[0]
 
 
+def fa2_backward_workspace(batch: int, seq: int, heads: int, head_dim: int, kv_heads: int, itemsize: int) -> int:
+    """Bytes FlashAttention-2's backward holds beyond its outputs: the fp32 dq accumulator, softmax_d,
+    and with GQA dk/dv at every query head (both simulators count this)."""
+    work = batch * seq * heads * head_dim * 4 + batch * heads * seq * 4
+    if kv_heads != heads:
+        work += 2 * batch * seq * heads * head_dim * itemsize
+    return int(work)
+
+
 def _flash_backward_workspace(node: fx.Node) -> int:
-    """FA2's backward scratch beyond its outputs: fp32 dq accumulator, softmax_d, GQA dk/dv at H heads."""
     q, k = (node.args[1].meta["val"], node.args[2].meta["val"])
     b, h, s, d = q.shape
-    work = b * s * h * d * 4 + b * h * s * 4
-    if k.shape[1] != h:
-        work += 2 * b * s * h * d * q.element_size()
-    return int(work)
+    return fa2_backward_workspace(b, s, h, d, k.shape[1], q.element_size())
 
 
 def use_simulated_attention(gm: fx.GraphModule) -> int:

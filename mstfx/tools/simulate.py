@@ -123,6 +123,8 @@ def _register_flash_sim() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
+    from .compiled_program import fa2_backward_workspace
+
     if _ATTN_NAME in AttentionInterface._global_mapping:
         return
 
@@ -139,13 +141,7 @@ def _register_flash_sim() -> None:
             q, k, v, out, lse = ctx.saved_tensors
             b, s, h, hd = q.shape
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            # FA2 backward workspace: fp32 dq accumulator, softmax_d, and for GQA dk/dv at H heads
-            work = [
-                torch.empty(b, s, h, hd, dtype=torch.float32, device=q.device),
-                torch.empty(b, h, s, dtype=torch.float32, device=q.device),
-            ]
-            if k.shape[2] != h:
-                work += [torch.empty(b, s, h, hd, dtype=q.dtype, device=q.device) for _ in range(2)]
+            work = torch.empty(fa2_backward_workspace(b, s, h, hd, k.shape[2], q.element_size()), dtype=torch.uint8, device=q.device)
             del work
             return dq, dk, dv
 
