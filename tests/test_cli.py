@@ -42,5 +42,5 @@ def test_bench_json_short_sequence(capsys, monkeypatch):
     data = json.loads(capsys.readouterr().out)
     rows = {r["variant"]: r for r in data["rows"]}
     assert rows["mst"]["loss"] == pytest.approx(rows["inductor(model)"]["loss"], rel=1e-5)
-    assert rows["mst"]["peak_mb"] < rows["inductor(model)"]["peak_mb"]
+    assert rows["mst"]["peak_mib"] < rows["inductor(model)"]["peak_mib"]
     assert "lm_head+loss" in rows["mst"]["report"]

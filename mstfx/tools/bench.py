@@ -3,7 +3,8 @@
 Variants, all on the same model and weights, in one process: eager, eager + gradient checkpointing,
 Inductor on the model (logits escape), Inductor on the loss function, Inductor with its
 ``auto_chunker``, mst, mst + gradient checkpointing.  Ratios are to Inductor on the loss function
-(time) and to Inductor on the model (memory), the baselines of the issue's targets.
+(time) and to Inductor on the model (memory).  Memory in MiB (2^20 bytes).  ``--sweep`` measures
+against the sequence length instead (:mod:`mstfx.tools.sweep`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import sweep
 from .measure import peak_bytes, step_seconds, training_step
+from .progress import Progress, quiet_library_warnings
 
 VARIANTS = ["eager", "eager+ckpt", "eager-mst", "inductor(model)", "inductor", "inductor+auto_chunker", "mst", "mst+ckpt"]
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "eager-mst"]
@@ -25,7 +28,7 @@ DEFAULT_VARIANTS = [v for v in VARIANTS if v != "eager-mst"]
 @dataclass
 class BenchRow:
     variant: str
-    peak_mb: float
+    peak_mib: float
     step_s: float
     loss: float
     report: str = ""
@@ -118,13 +121,23 @@ def _loss_callable(variant: str, model, ids):
     return lambda: compiled(ids, ids)
 
 
+def enable_checkpointing(model) -> None:
+    """HF activation checkpointing of every layer (non-reentrant), by the name the installed transformers
+    does not deprecate (``gradient_checkpointing_enable`` warns from transformers 5 on)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_variant(variant: str, base, ids):
     """A private copy of the model set up for ``variant``, its compiled step, warmed up (compiled)."""
     import copy
 
     model = copy.deepcopy(base)
     if variant.endswith("ckpt"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     step = training_step(model, _loss_callable(variant, model, ids))
     step()  # compile and warm up
@@ -137,6 +150,7 @@ def run(
     """Peaks variant by variant, then step times *interleaved* (A, B, C, A, B, C, ...).
 
     Interleaving makes the time ratios robust to load that changes over the run (shared machines).
+    ``progress``: a spinner on a terminal, flushed lines on stderr otherwise.
     """
     from transformers import LlamaForCausalLM
 
@@ -153,26 +167,13 @@ def run(
         peaks[v], losses[v] = peak / 2**20, loss
         reports[v] = mstfx.explain(last=1) if v.startswith("mst") else ""
 
-    if progress:
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
-            task = bar.add_task("", total=len(variants) + repeats)
-            for v in variants:
-                bar.update(task, description=f"compiling and measuring the peak of {v}")
-                measure(v)
-                bar.advance(task)
-            times = {v: [] for v in variants}
-            for r in range(repeats):
-                bar.update(task, description=f"timing round {r + 1}/{repeats} (all variants interleaved)")
-                for v in variants:
-                    times[v].append(step_seconds(steps[v], 1))
-                bar.advance(task)
-    else:
+    with Progress(len(variants) + repeats, enabled=progress) as bar, quiet_library_warnings():
         for v in variants:
+            bar.step(f"compiling {v} and measuring its peak")
             measure(v)
         times = {v: [] for v in variants}
-        for _ in range(repeats):
+        for r in range(repeats):
+            bar.step(f"timing round {r + 1}/{repeats} (all variants interleaved)")
             for v in variants:
                 times[v].append(step_seconds(steps[v], 1))
     return [
@@ -187,7 +188,7 @@ def ratios(rows: list[BenchRow]) -> dict[str, dict[str, float]]:
     out = {}
     for r in rows:
         out[r.variant] = {
-            "peak_vs_inductor_model": r.peak_mb / mem_base.peak_mb if mem_base else float("nan"),
+            "peak_vs_inductor_model": r.peak_mib / mem_base.peak_mib if mem_base else float("nan"),
             "time_vs_inductor": r.step_s / time_base.step_s if time_base else float("nan"),
         }
     return out
@@ -201,12 +202,12 @@ def render(rows: list[BenchRow], seq_len: int, config: str = "reference") -> str
 
     rat = ratios(rows)
     table = Table(title=f"one training step, {config} Llama config, S={seq_len}, fp32, CPU")
-    for col in ["variant", "peak MB", "peak / inductor(model)", "step s", "time / inductor", "loss"]:
+    for col in ["variant", "peak MiB", "peak / inductor(model)", "step s", "time / inductor", "loss"]:
         table.add_column(col, justify="right" if col != "variant" else "left")
     for r in rows:
         table.add_row(
             r.variant,
-            f"{r.peak_mb:.0f}",
+            f"{r.peak_mib:.0f}",
             f"{rat[r.variant]['peak_vs_inductor_model']:.2f}",
             f"{r.step_s:.2f}",
             f"{rat[r.variant]['time_vs_inductor']:.2f}",
@@ -219,10 +220,10 @@ def render(rows: list[BenchRow], seq_len: int, config: str = "reference") -> str
 
 def markdown(rows: list[BenchRow]) -> str:
     rat = ratios(rows)
-    lines = ["| variant | peak MB | peak / Inductor(model) | step s | time / Inductor(loss fn) | loss |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | peak MiB | peak / Inductor(model) | step s | time / Inductor(loss fn) | loss |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r.variant} | {r.peak_mb:.0f} | {rat[r.variant]['peak_vs_inductor_model']:.2f} | {r.step_s:.2f} "
+            f"| {r.variant} | {r.peak_mib:.0f} | {rat[r.variant]['peak_vs_inductor_model']:.2f} | {r.step_s:.2f} "
             f"| {rat[r.variant]['time_vs_inductor']:.2f} | {r.loss:.5f} |"
         )
     return "\n".join(lines)
@@ -233,15 +234,19 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median)")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of {VARIANTS} (default: all but eager-mst; with --sweep see below)")
     parser.add_argument(
         "--config", default="reference", choices=sorted(CONFIGS),
         help="reference: hidden 512, 2 layers, vocab 32000; mlp-heavy: hidden 256, intermediate 1024, 4 layers, vocab 2000",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    sweep.add_arguments(parser)
     args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.sweep is not None:
+        return sweep.cli_sweep(args, CONFIGS)
+    variants = [v.strip() for v in (args.variants or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         print(f"mstfx bench: unknown variant(s) {unknown}; choose from {VARIANTS}", file=sys.stderr)

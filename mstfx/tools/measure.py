@@ -18,7 +18,9 @@ def peak_bytes(step: Callable[[], object]) -> tuple[int, object]:
     """Bytes above the starting point at the peak of ``step()``, and what ``step`` returned."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    from .progress import quiet_profiler
+
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())

@@ -724,7 +724,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="fsdp", choices=["fsdp"], help="how state is split over --gpus")
     p.add_argument("--start", type=int, default=4096, help="first sequence length tried")
     p.add_argument("--quantum", type=int, default=128, help="answer granularity in tokens")
-    p.add_argument("--plot", default=None, help="PNG path (default: simulate-<model>.png; 'none' to skip)")
+    p.add_argument("--plot", "--out", dest="plot", default=None,
+                   help="PNG path (default: simulate-<model>-<GPU GiB>gib-<optimizer>[-<program>].png in the current "
+                   "directory; 'none' to skip; not written when no mode fits)")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to a file or '-' for stdout")
     p.add_argument(
         "--program", default="eager", choices=PROGRAMS,
@@ -858,6 +860,14 @@ def _print_table(out: dict) -> None:
     console.print(f"simulated in {out['seconds']} s")
 
 
+def default_plot_name(out: dict) -> str:
+    """``simulate-<model>-[<gpus>x]<GiB>gib-<optimizer>[-compiled].png``: runs of one model with another GPU,
+    optimizer or program do not overwrite each other's plot."""
+    gpus = f"{out['gpus']}x" if out["gpus"] > 1 else ""
+    program = f"-{out['program']}" if out.get("program", "eager") != "eager" else ""
+    return f"simulate-{out['model']}-{gpus}{out['gpu_gib']:g}gib-{out['optimizer']}{program}.png"
+
+
 def _plot(out: dict, path: str) -> None:
     import matplotlib
 
@@ -930,8 +940,12 @@ def cli_main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(text + "\n")
     if args.json != "-":
         _print_table(out)
-    plot = args.plot if args.plot is not None else f"simulate-{out['model']}.png"
-    if plot.lower() != "none":
+    plot = args.plot if args.plot is not None else default_plot_name(out)
+    if plot.lower() == "none":
+        pass
+    elif not any(r["max_seq_len"] for r in out["modes"].values()):
+        print(f"no plot: no mode fits {out['gpu_gib']:g} GiB at any length, nothing to draw", file=sys.stderr)
+    else:
         _plot(out, plot)
         if args.json != "-":
             print(f"plot: {plot}")
