@@ -6,7 +6,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 from mstfx import chunked_ops
 
@@ -46,6 +46,10 @@ TRANSFORMS = [
     bias=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
+# fp32 sum reduction: the chunked and eager sums round differently, by more than a fixed 1e-6 (eager
+# itself is that far from fp64 here); the check against fp64 must accept it
+@example(tokens=26, chunks=8, vocab=33, hidden=16, reduction="sum", ignore="none", transforms=TRANSFORMS[0], bias=True,
+         dtype=torch.float32)
 def test_matches_eager(tokens, chunks, vocab, hidden, reduction, ignore, transforms, bias, dtype):
     g = torch.Generator().manual_seed(tokens * 31 + chunks)
     h = torch.randn(tokens, hidden, generator=g, dtype=dtype, requires_grad=True)
@@ -67,10 +71,26 @@ def test_matches_eager(tokens, chunks, vocab, hidden, reduction, ignore, transfo
         ),
         *leaves,
     )
-    tol = dict(rtol=1e-5, atol=1e-6, equal_nan=True) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10, equal_nan=True)
-    torch.testing.assert_close(got[0], ref[0], **tol)
-    for a, e in zip(got[1], ref[1]):
-        torch.testing.assert_close(a, e, **tol)
+    if dtype == torch.float64:
+        tol = dict(rtol=1e-9, atol=1e-10, equal_nan=True)
+        torch.testing.assert_close(got[0], ref[0], **tol)
+        for a, e in zip(got[1], ref[1]):
+            torch.testing.assert_close(a, e, **tol)
+        return
+    # fp32: both sides round differently (chunked sums), so compare each with the fp64 truth; the chunked
+    # result may be off by a few times eager's own error, plus a few fp32 ulps of the tensor's scale
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    h64, w64, b64 = leaves64[0], leaves64[1], leaves64[2] if bias else None
+    tr64 = tuple(("cast", torch.float64) if tr[0] == "cast" else tr for tr in transforms)
+    truth = _grads(lambda: _reference(h64, w64, b64, t, -100, reduction, tr64), *leaves64)
+    for name, a, e, x in zip(["loss", "dh", "dw", "db"], [got[0], *got[1]], [ref[0], *ref[1]], [truth[0], *truth[1]]):
+        if torch.isnan(x).any():
+            assert torch.equal(torch.isnan(a), torch.isnan(x)), name
+            continue
+        eager_err = (e.double() - x).abs().max().item()
+        bound = 4 * eager_err + 8 * torch.finfo(torch.float32).eps * x.abs().max().item() + 1e-30
+        err = (a.double() - x).abs().max().item()
+        assert err <= bound, f"{name}: chunked error {err:.3g} vs fp64, eager's {eager_err:.3g}, bound {bound:.3g}"
 
 
 def test_bf16_accumulates_in_fp32():
