@@ -129,3 +129,19 @@ def test_estimate_follows_the_profiler(mode, seq):
         meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     estimate = program_peak(capture_program(meta.train(), torch.zeros(1, seq, dtype=torch.long, device="meta"), mstfx.MstConfig()), device="cpu")
     assert abs(estimate.total - measured) <= max(0.10 * measured, 10 * 2**20), (estimate, measured)
+
+
+@pytest.mark.parametrize("mst", [False, True])
+def test_backward_differentiates_the_loss(mst):
+    """The captured backward starts from the loss's gradient: it reads the tangent and computes the
+    gradient of the whole tokens×vocab logits (plain) or of the LM head weight, never a backward traced
+    from zeros (on the meta device ``F.cross_entropy``'s ``aten::nll_loss`` loses its derivative under
+    AOT tracing unless the capture routes it through ``nll_loss_forward``)."""
+    seq, cfg = 256, _llama_config(layers=1)
+    program = capture_program(_meta_llama(cfg, checkpointing=False), torch.zeros(1, seq, dtype=torch.long, device="meta"),
+                              mstfx.MstConfig() if mst else None)
+    tangents = [n for n in program.backward.graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+    assert tangents and all(t.users for t in tangents)
+    grad_head = [n for n in program.backward.graph.nodes
+                 if n.op == "call_function" and "mm" in str(n.target) and tuple(n.meta["val"].shape) in ((cfg.vocab_size, cfg.hidden_size), (cfg.hidden_size, cfg.vocab_size))]
+    assert grad_head, "no LM-head weight gradient in the backward"

@@ -115,6 +115,34 @@ def use_simulated_attention(gm: fx.GraphModule) -> int:
     return n
 
 
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+
+
+def simulated_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean", label_smoothing=0.0):
+    """``F.cross_entropy`` as log-softmax and ``nll_loss_forward``, the ops Inductor's decomposition
+    compiles it into.  On the meta device ``aten::nll_loss`` reaches autograd's not-implemented
+    fallback under AOT tracing, which drops the loss gradient (the backward would be traced from
+    zeros); ``nll_loss_forward`` has its derivative."""
+    if label_smoothing or size_average is not None or reduce is not None or input.dim() != 2:
+        return torch.nn.functional.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+    logp = torch.log_softmax(input, dim=-1)
+    return torch.ops.aten.nll_loss_forward(logp, target, weight, _REDUCTION[reduction], ignore_index)[0]
+
+
+def use_simulated_loss(gm: fx.GraphModule) -> int:
+    """Replace every ``F.cross_entropy`` call in ``gm`` by :func:`simulated_cross_entropy`; returns how many."""
+    n = 0
+    for mod in gm.modules():
+        if not isinstance(mod, fx.GraphModule):
+            continue
+        for node in mod.graph.nodes:
+            if node.op == "call_function" and node.target is torch.nn.functional.cross_entropy:
+                node.target = simulated_cross_entropy
+                n += 1
+        mod.recompile()
+    return n
+
+
 # ---------------------------------------------------------------------------------------- capture
 
 
@@ -161,6 +189,7 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None) 
         else:
             gm = copy.copy(gm)
         use_simulated_attention(gm)
+        use_simulated_loss(gm)
         return aot_module_simplified(
             gm,
             example_inputs,
@@ -330,12 +359,21 @@ def graph_peak(
             grads += size[k] if k in grad_keys else 0
         work = _WORKSPACE.get(_op_name(n)) if attention_workspace else None
         transient = work(n) if work is not None else 0
+        if n.target is torch.ops.higher_order.invoke_subgraph:  # a compiled-once chunk body: its own peak
+            transient += _body_peak(gm, n, attention_workspace)
         if live + transient > peak.peak:
             peak = GraphPeak(live + transient, n.name, grads)
         for k in free_at.get(i, ()):
             live -= size[k]
             grads -= size[k] if k in grad_keys else 0
     return peak
+
+
+def _body_peak(gm: fx.GraphModule, call: fx.Node, attention_workspace: bool) -> int:
+    """Bytes a called body (``invoke_subgraph``) holds at its peak, outputs included; its inputs belong
+    to the caller.  The caller's buffers for the outputs are its ``getitem`` nodes, made after the call."""
+    body = getattr(gm, call.args[0].target)
+    return graph_peak(body, inputs_owned=False, attention_workspace=attention_workspace).peak
 
 
 def saved_storages(forward: fx.GraphModule) -> dict[str, tuple[str, int]]:
