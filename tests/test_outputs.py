@@ -141,7 +141,7 @@ def _tiny_llama_config(seq_len):
 
 def test_sweep_tiny_point_table_plot_and_resume(tmp_path):
     """Eager at one tiny S, and a planned model whose budget is below the parameters: "infeasible", before any
-    compile.  The JSON is reused: a second run measures nothing."""
+    compile.  The JSON is reused: a second run measures nothing; a point without its step time is measured again."""
     data, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     budget = 1e-6  # GiB: a kibibyte, less than the tiny model's parameters
     pts = sweep.run(_tiny_llama_config, [16], ["eager", "mst(planned)"], 1, budget_gib=budget, data_path=str(data),
@@ -156,6 +156,12 @@ def test_sweep_tiny_point_table_plot_and_resume(tmp_path):
     again = sweep.run(lambda s: pytest.fail("measured again"), [16], ["eager", "mst(planned)"], 1, budget_gib=budget,
                       data_path=str(data), progress=False)
     assert again == pts
+    stopped = json.loads(data.read_text())  # a run stopped after eager's peak, before its timing
+    stopped["points"][0]["step_s"] = None
+    data.write_text(json.dumps(stopped))
+    resumed = sweep.run(_tiny_llama_config, [16], ["eager", "mst(planned)"], 1, budget_gib=budget, data_path=str(data),
+                        progress=False)
+    assert resumed[0].step_s is not None and resumed[1] == planned
     with pytest.raises(ValueError, match="measured with"):
         sweep.run(_tiny_llama_config, [16], ["eager"], 1, budget_gib=2.0, data_path=str(data), progress=False)
 

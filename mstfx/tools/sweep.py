@@ -183,8 +183,11 @@ def _param_bytes(model) -> int:
 
 
 def measure_length(make_config, seq_len: int, variants: list[str], repeats: int, *, budget_gib: float,
-                   mem_budget: float, batch: int = 1, seed: int = 0, progress: Progress | None = None):
-    """All ``variants`` at one S: peaks one by one, then step times interleaved (robust to changing load)."""
+                   mem_budget: float, batch: int = 1, seed: int = 0, progress: Progress | None = None, on_point=None):
+    """All ``variants`` at one S: peaks one by one, then step times interleaved (robust to changing load).
+
+    ``on_point(point)`` is called as each peak is known (its step time still None), so a long run that is
+    stopped keeps its peaks."""
     from transformers import LlamaForCausalLM
 
     from mstfx.planning.planner import InfeasibleBudgetError
@@ -209,6 +212,8 @@ def measure_length(make_config, seq_len: int, variants: list[str], repeats: int,
             continue
         peak, loss = peak_bytes(steps[v])
         points[v] = SweepPoint(seq_len, v, (params + peak) / MIB, None, float(loss))
+        if on_point:
+            on_point(points[v])
     times = {v: [] for v in steps}
     for r in range(repeats):
         if progress:
@@ -238,15 +243,20 @@ def run(make_config, lengths: list[int], variants: list[str], repeats: int, *, b
     if data and {k: data.get("setup", {}).get(k) for k in setup} != setup:
         raise ValueError(f"{data_path} was measured with {data.get('setup')}, not {setup}: use another --data file")
     have = {(p["seq_len"], p["variant"]): SweepPoint(**p) for p in data.get("points", [])}
-    todo = [s for s in lengths if any((s, v) not in have for v in variants)]
+    done = {k for k, p in have.items() if p.step_s is not None or p.step_mib is None}  # timed, n/a or infeasible
+    todo = [s for s in lengths if any((s, v) not in done for v in variants)]
+
+    def keep(point):
+        have[(point.seq_len, point.variant)] = point
+        if data_path:
+            save(data_path, setup, have.values())
+
     with Progress(len(todo) * (len(variants) + repeats), enabled=progress) as bar, quiet_library_warnings():
         for s in todo:
-            missing = [v for v in variants if (s, v) not in have]
+            missing = [v for v in variants if (s, v) not in done]
             for p in measure_length(make_config, s, missing, repeats, budget_gib=budget_gib, mem_budget=mem_budget,
-                                    batch=batch, progress=bar):
-                have[(s, p.variant)] = p
-            if data_path:
-                save(data_path, setup, have.values())
+                                    batch=batch, progress=bar, on_point=keep):
+                keep(p)
     return [have[(s, v)] for s in lengths for v in variants if (s, v) in have]
 
 
@@ -299,7 +309,7 @@ def markdown(points, budget_gib: float) -> str:
                 cells_m.append(f"{p.step_mib:.0f}{over}")
                 ref = at.get((s, "inductor"))
                 ratio = f" ({p.step_s / ref.step_s:.2f}×)" if ref and ref.step_s and p.step_s else ""
-                cells_t.append(f"{p.step_s:.2f}{ratio}")
+                cells_t.append(f"{p.step_s:.2f}{ratio}" if p.step_s is not None else "-")
         fit = longest_fitting(points, v, budget_gib)
         mem.append(f"| {v} | " + " | ".join(cells_m) + f" | {fit if fit else '-'} |")
         tim.append(f"| {v} | " + " | ".join(cells_t) + " |")
@@ -322,11 +332,15 @@ def plot(points, budget_gib: float, path: str, title: str) -> None:
         if not pts:
             continue
         xs = [p.seq_len for p in pts]
-        line, = ax_m.plot(xs, [p.step_mib for p in pts], marker=markers[i % len(markers)], label=v, alpha=0.85)
+        fit = longest_fitting(points, v, budget_gib)
+        label = f"{v} (fits up to S={fit})" if fit else f"{v} (over the budget)"
+        line, = ax_m.plot(xs, [p.step_mib for p in pts], marker=markers[i % len(markers)], label=label, alpha=0.85)
         over = [p for p in pts if p.step_mib > budget_gib * 1024]
         if over:
             ax_m.scatter([p.seq_len for p in over], [p.step_mib for p in over], marker="x", s=90, color="red", zorder=5)
-        ax_t.plot(xs, [p.step_s for p in pts], marker=markers[i % len(markers)], label=v, color=line.get_color(), alpha=0.85)
+        timed = [p for p in pts if p.step_s is not None]
+        ax_t.plot([p.seq_len for p in timed], [p.step_s for p in timed], marker=markers[i % len(markers)], label=v,
+                  color=line.get_color(), alpha=0.85)
     ax_m.axhline(budget_gib * 1024, color="red", linestyle="--", linewidth=1.2, label=f"budget {budget_gib:g} GiB")
     for ax, ylabel in ((ax_m, "step memory, MiB (params + grads + activations)"), (ax_t, "step time, s")):
         ax.set_xscale("log", base=2)
@@ -384,6 +398,10 @@ def cli_sweep(args, configs: dict) -> int:
     try:
         if args.plot_only:
             data = load(args.data)
+            if not data:
+                raise ValueError(f"--data {args.data}: no such sweep file")
+            setup = data.get("setup", {})  # draw with the budget the points were measured for
+            args.budget_gib, args.mem_budget = setup.get("budget_gib", args.budget_gib), setup.get("mem_budget", args.mem_budget)
             pts = [SweepPoint(**p) for p in data.get("points", []) if p["seq_len"] in lengths and p["variant"] in variants]
         else:
             pts = run(configs[args.config], lengths, variants, args.repeats, budget_gib=args.budget_gib,
