@@ -47,6 +47,10 @@ MIB = 2**20
 GIB = 2**30
 
 
+class SweepDataError(ValueError):
+    """A ``--data`` file that does not belong to this sweep (another budget, config or batch), or is missing."""
+
+
 @dataclass
 class SweepPoint:
     """One technique at one S: memory in MiB (parameters + peak above them), median step seconds."""
@@ -210,6 +214,10 @@ def measure_length(make_config, seq_len: int, variants: list[str], repeats: int,
         except InfeasibleBudgetError as e:
             points[v] = SweepPoint(seq_len, v, None, None, None, f"infeasible: {str(e).splitlines()[0]}")
             continue
+        except Exception as e:  # one technique failing (a compile error) must not lose the others' points
+            points[v] = SweepPoint(seq_len, v, None, None, None, f"error: {type(e).__name__}: {str(e)[:200]}")
+            print(f"mstfx bench: {v} at S={seq_len} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            continue
         peak, loss = peak_bytes(steps[v])
         points[v] = SweepPoint(seq_len, v, (params + peak) / MIB, None, float(loss))
         if on_point:
@@ -241,7 +249,7 @@ def run(make_config, lengths: list[int], variants: list[str], repeats: int, *, b
     data = load(data_path)
     setup = {"budget_gib": budget_gib, "mem_budget": mem_budget, "batch": batch, **(meta or {})}
     if data and {k: data.get("setup", {}).get(k) for k in setup} != setup:
-        raise ValueError(f"{data_path} was measured with {data.get('setup')}, not {setup}: use another --data file")
+        raise SweepDataError(f"{data_path} was measured with {data.get('setup')}, not {setup}: use another --data file")
     have = {(p["seq_len"], p["variant"]): SweepPoint(**p) for p in data.get("points", [])}
     done = {k for k, p in have.items() if p.step_s is not None or p.step_mib is None}  # timed, n/a or infeasible
     todo = [s for s in lengths if any((s, v) not in done for v in variants)]
@@ -399,14 +407,15 @@ def cli_sweep(args, configs: dict) -> int:
         if args.plot_only:
             data = load(args.data)
             if not data:
-                raise ValueError(f"--data {args.data}: no such sweep file")
-            setup = data.get("setup", {})  # draw with the budget the points were measured for
-            args.budget_gib, args.mem_budget = setup.get("budget_gib", args.budget_gib), setup.get("mem_budget", args.mem_budget)
+                raise SweepDataError(f"--data {args.data}: no such sweep file")
+            setup = data.get("setup", {})  # draw with the setup the points were measured with
+            for key in ("budget_gib", "mem_budget", "config", "batch"):
+                setattr(args, key, setup.get(key, getattr(args, key)))
             pts = [SweepPoint(**p) for p in data.get("points", []) if p["seq_len"] in lengths and p["variant"] in variants]
         else:
             pts = run(configs[args.config], lengths, variants, args.repeats, budget_gib=args.budget_gib,
                       mem_budget=args.mem_budget, batch=args.batch, data_path=args.data, meta=meta)
-    except ValueError as e:
+    except SweepDataError as e:
         print(f"mstfx bench: {e}", file=sys.stderr)
         return 2
     if args.json:
