@@ -2,20 +2,60 @@
 
     model = torch.compile(model, backend="mst")            # after `pip install mstfx`
     model = torch.compile(model, backend=mstfx.backend(mini_sequences=8))
+
+The public names below are imported on first use, so ``import mstfx`` (and ``mstfx --help``) does not
+import torch, transformers or sympy until something needs them.
 """
 
 from __future__ import annotations
 
-from .backend import MstBackend, MstFallbackWarning, backend
-from .config import MstConfig
-from .explain import explain
-from .wrappers import drop_logits
-from .chunked_ops import chunked_logprobs, linear_cross_entropy
+import importlib
+import sys
+import types
 
-__all__ = ["MstBackend", "MstConfig", "MstFallbackWarning", "backend", "drop_logits", "explain", "linear_cross_entropy", "chunked_logprobs"]
 __version__ = "0.1.0"
 
-from .planning.planner import InfeasibleBudgetError, Plan, plan  # noqa: E402
-from .transform import transform, untransform  # noqa: E402
+#: public name -> module that defines it
+_EXPORTS = {
+    "MstBackend": ".backend",
+    "MstFallbackWarning": ".backend",
+    "backend": ".backend",
+    "MstConfig": ".config",
+    "explain": ".explain",
+    "drop_logits": ".wrappers",
+    "linear_cross_entropy": ".chunked_ops",
+    "chunked_logprobs": ".chunked_ops",
+    "InfeasibleBudgetError": ".planning.planner",
+    "Plan": ".planning.planner",
+    "plan": ".planning.planner",
+    "transform": ".transform",
+    "untransform": ".transform",
+}
+__all__ = list(_EXPORTS)
 
-__all__ += ["InfeasibleBudgetError", "Plan", "plan", "transform", "untransform"]
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mstfx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``mstfx.backend``, ``mstfx.explain`` and ``mstfx.transform`` are functions that share their name
+    with the submodule defining them: importing the submodule must not replace the function on the
+    package (the submodules stay reachable through ``sys.modules`` and ``from mstfx.backend import ...``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == f".{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

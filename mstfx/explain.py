@@ -20,7 +20,9 @@ def explain(target: Any = None, *, last: int | None = None) -> str:
     else:
         raise TypeError(f"explain() takes an MstBackend or None, not {type(target).__name__}")
     if last is not None:
-        reports = reports[-last:]
+        from .config import positive_int
+
+        reports = reports[-positive_int("last", last):]  # (last=0 would have meant every report)
     if not reports:
         return "mstfx: no graph has been compiled by the mst backend yet (run one step first)"
     return "\n\n".join(str(r) for r in reports)

@@ -1,16 +1,26 @@
 """transform: one call that makes a model train within a memory budget.
 
-    model = mstfx.transform(model, budget_gb=70)      # plans, then compiles through the mst backend
+    model = mstfx.transform(model, budget_gb=70)      # plans per input length, compiles through mst
 
 Why buckets: the chunk rule fixes M when a graph is compiled (under dynamic shapes it reads the size
 hint), so one dynamic graph for every length would keep the M of the first length seen.  Instead the
-sequence length S is rounded up to a power-of-two *bucket*; each bucket gets its own plan (made for
-the bucket's longest S, so every S in it fits) and its own ``torch.compile(dynamic=True)`` entry.
-Inside a bucket S is symbolic: lengths do not recompile.  Across buckets M follows S by the plan's
-rule.  So a run over lengths between 1 and S_max compiles at most ⌈log2(S_max / 256)⌉ + 1 times.
+sequence length S is rounded up to a power-of-two *bucket*; each bucket gets its own plan and its own
+``torch.compile(dynamic=True)`` entry.  Inside a bucket S is symbolic: lengths do not recompile.
+Across buckets M follows S by the plan's rule.  So a run over lengths between 1 and S_max compiles
+at most ⌈log2(S_max / 256)⌉ + 1 times.
 
-The model is changed in place (its ``forward``; HF gradient checkpointing when the plan needs it) only
-after planning succeeded: a bad or infeasible budget raises and leaves the model as it was.
+What a bucket is planned for: its top (so every S in it fits with one plan).  When the top does not
+fit the budget, the longest length in the bucket that fits, if that covers the input; otherwise the
+input's own length, so an input that fits is never refused because a longer one in its bucket would
+not, and the error, when one is raised, is for the input's real S.  Planning happens when a bucket's
+first input arrives, before anything of it runs.
+
+Without ``seq_len`` nothing is planned for a length no input has: transform checks that some length
+fits, logs the longest that does (``TransformState.longest_seq_len``) and plans each bucket as above.
+With ``seq_len`` the plan for it is made at once (it must fit) and decides checkpointing up front.
+
+The model is changed in place (its ``forward``; HF gradient checkpointing when a plan needs it) only
+after the checks passed: a bad or infeasible budget raises and leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -23,7 +33,15 @@ from typing import Any
 
 import torch
 
-from .planning.planner import MARGIN, InfeasibleBudgetError, Plan, check_budget, check_margin, plan
+from .planning.planner import (
+    MARGIN,
+    InfeasibleBudgetError,
+    Plan,
+    check_budget,
+    check_margin,
+    longest_fitting,
+    plan,
+)
 from .wrappers import without_logits
 
 log = logging.getLogger("mstfx")
@@ -44,19 +62,51 @@ def bucket_of(seq_len: int, max_seq_len: int | None = None) -> int:
 
 @dataclass
 class TransformState:
-    """What transform did to a model (``model._mstfx_transform``): the plan, per-bucket plans, compiles."""
+    """What transform did to a model (``model._mstfx_transform``): plans per bucket, compiles.
 
-    plan: Plan
+    ``plan``: the plan for ``seq_len`` when one was given, else None.  ``longest_seq_len``: the longest S
+    any plan fits in the budget.  ``buckets``: bucket → (plan, compiled forward, backend) in use.
+    """
+
+    plan: Plan | None
     budget_gb: float
     options: dict
     original_forward: Any
     enabled_checkpointing: bool
+    longest_seq_len: int = 0
+    model: Any = field(default=None, repr=False)
     buckets: dict[int, tuple[Plan, Any, Any]] = field(default_factory=dict)
+    backends: list = field(default_factory=list)
 
     @property
     def compiles(self) -> int:
         """Graphs compiled by the mst backends of all buckets so far."""
-        return sum(len(backend.reports) for _, _, backend in self.buckets.values())
+        return sum(len(backend.reports) for backend in self.backends)
+
+    def plan_for(self, seq_len: int) -> Plan:
+        """The plan an input of length ``seq_len`` gets (raises InfeasibleBudgetError if none fits)."""
+        opts = {k: v for k, v in self.options.items() if k != "seq_len"}
+        top_len = self.options.get("seq_len")
+        b = bucket_of(seq_len, top_len)
+        if self.plan is not None and b == top_len:
+            return self.plan
+        return _bucket_plan(self.model, seq_len, max(b, seq_len), self.budget_gb, opts)
+
+
+def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, opts: dict) -> Plan:
+    """The plan of a bucket whose first (or longest so far) input has ``seq_len`` tokens: for the
+    bucket's ``top`` if that fits, else for the longest length below it that fits, else for ``seq_len``
+    itself (which raises, with that S, when even it cannot fit)."""
+    try:
+        return plan(model, top, budget_gb, **opts)
+    except InfeasibleBudgetError as err:
+        reach = min(top, err.longest_seq_len)
+        if reach > seq_len:
+            try:
+                return plan(model, reach, budget_gb, **opts)
+            except InfeasibleBudgetError:
+                pass
+    return plan(model, seq_len, budget_gb, **opts)
 
 
 def _seq_len_of(args, kwargs) -> int | None:
@@ -69,15 +119,18 @@ def _seq_len_of(args, kwargs) -> int | None:
     return None
 
 
-def _compiled_forward(forward, bucket: int, backend):
-    """``forward`` without escaping logits, compiled for one bucket (its own code object, its own cache)."""
+def _compiled_forward(forward, name: str, backend):
+    """``forward`` without escaping logits, compiled for one plan (its own code object, its own cache)."""
 
     def mst_forward(*args, **kwargs):
         return without_logits(forward(*args, **kwargs))  # escaping logits cannot be chunked away
 
-    code = mst_forward.__code__.replace(co_name=f"mst_forward_bucket_{bucket}")
+    code = mst_forward.__code__.replace(co_name=f"mst_forward_{name}")
     fn = types.FunctionType(code, mst_forward.__globals__, code.co_name, None, mst_forward.__closure__)
     return torch.compile(fn, backend=backend, dynamic=True)
+
+
+_PLANNED_OPTIONS = ("mini_sequences", "lm_head_chunks", "chunk_mlp", "chunk_lm_head")
 
 
 def transform(
@@ -92,55 +145,67 @@ def transform(
     margin: float = MARGIN,
     **backend_options: Any,
 ) -> torch.nn.Module:
-    """Plan for ``budget_gb`` and make ``model`` train through the mst backend (in place; returns it).
+    """Make ``model`` train within ``budget_gb`` GiB through the mst backend (in place; returns it).
 
-    ``seq_len``: the longest sequence to plan for (default: the config's ``max_position_embeddings``);
-    the plan must fit there, so every shorter sequence fits too.  Longer inputs are planned when they
-    arrive and raise :class:`~mstfx.InfeasibleBudgetError` if they cannot fit.  ``optimizer`` and
-    ``mixed_precision`` and ``margin`` (headroom on the predicted gradients + activations) are as in
-    :func:`mstfx.plan`; other keywords go to :class:`~mstfx.MstConfig`.
-    ``model._mstfx_transform`` (a :class:`TransformState`) holds the plan and the compile count.
+    ``budget_gb``: GiB (2**30 bytes), like every memory figure of mstfx.
+    ``seq_len``: optional.  Without it each input length is planned when it first arrives (see the
+    module doc); the longest S that fits is logged and kept in ``model._mstfx_transform.longest_seq_len``,
+    and only an input that cannot fit raises :class:`~mstfx.InfeasibleBudgetError` (before it runs).
+    With it, the plan for ``seq_len`` is made now and must fit.  ``optimizer``, ``mixed_precision`` and
+    ``margin`` (headroom on the predicted gradients + activations) are as in :func:`mstfx.plan`; other
+    keywords go to :class:`~mstfx.MstConfig`.
     """
+    from .config import MstConfig, positive_int
+
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform expects an nn.Module, got {type(model).__name__}")
     check_budget(budget_gb)
     check_margin(margin)
+    if seq_len is not None:
+        seq_len = positive_int("seq_len", seq_len)
     if getattr(model, _STATE, None) is not None:
         raise ValueError("model was already transformed; call mstfx.untransform(model) first")
-    cfg = getattr(model, "config", None)
-    if seq_len is None:
-        seq_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        if seq_len is None:
-            raise ValueError("pass seq_len=: the model's config does not give a maximum length")
+    clash = sorted(set(_PLANNED_OPTIONS) & set(backend_options))
+    if clash:
+        raise ValueError(f"{clash} are set by the plan; change the budget instead (or use mstfx.backend yourself)")
+    MstConfig(**backend_options)  # validate the backend options now
     can_ckpt = callable(getattr(model, "gradient_checkpointing_enable", None))
     opts = dict(batch=batch, optimizer=optimizer, mixed_precision=mixed_precision, allow_checkpointing=can_ckpt,
                 margin=margin)
     if max_chunks is not None:
         opts["max_chunks"] = max_chunks
-    top = plan(model, seq_len, budget_gb, **opts)  # raises before anything is changed
-    from .config import MstConfig
-
-    top.config(**backend_options)  # validate the backend options now, too
-    MstConfig(**backend_options)
+    top = plan(model, seq_len, budget_gb, **opts) if seq_len is not None else None  # raises before any change
+    longest = longest_fitting(model, budget_gb, **opts)
+    if longest < 1:
+        plan(model, 1, budget_gb, **opts)  # raises with the numbers (parameters + optimizer state too large)
+    log.info("mstfx.transform: %.3g GiB (batch %d) fits sequences up to S = %d", budget_gb, batch, longest)
 
     enabled = False
-    if top.checkpointing and not getattr(model, "is_gradient_checkpointing", False):
+    if top is not None and top.checkpointing and not getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         enabled = True
-    state = TransformState(top, budget_gb, {**opts, "seq_len": seq_len}, model.forward, enabled)
+    state = TransformState(top, budget_gb, {**opts, "seq_len": seq_len}, model.forward, enabled, longest, model)
     original = model.forward
 
     def forward(*args, **kwargs):
         s = _seq_len_of(args, kwargs) or seq_len
+        if s is None:
+            raise ValueError("mstfx.transform: cannot read the sequence length of this input (no input_ids or "
+                             "inputs_embeds); pass seq_len= to transform")
         b = bucket_of(s, seq_len)
-        if b not in state.buckets:
-            p = plan(model, max(b, s), budget_gb, **opts) if b != seq_len else top
+        entry = state.buckets.get(b)
+        if entry is None or entry[0].seq_len < s:
+            p = state.plan_for(s)  # raises InfeasibleBudgetError for this S before anything runs
             if p.checkpointing and not getattr(model, "is_gradient_checkpointing", False):
-                raise InfeasibleBudgetError(p.budget_bytes, p.predicted_peak, s, top.longest_seq_len, batch,
-                                            p.margin, p.planned_peak)
+                log.warning("mstfx.transform: S = %d needs activation checkpointing within %.3g GiB; enabling it "
+                            "(shorter inputs recompile once and are checkpointed too)", s, budget_gb)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                state.enabled_checkpointing = True
             backend = p.backend(**backend_options)
-            state.buckets[b] = (p, _compiled_forward(original, b, backend), backend)
-            log.info("mstfx: bucket S<=%d: mode %s, M mlp %d, M lm_head %d", b, p.mode, p.mlp_chunks, p.lm_head_chunks)
+            state.backends.append(backend)
+            state.buckets[b] = (p, _compiled_forward(original, f"bucket_{b}_s{p.seq_len}", backend), backend)
+            log.info("mstfx: bucket S<=%d planned for S = %d: mode %s, M mlp %d, M lm_head %d", b, p.seq_len,
+                     p.mode, p.mlp_chunks, p.lm_head_chunks)
         return state.buckets[b][1](*args, **kwargs)
 
     model.forward = forward

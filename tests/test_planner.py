@@ -52,15 +52,15 @@ def test_each_kind_of_plan_between_the_minima():
     assert std > head > mst > ck_head > ck
     kinds = []
     for lo, hi in ((head, std), (mst, head), (ck_head, mst), (ck, ck_head)):
-        p = P.plan(DEEP_CFG, s, (lo + hi) / 2 / 1e9, optimizer="none", margin=0)
+        p = P.plan(DEEP_CFG, s, (lo + hi) / 2 / P.GiB, optimizer="none", margin=0)
         assert p.predicted_peak <= p.budget_bytes
         kinds.append((p.mode, p.mlp_chunks > 1, p.lm_head_chunks > 1))
     assert kinds == [("mst", False, True), ("mst", True, True), ("mst+checkpointing", False, True),
                      ("mst+checkpointing", True, True)]
     # MLPs inside checkpointed layers are chunked too: the backend config of that plan says so
-    assert P.plan(DEEP_CFG, s, (ck + ck_head) / 2 / 1e9, optimizer="none", margin=0).config().chunk_mlp
+    assert P.plan(DEEP_CFG, s, (ck + ck_head) / 2 / P.GiB, optimizer="none", margin=0).config().chunk_mlp
     with pytest.raises(P.InfeasibleBudgetError) as info:
-        P.plan(DEEP_CFG, s, 0.9 * ck / 1e9, optimizer="none", margin=0)
+        P.plan(DEEP_CFG, s, 0.9 * ck / P.GiB, optimizer="none", margin=0)
     assert info.value.min_peak_bytes == pytest.approx(ck)
 
 
@@ -70,14 +70,14 @@ def test_cheapest_plan_order_as_budget_shrinks():
     std = P.predict_peak(DEEP_CFG, s, optimizer="none").peak
     ranks, seen = [], []
     for k in range(40):
-        budget = std * 1.01 * 0.93**k / 1e9
+        budget = std * 1.01 * 0.93**k / P.GiB
         try:
             p = P.plan(DEEP_CFG, s, budget, optimizer="none", margin=0)
         except P.InfeasibleBudgetError:
             ranks.append(4)
             seen.append("infeasible")
             continue
-        assert p.predicted_peak <= budget * 1e9
+        assert p.predicted_peak <= budget * P.GiB
         rank = 0 if p.mode == "standard" else 3 if p.checkpointing else 2 if p.mlp_chunks > 1 else 1
         ranks.append(rank)
         seen.append((p.mode, p.mlp_chunks, p.lm_head_chunks))
@@ -89,7 +89,7 @@ def test_fewest_chunks_that_fit():
     # the fewest *equal* chunks: every smaller M that divides the 4096 tokens does not fit
     std = _peak(mode="standard")
     for fraction in (0.8, 0.6, 0.5):
-        p = P.plan(REF_CFG, 4096, fraction * std / 1e9, optimizer="none", margin=0)
+        p = P.plan(REF_CFG, 4096, fraction * std / P.GiB, optimizer="none", margin=0)
         assert p.mode == "mst" and 4096 % p.lm_head_chunks == 0 and 4096 % p.mlp_chunks == 0
         for m in range(2, p.lm_head_chunks):
             if 4096 % m == 0:
@@ -103,7 +103,7 @@ def test_fewest_chunks_that_fit():
 
 def test_uneven_token_counts_keep_the_fewest_chunks():
     # 4099 tokens is prime: no equal split within the cap, so M stays the solved fewest count
-    p = P.plan(REF_CFG, 4099, 0.6 * _peak(mode="standard") / 1e9, optimizer="none")
+    p = P.plan(REF_CFG, 4099, 0.6 * _peak(mode="standard") / P.GiB, optimizer="none")
     assert p.mode == "mst" and p.lm_head_chunks > 1
     assert P._even_chunks(3, 4096, 64) == 4 and P._even_chunks(3, 4099, 64) == 3 and P._even_chunks(5, 4096, 4) == 5
 
@@ -113,7 +113,7 @@ def test_plan_needs_checkpointing_when_chunking_alone_is_not_enough():
     ck_min = P.predict_peak(DEEP_CFG, 16384, mode="mst+checkpointing", optimizer="none", mlp_chunks=64,
                             lm_head_chunks=64).peak
     assert ck_min < mst_min
-    p = P.plan(DEEP_CFG, 16384, (ck_min + mst_min) / 2 / 1e9, optimizer="none", margin=0)
+    p = P.plan(DEEP_CFG, 16384, (ck_min + mst_min) / 2 / P.GiB, optimizer="none", margin=0)
     assert p.checkpointing and p.mode == "mst+checkpointing"
     assert p.config().mini_sequences == p.mlp_chunks
 
@@ -122,7 +122,7 @@ def test_margin_keeps_headroom_on_gradients_and_activations():
     # a budget between the bare predicted peak and the peak with 10% on grads + activations: the bare
     # plan is plain compile, the default plan chunks (so a 10% under-prediction still fits)
     b = P.predict_peak(REF_CFG, 4096, optimizer="adamw")
-    budget = (b.peak + 0.05 * (b.grads + b.activations)) / 1e9
+    budget = (b.peak + 0.05 * (b.grads + b.activations)) / P.GiB
     assert P.plan(REF_CFG, 4096, budget, margin=0).mode == "standard"
     p = P.plan(REF_CFG, 4096, budget)
     assert p.mode == "mst" and p.margin == P.MARGIN
@@ -133,7 +133,7 @@ def test_margin_keeps_headroom_on_gradients_and_activations():
     s0, s1 = (P.longest_seq_len(REF_CFG, 1.5, mode="standard", margin=m) for m in (0.0, 0.1))
     assert s1 < s0
     at = P.predict_peak(REF_CFG, s1, mode="standard")
-    assert P.with_margin(at.params + at.optimizer, at.peak, 0.1) <= 1.5e9 < P.predict_peak(REF_CFG, s0 + 1, mode="standard").peak
+    assert P.with_margin(at.params + at.optimizer, at.peak, 0.1) <= 1.5 * P.GiB < P.predict_peak(REF_CFG, s0 + 1, mode="standard").peak
     for bad in (-0.1, 1.0, float("nan"), "10%", True):
         with pytest.raises(ValueError, match="margin"):
             P.plan(REF_CFG, 4096, 10, margin=bad)
@@ -159,7 +159,7 @@ def test_optimizer_and_precision_change_the_plan_static_part():
 
 
 def test_plan_config_and_backend_apply_the_numbers():
-    p = P.plan(REF_CFG, 4096, 0.8 * _peak(mode="standard") / 1e9, optimizer="none")
+    p = P.plan(REF_CFG, 4096, 0.8 * _peak(mode="standard") / P.GiB, optimizer="none")
     cfg = p.config()
     assert isinstance(cfg, mstfx.MstConfig)
     assert cfg.lm_head_chunks == p.lm_head_chunks and cfg.chunk_lm_head
@@ -170,7 +170,7 @@ def test_plan_config_and_backend_apply_the_numbers():
 
 
 def test_print_plan_is_a_table_with_the_report_columns():
-    text = str(P.plan(REF_CFG, 4096, 0.8 * _peak(mode="standard") / 1e9, optimizer="none"))
+    text = str(P.plan(REF_CFG, 4096, 0.8 * _peak(mode="standard") / P.GiB, optimizer="none"))
     for word in ("region", "shape", "before", "after", "M", "FLOPs", "lm_head", "mlp", "predicted peak", "fits"):
         assert word in text, word
 
@@ -178,9 +178,9 @@ def test_print_plan_is_a_table_with_the_report_columns():
 def test_predict_and_longest_agree():
     for mode in ("standard", "checkpointing"):
         s = P.longest_seq_len(REF_CFG, 1.5, mode=mode)
-        assert P.predict_peak(REF_CFG, s, mode=mode).peak <= 1.5e9 < P.predict_peak(REF_CFG, s + 1, mode=mode).peak
+        assert P.predict_peak(REF_CFG, s, mode=mode).peak <= 1.5 * P.GiB < P.predict_peak(REF_CFG, s + 1, mode=mode).peak
     s = P.longest_seq_len(REF_CFG, 1.5, mode="mst", mlp_chunks=8, lm_head_chunks=8)
-    assert P.predict_peak(REF_CFG, s, mode="mst", mlp_chunks=8, lm_head_chunks=8).peak <= 1.5e9
+    assert P.predict_peak(REF_CFG, s, mode="mst", mlp_chunks=8, lm_head_chunks=8).peak <= 1.5 * P.GiB
     # M following S by the rule: longer than any fixed-M plan at this budget
     assert P.longest_seq_len(REF_CFG, 1.5, mode="mst") >= s
 
@@ -210,7 +210,7 @@ def test_bad_budget_is_a_value_error(bad):
 
 
 @pytest.mark.parametrize("kw", [dict(seq_len=0), dict(seq_len=1.5), dict(batch=0), dict(optimizer="adam"),
-                                dict(mixed_precision="int8"), dict(max_chunks=0)])
+                                dict(mixed_precision="int8"), dict(max_chunks=0), dict(max_chunks=10**6)])
 def test_bad_options_are_value_errors(kw):
     seq_len = kw.pop("seq_len", 4096)
     with pytest.raises(ValueError):
@@ -218,11 +218,13 @@ def test_bad_options_are_value_errors(kw):
 
 
 def test_unknown_model_and_bad_source():
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="cannot read config /no/such/model-xyz: no such file"):
         P.plan("/no/such/model-xyz", 1024, 1.0)
+    with pytest.raises(ValueError, match="unknown model or config 'llama-9000'.*llama3-8b"):
+        P.plan("llama-9000", 1024, 1.0)
     with pytest.raises(TypeError):
         P.plan(12345, 1024, 1.0)
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="num_hidden_layers.*missing"):
         P.plan({"hidden_size": 8}, 1024, 1.0)
     with pytest.raises(ValueError, match="mode"):
         P.predict_peak(REF_CFG, 1024, mode="fast")
@@ -233,11 +235,11 @@ def test_infeasible_budget_gives_min_peak_and_longest_s():
         P.plan(REF_CFG, 65536, 0.5, optimizer="none")
     err = info.value
     assert isinstance(err, ValueError)
-    assert err.min_peak_bytes > 0.5e9 and 0 < err.longest_seq_len < 65536
-    assert f"S = {err.longest_seq_len}" in str(err) and f"{err.min_peak_bytes / 1e9:.3g} GB" in str(err)
+    assert err.min_peak_bytes > 0.5 * P.GiB and 0 < err.longest_seq_len < 65536
+    assert f"S = {err.longest_seq_len}" in str(err) and f"{err.min_peak_bytes / P.GiB:.3g} GiB" in str(err)
     # the longest S the message gives does fit with the maximal plan
     fits = P.plan(REF_CFG, err.longest_seq_len, 0.5, optimizer="none")
-    assert fits.predicted_peak <= 0.5e9
+    assert fits.predicted_peak <= 0.5 * P.GiB
     assert mstfx.InfeasibleBudgetError is P.InfeasibleBudgetError
 
 
@@ -254,7 +256,7 @@ def test_cli(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "lm_head" in out and "predicted peak" in out and "longest S" in out
     assert main(["plan", "--config", "reference", "--seq-len", "65536", "--budget-gb", "0.4"]) == 1
-    assert "smallest achievable peak" in capsys.readouterr().out.replace("\n", " ")
+    assert "smallest achievable peak" in capsys.readouterr().err.replace("\n", " ")
     assert main(["plan", "--config", "reference", "--seq-len", "4096", "--budget-gb", "-3"]) == 2
     assert main(["plan", "--config", "reference", "--seq-len", "4096", "--budget-gb", "nan"]) == 2
 
@@ -288,7 +290,7 @@ def test_transform_trains_like_eager_and_drops_logits():
     ref = copy.deepcopy(model)
     # a budget that needs chunking at S = 512 for this tiny model
     need = P.predict_peak(model, 512, mode="standard", optimizer="none").peak
-    out_model = transform(model, budget_gb=0.9 * need / 1e9, seq_len=512, optimizer="none", compiler="eager")
+    out_model = transform(model, budget_gb=0.9 * need / P.GiB, seq_len=512, optimizer="none", compiler="eager")
     assert out_model is model
     state = model._mstfx_transform
     assert state.plan.mode.startswith("mst")
@@ -314,7 +316,7 @@ def test_transform_enables_checkpointing_when_the_plan_needs_it():
     ck = P.predict_peak(model, s, mode="mst+checkpointing", optimizer="none", mlp_chunks=64, lm_head_chunks=64).peak
     mst = P.predict_peak(model, s, mode="mst", optimizer="none", mlp_chunks=64, lm_head_chunks=64).peak
     assert ck < mst, arch
-    transform(model, budget_gb=(ck + mst) / 2 / 1e9, seq_len=s, optimizer="none", compiler="eager")
+    transform(model, budget_gb=(ck + mst) / 2 / P.GiB, seq_len=s, optimizer="none", compiler="eager")
     assert model.is_gradient_checkpointing and model._mstfx_transform.plan.checkpointing
     untransform(model)
     assert not model.is_gradient_checkpointing
@@ -353,16 +355,16 @@ def _tight_budget_case(fraction, dtype=torch.float32):
     std = P.predict_peak(model, 4096, mode="standard", optimizer="none").peak
     if fraction == "minimum":  # the smallest budget any plan accepts: the infeasible error's own number
         with pytest.raises(P.InfeasibleBudgetError) as info:
-            P.plan(model, 4096, 0.1 * std / 1e9, optimizer="none")
+            P.plan(model, 4096, 0.1 * std / P.GiB, optimizer="none")
         fraction = info.value.min_planned_bytes * (1 + 1e-9) / std
-    tight = P.plan(model, 4096, fraction * std / 1e9, optimizer="none").planned_peak / 1e9
+    tight = P.plan(model, 4096, fraction * std / P.GiB, optimizer="none").planned_peak / P.GiB
     transform(model, budget_gb=tight, seq_len=4096, optimizer="none")
     plan = model._mstfx_transform.plan
     ids = torch.randint(0, 32000, (1, 4096), generator=torch.Generator().manual_seed(0))
     peak = _measured_peak(model, ids) + params
     print(f"{dtype} fraction {fraction:.3g}: plan {plan.mode} M={plan.mlp_chunks}/{plan.lm_head_chunks}, budget "
           f"{tight * 1e3:.0f} MB, predicted {plan.predicted_peak / 1e6:.0f} MB, measured {peak / 1e6:.0f} MB")
-    assert peak <= tight * 1e9, (plan.mode, peak, tight)
+    assert peak <= tight * P.GiB, (plan.mode, peak, tight)
 
 
 @pytest.mark.slow
@@ -410,3 +412,128 @@ def test_a_bf16_module_is_planned_in_bf16_unless_told_otherwise():
     # an explicit choice wins (bf16 weights with fp32 master copies)
     assert P.predict_peak(model, 1024, mode="mst", mixed_precision="amp", optimizer="adamw").optimizer > 0
     assert P.plan(model, 1024, 10).breakdown.params == inferred.params
+
+
+# --- units, backbones, the table, optimizer setups -------------------------------------------------------
+
+
+def test_budgets_are_gib():
+    assert P.plan(REF_CFG, 1024, 1.0, optimizer="none").budget_bytes == 2**30
+    assert "GiB" in str(P.plan(REF_CFG, 1024, 1.0, optimizer="none")) and " GB" not in str(P.plan(REF_CFG, 1024, 1.0))
+
+
+def _backbone_and_lm(cls_model, cls_lm, cfg):
+    torch.manual_seed(0)
+    return cls_model(cfg), cls_lm(cfg)
+
+
+def test_a_backbone_has_no_lm_head_row_and_bert_is_not_gated():
+    from transformers import BertConfig, BertForMaskedLM, BertModel, LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    small = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000)
+    llama, llama_lm = _backbone_and_lm(LlamaModel, LlamaForCausalLM, LlamaConfig(**small))
+    bert, bert_lm = _backbone_and_lm(BertModel, BertForMaskedLM, BertConfig(**small))
+    for backbone in (llama, bert):
+        arch = P.arch_of(backbone)
+        assert not arch.lm_head and arch.n_params == sum(p.numel() for p in backbone.parameters())
+        p = P.plan(backbone, 4096, 100, optimizer="none")
+        assert "lm_head" not in [r.region for r in p.rows] and "lm_head" not in str(p)
+    assert P.arch_of(llama_lm).lm_head and P.arch_of(bert_lm).lm_head
+    assert P.arch_of(llama).gated and P.arch_of(llama_lm).gated
+    assert not P.arch_of(bert).gated and not P.arch_of(bert_lm).gated  # one up-projection per layer
+    # a backbone's plan under pressure chunks the MLPs, never an LM head it does not have
+    need = P.predict_peak(llama, 4096, mode="standard", optimizer="none").peak
+    tight = P.plan(llama, 4096, 0.7 * need / P.GiB, optimizer="none", margin=0)
+    assert tight.lm_head_chunks == 1 and tight.mlp_chunks > 1 and "LM head" not in tight.reason
+
+
+def test_plan_rows_add_up_to_the_activation_peak():
+    for budget in (100, 0.8):
+        p = P.plan(REF_CFG, 4096, budget, optimizer="none")
+        text = str(p)
+        assert "rest at the peak" in text
+        rest = p.breakdown.activations - sum(r.bytes_after for r in p.rows)
+        assert f"{abs(rest) / P.MiB:.1f} MiB" in text or f"{abs(rest) / P.GiB:.2f} GiB" in text
+
+
+def test_simulate_optimizer_setups_are_planned_with_their_bytes():
+    n = P.arch_of(REF_CFG).n_params
+    master = P.plan(REF_CFG, 1024, 100, optimizer="adamw-master")
+    assert master.breakdown.optimizer == 12 * n and master.breakdown.params == 2 * n
+    assert P.plan(REF_CFG, 1024, 100, optimizer="adamw-bf16").breakdown.optimizer == 4 * n
+    assert P.plan(REF_CFG, 1024, 100, optimizer="offload").breakdown.optimizer == 0
+    with pytest.raises(ValueError, match="simulate"):
+        P.plan(REF_CFG, 1024, 100, optimizer="paper")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        P.plan(REF_CFG, 1024, 100, optimizer="adamw-master", mixed_precision="fp32")
+
+
+# --- transform: lengths beyond seq_len, no seq_len ------------------------------------------------------
+
+
+def test_an_input_beyond_seq_len_is_planned_at_its_own_length_when_its_bucket_does_not_fit():
+    model = tiny_llama()
+    opts = dict(optimizer="none", margin=0)
+    # a budget that fits S = 515 (at most chunks) but not its bucket's top, 1024
+    lo, hi = (pytest.raises(P.InfeasibleBudgetError, P.plan, model, s, 1e-4, **opts).value.min_planned_bytes
+              for s in (515, 1024))
+    assert lo < hi
+    fits = [b for b in (lo + (hi - lo) * f for f in (0.3, 0.5, 0.7)) if _fits(model, 515, b / P.GiB, opts)]
+    assert fits
+    budget = fits[0] / P.GiB
+    transform(model, budget_gb=budget, seq_len=256, compiler="eager", **opts)
+    state = model._mstfx_transform
+    p = state.plan_for(515)
+    assert 515 <= p.seq_len < 1024 and p.planned_peak <= budget * P.GiB
+    with pytest.raises(P.InfeasibleBudgetError, match="S = 1024"):
+        state.plan_for(1024)  # the error names the real input's length
+
+
+def _fits(model, s, budget, opts):
+    try:
+        P.plan(model, s, budget, **opts)
+        return True
+    except P.InfeasibleBudgetError:
+        return False
+
+
+@pytest.mark.parametrize("budget", [2, 1])
+def test_transform_without_seq_len_fits_the_reference_model_at_4096(budget, caplog):
+    """The one-liner: no plan for max_position_embeddings (131072 here), each length planned as it comes."""
+    from transformers import LlamaForCausalLM
+
+    from mstfx.tools.bench import reference_config
+
+    model = LlamaForCausalLM(reference_config(131072))  # max_position_embeddings as Llama-3.1's
+    with caplog.at_level("INFO", logger="mstfx"):
+        transform(model, budget_gb=budget)
+    state = model._mstfx_transform
+    assert state.plan is None and state.longest_seq_len >= 4096
+    assert f"up to S = {state.longest_seq_len}" in caplog.text
+    p = state.plan_for(4096)
+    assert p.seq_len == 4096 and p.planned_peak <= budget * P.GiB, p
+    with pytest.raises(P.InfeasibleBudgetError, match=f"S = {state.longest_seq_len + 1}"):
+        state.plan_for(state.longest_seq_len + 1)
+    untransform(model)
+
+
+def test_transform_without_seq_len_trains_like_eager():
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    transform(model, budget_gb=1, optimizer="none", compiler="eager")
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    r = ref(input_ids=ids, labels=ids)
+    r.loss.backward()
+    torch.testing.assert_close(out.loss, r.loss, rtol=1e-4, atol=1e-5)
+    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert set(model._mstfx_transform.buckets) == {512}
+
+
+def test_transform_without_seq_len_refuses_a_budget_nothing_fits():
+    model = tiny_llama()
+    with pytest.raises(P.InfeasibleBudgetError, match="no sequence fits"):
+        transform(model, budget_gb=1e-4)
+    assert getattr(model, "_mstfx_transform", None) is None and "forward" not in model.__dict__

@@ -129,6 +129,9 @@ class Arch:
     norm: str = "rms"
     sandwich_norms: bool = False  # a norm on each branch output too (Gemma 2/3: four norms per layer)
     logit_softcap: bool = False  # tanh soft-capping of the logits (Gemma 2)
+    #: the model ends in an LM head (+ loss); False for a bare backbone (HF ``LlamaModel``, ``BertModel``),
+    #: whose step then has no vocab-wide region and no head weight
+    lm_head: bool = True
     name: str = ""
 
     @property
@@ -142,7 +145,7 @@ class Arch:
             return int(self.params)
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
         layer = h * (q + 2 * kv) + q * h + (self.ups + 1) * h * i + 2 * h
-        head = 0 if self.tied else self.vocab * h
+        head = 0 if self.tied or not self.lm_head else self.vocab * h
         return self.vocab * h + self.layers * layer + h + head
 
     @property
@@ -238,11 +241,13 @@ def regions(
     # ``tag_activation_checkpoint`` (HF ``gradient_checkpointing_enable``), so a checkpointed layer's
     # recompute makes only the MLP input, and its backward runs chunk by chunk (see "checkpointed layer")
     chunk_mlp = chunked and not (isinstance(m_mlp, (int, sp.Integer)) and int(m_mlp) == 1)
-    chunk_head = chunked and not (isinstance(m_head, (int, sp.Integer)) and int(m_head) == 1)
+    chunk_head = chunked and arch.lm_head and not (isinstance(m_head, (int, sp.Integer)) and int(m_head) == 1)
     if program == "compiled":
         attn, mlp, mlp_full_saved, head = compiled_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head, mask_kept(arch, mode))
     else:
         attn, mlp, mlp_full_saved, head = eager_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head)
+    if not arch.lm_head:  # a backbone: nothing vocab-wide (count 0: the plan shows no row)
+        head = RegionCost("lm_head", 0, "-", sp.Integer(0), sp.Integer(0), sp.Integer(0))
     if ckpt:  # a checkpointed layer keeps its input; its activations come back one layer at a time
         # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``), each
         # chunk recomputed just before its gradient (``ckpt_mlp_whole`` = 0; eager: each chunk's own
@@ -444,7 +449,7 @@ def step_cost(
     params = sp.Integer(n * prec.param_bytes)
     grads = sp.Integer(n * prec.param_bytes)
     opt = sp.Integer(optimizer_bytes(n, optimizer, prec))
-    head_grad = sp.Integer(arch.vocab * arch.hidden * prec.param_bytes)
+    head_grad = sp.Integer(arch.vocab * arch.hidden * prec.param_bytes * (1 if arch.lm_head else 0))
     layer_grad = sp.Integer(arch.layer_params * prec.param_bytes)
     attn, mlp, head = by["attention"], by["mlp"], by["lm_head"]
     # a tied weight gets two gradients (LM head, embedding) that are summed: one extra V×h for a while

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import numbers
 import os
@@ -34,10 +33,15 @@ from typing import Any
 import sympy as sp
 
 from .. import model_configs
-from ..config import positive_int
+from ..config import MAX_USER_CHUNKS, positive_int
+from ..model_configs import source as config_source
 from . import cost_model as cm
 
-GB = 1e9
+#: The unit of every memory budget and figure in mstfx: GiB (2**30 bytes), MiB below 1 GiB.  Arguments
+#: keep the ``budget_gb`` spelling; they mean GiB, as ``mstfx simulate --gpu-gb`` does.
+GiB = float(1 << 30)
+MiB = float(1 << 20)
+GB = GiB  # the unit of ``budget_gb`` (kept under this name for callers that convert with it)
 #: The most mini-sequences a plan gives one region: the rewrite unrolls M copies into the graph.
 MAX_CHUNKS = 64
 #: The default LM-head rule never makes chunks shorter than this (as ``MstConfig``).
@@ -54,6 +58,7 @@ __all__ = [
     "PlanRow",
     "arch_of",
     "cli_main",
+    "longest_fitting",
     "longest_seq_len",
     "plan",
     "predict_peak",
@@ -76,15 +81,15 @@ class InfeasibleBudgetError(ValueError):
         self.batch = batch
         self.margin = margin
         self.min_planned_bytes = min_peak_bytes if min_planned_bytes is None else min_planned_bytes
-        kept = (f" ({self.min_planned_bytes / GB:.3g} GB with the {margin:.0%} planning margin on gradients + "
+        kept = (f" ({self.min_planned_bytes / GB:.3g} GiB with the {margin:.0%} planning margin on gradients + "
                 f"activations; margin=0 plans to the bare prediction)" if margin else "")
-        fits = f"the longest sequence that fits {budget_bytes / GB:.3g} GB is S = {longest}" if longest > 0 else (
-            f"no sequence fits {budget_bytes / GB:.3g} GB (parameters, gradients and optimizer state alone exceed it)"
+        fits = f"the longest sequence that fits {budget_bytes / GB:.3g} GiB is S = {longest}" if longest > 0 else (
+            f"no sequence fits {budget_bytes / GB:.3g} GiB (parameters, gradients and optimizer state alone exceed it)"
         )
         super().__init__(
-            f"budget {budget_bytes / GB:.3g} GB cannot be met at S = {seq_len}, batch {batch}: the smallest "
+            f"budget {budget_bytes / GB:.3g} GiB cannot be met at S = {seq_len}, batch {batch}: the smallest "
             f"achievable peak (mst with the most chunks, with or without activation checkpointing) is "
-            f"{min_peak_bytes / GB:.3g} GB{kept}; {fits}; use a shorter sequence, a smaller batch or a larger budget"
+            f"{min_peak_bytes / GB:.3g} GiB{kept}; {fits}; use a shorter sequence, a smaller batch or a larger budget"
         )
 
 
@@ -92,11 +97,7 @@ class InfeasibleBudgetError(ValueError):
 # model description
 
 
-_PRESETS = {
-    "reference": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
-                      vocab_size=32000, model_type="llama"),
-    "gpt2": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, model_type="gpt2", tie_word_embeddings=True),
-}
+_PRESETS = config_source.PRESETS
 _UNGATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2", "codegen"}
 #: model types with a norm on each branch output as well (four norms per decoder layer)
 _SANDWICH = {"gemma2", "gemma3", "gemma3_text"}
@@ -107,6 +108,28 @@ def _norm_kind(mtype: str) -> str:
     if mtype.startswith("gemma"):
         return "rms_fp32"
     return "layer" if mtype in _UNGATED else "rms"
+
+
+def _module_structure(module: Any, hidden: int, inter: int, vocab: int, layers: int) -> dict:
+    """What the module's own weights say (not its class name): whether it ends in a vocab-wide
+    projection (an LM head), and whether its MLPs are gated (three h×I projections per layer, or a
+    fused h×2I one) or plain (two).  Keys are left out where the weights do not tell."""
+    shapes = [tuple(p.shape) for _, p in module.named_parameters() if p.dim() == 2]
+    out: dict = {}
+    # an LM head is a 2-D [vocab, hidden] weight besides the input embedding (or the tied embedding,
+    # which HF's get_output_embeddings() names)
+    get_out = getattr(module, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    vocab_weights = sum(1 for sh in shapes if sorted(sh) == sorted((vocab, hidden)))
+    out["lm_head"] = head is not None or vocab_weights >= 2
+    if inter != hidden and layers > 0:
+        per_layer = sum(1 for sh in shapes if sorted(sh) == sorted((hidden, inter))) / layers
+        fused = sum(1 for sh in shapes if sorted(sh) == sorted((hidden, 2 * inter))) / layers  # gate_up_proj
+        if per_layer == 3 or (per_layer == 1 and fused == 1):
+            out["gated"] = True
+        elif per_layer == 2:
+            out["gated"] = False
+    return out
 
 
 def _config_dict(source: Any) -> tuple[dict, int | None]:
@@ -120,30 +143,11 @@ def _config_dict(source: Any) -> tuple[dict, int | None]:
             raise TypeError("plan() needs a model with a Hugging Face-style .config (or pass a config)")
         source = cfg
     if hasattr(source, "to_dict"):
-        return source.to_dict(), params
+        return config_source.check(source.to_dict(), f"{type(source).__name__}"), params
     if isinstance(source, dict):
-        return dict(source), params
+        return config_source.check(dict(source), "(dict)"), params
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f), params
-        if path.lower() in _PRESETS:
-            return dict(_PRESETS[path.lower()]), params
-        embedded = model_configs.config_text(path)
-        if embedded is not None:
-            return json.loads(embedded), params
-        try:  # a name in the local Hugging Face cache (never downloads)
-            from transformers import AutoConfig
-
-            return AutoConfig.from_pretrained(path, local_files_only=True).to_dict(), params
-        except Exception as err:
-            raise ValueError(
-                f"unknown model {path!r}: give a config.json path, a model directory, a cached Hugging Face "
-                f"name, or one of {sorted(_PRESETS) + list(model_configs.NAMES)} ({type(err).__name__})"
-            ) from None
+        return config_source.load(source)[0], params
     raise TypeError(f"expected an nn.Module, a config (dict or HF config) or a path/name, got {type(source).__name__}")
 
 
@@ -162,8 +166,7 @@ def arch_of(source: Any) -> cm.Arch:
     """:class:`~mstfx.planning.cost_model.Arch` of a model, HF config, config dict, config path or name."""
     if isinstance(source, cm.Arch):
         return source
-    d, params = _config_dict(source)
-    d = {**d.get("text_config", {}), **{k: v for k, v in d.items() if k != "text_config"}} if "text_config" in d else d
+    d, params = _config_dict(source)  # checked: every size field present is a positive integer
 
     def get(*keys, default=None):
         for k in keys:
@@ -178,16 +181,20 @@ def arch_of(source: Any) -> cm.Arch:
     if None in (h, layers, heads, vocab):
         raise ValueError("config lacks hidden size, layer count, head count or vocab size")
     mtype = str(get("model_type", default=""))
-    gated = mtype not in _UNGATED
     inter = get("intermediate_size", "n_inner", "ffn_dim") or 4 * h
+    # a module's weights decide (a backbone has no LM head; BERT's MLP is not gated); a config alone
+    # is read as a causal LM, gated unless its hidden_act / model type says a plain MLP
+    structure = _module_structure(source, int(h), int(inter), int(vocab), int(layers)) if params is not None else {}
+    gated = structure.get("gated", mtype not in _UNGATED)
+    lm_head = structure.get("lm_head", True)
     attn_impl = get("_attn_implementation", "attn_implementation", default="sdpa")
     return cm.Arch(
         hidden=int(h), intermediate=int(inter), layers=int(layers), heads=int(heads),
         kv_heads=int(get("num_key_value_heads", default=heads)), head_dim=int(get("head_dim", default=h // heads)),
-        vocab=int(vocab), gated=gated, tied=bool(get("tie_word_embeddings", default=mtype == "gpt2")),
+        vocab=int(vocab), gated=gated, tied=lm_head and bool(get("tie_word_embeddings", default=mtype == "gpt2")),
         params=params, eager_attention=attn_impl == "eager", norm=_norm_kind(mtype), sandwich_norms=mtype in _SANDWICH,
         logit_softcap=bool(get("final_logit_softcapping")),
-        plain_causal=_plain_causal(d),
+        plain_causal=_plain_causal(d), lm_head=lm_head,
         name=str(get("_name_or_path", default=mtype) or mtype),
     )
 
@@ -220,12 +227,12 @@ def default_chunks(arch: cm.Arch, tokens: int) -> tuple[int, int]:
 
 
 def check_budget(budget_gb: Any) -> float:
-    """Bytes of a budget in GB; ValueError for a non-numeric, NaN, infinite or non-positive one."""
+    """Bytes of a budget in GiB; ValueError for a non-numeric, NaN, infinite or non-positive one."""
     if isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real):
-        raise ValueError(f"budget_gb must be a positive number of gigabytes, got {budget_gb!r}")
+        raise ValueError(f"budget_gb must be a positive number of GiB (2**30 bytes), got {budget_gb!r}")
     value = float(budget_gb)
     if math.isnan(value) or math.isinf(value) or value <= 0:
-        raise ValueError(f"budget_gb must be a positive, finite number of gigabytes, got {budget_gb!r}")
+        raise ValueError(f"budget_gb must be a positive, finite number of GiB (2**30 bytes), got {budget_gb!r}")
     return value * GB
 
 
@@ -404,8 +411,8 @@ class Plan:
 
         b = self.breakdown
         title = (
-            f"mstfx plan: {self.model}, S = {self.seq_len}, batch {self.batch}, optimizer {self.optimizer}"
-            f", mode {self.mode}"
+            f"mstfx plan: {self.model}, S = {self.seq_len}, batch {self.batch}, optimizer {self.optimizer}, "
+            f"precision {self.mixed_precision or 'fp32'}, mode {self.mode} (memory in GiB = 2^30 bytes)"
         )
         tab = Table(title=title, caption=self.reason)
         for col, just in (("region", "left"), ("shape", "left"), ("activations before", "right"),
@@ -415,11 +422,16 @@ class Plan:
             name = f"{r.region} ×{r.count}" if r.count > 1 else r.region
             tab.add_row(name, r.shape, _fmt_bytes(r.bytes_before), _fmt_bytes(r.bytes_after),
                         str(r.chunks), f"{r.extra_flops:.3g}" if r.extra_flops else "0")
+        rest = b.activations - sum(r.bytes_after for r in self.rows)
+        # the peak phase's bytes besides the regions' saved ones: the S×S mask, transients, and (negative)
+        # the part of the gradients row not yet made at that phase; so the rows add up to the peak
+        tab.add_row(f"rest at the peak ({b.phase})", "mask, transients, − grads not yet made",
+                    "", ("+" if rest >= 0 else "−") + _fmt_bytes(abs(rest)), "", "")
         tab.add_section()
         tab.add_row("parameters", "", "", _fmt_bytes(b.params), "", "")
         tab.add_row("gradients", "", "", _fmt_bytes(b.grads), "", "")
         tab.add_row(f"optimizer ({self.optimizer})", "", "", _fmt_bytes(b.optimizer), "", "")
-        tab.add_row(f"activation peak ({b.phase})", "", "", _fmt_bytes(b.activations), "", "")
+        tab.add_row("activation peak (the rows above)", "", "", _fmt_bytes(b.activations), "", "")
         verdict = "fits" if self.fits else "DOES NOT FIT"
         tab.add_row("predicted peak vs budget", "", "", f"{_fmt_bytes(b.peak)} / {_fmt_bytes(self.budget_bytes)}", "", "")
         tab.add_row(f"with {self.margin:.0%} margin on grads + activations", "", "",
@@ -435,7 +447,7 @@ class Plan:
 
 
 def _fmt_bytes(n: float) -> str:
-    return f"{n / GB:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
 
 
 def _fewest_chunks(cost: cm.StepCost, symbol: sp.Symbol, room: float, seq_len: int, batch: int, cap: int) -> int | None:
@@ -492,9 +504,8 @@ def plan(
     margin = check_margin(margin)
     seq_len = positive_int("seq_len", seq_len)
     batch = positive_int("batch", batch)
-    max_chunks = positive_int("max_chunks", max_chunks)
-    if optimizer not in cm.OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {cm.OPTIMIZERS}, got {optimizer!r}")
+    max_chunks = positive_int("max_chunks", max_chunks, cap=MAX_USER_CHUNKS)  # the backend's own cap
+    optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     mixed_precision = precision_of(model_or_config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     arch = arch_of(model_or_config)
@@ -513,27 +524,50 @@ def plan(
             room = cm.margin_room(float(cost.params + cost.optimizer), budget, margin)
             ck = " + activation checkpointing" if mode.endswith("checkpointing") else ""
             # LM head alone (no recompute), then the MLPs too
-            cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD)
-            m_head = _fewest_chunks(cost_head, cm.M_HEAD, room, seq_len, batch, cap)
-            if m_head is not None and (found := candidate(mode, 1, m_head, f"LM head chunked{ck}")):
-                break
-            m_head = _fewest_chunks(cost, cm.M_HEAD, room, seq_len, batch, cap)
+            if arch.lm_head:
+                cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD)
+                m_head = _fewest_chunks(cost_head, cm.M_HEAD, room, seq_len, batch, cap)
+                if m_head is not None and (found := candidate(mode, 1, m_head, f"LM head chunked{ck}")):
+                    break
+                m_head = _fewest_chunks(cost, cm.M_HEAD, room, seq_len, batch, cap)
+            else:
+                m_head = 1  # a backbone: no LM head to chunk
+            what = "LM head and MLPs" if arch.lm_head else "MLPs"
             m_mlp = _fewest_chunks(cost, cm.M_MLP, room, seq_len, batch, cap)
             if m_head is not None and m_mlp is not None:
-                if found := candidate(mode, m_mlp, m_head, f"LM head and MLPs chunked{ck}"):
+                if found := candidate(mode, m_mlp, m_head, f"{what} chunked{ck}"):
                     break
             # the solve treats regions one at a time; fall back to the most chunks before giving up
-            if found := candidate(mode, cap, cap, f"LM head and MLPs maximally chunked{ck}"):
+            if found := candidate(mode, cap, cap if arch.lm_head else 1, f"{what} maximally chunked{ck}"):
                 break
     if found is None:
         # the most memory-saving plans: everything chunked, and (if allowed) checkpointed as well
         finals = [("mst", cap)] + ([("mst+checkpointing", cap)] if allow_checkpointing else [])
         least = min((_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, mm, cap, "", margin)
                      for m, mm in finals), key=lambda p: p.planned_peak)
-        longest = max(longest_seq_len(arch, budget / GB, batch, m, optimizer, mixed_precision, max_chunks, max_chunks,
-                                      margin) for m, _ in finals)
+        longest = longest_fitting(arch, budget / GB, batch, optimizer, mixed_precision, max_chunks, allow_checkpointing,
+                                  margin)
         raise InfeasibleBudgetError(budget, least.predicted_peak, seq_len, longest, batch, margin, least.planned_peak)
     return found
+
+
+def longest_fitting(
+    model_or_config: Any,
+    budget_gb: float,
+    batch: int = 1,
+    optimizer: str = "adamw",
+    mixed_precision: str | bool | None = None,
+    max_chunks: int = MAX_CHUNKS,
+    allow_checkpointing: bool = True,
+    margin: float = MARGIN,
+) -> int:
+    """Longest S that *some* plan fits in ``budget_gb`` (0 if none): the most memory-saving plans, every
+    region with ``max_chunks`` mini-sequences, with and (if allowed) without activation checkpointing."""
+    modes = ["mst"] + (["mst+checkpointing"] if allow_checkpointing else [])
+    arch = arch_of(model_or_config)
+    mixed_precision = precision_of(model_or_config, mixed_precision)
+    return max(longest_seq_len(arch, budget_gb, batch, m, optimizer, mixed_precision, max_chunks, max_chunks, margin)
+               for m in modes)
 
 
 def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
@@ -546,6 +580,8 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
     br = Breakdown(params, grads, opt, vals[phase] - grads, params + opt + vals[phase], phase, mode, m_mlp, m_head, vals)
     rows = []
     for r in cost.regions:
+        if r.count == 0:  # a region kind the model does not have (a backbone's LM head)
+            continue
         before = base.get(r.kind)
         ev = lambda e: cm.evaluate(e, seq_len, batch) * r.count  # noqa: E731
         rows.append(PlanRow(
@@ -566,32 +602,107 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
 # command line
 
 
-def cli_main(argv: list[str] | None = None) -> int:
-    """``mstfx plan --config path/or/name --seq-len 65536 --budget-gb 70``."""
-    ap = argparse.ArgumentParser(prog="mstfx plan", description="what mst would chunk to fit a memory budget")
-    ap.add_argument("--config", required=True, help=f"config.json, model directory, cached HF name, or {sorted(_PRESETS) + list(model_configs.NAMES)}")
-    ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--budget-gb", type=float, required=True)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--optimizer", choices=cm.OPTIMIZERS, default="adamw")
-    ap.add_argument("--mixed-precision", default=None, help="fp32 (default), bf16, fp16 or amp (fp32 master weights)")
-    ap.add_argument("--max-chunks", type=int, default=MAX_CHUNKS)
+#: exit codes of ``mstfx plan`` (and ``mstfx simulate``): argparse's convention for bad input
+EXIT_OK, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
+
+#: ``mstfx simulate``'s optimizer setups, as this cost model's (optimizer, mixed precision); the same
+#: bytes per parameter (simulate: ``mstfx/tools/simulate.py`` OPTIMIZERS)
+SETUPS = {
+    "adamw-master": ("adamw", "amp", "AdamW, fp32 states + fp32 master weights, bf16 weights and grads (12 B/param)"),
+    "adamw-bf16": ("adamw", "bf16", "AdamW, bf16 states, bf16 weights and grads (4 B/param)"),
+    "offload": ("none", "bf16", "AdamW with states and master weights offloaded to CPU: bf16 weights and grads"),
+}
+#: simulate setups the cost model cannot express, with the reason
+UNMODELLED_SETUPS = {
+    "paper": "gradients freed as they are made (optimizer in backward) are not in the cost model; "
+             "use `mstfx simulate --optimizer paper`",
+}
+
+
+def resolve_setup(optimizer: str, mixed_precision: Any) -> tuple[str, Any]:
+    """``optimizer`` as a cost-model optimizer and the precision it implies (a simulate setup name such
+    as ``adamw-master`` fixes both; then ``mixed_precision`` must be unset)."""
+    if optimizer in UNMODELLED_SETUPS:
+        raise ValueError(f"optimizer {optimizer!r}: {UNMODELLED_SETUPS[optimizer]}")
+    if optimizer in SETUPS:
+        opt, prec, _ = SETUPS[optimizer]
+        if mixed_precision not in (None, prec):
+            raise ValueError(f"optimizer {optimizer!r} implies mixed_precision={prec!r}; leave mixed_precision unset")
+        return opt, prec
+    if optimizer not in cm.OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(cm.OPTIMIZERS) + list(SETUPS)}, got {optimizer!r}")
+    return optimizer, mixed_precision
+
+
+def _positive_int_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {text}")
+    return value
+
+
+EXIT_CODES_HELP = "exit status: 0 fits, 1 does not fit the budget, 2 bad input (unknown model, bad config or option)"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``mstfx plan`` argument parser (no torch or sympy import: ``--help`` is fast)."""
+    ap = argparse.ArgumentParser(
+        prog="mstfx plan", description="What mst would chunk (and whether to checkpoint) so one training step "
+        "fits a memory budget, from the cost model. Memory is in GiB (2**30 bytes).", epilog=EXIT_CODES_HELP)
+    ap.add_argument("--config", "--model", dest="config", required=True, metavar="NAME_OR_PATH",
+                    help="model: a config.json path, a model directory, a cached Hugging Face name, or a built-in "
+                    f"name ({', '.join(config_source.names())}); --model is the same option")
+    ap.add_argument("--seq-len", type=_positive_int_arg, required=True, help="tokens per sequence S")
+    ap.add_argument("--budget-gb", type=_positive_float_arg, required=True,
+                    help="memory budget of one training step in GiB (2**30 bytes), parameters included")
+    ap.add_argument("--batch", type=_positive_int_arg, default=1, help="sequences per step (default 1)")
+    ap.add_argument("--optimizer", choices=list(cm.OPTIMIZERS) + list(SETUPS) + list(UNMODELLED_SETUPS), default="adamw",
+                    help="optimizer state: adamw, sgd, none (in the model's precision), or one of mstfx simulate's "
+                    f"setups {', '.join(SETUPS)} (they fix --mixed-precision); 'paper' is simulate-only (default adamw)")
+    ap.add_argument("--mixed-precision", default=None, choices=["fp32", "bf16", "fp16", "amp"],
+                    help="fp32 (default), bf16 or fp16 (2-byte weights and activations), amp (bf16 with fp32 master weights)")
+    ap.add_argument("--max-chunks", type=_positive_int_arg, default=MAX_CHUNKS,
+                    help=f"most mini-sequences per region a plan may use (default {MAX_CHUNKS})")
     ap.add_argument("--no-checkpointing", action="store_true", help="never plan activation checkpointing")
     ap.add_argument("--margin", type=float, default=MARGIN,
-                    help=f"headroom on predicted grads + activations (default {MARGIN}: the cost model's error bound)")
-    args = ap.parse_args(argv)
+                    help=f"headroom kept on predicted grads + activations, in [0, 1) (default {MARGIN}: the cost model's error bound)")
+    return ap
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``mstfx plan --config NAME_OR_PATH --seq-len 65536 --budget-gb 70``; exit codes: :data:`EXIT_CODES_HELP`."""
+    ap = parser()
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # argparse printed the message to stderr
+        return int(e.code or 0)
+    import sys
+
     from rich.console import Console
 
-    console = Console(width=140)
     try:
         p = plan(args.config, args.seq_len, args.budget_gb, args.batch, args.optimizer, args.mixed_precision,
                  args.max_chunks, not args.no_checkpointing, args.margin)
     except InfeasibleBudgetError as err:
-        console.print(f"[red]infeasible:[/red] {err}")
-        return 1
+        print(f"mstfx plan: does not fit: {err}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
     except (ValueError, TypeError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+        print(f"mstfx plan: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    console = Console(width=140, file=sys.stdout)
     console.print(p.table())
     console.print(f"longest S that fits with this plan: {p.longest_seq_len}")
-    return 0
+    return EXIT_OK

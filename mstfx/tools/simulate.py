@@ -80,37 +80,30 @@ class SimulateError(ValueError):
 
 
 def load_config(model: str | None = None, config_path: str | None = None):
-    """A transformers ``PretrainedConfig`` from an embedded name or a config JSON path."""
+    """A transformers ``PretrainedConfig`` from a built-in name or a config path (``--model`` and
+    ``--config`` accept the same things, read and checked as ``mstfx plan`` does:
+    ``mstfx/model_configs/source.py``)."""
     from transformers import AutoConfig
 
+    from ..model_configs import source
+
     if (model is None) == (config_path is None):
-        raise SimulateError("give exactly one of --model NAME or --config PATH")
-    if model is not None:
-        text = model_configs.config_text(model)
-        if text is None:
-            raise SimulateError(f"unknown model {model!r}; embedded models: {', '.join(EMBEDDED_MODELS)} (or --config PATH)")
-        source = f"embedded {MODEL_ALIASES[model.lower()]}"
-    else:
-        try:
-            text = Path(config_path).read_text()
-        except OSError as err:
-            raise SimulateError(f"cannot read config {config_path!r}: {err.strerror or err}") from None
-        source = config_path
+        raise SimulateError("give exactly one of --model or --config (a built-in name or a config.json path)")
+    given = model if model is not None else config_path
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SimulateError(f"config {source} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise SimulateError(f"config {source} has no 'model_type' (is it a Hugging Face config.json?)")
+        data, label = source.read(given)
+        if "model_type" not in data:
+            raise SimulateError(f"config {label}: field 'model_type' is missing (is it a Hugging Face config.json?)")
+        source.check(data, label)
+    except source.ConfigError as err:
+        raise SimulateError(str(err)) from None
+    data = dict(data)
     model_type = data.pop("model_type")
     try:
         cfg = AutoConfig.for_model(model_type, **data)
     except Exception as err:
-        raise SimulateError(f"config {source}: transformers cannot build a {model_type!r} config: {err}") from None
-    for need in ("hidden_size", "num_hidden_layers", "vocab_size"):
-        if not isinstance(getattr(cfg, need, None), int) or getattr(cfg, need) < 1:
-            raise SimulateError(f"config {source}: {need} missing or not a positive integer")
-    cfg._mstfx_name = model or Path(config_path).stem
+        raise SimulateError(f"config {label}: transformers cannot build a {model_type!r} config: {err}") from None
+    cfg._mstfx_name = MODEL_ALIASES.get(given.lower(), Path(given).stem) if isinstance(given, str) else Path(given).stem
     return cfg
 
 
@@ -708,16 +701,20 @@ def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> li
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..model_configs import source
+
     p = argparse.ArgumentParser(
         prog="mstfx simulate",
         description="Longest sequence that trains on a GPU of a given size: the real HF model run under "
-        "FakeTensor + MemTracker (no weights, no GPU), in four modes.",
+        "FakeTensor + MemTracker (no weights, no GPU), in four modes. Memory is in GiB (2**30 bytes).",
+        epilog="exit status: 0 done, 1 nothing fits in any requested mode, 2 bad input (unknown model, bad config or option)",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help=f"embedded config: {', '.join(EMBEDDED_MODELS)}")
-    src.add_argument("--config", help="path to a Hugging Face config.json")
-    p.add_argument("--gpu-gb", type=float, required=True, help="memory of one GPU, GiB")
-    p.add_argument("--batch", type=int, default=1)
+    names = ", ".join(source.names())
+    src.add_argument("--model", metavar="NAME_OR_PATH", help=f"model: a built-in name ({names}) or a config.json path")
+    src.add_argument("--config", metavar="NAME_OR_PATH", help="the same as --model (as in mstfx plan)")
+    p.add_argument("--gpu-gb", type=float, required=True, help="memory of one GPU in GiB (2**30 bytes)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     p.add_argument("--optimizer", default="adamw", help=f"one of {', '.join(OPTIMIZERS)} (default adamw)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (with --strategy fsdp)")
@@ -733,7 +730,7 @@ def _parser() -> argparse.ArgumentParser:
         help="eager: the step run op by op (FlashAttention); compiled: the graphs torch.compile(backend='mst') "
         "builds (plain Inductor for standard/ckpt), their saved tensors and recomputes (default eager)",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument(
         "--compare-cost-model",
         metavar="S1,S2,...",
@@ -949,7 +946,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         _plot(out, plot)
         if args.json != "-":
             print(f"plot: {plot}")
-    return 0
+    return 0 if any(r["max_seq_len"] for r in out["modes"].values()) else 1  # 1: does not fit
 
 
 __all__ = [
