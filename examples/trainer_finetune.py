@@ -3,7 +3,7 @@ same run without mst.  Draws both loss curves (``--out``, default ``trainer_loss
 directory) and prints the max difference.
 
     pip install -e ".[examples]"
-    python examples/trainer_finetune.py                  # timing: see the README's Trainer section
+    python examples/trainer_finetune.py                  # timing: see the README
     python examples/trainer_finetune.py --out /tmp/loss.png
     python examples/trainer_finetune.py --update-docs    # redraw the committed docs/trainer_loss.png
 
