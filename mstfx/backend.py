@@ -94,6 +94,7 @@ class MstBackend:
             raise TypeError(f"MstBackend takes a MstConfig or keyword options, got {config!r}; e.g. MstBackend(mini_sequences=8)")
         self.config = config if config is not None else MstConfig(**options)
         self.reports: list = []
+        self._warned_region_names: set[str] = set()
 
     def __repr__(self) -> str:
         return f"MstBackend({self.config})"
@@ -111,20 +112,13 @@ class MstBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         from mstfx.passes import GraphReport, run_passes
 
-        index = next(_graph_ids)
         try:
-            new_gm, report = run_passes(gm, example_inputs, self.config, index)
+            new_gm, report = run_passes(gm, example_inputs, self.config, -1)
         except Exception as err:  # a bug in analysis must not break the user's training
             if _is_dynamo_control_flow(err):
                 raise
-            log.warning("mstfx: analysis failed (%s); compiling graph %d unchanged", err, index, exc_info=True)
-            new_gm, report = gm, GraphReport(index, error=f"analysis failed: {type(err).__name__}: {err}")
-        self.reports.append(report)
-        REPORTS.append(report)
-        from .distributed import warn_if_ddp_split
-
-        warn_if_ddp_split(report)
-        log.info("%s", report)
+            log.warning("mstfx: analysis failed (%s); compiling the graph unchanged", err, exc_info=True)
+            new_gm, report = gm, GraphReport(-1, error=f"analysis failed: {type(err).__name__}: {err}")
         compiler = self._compiler()
         compiled = None
         if new_gm is not gm:
@@ -138,8 +132,48 @@ class MstBackend:
                     raise  # e.g. TensorifyScalarRestartAnalysis: Dynamo re-traces and calls us again
                 log.warning("mstfx: compiling the rewritten graph failed (%s); compiling it unchanged", err, exc_info=True)
                 report.roll_back(f"compile of rewritten graph failed: {type(err).__name__}: {err}")
+        if compiled is None:
+            compiled = compiler(gm, example_inputs)  # a restart raised here, too, records nothing
+        # Recorded only now: when Dynamo restarts its analysis (it raises through the compiler, e.g. to
+        # specialise a float under dynamic=True) it calls the backend again for the same graph, and only
+        # the attempt whose code is returned is a graph of the program.
+        self._record(report)
+        return compiled
+
+    def _record(self, report) -> None:
+        """Number, keep, log, count and (on a fallback) warn about one compiled graph's report."""
+        from .distributed import warn_if_ddp_split
+
+        report.graph_index = next(_graph_ids)
+        self.reports.append(report)
+        REPORTS.append(report)
+        warn_if_ddp_split(report)
+        log.info("%s", report)
         _count_and_warn(report)
-        return compiled if compiled is not None else compiler(gm, example_inputs)
+        _warn_unknown_region_names(self, report)
+
+
+def _warn_unknown_region_names(backend: MstBackend, report) -> None:
+    """``region_chunks`` names that match no region of any graph this backend compiled so far: a typo
+    would otherwise silently keep the default M.  Warned once per name."""
+    asked = set(backend.config.region_chunks)
+    if not asked:
+        return
+    kinds = ("mlp", "lm_head+loss")
+    seen = {d.where for r in backend.reports for d in r.decisions if d.kind in kinds}
+    warned = backend._warned_region_names
+    unknown = sorted(asked - seen - warned)
+    if not unknown:
+        return
+    warned.update(unknown)
+    here = sorted({d.where for d in report.decisions if d.kind in kinds})
+    warnings.warn(
+        f"mstfx: region_chunks names {unknown} match no region in graph {report.graph_index} (nor in an "
+        f"earlier graph of this backend); its regions are {here or 'none'}. Use the names mstfx.explain() "
+        "shows in its 'where' column (a region in a later graph is matched when that graph compiles).",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class GuardedGraph:

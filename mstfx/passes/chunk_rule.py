@@ -16,6 +16,7 @@ Explicit M from the user or a plan always wins.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_bool, optimization_hint
@@ -38,10 +39,35 @@ def concrete_tokens(tokens: int | torch.SymInt) -> int:
     return 2 * lo - 1
 
 
+def _fewest_tokens(tokens: int | torch.SymInt) -> int:
+    """The fewest tokens the graph can see: the count itself, or the bottom of a dynamic size's bucket
+    (:func:`concrete_tokens` guards the graph to that bucket)."""
+    if not isinstance(tokens, torch.SymInt):
+        return max(1, int(tokens))
+    n = max(1, int(optimization_hint(tokens)))
+    return 1 << (n.bit_length() - 1)
+
+
+def _capped(m: int, tokens: int | torch.SymInt, asked: bool, what: str) -> int:
+    """``m`` capped so that every chunk holds at least one token; a user's M above that is warned about."""
+    most = _fewest_tokens(tokens)
+    if m > most:
+        if asked:
+            warnings.warn(
+                f"mstfx: {what} M = {m} is more than the {most} tokens this graph can see; using M = {most} "
+                "(a mini-sequence holds at least one token, and each extra one is an unrolled copy that only "
+                "adds compile time)",
+                UserWarning,
+                stacklevel=3,
+            )
+        m = most
+    return max(1, m)
+
+
 def mlp_chunks(tokens: int | torch.SymInt, hidden: int, override: int | None = None) -> int:
     n = concrete_tokens(tokens)
     m = override if override is not None else math.ceil(n / hidden)
-    return max(1, min(m, max(n, 1)))
+    return _capped(m, tokens, override is not None, "MLP")
 
 
 def lm_head_chunks(
@@ -56,4 +82,4 @@ def lm_head_chunks(
         m = override
     else:
         m = min(math.ceil(vocab / hidden), math.ceil(n / max(1, min_chunk_tokens)))
-    return max(1, min(m, max(n, 1)))
+    return _capped(m, tokens, override is not None, "LM head")

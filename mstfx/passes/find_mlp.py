@@ -219,6 +219,25 @@ def routed_expert_matmuls(graph: fx.Graph, param_nodes: set[fx.Node], free: set[
     return found
 
 
+def _unique_names(regions: list[MlpRegion]) -> None:
+    """Give every region of a graph its own name (the name is what ``region_chunks`` and the report use).
+
+    The default name is the module that holds the down-projection; when two regions share it (their
+    projections are direct children of one ``ModuleList``) each is named by its down-projection's own
+    path (``ffn.1``, ``ffn.3``); a module called twice gets ``#2``, ``#3``... on its later calls."""
+    count: dict[str, int] = {}
+    for r in regions:
+        count[r.name] = count.get(r.name, 0) + 1
+    for r in regions:
+        if count[r.name] > 1:
+            r.name = module_path(r.down_projection.node) or r.down_projection.node.name
+    seen: dict[str, int] = {}
+    for r in regions:
+        k = seen[r.name] = seen.get(r.name, 0) + 1
+        if k > 1:
+            r.name = f"{r.name}#{k}"
+
+
 def find_mlp_regions(
     graph: fx.Graph, param_nodes: set[fx.Node], exclude: set[fx.Node] = frozenset()
 ) -> tuple[list[MlpRegion], list[tuple[str, str]]]:
@@ -243,6 +262,7 @@ def find_mlp_regions(
             continue
         claimed.update(region.nodes)
         regions.append(region)
+    _unique_names(regions)
     experts: dict[str, int] = {}
     for node in routed_expert_matmuls(graph, param_nodes, free):
         where = module_path(node, strip_leaf=True) or node.name

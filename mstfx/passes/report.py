@@ -11,7 +11,7 @@ class RegionDecision:
 
     kind: str  # "mlp" or "lm_head+loss"
     where: str  # module path or node name, for humans
-    action: str  # "chunked", "rewritten" (attention) or "skipped"
+    action: str  # "chunked" (an LM head at M = 1: fused, shown so), "rewritten" (attention) or "skipped"
     reason: str
     tokens: int | str | None = None
     hidden: int | None = None
@@ -20,8 +20,17 @@ class RegionDecision:
     dtype: str | None = None
     detail: str = ""
 
+    @property
+    def fused_only(self) -> bool:
+        """An LM head rewritten with one mini-sequence: the fused loss (logits not kept for backward),
+        but nothing chunked; the report says so instead of "chunked"."""
+        return self.action == "chunked" and self.kind == "lm_head+loss" and self.chunks == 1
+
     def row(self) -> list[str]:
         shape = f"{self.tokens}×{self.hidden}→{self.width}" if self.hidden else "-"
+        if self.fused_only:
+            why = "M = 1: fused loss (logits not kept for backward), not chunked; " + (self.detail or self.reason)
+            return [self.kind, self.where, "fused (M = 1)", shape, "1", why]
         return [self.kind, self.where, self.action, shape, str(self.chunks or "-"), self.detail or self.reason]
 
 
@@ -58,8 +67,10 @@ class GraphReport:
         header = ["region", "where", "action", "tokens×in→width", "M", "why"]
         rows = [header] + [d.row() for d in self.decisions]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = [f"mstfx graph {self.graph_index}: {len(self.chunked)} region(s) chunked, "
-                 f"{len(self.rewritten)} attention call(s) rewritten, {len(self.skipped)} left unchanged"]
+        fused = sum(d.fused_only for d in self.chunked)
+        lines = [f"mstfx graph {self.graph_index}: {len(self.chunked) - fused} region(s) chunked, "
+                 + (f"{fused} fused at M = 1, " if fused else "")
+                 + f"{len(self.rewritten)} attention call(s) rewritten, {len(self.skipped)} left unchanged"]
         if self.error:
             lines.append(f"  graph left unchanged: {self.error}")
         for r in rows:
