@@ -149,13 +149,15 @@ def _linear_ce_loss(model):
 
 
 def prepare(variant: str, base, ids, budget_gib: float, mem_budget: float):
-    """A private copy of the model set up for ``variant`` and its warmed-up (compiled) training step."""
+    """A private copy of the model set up for ``variant``, its warmed-up (compiled) training step, and a note
+    (for ``mst(planned)``: what the plan chose and predicted)."""
     import copy
 
     from . import bench
 
     if variant in bench.VARIANTS:
-        return bench.prepare_variant(variant, base, ids)
+        return bench.prepare_variant(variant, base, ids), ""
+    note = ""
     model = copy.deepcopy(base)
     model.train()
     if variant == "inductor+mem_budget":
@@ -174,12 +176,15 @@ def prepare(variant: str, base, ids, budget_gib: float, mem_budget: float):
         # The planner's unit (planner.GB) converts the budget, whichever convention it uses.
         mstfx.transform(model, budget_gb=budget_gib * GIB / planner.GB, seq_len=ids.shape[-1],
                         batch=ids.shape[0], optimizer="none")
+        plan = model._mstfx_transform.plan
+        note = (f"plan at S={ids.shape[-1]}: {plan.mode}, M mlp {plan.mlp_chunks}, M lm_head {plan.lm_head_chunks}"
+                f"{', checkpointing' if plan.checkpointing else ''}; predicted {plan.predicted_peak / MIB:.0f} MiB")
         loss = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
     else:
         raise ValueError(f"unknown sweep variant {variant!r}; choose from {SWEEP_VARIANTS}")
     step = training_step(model, loss)
     step()
-    return step
+    return step, note
 
 
 def _param_bytes(model) -> int:
@@ -210,7 +215,7 @@ def measure_length(make_config, seq_len: int, variants: list[str], repeats: int,
             points[v] = SweepPoint(seq_len, v, None, None, None, reason)
             continue
         try:
-            steps[v] = prepare(v, base, ids, budget_gib, mem_budget)
+            steps[v], note = prepare(v, base, ids, budget_gib, mem_budget)
         except InfeasibleBudgetError as e:
             points[v] = SweepPoint(seq_len, v, None, None, None, f"infeasible: {str(e).splitlines()[0]}")
             continue
@@ -219,7 +224,7 @@ def measure_length(make_config, seq_len: int, variants: list[str], repeats: int,
             print(f"mstfx bench: {v} at S={seq_len} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             continue
         peak, loss = peak_bytes(steps[v])
-        points[v] = SweepPoint(seq_len, v, (params + peak) / MIB, None, float(loss))
+        points[v] = SweepPoint(seq_len, v, (params + peak) / MIB, None, float(loss), note)
         if on_point:
             on_point(points[v])
     times = {v: [] for v in steps}
@@ -321,7 +326,8 @@ def markdown(points, budget_gib: float) -> str:
         fit = longest_fitting(points, v, budget_gib)
         mem.append(f"| {v} | " + " | ".join(cells_m) + f" | {fit if fit else '-'} |")
         tim.append(f"| {v} | " + " | ".join(cells_t) + " |")
-    notes = sorted({p.note for p in points if p.note and not p.note.startswith("infeasible")})
+    notes = sorted({p.note for p in points if p.note and p.note.startswith(("n/a", "error"))})
+    notes += [f"mst(planned) {p.note}" for p in points if p.variant == "mst(planned)" and p.note.startswith("plan")]
     return "\n".join(mem + [""] + tim + ([""] + [f"* {n}" for n in notes] if notes else []))
 
 
