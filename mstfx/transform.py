@@ -90,22 +90,19 @@ class TransformState:
         b = bucket_of(seq_len, top_len)
         if self.plan is not None and b == top_len:
             return self.plan
-        return _bucket_plan(self.model, seq_len, max(b, seq_len), self.budget_gb, opts)
+        return _bucket_plan(self.model, seq_len, max(b, seq_len), self.budget_gb, opts, self.longest_seq_len)
 
 
-def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, opts: dict) -> Plan:
+def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, opts: dict, longest: int) -> Plan:
     """The plan of a bucket whose first (or longest so far) input has ``seq_len`` tokens: for the
-    bucket's ``top`` if that fits, else for the longest length below it that fits, else for ``seq_len``
-    itself (which raises, with that S, when even it cannot fit)."""
-    try:
-        return plan(model, top, budget_gb, **opts)
-    except InfeasibleBudgetError as err:
-        reach = min(top, err.longest_seq_len)
-        if reach > seq_len:
-            try:
-                return plan(model, reach, budget_gb, **opts)
-            except InfeasibleBudgetError:
-                pass
+    bucket's ``top`` if that fits, else for the longest length below it that fits (``longest``: the
+    longest S any plan fits), else for ``seq_len`` itself (which raises, with that S, as it cannot fit)."""
+    reach = min(top, longest)
+    if reach >= seq_len:
+        try:
+            return plan(model, reach, budget_gb, **opts)
+        except InfeasibleBudgetError:  # the solved longest S, rounded, may miss by a token
+            pass
     return plan(model, seq_len, budget_gb, **opts)
 
 

@@ -528,3 +528,11 @@ def test_transform_without_seq_len_refuses_a_budget_nothing_fits():
     with pytest.raises(P.InfeasibleBudgetError, match="no sequence fits"):
         transform(model, budget_gb=1e-4)
     assert getattr(model, "_mstfx_transform", None) is None and "forward" not in model.__dict__
+
+
+def test_transform_takes_simulate_setups_too():
+    model = tiny_llama()
+    transform(model, budget_gb=1, optimizer="adamw-bf16", compiler="eager")
+    state = model._mstfx_transform
+    assert state.longest_seq_len > 0 and state.plan_for(300).mixed_precision == "bf16"
+    untransform(model)

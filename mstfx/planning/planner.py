@@ -281,6 +281,7 @@ def predict_peak(
     """
     seq_len = positive_int("seq_len", seq_len)
     batch = positive_int("batch", batch)
+    optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     arch = arch_of(config)
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
@@ -317,6 +318,7 @@ def longest_seq_len(
     budget = check_budget(budget_gb)
     margin = check_margin(margin)
     batch = positive_int("batch", batch)
+    optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     arch = arch_of(config)
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
@@ -513,7 +515,8 @@ def plan(
     cap = max(1, min(max_chunks, tokens))
 
     def candidate(mode: str, m_mlp: int, m_head: int, reason: str) -> Plan | None:
-        p = _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason, margin)
+        p = _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
+                       margin, with_longest=False)  # solved below for the plan chosen only (sympy is slow)
         return p if p.fits else None
 
     steps = [("mst", False), ("mst+checkpointing", True)] if allow_checkpointing else [("mst", False)]
@@ -543,11 +546,13 @@ def plan(
     if found is None:
         # the most memory-saving plans: everything chunked, and (if allowed) checkpointed as well
         finals = [("mst", cap)] + ([("mst+checkpointing", cap)] if allow_checkpointing else [])
-        least = min((_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, mm, cap, "", margin)
-                     for m, mm in finals), key=lambda p: p.planned_peak)
+        least = min((_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, mm, cap, "", margin,
+                                with_longest=False) for m, mm in finals), key=lambda p: p.planned_peak)
         longest = longest_fitting(arch, budget / GB, batch, optimizer, mixed_precision, max_chunks, allow_checkpointing,
                                   margin)
         raise InfeasibleBudgetError(budget, least.predicted_peak, seq_len, longest, batch, margin, least.planned_peak)
+    found.longest_seq_len = _plan_longest(arch, budget, batch, found.mode, optimizer, mixed_precision,
+                                          found.mlp_chunks, found.lm_head_chunks, margin)
     return found
 
 
@@ -570,8 +575,16 @@ def longest_fitting(
                for m in modes)
 
 
+def _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, m_mlp, m_head, margin) -> int:
+    """Longest S a plan's mode and M fit in ``budget`` bytes (M > 1 fixed; 1 = that region not chunked)."""
+    if mode.startswith("mst"):
+        return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision,
+                               m_mlp if m_mlp > 1 else None, m_head if m_head > 1 else None, margin)
+    return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision, margin=margin)
+
+
 def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
-               margin: float = 0.0) -> Plan:
+               margin: float = 0.0, with_longest: bool = True) -> Plan:
     cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head)
     base = {r.kind: r for r in cm.regions(arch, prec, "standard", 1, 1)}
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
@@ -591,9 +604,8 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
         ))
     if mode.endswith("checkpointing"):  # attention/MLP saved bytes are inside the checkpointed layer
         rows = [replace(r, bytes_after=0.0) if r.region in ("attention", "mlp") else r for r in rows]
-    longest = longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision,
-                              m_mlp if m_mlp > 1 else None, m_head if m_head > 1 else None, margin) if mode.startswith("mst") \
-        else longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision, margin=margin)
+    longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, m_mlp, m_head, margin) \
+        if with_longest else 0
     return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, m_mlp, m_head,
                 mode.endswith("checkpointing"), br, rows, longest, reason, margin)
 
