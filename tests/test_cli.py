@@ -126,10 +126,16 @@ def test_plan_bad_flags_are_exit_2_on_stderr(capsys):
         assert "error" in captured.err and flag.lstrip("-").split("-")[0] in captured.err, (argv, captured.err)
 
 
-def test_top_level_help_does_not_import_torch():
+def test_top_level_help_does_not_import_torch(tmp_path):
+    import os
     import subprocess
     import sys
 
+    import mstfx
+
+    root = os.path.dirname(os.path.dirname(mstfx.__file__))  # the mstfx this test imports, not another
     code = "import sys; from mstfx import cli; cli.main(['--help']); print(sorted({'torch', 'sympy', 'transformers'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env=env).stdout
     assert out.strip().endswith("[]"), out
