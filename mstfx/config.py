@@ -9,6 +9,8 @@ from typing import Any
 #: Largest M a user may ask for.  The rewrite unrolls one copy of a region per mini-sequence, so
 #: compile time grows with M (measured: M = 64 compiles about 2.5× longer than M = 8); past this the
 #: first step waits tens of minutes for no further memory saving once a chunk is a few tokens long.
+#: Kept with the opt-in compiled-once MLP chunks too: the LM head and checkpointed layers still unroll,
+#: and the graph around the M calls still grows with M (README "Compile time").
 MAX_USER_CHUNKS = 256
 
 

@@ -21,6 +21,7 @@ unchanged and the failure is reported.  No pass removes, moves past, or copies a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -34,7 +35,7 @@ from .find_lm_head import LmHeadRegion, find_lm_head_regions
 from .find_mlp import MlpRegion, find_mlp_regions
 from .report import GraphReport, RegionDecision
 from .rewrite_lm_head import rewrite_lm_head
-from .rewrite_mlp import rewrite_mlp
+from .rewrite_mlp import refresh_fake_values, rewrite_mlp, rewrite_mlp_compiled_once
 
 log = logging.getLogger("mstfx")
 
@@ -57,6 +58,32 @@ def _param_placeholders(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
     """Placeholders that hold parameters (Dynamo lifts module parameters to graph inputs)."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {node for node, ex in zip(phs, example_inputs) if isinstance(ex, torch.nn.Parameter)}
+
+
+def _grad_flags(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, bool]:
+    """``requires_grad`` of what each placeholder receives.  Dynamo's example values leave it unset;
+    a compiled-once chunk body needs it (a body traced for a frozen weight must not serve a
+    trainable one)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {ph: bool(getattr(ex, "requires_grad", False)) for ph, ex in zip(phs, example_inputs)}
+
+
+def _chunk_form(config: Any, in_checkpoint: bool) -> tuple[bool, str]:
+    """Whether an MLP's chunks become one compiled-once body called M times (``invoke_subgraph``,
+    opt-in: ``config.compiled_once_chunks = True``) or M unrolled copies (the default), and the
+    report's words for it (nothing for the default).
+
+    The compiled-once form is opt-in because, measured, it is not yet better: on the reference
+    config (S = 4096) its peak is 301 MiB against 269 MiB unrolled, and on the 8-layer tiny Llama at
+    M = 64 its first step was about 5× plain Inductor's (``mstfx bench --compile-time``; README
+    "Compile time").
+    Inside a user's checkpointed layer it is never used (AOT autograd's recompute of the layer around
+    a called body measured a higher peak than the unrolled copies)."""
+    if config.compiler == "eager" or not getattr(config, "compiled_once_chunks", False):
+        return False, ""
+    if in_checkpoint:
+        return False, "; unrolled M copies (inside a checkpointed layer)"
+    return True, "; one body compiled once, called M times"
 
 
 def _checkpoint_bodies(gm: fx.GraphModule, params: set[fx.Node]) -> list[tuple[fx.GraphModule, set[fx.Node], fx.Node]]:
@@ -108,8 +135,28 @@ def _verify(gm: fx.GraphModule) -> None:
     mode = next((v.fake_mode for v in inputs if isinstance(v, FakeTensor)), None)
     if mode is None:
         return  # hand-built graphs in tests carry no fake values; their outputs are checked numerically
-    with torch.enable_grad():
+    with torch.enable_grad(), _private_hop_cache():
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+@contextlib.contextmanager
+def _private_hop_cache():
+    """Verification traces ``invoke_subgraph`` calls (compiled-once chunk bodies) through their
+    autograd rule, which caches what it learns per body in the compile's tracing context; AOT
+    autograd must not reuse what was cached from verification's detached fake values, so verification
+    gets a cache of its own for its duration."""
+    from torch._guards import HopDispatchSetCache, TracingContext
+
+    ctx = TracingContext.try_get()
+    if ctx is None:
+        yield
+        return
+    saved = ctx.hop_dispatch_set_cache
+    ctx.hop_dispatch_set_cache = HopDispatchSetCache()
+    try:
+        yield
+    finally:
+        ctx.hop_dispatch_set_cache = saved
 
 
 def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int = 0) -> tuple[fx.GraphModule, GraphReport]:
@@ -136,6 +183,9 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
         report.decisions.append(RegionDecision("lm_head+loss", where, "skipped", why))
 
     changed = False
+    compiled_bodies: dict = {}  # chunk bodies compiled once, shared by every region and chunk with the same structure
+    grad_flags = _grad_flags(new, example_inputs)
+    needs_grad = lambda node: grad_flags.get(node, True)  # noqa: E731  (computed values: assume they do)
     for owner, region in mlps:
         m = chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mlp_chunks_for(region))
         common = dict(
@@ -149,7 +199,11 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
                 RegionDecision("mlp", region.name, "skipped", "one mini-sequence: nothing to save", chunks=1, **common)
             )
             continue
-        rewrite_mlp(owner, region, m, eager=config.compiler == "eager", in_checkpoint=owner is not new)
+        once, form = _chunk_form(config, owner is not new)
+        if once:
+            rewrite_mlp_compiled_once(owner, region, m, compiled_bodies, needs_grad)
+        else:
+            rewrite_mlp(owner, region, m, eager=config.compiler == "eager", in_checkpoint=owner is not new)
         if owner is not new:
             owner.recompile()
         changed = True
@@ -160,7 +214,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
                 "chunked",
                 "amplifier: up-projection widens tokens×hidden to tokens×intermediate",
                 chunks=m,
-                detail=f"{region.activation}, {len(region.up_projections)} up-proj, recompute in backward",
+                detail=f"{region.activation}, {len(region.up_projections)} up-proj, recompute in backward{form}",
                 **common,
             )
         )
@@ -221,6 +275,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
             masked.recompile()
             _verify(masked)
             masked.meta[REWRITTEN_KEY] = True
+        refresh_fake_values(compiled_bodies)
     except Exception as err:  # never hand a half-checked rewrite to the compiler
         log.info("mstfx: rewritten graph failed verification (%s); compiling it unchanged", err)
         report.roll_back(f"verification failed: {type(err).__name__}: {err}")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import sweep
+from . import compile_time, sweep
 from .measure import peak_bytes, step_seconds, training_step
 from .progress import Progress, quiet_library_warnings
 
@@ -243,7 +243,10 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     sweep.add_arguments(parser)
+    compile_time.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.compile_time:
+        return compile_time.cli_compile_time(args)
     if args.sweep is not None:
         return sweep.cli_sweep(args, CONFIGS)
     variants = [v.strip() for v in (args.variants or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()]
