@@ -341,6 +341,8 @@ def plot(points, budget_gib: float, path: str, title: str) -> None:
     lengths, variants, at = _by(points)
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(13, 5.2))
     markers = "osD^v<>ph*"
+    ref = {s: at[(s, "inductor")].step_s for s in lengths if (s, "inductor") in at and at[(s, "inductor")].step_s}
+    relative = bool(ref)  # without an inductor row, absolute seconds
     for i, v in enumerate(variants):
         pts = [at[(s, v)] for s in lengths if (s, v) in at and at[(s, v)].step_mib is not None]
         if not pts:
@@ -352,11 +354,13 @@ def plot(points, budget_gib: float, path: str, title: str) -> None:
         over = [p for p in pts if p.step_mib > budget_gib * 1024]
         if over:
             ax_m.scatter([p.seq_len for p in over], [p.step_mib for p in over], marker="x", s=90, color="red", zorder=5)
-        timed = [p for p in pts if p.step_s is not None]
-        ax_t.plot([p.seq_len for p in timed], [p.step_s for p in timed], marker=markers[i % len(markers)], label=v,
-                  color=line.get_color(), alpha=0.85)
+        # times at different S come from different runs (loads): plot each against plain Inductor's, same run
+        timed = [p for p in pts if p.step_s is not None and (not relative or p.seq_len in ref)]
+        ax_t.plot([p.seq_len for p in timed], [p.step_s / (ref[p.seq_len] if relative else 1) for p in timed],
+                  marker=markers[i % len(markers)], label=v, color=line.get_color(), alpha=0.85)
     ax_m.axhline(budget_gib * 1024, color="red", linestyle="--", linewidth=1.2, label=f"budget {budget_gib:g} GiB")
-    for ax, ylabel in ((ax_m, "step memory, MiB (params + grads + activations)"), (ax_t, "step time, s")):
+    for ax, ylabel in ((ax_m, "step memory, MiB (params + grads + activations)"),
+                       (ax_t, "step time ÷ plain Inductor's (same S, same run)" if relative else "step time, s")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(lengths)
@@ -365,7 +369,7 @@ def plot(points, budget_gib: float, path: str, title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_m.set_title("peak memory (red ✗: over the budget)")
-    ax_t.set_title("step time (fwd + bwd)")
+    ax_t.set_title("step time (fwd + bwd)" + (" relative to plain Inductor" if relative else ""))
     ax_m.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
