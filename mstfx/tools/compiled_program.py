@@ -99,22 +99,6 @@ def _flash_backward_workspace(node: fx.Node) -> int:
     return fa2_backward_workspace(b, s, h, d, k.shape[1], q.element_size())
 
 
-def use_simulated_attention(gm: fx.GraphModule) -> int:
-    """Replace every SDPA call in ``gm`` and its submodules by :func:`simulated_sdpa`; returns how many."""
-    from mstfx.passes.attention import SDPA_FUNCS
-
-    n = 0
-    for mod in gm.modules():
-        if not isinstance(mod, fx.GraphModule):
-            continue
-        for node in mod.graph.nodes:
-            if node.op == "call_function" and node.target in SDPA_FUNCS:
-                node.target = simulated_sdpa
-                n += 1
-        mod.recompile()
-    return n
-
-
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
@@ -129,15 +113,19 @@ def simulated_cross_entropy(input, target, weight=None, size_average=None, ignor
     return torch.ops.aten.nll_loss_forward(logp, target, weight, _REDUCTION[reduction], ignore_index)[0]
 
 
-def use_simulated_loss(gm: fx.GraphModule) -> int:
-    """Replace every ``F.cross_entropy`` call in ``gm`` by :func:`simulated_cross_entropy`; returns how many."""
+def use_simulated_ops(gm: fx.GraphModule) -> int:
+    """In ``gm`` and its submodules, call :func:`simulated_sdpa` instead of SDPA and
+    :func:`simulated_cross_entropy` instead of ``F.cross_entropy``; returns how many calls changed."""
+    from mstfx.passes.attention import SDPA_FUNCS
+
+    swaps = {**{f: simulated_sdpa for f in SDPA_FUNCS}, torch.nn.functional.cross_entropy: simulated_cross_entropy}
     n = 0
     for mod in gm.modules():
         if not isinstance(mod, fx.GraphModule):
             continue
         for node in mod.graph.nodes:
-            if node.op == "call_function" and node.target is torch.nn.functional.cross_entropy:
-                node.target = simulated_cross_entropy
+            if node.op == "call_function" and node.target in swaps:
+                node.target = swaps[node.target]
                 n += 1
         mod.recompile()
     return n
@@ -188,8 +176,7 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None) 
                 raise RuntimeError(f"the mst passes left the graph unchanged: {got['report'].error}")
         else:
             gm = copy.copy(gm)
-        use_simulated_attention(gm)
-        use_simulated_loss(gm)
+        use_simulated_ops(gm)
         return aot_module_simplified(
             gm,
             example_inputs,
@@ -199,12 +186,11 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None) 
             decompositions=select_decomp_table(),
         )
 
-    torch._dynamo.reset()
-    try:
-        loss = torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend=backend, dynamic=False, fullgraph=True)(ids)
-        loss.backward()
-    finally:
-        torch._dynamo.reset()
+    from .measure import fresh_code
+
+    step = fresh_code(lambda i: model(input_ids=i, labels=i).loss)
+    loss = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)(ids)
+    loss.backward()
     if "forward" not in got or "backward" not in got:
         raise RuntimeError("AOT autograd produced no forward/backward pair")
     return Program(got["forward"], got["backward"], got.get("report"))
@@ -232,12 +218,60 @@ def _is_view(node: fx.Node) -> bool:
     return getattr(target, "is_view", False)
 
 
+#: lowered by Inductor as pointwise code: fills and scalars (constants in the kernel), and loads
+#: through an index (``gather``, ``index``)
+_INDIRECT_POINTWISE = {
+    torch.ops.aten.full.default, torch.ops.aten.scalar_tensor.default, torch.ops.aten.gather.default, torch.ops.aten.index.Tensor,
+}
+
+
+#: functional scatters that Inductor lowers as a copy of their first input mutated in place: a fresh
+#: fill as that input is the copy itself, and an input read for the last time is written in place
+_SCATTER_INTO = {
+    torch.ops.aten._unsafe_masked_index_put_accumulate.default, torch.ops.aten.index_put.default,
+    torch.ops.aten._unsafe_index_put.default, torch.ops.aten.scatter_add.default, torch.ops.aten.scatter.src,
+    torch.ops.aten.scatter_reduce.two, torch.ops.aten.index_add.default,
+}
+
+
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def _reusable(buf: fx.Node) -> bool:
+    """Whether Inductor may write a kernel's output into ``buf``: a graph input (the backward's saved
+    tensors are donated), or the output of a generated kernel or a matmul.  A buffer written by a
+    mutation (a scatter into a copy, a custom op that accumulates in place) is not."""
+    if buf.op == "placeholder":
+        return True
+    return buf.op == "call_function" and (buf.target in _MATMULS or (_fusible(buf) and buf.target not in _SCATTER_INTO))
+
+
+def _pointwise(node: fx.Node) -> bool:
+    """Ops Inductor compiles as pointwise code: pointwise-tagged ops, constant fills, indexed loads, and a scatter of
+    a scalar into a constant fill (its ``scatter_upon_const_tensor`` pass makes that an ``index ==
+    iota`` select, e.g. the one-hot of cross-entropy's backward)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.pointwise in target.tags or target in _INDIRECT_POINTWISE:
+        return True
+    return target is torch.ops.aten.scatter.value and isinstance(node.args[0], fx.Node) and node.args[0].target is torch.ops.aten.full.default
+
+
 def _fusible(node: fx.Node) -> bool:
     """Pointwise ops and reductions: Inductor fuses their pointwise producers into their kernel."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
-    return torch.Tag.pointwise in target.tags or target._schema.name.split("::")[-1] in _REDUCTIONS
+    return _pointwise(node) or target._schema.name.split("::")[-1] in _REDUCTIONS
+
+
+def _inlined_into(user: fx.Node) -> bool:
+    """Whether ``user`` reads a pointwise producer inside its own kernel: a fusible op, or a view whose
+    readers all do (a view of an unrealised pointwise value is an index change in its readers)."""
+    if user.op == "call_function" and _is_view(user) and user.target is not operator.getitem:
+        return all(_inlined_into(u) for u in user.users)
+    return _fusible(user)
 
 
 def _nbytes(val: Any) -> int:
@@ -284,9 +318,9 @@ def graph_peak(
             return True
         if isinstance(n.meta.get("val"), (tuple, list)):
             return False  # the elements are counted through their getitems
-        if n in out_set or not _fusible(n) or torch.Tag.pointwise not in getattr(n.target, "tags", ()):
+        if n in out_set or not _pointwise(n):
             return True
-        if not all(_fusible(u) for u in n.users):
+        if not all(_inlined_into(u) or (u.target in _SCATTER_INTO and u.args[0] is n) for u in n.users):
             return True
         # Inductor inlines a pointwise op into its readers until the inlined expression reads too many
         # buffers (``realize_reads_threshold``): then it is realised after all
@@ -297,6 +331,7 @@ def graph_peak(
     realize_reads = inductor_config.realize_reads_threshold
     real: dict[fx.Node, bool] = {}
     reads: dict[fx.Node, frozenset] = {}  # buffers an inlined node's expression reads
+    kernel_reads: dict[fx.Node, frozenset] = {}  # buffers a materialised node's kernel reads
     for n in nodes:
         inputs = frozenset().union(*[
             (frozenset([a]) if real.get(a) or a.op == "placeholder" else reads.get(a, frozenset())) for a in n.all_input_nodes
@@ -304,6 +339,7 @@ def graph_peak(
         reads[n] = inputs
         real[n] = materialised(n)
         if real[n]:
+            kernel_reads[n] = inputs
             reads[n] = frozenset([n])
 
     @functools.lru_cache(maxsize=None)
@@ -344,19 +380,47 @@ def graph_peak(
             o = owner(n)
             if o is not None:
                 last_read[key[o]] = max(last_read[key[o]], read_until(n))
+    # Inductor writes a pointwise kernel's output into an input buffer of the same size that the kernel
+    # reads for the last time (``inplace_buffers``; the backward's saved tensors are donated to it):
+    # that output costs nothing new, and the input's bytes are freed when the output is
+    reuses: dict[str, str] = {}  # output buffer → the input buffer it is written into
+    taken: set[str] = set()
+    outputs_keys = {key[o] for o in (a if real.get(a) else owner(a) for a in flat_outs) if o is not None and o in key}
+    for n in nodes:
+        scatter = n.op == "call_function" and n.target in _SCATTER_INTO and isinstance(n.args[0], fx.Node)
+        if not real[n] or not (_pointwise(n) or scatter):
+            continue
+        k = key[n]
+        sources = [n.args[0]] if scatter else sorted(kernel_reads.get(n, ()), key=lambda a: pos[a])
+        for src in sources:
+            if not real.get(src) or src.op == "placeholder" and not inputs_owned or not _reusable(src):
+                continue
+            ks = key[src]
+            if ks in taken or ks in outputs_keys or last_read[ks] != pos[n] or size[ks] != size[k]:
+                continue
+            reuses[k] = ks
+            taken.add(ks)
+            break
     alloc_at: dict[int, list[str]] = {}
     free_at: dict[int, list[str]] = {}
     for k in size:
-        alloc_at.setdefault(first[k], []).append(k)
-        free_at.setdefault(last_read[k], []).append(k)
+        if k not in reuses:
+            alloc_at.setdefault(first[k], []).append(k)
+        if k not in taken:  # a buffer handed to an in-place output is freed as that output
+            free_at.setdefault(last_read[k], []).append(k)
     grad_keys = {key[o] for o in (n if real.get(n) else owner(n) for n in grad_nodes) if o is not None and o in key}
 
     live = grads = 0
     peak = GraphPeak(0, "start")
+    in_place_at: dict[int, list[tuple[str, str]]] = {}
+    for k, ks in reuses.items():
+        in_place_at.setdefault(first[k], []).append((k, ks))
     for i, n in enumerate(nodes):
         for k in alloc_at.get(i, ()):
             live += size[k]
             grads += size[k] if k in grad_keys else 0
+        for k, ks in in_place_at.get(i, ()):  # same bytes, now holding the output
+            grads += size[k] * ((k in grad_keys) - (ks in grad_keys))
         work = _WORKSPACE.get(_op_name(n)) if attention_workspace else None
         transient = work(n) if work is not None else 0
         if n.target is torch.ops.higher_order.invoke_subgraph:  # a compiled-once chunk body: its own peak
