@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+from mstfx.tools.architectures import loss_and_grads  # noqa: E402,F401  (one eager/compiled step runner for every test)
+
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
@@ -40,18 +42,6 @@ def tiny_gpt2(vocab=256, hidden=64, layers=2):
     model = GPT2LMHeadModel(cfg)
     model.loss_type = "ForCausalLM"  # else HF logs a warning inside forward: a graph break before the loss
     return model
-
-
-def loss_and_grads(model, ids, labels, compile_backend=None):
-    """Loss and gradients of one step; ``compile_backend=None`` runs eager."""
-    model.zero_grad(set_to_none=True)
-    fn = lambda i, l: model(input_ids=i, labels=l).loss  # noqa: E731
-    if compile_backend is not None:
-        fn = torch.compile(fn, backend=compile_backend, fullgraph=False)
-    loss = fn(ids, labels)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
 
 
 def assert_same(ref, got, rtol=1e-4, atol=1e-5):

@@ -278,7 +278,9 @@ def loss_and_grads(model, ids, labels, compile_backend=None, attention_mask=None
     model.zero_grad(set_to_none=True)
     fn = lambda i, l, a: model(input_ids=i, labels=l, attention_mask=a).loss  # noqa: E731
     if compile_backend is not None:
-        fn = torch.compile(fn, backend=compile_backend)
+        from .measure import fresh_code
+
+        fn = torch.compile(fresh_code(fn), backend=compile_backend)
     loss = fn(ids, labels, attention_mask)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -312,10 +314,8 @@ def run_arch(arch: Arch, compiler: str = "aot_eager", mini_sequences: int = MINI
         labels = labels.clone()
         labels[1, -padding:] = -100
     ref = loss_and_grads(model, ids, labels, attention_mask=mask)
-    torch._dynamo.reset()
     be = mstfx.backend(compiler=compiler, mini_sequences=mini_sequences, **options)
     got = loss_and_grads(model, ids, labels, be, attention_mask=mask)
-    torch._dynamo.reset()
     return ref, got, be
 
 

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import statistics
 import time
+import types
 from collections.abc import Callable
 
 import torch
+
+
+def fresh_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own, to hand to ``torch.compile``.
+
+    Dynamo keeps compiled graphs per code object, so a lambda written once and compiled many times
+    (with new models or backends) would meet the graphs and guards of its earlier calls.  A copy with
+    its own code object compiles afresh, and its graphs die with it; ``torch._dynamo.reset()`` would do
+    the same by clearing every compiled graph in the process, the user's included."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def peak_bytes(step: Callable[[], object]) -> tuple[int, object]:

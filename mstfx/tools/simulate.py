@@ -110,15 +110,19 @@ def load_config(model: str | None = None, config_path: str | None = None):
 # --------------------------------------------------------------------------------------------- attention
 
 
-def _register_flash_sim() -> None:
-    """An HF attention implementation with FlashAttention-2's memory behaviour (fake tensors only)."""
+@contextlib.contextmanager
+def _flash_sim_attention():
+    """An HF attention implementation with FlashAttention-2's memory behaviour (fake tensors only),
+    registered in transformers' attention and mask registries for the duration of the block and
+    removed afterwards (only if this block added it)."""
     import torch
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
     from .compiled_program import fa2_backward_workspace
 
-    if _ATTN_NAME in AttentionInterface._global_mapping:
+    if _ATTN_NAME in AttentionInterface._global_mapping:  # an enclosing block registered it
+        yield
         return
 
     class FlashSim(torch.autograd.Function):
@@ -145,6 +149,11 @@ def _register_flash_sim() -> None:
 
     AttentionInterface.register(_ATTN_NAME, flash_sim_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTN_NAME, flash_attention_mask)
+    try:
+        yield
+    finally:
+        AttentionInterface._global_mapping.pop(_ATTN_NAME, None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(_ATTN_NAME, None)
 
 
 @contextlib.contextmanager
@@ -233,14 +242,13 @@ class _FakeModel:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from transformers import AutoModelForCausalLM
 
-        _register_flash_sim()
         config = _sim_config(config)
         self.config = config
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         old = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)  # never .to(dtype) under fake mode
         try:
-            with self.fake_mode:
+            with _flash_sim_attention(), self.fake_mode:
                 self.model = AutoModelForCausalLM.from_config(config)
         except Exception as err:
             raise SimulateError(f"transformers cannot build this model: {type(err).__name__}: {err}") from None
@@ -281,8 +289,9 @@ class _FakeModel:
 
             return run
 
-        torch._dynamo.reset()
-        torch.compile(fn, backend=capture, dynamic=False, fullgraph=True)(*inputs)
+        from .measure import fresh_code
+
+        torch.compile(fresh_code(fn), backend=capture, dynamic=False, fullgraph=True)(*inputs)
         if "fn" not in got:
             raise RuntimeError("Dynamo produced no graph")
         recipe = []
@@ -296,8 +305,10 @@ class _FakeModel:
                 recipe.append(("const", a))
         return got["fn"], recipe
 
-    def _mst_patches(self, seq_len: int, batch: int):
-        """Install the mst backend's eager rewrite of every MLP and of the LM head + loss; return undo."""
+    def _mst_patches(self, seq_len: int, batch: int, undo: list) -> dict[str, int]:
+        """Install the mst backend's eager rewrite of every MLP and of the LM head + loss; the way to
+        remove each patch goes into ``undo`` as soon as it is installed (so a failure half-way is
+        undone too); returns M per region kind."""
         import torch
 
         import mstfx
@@ -310,7 +321,6 @@ class _FakeModel:
             h = torch.empty(batch, seq_len, hidden, requires_grad=True)
             labels = torch.zeros(batch, seq_len, dtype=torch.long)
         named = dict(model.named_parameters())
-        undo = []
         chunks: dict[str, int] = {}
 
         def replay(compiled, recipe, owner_prefix, inputs):
@@ -353,7 +363,7 @@ class _FakeModel:
         chunks["lm_head"] = max((d.chunks or 1 for d in rep.chunked if d.kind == "lm_head+loss"), default=1)
         self._head = lambda hs, lab: replay(hcompiled, hrecipe, lambda n: n, (hs, lab))
         self._reports = list(be.reports)
-        return undo, chunks
+        return chunks
 
     def _prefix(self, module) -> str:
         for name, mod in self.model.named_modules():
@@ -377,10 +387,11 @@ class _FakeModel:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_disable()
-        undo, chunks = self._mst_patches(seq_len, batch) if mst else ([], {})
+        undo: list = []
         model.zero_grad(set_to_none=True)
         try:
-            with _no_packed_sequences(), self.fake_mode:
+            chunks = self._mst_patches(seq_len, batch, undo) if mst else {}
+            with _flash_sim_attention(), _no_packed_sequences(), self.fake_mode:
                 ids = torch.zeros(batch, seq_len, dtype=torch.long)
                 tracker = PeakTracker(weights)
                 tracker.track_external(model)
