@@ -32,6 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "docs", "predicted_vs_measured.json")
+SIM_CACHE = os.path.join(ROOT, "docs", "predicted_vs_measured_compiled.json")
 PNG = os.path.join(ROOT, "docs", "predicted_vs_measured.png")
 MODES = ("standard", "mst", "mst+checkpointing")
 SEQ_LENS = (1024, 2048, 4096, 8192)
@@ -131,6 +132,29 @@ def predict(name: str, mode: str, seq_len: int) -> float:
     return b.grads + b.activations
 
 
+#: mstfx simulate's mode names for this script's modes
+SIM_MODES = {"standard": "standard", "mst": "mst", "mst+checkpointing": "mst+ckpt"}
+
+
+def simulate_compiled(name: str, mode: str, seq_len: int) -> int:
+    """The compiled-program simulation's peak (bytes above parameters, gradients included): the model
+    built on the meta device, the same passes and AOT partition as the real step, liveness of the
+    forward and backward graphs (``mstfx simulate --program compiled``, CPU attention kernels)."""
+    import torch
+
+    import mstfx
+    from mstfx.tools.compiled_program import MODE_FLAGS, capture_program, program_peak
+
+    mst, ckpt = MODE_FLAGS[SIM_MODES[mode]]
+    with torch.device("meta"):
+        model = build(name)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    program = capture_program(model.train(), ids, mstfx.MstConfig() if mst else None)
+    return program_peak(program, device="cpu").total
+
+
 _BUILT: dict = {}
 
 
@@ -148,14 +172,25 @@ def load() -> dict:
     return {}
 
 
-def save(cache: dict) -> None:
-    os.makedirs(os.path.dirname(CACHE), exist_ok=True)
-    with open(CACHE, "w") as f:
+def save(cache: dict, path: str = CACHE) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(cache, f, indent=1, sort_keys=True)
 
 
-def table(cache: dict, models, modes, seq_lens) -> tuple[str, float]:
-    rows = ["| model | mode | S | measured MB | predicted MB | error |", "|---|---|---:|---:|---:|---:|"]
+def load_sim() -> dict:
+    if os.path.exists(SIM_CACHE):
+        with open(SIM_CACHE) as f:
+            return json.load(f)
+    return {}
+
+
+def table(cache: dict, models, modes, seq_lens, sim: dict | None = None) -> tuple[str, float]:
+    """Measured vs the cost model's prediction, and, where ``sim`` has the point, vs the compiled-program
+    simulation (``--compiled-sim``)."""
+    sim = sim or {}
+    rows = ["| model | mode | S | measured MB | predicted MB | error | compiled sim MB | error |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     worst = 0.0
     for name in models:
         for mode in modes:
@@ -167,7 +202,9 @@ def table(cache: dict, models, modes, seq_lens) -> tuple[str, float]:
                 pred = predict(name, mode, s)
                 err = (pred - got) / got
                 worst = max(worst, abs(err))
-                rows.append(f"| {name} | {mode} | {s} | {got / MB:.0f} | {pred / MB:.0f} | {err:+.1%} |")
+                simulated = sim.get(key)
+                sim_cols = f"{simulated / MB:.0f} | {(simulated - got) / got:+.1%}" if simulated else "– | –"
+                rows.append(f"| {name} | {mode} | {s} | {got / MB:.0f} | {pred / MB:.0f} | {err:+.1%} | {sim_cols} |")
     return "\n".join(rows), worst
 
 
@@ -215,8 +252,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-lens", nargs="+", type=int, default=list(SEQ_LENS))
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--remeasure", action="store_true", help="ignore cached measurements")
+    ap.add_argument("--compiled-sim", action="store_true",
+                    help="also simulate each measured point's compiled program (cached in "
+                         "docs/predicted_vs_measured_compiled.json) and show it beside the measurement")
     args = ap.parse_args(argv)
     cache = load()
+    sim = load_sim()
     if not args.plot_only:
         for s in args.seq_lens:  # short sequences first: the cheap points land before the slow ones
             for name in args.models:
@@ -228,9 +269,22 @@ def main(argv=None) -> int:
                     cache[key] = measure(name, mode, s)
                     save(cache)
                     print(f"{key}: {cache[key] / MB:.1f} MB measured ({time.time() - t0:.0f} s)", flush=True)
-    text, worst = table(cache, args.models, args.modes, args.seq_lens)
+    if args.compiled_sim:
+        for key in sorted(k for k in cache if k.split("|")[0] in args.models and k.split("|")[1] in args.modes
+                          and int(k.split("|")[2]) in args.seq_lens):
+            if key in sim and not args.remeasure:
+                continue
+            name, mode, s = key.split("|")
+            t0 = time.time()
+            sim[key] = simulate_compiled(name, mode, int(s))
+            save(sim, SIM_CACHE)
+            print(f"{key}: {sim[key] / MB:.1f} MB simulated ({time.time() - t0:.0f} s)", flush=True)
+    text, worst = table(cache, args.models, args.modes, args.seq_lens, sim)
     print(text)
-    print(f"worst |error|: {worst:.1%}")
+    print(f"worst |error| of the cost model: {worst:.1%}")
+    sim_errors = [abs(sim[k] - cache[k]) / cache[k] for k in sim if k in cache]
+    if sim_errors:
+        print(f"worst |error| of the compiled-program simulation: {max(sim_errors):.1%} over {len(sim_errors)} points")
     plot(cache, args.models, args.modes, args.seq_lens)
     return 0
 
