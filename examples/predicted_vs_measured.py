@@ -1,6 +1,6 @@
 """Predicted (cost model) vs measured (profiler) peak memory of one training step on CPU.
 
-Measures, with the profiler method of the shared notes (§1: bytes above the parameters during one
+Measures, with the profiler method of ``mstfx.tools.measure`` (bytes above the parameters during one
 fwd+bwd, gradients set to ``None`` beforehand so they count), the peak of the compiled loss function
 ``lambda ids, lab: model(input_ids=ids, labels=lab).loss`` for
 
@@ -86,7 +86,7 @@ def build(name: str):
 
 
 def profile_peak(step) -> int:
-    """Peak bytes above what is live when ``step()`` starts (profiler method, shared notes §1)."""
+    """Peak bytes above what is live when ``step()`` starts (profiler method, ``mstfx.tools.measure``)."""
     from mstfx.tools.measure import peak_bytes
 
     return peak_bytes(step)[0]

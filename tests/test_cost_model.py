@@ -23,7 +23,7 @@ def test_module_has_no_fx_or_torch_import():
 
 
 def test_param_count_of_reference_config():
-    # 162 MB of fp32 parameters (shared notes §2)
+    # 162 MB of fp32 parameters
     assert REF.n_params * 4 == pytest.approx(162e6, rel=0.01)
 
 

@@ -335,7 +335,7 @@ def _reference_llama():
 
 
 def _measured_peak(model, ids) -> int:
-    """Profiler method (shared notes §1): bytes above what is live at the start, grads None beforehand."""
+    """Profiler method (mstfx.tools.measure): bytes above what is live at the start, grads None beforehand."""
     from mstfx.tools.measure import peak_bytes
 
     def step():

@@ -119,7 +119,7 @@ def test_nothing_fits_is_said(tiny_cfg):
     "argv,message",
     [
         (["--model", "llama9-1t", "--gpu-gb", "80"], "unknown model"),
-        (["--config", "/nonexistent/config.json", "--gpu-gb", "80"], "cannot read config"),
+        (["--config", "nonexistent-dir/config.json", "--gpu-gb", "80"], "cannot read config"),
         (["--model", "llama3-8b", "--gpu-gb", "0"], "--gpu-gb must be a positive"),
         (["--model", "llama3-8b", "--gpu-gb", "-24"], "--gpu-gb must be a positive"),
         (["--model", "llama3-8b", "--gpu-gb", "80", "--optimizer", "sgd"], "unknown --optimizer"),
