@@ -31,6 +31,19 @@ def _peak(**kw):
 # --- planner choices -------------------------------------------------------------------------------
 
 
+
+def _step_matches_eager(model, ref, ids):
+    """One training step of ``model`` and of its eager copy ``ref`` on ``ids``: same loss and every
+    gradient; returns ``model``'s output."""
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    r = ref(input_ids=ids, labels=ids)
+    r.loss.backward()
+    torch.testing.assert_close(out.loss, r.loss, rtol=1e-4, atol=1e-5)
+    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
+    return out
+
 def test_roomy_budget_plans_nothing():
     p = P.plan(REF_CFG, 4096, 10.0, optimizer="none")
     assert (p.mode, p.mlp_chunks, p.lm_head_chunks, p.checkpointing) == ("standard", 1, 1, False)
@@ -295,14 +308,8 @@ def test_transform_trains_like_eager_and_drops_logits():
     state = model._mstfx_transform
     assert state.plan.mode.startswith("mst")
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
-    out = model(input_ids=ids, labels=ids)
+    out = _step_matches_eager(model, ref, ids)
     assert out.logits is None
-    out.loss.backward()
-    r = ref(input_ids=ids, labels=ids)
-    r.loss.backward()
-    torch.testing.assert_close(out.loss, r.loss, rtol=1e-4, atol=1e-5)
-    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
     assert set(state.buckets) == {512}
     assert model(input_ids=ids).logits is not None  # inference keeps its logits
     untransform(model)
@@ -513,13 +520,7 @@ def test_transform_without_seq_len_trains_like_eager():
     ref = copy.deepcopy(model)
     transform(model, budget_gb=1, optimizer="none", compiler="eager")
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    r = ref(input_ids=ids, labels=ids)
-    r.loss.backward()
-    torch.testing.assert_close(out.loss, r.loss, rtol=1e-4, atol=1e-5)
-    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
+    _step_matches_eager(model, ref, ids)
     assert set(model._mstfx_transform.buckets) == {512}
 
 
