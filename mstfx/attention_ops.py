@@ -1,7 +1,7 @@
 """Runtime checks behind the attention rewrite's guard (called from rewritten graphs).
 
 Each check reads one small B×S ingredient of a Hugging Face mask (padding mask, position ids, packed
-sequence ids) and answers, as a 0-d bool tensor, whether that ingredient leaves the causal mask
+sequence ids) or a 0-d dropout probability and answers, as a 0-d bool tensor, whether that ingredient leaves the causal mask
 unchanged.  The rewritten graph takes SDPA's causal kernel when every check holds and the original
 masked call otherwise (``torch.cond``), so the result is exact for every input.
 """
@@ -27,8 +27,13 @@ def rows_constant(table: torch.Tensor) -> torch.Tensor:
     return (table == table[..., :1]).all()
 
 
+def zero(table: torch.Tensor) -> torch.Tensor:
+    """A dropout probability of 0 (read from the graph) drops nothing: the causal kernel computes the same."""
+    return (table == 0).all()
+
+
 #: Check name (as the attention pass records it) → function.
-CHECKS = {"all_true": all_true, "rows_increasing": rows_increasing, "rows_constant": rows_constant}
+CHECKS = {"all_true": all_true, "rows_increasing": rows_increasing, "rows_constant": rows_constant, "zero": zero}
 
 
 def all_of(*preds: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ class MstBackend:
                 compiled = compiler(new_gm, example_inputs)
                 mask_guard = new_gm.meta.get(GUARD_KEY)
                 if mask_guard is not None:
-                    compiled = GuardedGraph(mask_guard, compiled, compiler)
+                    compiled = GuardedGraph(mask_guard, compiled, compiler, example_inputs)
             except Exception as err:
                 if _is_dynamo_control_flow(err):
                     raise  # e.g. TensorifyScalarRestartAnalysis: Dynamo re-traces and calls us again
@@ -184,8 +184,12 @@ class GuardedGraph:
     on the first call that needs it.  The guard's answer is a host-side bool (one device sync).
     """
 
-    def __init__(self, mask_guard, compiled, compiler) -> None:
+    def __init__(self, mask_guard, compiled, compiler, example_inputs) -> None:
         self.guard = mask_guard.guard
+        # Dynamo's example inputs (fake tensors, symbolic sizes under dynamic shapes): the masked graph is
+        # compiled for the same input shapes as the rewritten one, not specialised to the first failing call.
+        self.example_inputs = list(example_inputs)
+        self.tracing_context = torch._guards.TracingContext.try_get()
         self.masked_gm = mask_guard.masked
         self.compiled = compiled
         self.compiler = compiler
@@ -199,7 +203,8 @@ class GuardedGraph:
         self.calls["masked"] += 1
         if self.masked is None:
             log.info("mstfx: inputs fail the attention guard; compiling the graph that keeps the mask")
-            self.masked = self.compiler(self.masked_gm, list(args))
+            with torch._guards.tracing(self.tracing_context):
+                self.masked = self.compiler(self.masked_gm, self.example_inputs)
         return self.masked(*args)
 
 

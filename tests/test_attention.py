@@ -16,6 +16,7 @@ import mstfx
 from conftest import assert_same, tiny_llama
 from mstfx.backend import GuardedGraph, MstBackend
 from mstfx.passes.common import value_of
+from mstfx.tools.measure import fresh_code
 
 B, H, S, D = 2, 4, 32, 8
 
@@ -246,3 +247,64 @@ def test_rewrite_attention_off():
     assert be.attention() == [] and not be.guarded()
     with pytest.raises(ValueError, match="rewrite_attention"):
         mstfx.MstConfig(rewrite_attention="yes")
+
+
+# --------------------------------------------------------------------------------------------------
+# Dynamic shapes: the mask's ranges have a symbolic length (what mstfx.transform compiles)
+# --------------------------------------------------------------------------------------------------
+def _dynamic_mask_fn(shift_keys: bool):
+    """HF's construction with lengths read from the inputs; ``shift_keys`` offsets the key range by the
+    length of another input (a different symbol): that mask is not causal and must be kept."""
+
+    def fn(q_, k_, v_, extra):
+        b, s = q_.shape[0], q_.shape[-2]
+        q = (torch.arange(s) + 0)[None, None, :, None]
+        kv = (torch.arange(s) + (extra.shape[0] if shift_keys else 0))[None, None, None, :]
+        return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=(kv <= q).expand(b, -1, s, s))
+
+    return fn
+
+
+@pytest.mark.parametrize("shift_keys", [False, True])
+def test_symbolic_lengths_are_compared_exactly(shift_keys):
+    fn = _dynamic_mask_fn(shift_keys)
+    be = RecordingBackend()
+    compiled = torch.compile(fresh_code(fn), backend=be, dynamic=True)
+    for s in (24, 40):  # the second length reuses the dynamic graph
+        q, k, v = (t[:, :, :s].detach().requires_grad_() for t in _qkv())
+        extra = torch.zeros(3)
+        ref = fn(q, k, v, extra)
+        got = compiled(q, k, v, extra)
+        torch.testing.assert_close(got, ref, equal_nan=True)
+    decisions = be.attention()
+    assert decisions, "the dynamic graph was not compiled through the mst backend"
+    expected = "skipped" if shift_keys else "rewritten"
+    assert all(d.action == expected for d in decisions), mstfx.explain(be)
+    if not shift_keys:
+        assert all(n.kwargs.get("attn_mask") is None and n.kwargs.get("is_causal") for g in be.graphs for n in _sdpa_calls(g))
+
+
+def test_llama_attention_rewritten_under_dynamic_shapes():
+    """``dynamic=True`` (mstfx.transform's compile): the mask reads the symbolic sequence length; it is
+    still recognised as causal, guarded each step, and exact for every length and padding."""
+    model = tiny_llama(layers=1)
+    be = RecordingBackend(mini_sequences=2)
+    f = torch.compile(fresh_code(lambda i, l, a: model(input_ids=i, labels=l, attention_mask=a).loss),
+                      backend=be, dynamic=True)
+    for seq, padding in ((40, 0), (56, 0), (56, 5)):
+        ids = torch.randint(1, 256, (2, seq), generator=torch.Generator().manual_seed(seq))
+        mask, labels = torch.ones_like(ids), ids.clone()
+        if padding:
+            mask[1, -padding:], labels[1, -padding:] = 0, -100
+
+        def step(fn):
+            model.zero_grad(set_to_none=True)
+            loss = fn(ids, labels, mask)
+            loss.backward()
+            return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        assert_same(step(lambda i, l, a: model(input_ids=i, labels=l, attention_mask=a).loss), step(f))
+    attention = be.attention()
+    assert attention and all(d.action == "rewritten" and "is_causal=True" in d.detail for d in attention), mstfx.explain(be)
+    (guarded,) = be.guarded()
+    assert guarded.calls["causal"] >= 1 and guarded.calls["masked"] == 1

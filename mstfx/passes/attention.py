@@ -159,6 +159,9 @@ class _MaskReader:
         return self.memo[node]
 
     def _eval(self, node: fx.Node) -> Any:
+        size = value_of(node)
+        if isinstance(size, (int, torch.SymInt)) and not isinstance(size, bool):
+            return size  # a size (under dynamic shapes a symbol such as the sequence length): compared exactly
         if node.op not in ("call_function", "call_method"):
             return None
         if has_side_effects(node):
@@ -282,8 +285,9 @@ def analyse_mask(mask: fx.Node) -> MaskAnalysis:
             if a not in inside and a not in ingredients:
                 ingredients.append(a)
     for n in ingredients:
-        if tensor_of(n) is None:
-            raise NotCausal(f"the mask reads {n.name}, which is not a tensor")
+        val = value_of(n)
+        if tensor_of(n) is None and not (isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool)):
+            raise NotCausal(f"the mask reads {n.name}, which is neither a tensor nor a size")
     return MaskAnalysis(mask, term.causal, checks, construction, ingredients)
 
 
@@ -346,12 +350,27 @@ def _make_causal(sdpa: fx.Node, analysis: MaskAnalysis) -> None:
     sdpa.args, sdpa.kwargs = args, kwargs
 
 
-def _describe(analysis: MaskAnalysis) -> str:
-    what = "causal mask → is_causal=True" if analysis.causal else "all-True mask dropped"
-    if analysis.checks:
-        checks = ", ".join(f"{kind}({table.name})" for kind, table in analysis.checks)
-        what += f" when {checks} (checked each step; the masked graph otherwise)"
+def _describe(causal: bool, checks: list[tuple[str, fx.Node]]) -> str:
+    what = "causal mask → is_causal=True" if causal else "all-True mask dropped"
+    if checks:
+        listed = ", ".join(f"{kind}({table.name})" for kind, table in checks)
+        what += f" when {listed} (checked each step; the masked graph otherwise)"
     return what
+
+
+def _zero_dropout_check(dropout: fx.Node, outer_of: dict, main: fx.GraphModule) -> tuple[str, fx.Node] | None:
+    """A run-time check that a dropout probability read from the graph is 0, or None.
+
+    Under ``dynamic=True`` Dynamo lifts the module's float ``attention_dropout`` to a 0-d tensor input and
+    SDPA receives ``tensor.item()``.  The causal kernel is taken only when it is 0 (as in HF training with
+    ``attention_dropout = 0.0``); with dropout the masked graph runs, as written."""
+    if dropout.op != "call_method" or dropout.target != "item" or not isinstance(dropout.args[0], fx.Node):
+        return None
+    source = outer_of.get(dropout.args[0], dropout.args[0])
+    if not isinstance(source, fx.Node) or source.graph is not main.graph or source.op != "placeholder":
+        return None
+    val = tensor_of(source)
+    return ("zero", source) if val is not None and val.numel() == 1 else None
 
 
 def build_guard(graph: fx.Graph, checks: list[tuple[str, fx.Node]], owner: fx.GraphModule) -> fx.GraphModule:
@@ -431,23 +450,29 @@ def _rewrite_one(
     if group is not None:
         done.append(f"K/V unexpanded (enable_gqa, {group} query heads per K/V head)")
     mask = _sdpa_arg(sdpa, "attn_mask")
+    dropout = _sdpa_arg(sdpa, "dropout_p")
     why_not = None
     if isinstance(mask, fx.Node):
         outer = outer_of.get(mask, mask)
         analysis = analysis_of(outer) if isinstance(outer, fx.Node) and outer.graph is main.graph else None
+        dropout_check = _zero_dropout_check(dropout, outer_of, main) if isinstance(dropout, fx.Node) else None
+        checks = (analysis.checks + [dropout_check]) if isinstance(analysis, MaskAnalysis) and dropout_check else \
+            getattr(analysis, "checks", [])
         if analysis is None:
             why_not = "the mask comes from outside the graph"
         elif isinstance(analysis, NotCausal):
             why_not = f"mask not plain causal: {analysis}"
-        elif _sdpa_arg(sdpa, "is_causal") or float(_sdpa_arg(sdpa, "dropout_p") or 0.0) != 0.0:
+        elif _sdpa_arg(sdpa, "is_causal") or (not isinstance(dropout, fx.Node) and float(dropout or 0.0) != 0.0):
             why_not = "mask with is_causal=True or dropout"
-        elif analysis.checks and assumed is None:
-            why_not = f"mask kept: this is the graph for inputs that fail {_describe(analysis)}"
+        elif isinstance(dropout, fx.Node) and dropout_check is None:
+            why_not = f"the dropout probability {dropout.name} is computed in the graph"
+        elif checks and assumed is None:
+            why_not = f"mask kept: this is the graph for inputs that fail {_describe(analysis.causal, checks)}"
         else:
             _make_causal(sdpa, analysis)
             if assumed is not None:
-                assumed += [c for c in analysis.checks if c not in assumed]
-            done.append(_describe(analysis))
+                assumed += [c for c in checks if c not in assumed]
+            done.append(_describe(analysis.causal, checks))
     if not done:
         return RegionDecision("attention", where, "skipped", why_not or "no mask and no expanded K/V: nothing to do", tokens=tokens)
     detail = "; ".join(done) + (f"; {why_not}" if why_not else "")
