@@ -26,8 +26,8 @@ Two programs (``PROGRAMS``).  ``compiled``, the step the mst backend runs: per-t
 (``COEF``) count tensors of the Inductor step in units of the hidden size ``h``, the MLP width ``I``,
 the vocab ``V``; they were read off the profiler's live sets at the peak (which tensors, how many) of
 the reference Llama config (fp32 and bf16), a 2-layer GPT-2 (GELU) and an 8-layer GQA Llama on CPU,
-and checked on a tied GQA Qwen2 never used to set them; measured errors (within 10% on untied models, up to
-14.5% under on tied ones with checkpointing) are in docs/planning.md.
+and checked on a tied GQA Qwen2 never used to set them; measured errors (9.8% worst, tied models
+included) are in docs/planning.md.
 Two terms are not per token: the compiled HF SDPA path (transformers 5, Llama and GPT-2 alike) keeps
 a B×S×S additive causal mask (``Arch.causal_mask``), and a tied, unchunked LM head (GPT-2) keeps its
 logits buffer and defers its weight gradient to the end of backward.
@@ -476,6 +476,14 @@ def step_cost(
     # tied weight, head not chunked (measured on GPT-2): the LM head's weight gradient waits to be summed
     # with the embedding's at the end of backward, and the fp32 logits/dlogits buffer lives until then
     tied_late = arch.tied and head.chunks == 1 and compiled
+    # compiled: Inductor fuses the embedding backward (its V×h zeros, the scatter, a tied weight's sum)
+    # into one kernel with the first layer's input-norm backward, so that layer's last gradients (of the
+    # q/k/v projections' outputs, and two h-wide ones) are still alive when the V×h buffers are made
+    # (read off GPT-2's generated backward, S = 4096)
+    q_width, kv_width = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    if mask_kept(arch, mode):
+        kv_width = q_width  # repeat_kv: K/V gradients at every query head's width
+    first_layer_residue = B * S * prec.act_bytes * (q_width + 2 * kv_width + 2 * arch.hidden)
     phases = {
         "forward end": layers_saved + head.saved + head.fwd_transient,
         # chunked head: the forward finishes the fp32 accumulator into a V×h weight-gradient buffer
@@ -493,7 +501,7 @@ def step_cost(
         # a tied weight at the end: its gradient, the embedding's, and their sum (out of place), except
         # for the compiled unchunked head, whose logits buffer is reused (measured on GPT-2)
         "end": grads + tied_extra * (1 if tied_late else 2) + B * S * prec.act_bytes * arch.hidden
-        + (head.saved if tied_late else 0),
+        + (head.saved if tied_late else 0) + (first_layer_residue if compiled else 0),
     }
     return StepCost(params, grads, opt, {k: sp.simplify(v) for k, v in phases.items()}, regs)
 

@@ -47,8 +47,8 @@ MAX_CHUNKS = 64
 #: The default LM-head rule never makes chunks shorter than this (as ``MstConfig``).
 MIN_HEAD_CHUNK_TOKENS = 256
 #: Headroom a plan keeps on the predicted gradients + activations (the part the cost model estimates;
-#: parameters and optimizer state are exact): the model's measured CPU error is within 10% on untied
-#: models; tied models with checkpointing are under-predicted by up to 14.5% (docs/planning.md).
+#: parameters and optimizer state are exact): the model's measured CPU error is within 10% (9.8% worst,
+#: docs/planning.md).
 MARGIN = 0.10
 
 __all__ = [
