@@ -42,6 +42,7 @@ from .planning.planner import (
     longest_fitting,
     plan,
 )
+from .hf_checkpointing import can_checkpoint, disable_checkpointing, enable_checkpointing, is_checkpointing
 from .wrappers import without_logits
 
 log = logging.getLogger("mstfx")
@@ -166,7 +167,7 @@ def transform(
     if clash:
         raise ValueError(f"{clash} are set by the plan; change the budget instead (or use mstfx.backend yourself)")
     MstConfig(**backend_options)  # validate the backend options now
-    can_ckpt = callable(getattr(model, "gradient_checkpointing_enable", None))
+    can_ckpt = can_checkpoint(model)
     opts = dict(batch=batch, optimizer=optimizer, mixed_precision=mixed_precision, allow_checkpointing=can_ckpt,
                 margin=margin)
     if max_chunks is not None:
@@ -178,8 +179,8 @@ def transform(
     log.info("mstfx.transform: %.3g GiB (batch %d) fits sequences up to S = %d", budget_gb, batch, longest)
 
     enabled = False
-    if top is not None and top.checkpointing and not getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if top is not None and top.checkpointing and not is_checkpointing(model):
+        enable_checkpointing(model)
         enabled = True
     state = TransformState(top, budget_gb, {**opts, "seq_len": seq_len}, model.forward, enabled, longest, model)
     original = model.forward
@@ -193,10 +194,10 @@ def transform(
         entry = state.buckets.get(b)
         if entry is None or entry[0].seq_len < s:
             p = state.plan_for(s)  # raises InfeasibleBudgetError for this S before anything runs
-            if p.checkpointing and not getattr(model, "is_gradient_checkpointing", False):
+            if p.checkpointing and not is_checkpointing(model):
                 log.warning("mstfx.transform: S = %d needs activation checkpointing within %.3g GiB; enabling it "
                             "(shorter inputs recompile once and are checkpointed too)", s, budget_gb)
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_checkpointing(model)
                 state.enabled_checkpointing = True
             backend = p.backend(**backend_options)
             state.backends.append(backend)
@@ -217,6 +218,6 @@ def untransform(model: torch.nn.Module) -> torch.nn.Module:
         return model
     model.__dict__.pop("forward", None)
     if state.enabled_checkpointing:
-        model.gradient_checkpointing_disable()
+        disable_checkpointing(model)
     setattr(model, _STATE, None)
     return model

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..hf_checkpointing import enable_checkpointing
 from . import compile_time, sweep
 from .measure import peak_bytes, step_seconds, training_step
 from .progress import Progress, quiet_library_warnings
@@ -119,16 +120,6 @@ def _loss_callable(variant: str, model, ids):
     else:
         compiled = torch.compile(fn)
     return lambda: compiled(ids, ids)
-
-
-def enable_checkpointing(model) -> None:
-    """HF activation checkpointing of every layer (non-reentrant), by the name the installed transformers
-    does not deprecate (``gradient_checkpointing_enable`` warns from transformers 5 on)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def prepare_variant(variant: str, base, ids):

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..hf_checkpointing import enable_checkpointing
+
 # ---------------------------------------------------------------------------------------- attention
 
 
@@ -526,7 +528,7 @@ def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
     model.train()
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     from mstfx.config import MstConfig

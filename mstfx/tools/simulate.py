@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import model_configs
+from ..hf_checkpointing import disable_checkpointing, enable_checkpointing
 
 GiB = 1 << 30
 
@@ -384,9 +385,9 @@ class _FakeModel:
         with warnings.catch_warnings():  # transformers 5 renames these; the old names still work
             warnings.simplefilter("ignore", FutureWarning)
             if ckpt:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_checkpointing(model)
             else:
-                model.gradient_checkpointing_disable()
+                disable_checkpointing(model)
         undo: list = []
         model.zero_grad(set_to_none=True)
         try:
