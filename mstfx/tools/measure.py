@@ -30,9 +30,10 @@ def peak_bytes(step: Callable[[], object]) -> tuple[int, object]:
     """Bytes above the starting point at the peak of ``step()``, and what ``step`` returned.
 
     Garbage from earlier work (reference cycles of earlier compiles, models, steps) is collected first,
-    and the cyclic collector is paused while ``step`` runs: a collection inside the window would free
-    bytes allocated before it, and the running sum would read low by that much (measured: 63 MiB and
-    125 MiB low at S = 1024 when earlier lengths had run in the same process)."""
+    and the cyclic collector is paused while ``step`` runs: the profiler reports the free of a block an
+    earlier profiling session saw allocated, so a collection inside the window would lower the running
+    sum by bytes the step never allocated (measured: 63 MiB and 125 MiB low at S = 1024 when earlier
+    lengths had been measured in the same process)."""
     from torch.profiler import ProfilerActivity, profile
 
     from .progress import quiet_profiler
