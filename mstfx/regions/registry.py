@@ -8,11 +8,12 @@ LM head's projection is never taken for an MLP's).
 
 from __future__ import annotations
 
-from . import lm_head, mlp
+from . import lm_head, mlp, routed_experts
 from .base import KindEnum, RegionKind
 
 REGION_KINDS: tuple[RegionKind, ...] = (
     lm_head.KIND,
+    routed_experts.KIND,
     mlp.KIND,
 )
 
