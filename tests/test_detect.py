@@ -210,3 +210,10 @@ def test_one_chunk_knob_per_kind_and_the_deprecated_alias():
     with pytest.warns(DeprecationWarning, match="mini_sequences"):
         cfg = mstfx.MstConfig(mini_sequences=5, lm_head_chunks=4)
     assert cfg.mini_sequences_for("lm_head", head) == 4 and cfg.mini_sequences_for("mlp", mlp) == 5
+
+
+def test_process_wide_reports_are_bounded():
+    """``mstfx.backend.REPORTS`` keeps the newest reports only (a long run recompiles without end)."""
+    from mstfx.backend import MAX_REPORTS, REPORTS
+
+    assert REPORTS.maxlen == MAX_REPORTS

@@ -610,8 +610,8 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
             ev(before.saved) if before is not None else ev(base["attention"].saved + base["mlp"].saved),
             ev(r.saved), int(cm.evaluate(r.chunks, seq_len, batch, m_mlp, m_head)), ev(r.recompute_flops),
         ))
-    if mode.endswith("checkpointing"):  # attention/MLP saved bytes are inside the checkpointed layer
-        rows = [replace(r, bytes_after=0.0) if r.region in ("attention", "mlp") else r for r in rows]
+    if mode.endswith("checkpointing"):  # a layer's regions' saved bytes are inside the checkpointed layer
+        rows = [replace(r, bytes_after=0.0) if r.region not in ("checkpointed layer", "lm_head") else r for r in rows]
     longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, m_mlp, m_head, margin) \
         if with_longest else 0
     return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, m_mlp, m_head,

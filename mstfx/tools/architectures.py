@@ -206,8 +206,7 @@ ARCHITECTURES: list[Arch] = [
             post=_moe_post,
             **_common(intermediate_size=96, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
         ),
-        {"lm_head": 1},
-        note="routed experts gather tokens by index: left unchanged",
+        {"lm_head": 1, "routed_experts": 2},
     ),
     Arch(
         "qwen2-moe",
@@ -225,8 +224,8 @@ ARCHITECTURES: list[Arch] = [
                 num_experts_per_tok=2,
             ),
         ),
-        {"mlp": 2, "lm_head": 1},
-        note="shared-expert MLP chunked; routed experts left unchanged",
+        {"mlp": 2, "lm_head": 1, "routed_experts": 2},
+        note="the shared expert is an MLP region; the routed experts are their own",
     ),
     Arch(
         "deepseek-v3",
@@ -251,7 +250,7 @@ ARCHITECTURES: list[Arch] = [
                 v_head_dim=16,
             ),
         ),
-        {"mlp": 1, "lm_head": 1},
+        {"mlp": 1, "lm_head": 1, "routed_experts": 1},
         note="its graph writes buffers in place (copy_, scatter_) with unused results: kept, never removed",
     ),
 ]
@@ -340,7 +339,8 @@ def _skip_summary(skipped) -> str:
 
 def _kind_cell(be, kind) -> str:
     """One kind's column: how many of its regions were chunked (and found); "(tied)" for a tied head."""
-    decided = [d for r in be.reports for d in r.decisions if d.kind == kind.name]
+    # regions found carry their M (rejected candidates of the kind carry none)
+    decided = [d for r in be.reports for d in r.decisions if d.kind == kind.name and d.chunks is not None]
     chunked = [d for d in decided if d.action == "chunked"]
     if kind.name == "lm_head":  # one per model: yes / no
         tied = " (tied)" if any("tied" in d.detail for d in chunked) else ""
