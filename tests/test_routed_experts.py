@@ -8,6 +8,8 @@ the cost model says the experts hold (slow).
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.fx as fx
@@ -95,7 +97,8 @@ def test_only_the_slot_mixing_routing_needs_is_allowed():
     slots, counts, rows = ph("slots", (tokens * k,)), ph("counts", (4,)), ph("rows", (tokens, 8))
     ok = [g.call_function(torch.sort, (slots,)), g.call_function(torch.cumsum, (counts, 0))]
     refused = [g.call_function(torch.cumsum, (slots, 0)), g.call_function(torch.sort, (rows,)),
-               g.call_function(torch.cumsum, (rows, 0)), g.call_function(torch.topk, (rows, 2))]
+               g.call_function(torch.cumsum, (rows, 0)), g.call_function(torch.topk, (rows, 2)),
+               g.call_function(operator.getitem, (rows, slice(1, None)))]  # a shift along the tokens
     assert all(_allowed(n, set(), tokens, k) for n in ok)
     assert not any(_allowed(n, set(), tokens, k) for n in refused)
 

@@ -37,6 +37,7 @@ from ..passes.common import (
     CantChunk,
     has_side_effects,
     is_cast,
+    is_last_dim_getitem,
     is_pointwise,
     is_view,
     module_path,
@@ -142,11 +143,25 @@ def _allowed(node: fx.Node, gmms: set, tokens: int, top_k: int) -> bool:
         return src is not None and src.dim() == 1 and src.shape[0] % tokens != 0
     if node in gmms or is_pointwise(node) or is_cast(node) or is_view(node) or split_dim(node) == -1:
         return True
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _getitem_ok(node)
     if node.op == "call_function":
-        return node.target in _ROUTING_FUNCS or node.target in _FACTORIES or node.target is operator.getitem
+        return node.target in _ROUTING_FUNCS or node.target in _FACTORIES
     if node.op == "call_method":
         return node.target in _ROUTING_METHODS or node.target in _FACTORY_METHODS
     return False
+
+
+def _getitem_ok(node: fx.Node) -> bool:
+    """An element of a tuple (a sort's or a split's outputs), a last-dim slice, or a gather by an index
+    tensor (the slot permutation, made inside the region: checked by the caller's closure).  A slice
+    along the tokens (a shift) would mix runs: not allowed."""
+    src, index = node.args[0], node.args[1]
+    if isinstance(index, int):
+        return tensor_of(src) is None
+    if isinstance(index, fx.Node):
+        return True
+    return is_last_dim_getitem(node)
 
 
 def _is_factory(node: fx.Node) -> bool:
@@ -254,6 +269,9 @@ def _check_constants(node: fx.Node, tokens: int, top_k: int) -> None:
             raise CantChunk(f"{node.name}: a view whose leading dim is not a multiple of the tokens")
         return
     if _is_factory(node):
+        nested = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, (tuple, list))]
+        if any(isinstance(d, int) and d >= tokens and d % tokens == 0 for seq in nested for d in seq):
+            raise CantChunk(f"{node.name}: a buffer sized by the tokens in a shape tuple")
         return
     ints = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, int) and not isinstance(a, bool)]
     if tokens > top_k and any(a in (tokens, tokens * top_k) for a in ints):
