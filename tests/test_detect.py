@@ -217,3 +217,14 @@ def test_process_wide_reports_are_bounded():
     from mstfx.backend import MAX_REPORTS, REPORTS
 
     assert REPORTS.maxlen == MAX_REPORTS
+
+
+def test_pass_order_is_the_pipeline_that_runs_and_is_documented():
+    import mstfx.passes as passes
+    from mstfx.passes import PASS_ORDER, pipeline
+    from mstfx.regions.registry import REGION_KINDS
+
+    assert PASS_ORDER == tuple(name for name, _ in pipeline())
+    assert PASS_ORDER[: len(REGION_KINDS)] == tuple(f"find_{k.name}" for k in REGION_KINDS)
+    assert PASS_ORDER[-2:] == ("attention", "verify")
+    assert all(f"    {name} " in passes.__doc__ for name in PASS_ORDER)
