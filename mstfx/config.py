@@ -96,6 +96,18 @@ class MstConfig:
             return self.mini_sequences.get(str(kind))
         return self.mini_sequences
 
+    def mlp_chunks_for(self, region: Any) -> int | None:
+        """Deprecated: ``mini_sequences_for("mlp", region)``."""
+        warnings.warn("MstConfig.mlp_chunks_for is deprecated: use mini_sequences_for('mlp', region)",
+                      DeprecationWarning, stacklevel=2)
+        return self.mini_sequences_for("mlp", region)
+
+    def lm_head_chunks_for(self, region: Any) -> int | None:
+        """Deprecated: ``mini_sequences_for("lm_head", region)``."""
+        warnings.warn("MstConfig.lm_head_chunks_for is deprecated: use mini_sequences_for('lm_head', region)",
+                      DeprecationWarning, stacklevel=2)
+        return self.mini_sequences_for("lm_head", region)
+
 
 def is_positive_int(value: Any) -> bool:
     """An integer ≥ 1 (bools and floats are not): the one test behind every count mstfx accepts."""
