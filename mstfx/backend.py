@@ -9,6 +9,7 @@ reported: an unsupported region is never miscompiled.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -67,6 +68,8 @@ def _count_and_warn(report) -> None:
     counters["mstfx"]["regions_chunked"] += len(report.chunked)
     counters["mstfx"]["regions_left_unchanged"] += len(report.skipped)
     counters["mstfx"]["attention_rewritten"] += len(report.rewritten)
+    for d in report.chunked:
+        counters["mstfx"][f"chunked_{d.kind}"] += 1
     if report.error is None or report.error == ALREADY_REWRITTEN:
         return
     counters["mstfx"]["fallbacks"] += 1
@@ -79,8 +82,12 @@ def _count_and_warn(report) -> None:
     )
 
 
-#: Reports of every graph compiled by any mst backend in this process, newest last.
-REPORTS: list = []
+#: How many graph reports :data:`REPORTS` keeps.  A long run that recompiles (new lengths, dynamic
+#: shapes) would otherwise grow it without end; each backend keeps all of its own (``backend.reports``).
+MAX_REPORTS = 256
+#: Reports of the graphs compiled by any mst backend in this process, newest last: the newest
+#: :data:`MAX_REPORTS` (``mstfx.explain()`` reads them).
+REPORTS: collections.deque = collections.deque(maxlen=MAX_REPORTS)
 _graph_ids = itertools.count()
 
 
@@ -159,7 +166,9 @@ def _warn_unknown_region_names(backend: MstBackend, report) -> None:
     asked = set(backend.config.region_chunks)
     if not asked:
         return
-    kinds = ("mlp", "lm_head+loss")
+    from .regions.registry import REGION_KINDS
+
+    kinds = {k.name for k in REGION_KINDS}
     seen = {d.where for r in backend.reports for d in r.decisions if d.kind in kinds}
     warned = backend._warned_region_names
     unknown = sorted(asked - seen - warned)

@@ -365,7 +365,8 @@ def chunked_logprobs(
         lm_head: an ``nn.Linear`` (its bias is used) or a [vocab, H] weight tensor.
         labels: [...] token ids, same leading shape as ``hidden``; positions equal to ``ignore_index``
             get log-probability 0 and no gradient.
-        chunks: number of mini-sequences; default ⌈vocab / H⌉ (the MsT rule), capped by the tokens.
+        chunks: number of mini-sequences; default ⌈vocab / H⌉ (the LM head's rule,
+            ``mstfx.regions.rules``), capped by the tokens.
         temperature: divide logits by it (GRPO sampling temperature).
         logit_scale: multiply logits by it (Cohere, Granite's ``1/logits_scaling``).
         softcap: final-logit soft-capping ``c·tanh(z/c)`` (Gemma 2).
@@ -374,8 +375,6 @@ def chunked_logprobs(
     Exact: values and gradients (w.r.t. ``hidden``, the weight and the bias) equal
     ``torch.log_softmax(logits.float(), -1).gather(-1, labels)`` up to float rounding.
     """
-    import math
-
     if chunks is not None:
         positive_int("chunked_logprobs: chunks", chunks)
     for name, value in (("temperature", temperature), ("softcap", softcap)):
@@ -398,8 +397,10 @@ def chunked_logprobs(
         transforms.append(("scale", 1.0 / float(temperature)))
     h = flatten_tokens(hidden)
     tokens = h.shape[0]
-    if chunks is None:
-        chunks = max(1, math.ceil(weight.shape[0] / weight.shape[1]))
+    if chunks is None:  # the LM head's rule, without a shortest chunk (the caller may use few tokens)
+        from .regions.rules import lm_head_rule
+
+        chunks = lm_head_rule(tokens if isinstance(tokens, int) else 2**62, weight.shape[1], weight.shape[0], 1)
     if isinstance(tokens, int):
         chunks = max(1, min(chunks, tokens))
     out = linear_logprobs(h, weight, bias, labels.reshape(-1), ignore_index=ignore_index, transforms=transforms, chunks=chunks)

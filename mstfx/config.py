@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+from .regions.rules import MIN_LM_HEAD_CHUNK_TOKENS
 
 #: Largest M a user may ask for.  The rewrite unrolls one copy of a region per mini-sequence, so
 #: compile time grows with M (measured: M = 64 compiles about 2.5× longer than M = 8); past this the
@@ -19,10 +22,13 @@ class MstConfig:
     """Options of the ``mst`` backend.
 
     Attributes:
-        mini_sequences: M for every chunked region; ``None`` uses the paper's rule
-            (MLP: ⌈tokens/hidden⌉, LM head: ⌈vocab/hidden⌉), see ``mstfx.passes.chunk_rule``.
-        lm_head_chunks: M for the LM head + loss only (overrides ``mini_sequences`` there).
+        mini_sequences: the chunk knob, M.  An int: M for every chunked region; a dict: M per region
+            kind (``{"mlp": 8, "lm_head": 16}``; kinds left out use their rule); ``None``: each kind's
+            default rule (MLP: ⌈tokens/hidden⌉, LM head: ⌈vocab/hidden⌉), see ``mstfx.regions.rules``.
+        lm_head_chunks: deprecated spelling of ``mini_sequences={"lm_head": M}``.
         chunk_mlp / chunk_lm_head: turn a region kind off.
+        skip_kinds: names of region kinds to leave unchanged (``mstfx.regions.registry.Kind``), for
+            kinds without a switch of their own.
         rewrite_attention: hand SDPA ``is_causal=True`` instead of an in-graph causal mask and the
             unexpanded K/V of grouped-query attention (``mstfx/passes/attention.py``).
         region_chunks: per-region M by region name (``"model.layers.3.mlp"``), as a plan gives it.
@@ -30,13 +36,14 @@ class MstConfig:
         compiler: ``"inductor"`` (default) or ``"aot_eager"`` / ``"eager"`` to debug the rewrite.
     """
 
-    mini_sequences: int | None = None
+    mini_sequences: int | dict[str, int] | None = None
     lm_head_chunks: int | None = None
     chunk_mlp: bool = True
     chunk_lm_head: bool = True
     rewrite_attention: bool = True
     region_chunks: dict[str, int] = field(default_factory=dict)
-    min_lm_head_chunk_tokens: int = 256
+    min_lm_head_chunk_tokens: int = MIN_LM_HEAD_CHUNK_TOKENS
+    skip_kinds: tuple[str, ...] = ()
     compiler: str = "inductor"
 
     def __post_init__(self) -> None:
@@ -47,28 +54,69 @@ class MstConfig:
             raise ValueError(
                 f"region_chunks must map region names (e.g. 'model.layers.3.mlp') to M, got {self.region_chunks!r}"
             )
-        for name in ("mini_sequences", "lm_head_chunks"):
-            if getattr(self, name) is not None:
-                positive_int(name, getattr(self, name), cap=MAX_USER_CHUNKS)
+        if self.lm_head_chunks is not None:
+            warnings.warn(
+                "MstConfig(lm_head_chunks=M) is deprecated: use mini_sequences={'lm_head': M} (one chunk knob, "
+                "per region kind)", DeprecationWarning, stacklevel=3,
+            )
+            positive_int("lm_head_chunks", self.lm_head_chunks, cap=MAX_USER_CHUNKS)
+        if isinstance(self.mini_sequences, dict):
+            from .regions.registry import REGION_KINDS
+
+            names = [k.name for k in REGION_KINDS]
+            unknown = [k for k in self.mini_sequences if k not in names]
+            if unknown:
+                raise ValueError(f"mini_sequences names unknown region kinds {unknown}; the kinds are {names}")
+            self.mini_sequences = {
+                str(k): positive_int(f"mini_sequences[{k!r}]", v, cap=MAX_USER_CHUNKS) for k, v in self.mini_sequences.items()
+            }
+        elif self.mini_sequences is not None:
+            positive_int("mini_sequences", self.mini_sequences, cap=MAX_USER_CHUNKS)
         positive_int("min_lm_head_chunk_tokens", self.min_lm_head_chunk_tokens)
         for key, val in self.region_chunks.items():
             positive_int(f"region_chunks[{key!r}]", val, cap=MAX_USER_CHUNKS)
+        from .regions.registry import REGION_KINDS
+
+        names = [k.name for k in REGION_KINDS]
+        if isinstance(self.skip_kinds, str) or not all(k in names for k in self.skip_kinds):
+            raise ValueError(f"skip_kinds must be a tuple of region kind names {names}, got {self.skip_kinds!r}")
+        self.skip_kinds = tuple(str(k) for k in self.skip_kinds)
         if self.compiler not in ("inductor", "aot_eager", "eager"):
             raise ValueError(f"compiler must be 'inductor', 'aot_eager' or 'eager', got {self.compiler!r}")
 
-    def mlp_chunks_for(self, region: Any) -> int | None:
-        return self.region_chunks.get(getattr(region, "name", ""), self.mini_sequences)
-
-    def lm_head_chunks_for(self, region: Any) -> int | None:
+    def mini_sequences_for(self, kind: str, region: Any) -> int | None:
+        """M asked for ``region`` of ``kind``: by its name (``region_chunks``), else ``mini_sequences``
+        (for the kind, if a dict); ``None`` leaves it to the kind's rule."""
         named = self.region_chunks.get(getattr(region, "name", ""))
         if named is not None:
             return named
-        return self.lm_head_chunks if self.lm_head_chunks is not None else self.mini_sequences
+        if kind == "lm_head" and self.lm_head_chunks is not None:
+            return self.lm_head_chunks
+        if isinstance(self.mini_sequences, dict):
+            return self.mini_sequences.get(str(kind))
+        return self.mini_sequences
+
+    def mlp_chunks_for(self, region: Any) -> int | None:
+        """Deprecated: ``mini_sequences_for("mlp", region)``."""
+        warnings.warn("MstConfig.mlp_chunks_for is deprecated: use mini_sequences_for('mlp', region)",
+                      DeprecationWarning, stacklevel=2)
+        return self.mini_sequences_for("mlp", region)
+
+    def lm_head_chunks_for(self, region: Any) -> int | None:
+        """Deprecated: ``mini_sequences_for("lm_head", region)``."""
+        warnings.warn("MstConfig.lm_head_chunks_for is deprecated: use mini_sequences_for('lm_head', region)",
+                      DeprecationWarning, stacklevel=2)
+        return self.mini_sequences_for("lm_head", region)
+
+
+def is_positive_int(value: Any) -> bool:
+    """An integer ≥ 1 (bools and floats are not): the one test behind every count mstfx accepts."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
 
 
 def positive_int(name: str, value: Any, *, cap: int | None = None) -> int:
     """``value`` as an int, or a ValueError that names ``name`` (bools and floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if cap is not None and value > cap:
         raise ValueError(

@@ -72,7 +72,7 @@ def warn_if_ddp_split(report) -> None:
     global _warned
     if _warned or not ddp_split_active():
         return
-    if any(d.kind == "projection" and d.action != "chunked" for d in report.decisions):
+    if any(d.kind == "mlp" and d.action != "chunked" for d in report.decisions):
         _warned = True
         log.warning(
             "mstfx: DDP's graph splitting (torch._dynamo.config.optimize_ddp) cut an MLP at a gradient-bucket "

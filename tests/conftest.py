@@ -7,28 +7,9 @@ import copy
 import pytest
 import torch
 
-from mstfx.tools.architectures import loss_and_grads  # noqa: E402,F401  (one eager/compiled step runner for every test)
+from mstfx.tools.architectures import loss_and_grads, tiny_llama  # noqa: E402,F401  (one step runner and tiny Llama for every test)
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
-
-
-def tiny_llama(vocab=256, hidden=64, inter=176, layers=2, tie=False, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        use_cache=False,
-        tie_word_embeddings=tie,
-        attn_implementation="sdpa",
-        **kw,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
 
 
 def tiny_gpt2(vocab=256, hidden=64, layers=2):

@@ -31,7 +31,7 @@ def test_llama_matches_eager(compiler):
     assert_same(ref, got)
     report = be.reports[-1]
     kinds = sorted(d.kind for d in report.chunked)
-    assert kinds == ["lm_head+loss", "mlp", "mlp"], str(report)
+    assert kinds == ["lm_head", "mlp", "mlp"], str(report)
 
 
 def test_gpt2_gelu_with_bias_conv1d_matches_eager():
@@ -43,7 +43,7 @@ def test_gpt2_gelu_with_bias_conv1d_matches_eager():
     assert_same(ref, got)
     report = be.reports[-1]
     assert sum(d.kind == "mlp" for d in report.chunked) == 2, str(report)
-    assert any(d.kind == "lm_head+loss" and "tied" in d.detail for d in report.chunked), str(report)
+    assert any(d.kind == "lm_head" and "tied" in d.detail for d in report.chunked), str(report)
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
@@ -122,7 +122,7 @@ def test_gradient_checkpointing_combination():
     got = loss_and_grads(model, ids, ids, be)
     assert_same(ref, got)
     # the MLPs live inside the checkpointed layer bodies and are chunked there too
-    assert sorted(d.kind for d in be.reports[-1].chunked) == ["lm_head+loss", "mlp", "mlp"], str(be.reports[-1])
+    assert sorted(d.kind for d in be.reports[-1].chunked) == ["lm_head", "mlp", "mlp"], str(be.reports[-1])
 
 
 def test_string_backend_registered_by_entry_point():
@@ -157,14 +157,14 @@ def test_dynamic_true_keeps_the_rewrite_through_dynamo_restarts():
     model = tiny_llama(layers=1, vocab=1024)
     ids = torch.randint(0, 1024, (1, 96))
     ref = loss_and_grads(model, ids, ids)
-    be = mstfx.backend(lm_head_chunks=2)
+    be = mstfx.backend(mini_sequences={"lm_head": 2})
     model.zero_grad(set_to_none=True)
     fn = torch.compile(lambda i, l: model(input_ids=i, labels=l).loss, backend=be, dynamic=True)
     loss = fn(ids, ids)
     loss.backward()
     assert_same(ref, (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     final = be.reports[-1]
-    assert final.error is None and sorted(d.kind for d in final.chunked) == ["lm_head+loss", "mlp"], str(final)
+    assert final.error is None and sorted(d.kind for d in final.chunked) == ["lm_head", "mlp"], str(final)
 
 
 def test_autocast_bf16_matches_eager_autocast():
@@ -186,7 +186,7 @@ def test_autocast_bf16_matches_eager_autocast():
     ref = run(None)
     be = mstfx.backend(compiler="aot_eager", mini_sequences=3)
     assert_same(ref, run(be), rtol=3e-2, atol=3e-2)
-    assert sorted(d.kind for d in be.reports[-1].chunked) == ["lm_head+loss", "mlp"]
+    assert sorted(d.kind for d in be.reports[-1].chunked) == ["lm_head", "mlp"]
 
 
 def test_inductor_keeps_the_partitioners_recompute_order_in_forward_and_backward():

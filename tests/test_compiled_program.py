@@ -146,3 +146,31 @@ def test_backward_differentiates_the_loss(mst):
     grad_head = [n for n in program.backward.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
                  and tuple(n.meta["val"].shape) in head_shapes and n.meta["val"].dim() == 2 and n.target is not torch.ops.aten.permute.default]
     assert grad_head, "no LM-head weight gradient computed in the backward"
+
+
+def _largest_tensor(program) -> tuple[int, str]:
+    """Elements of the largest tensor any node of the compiled forward or backward makes (before
+    Inductor fuses pointwise ops: an upper bound on its buffers), and that node's name."""
+    best = (0, "")
+    for gm in (program.forward, program.backward):
+        for node in gm.graph.nodes:
+            vals = node.meta.get("val")
+            for val in vals if isinstance(vals, (tuple, list)) else (vals,):
+                if isinstance(val, torch.Tensor) and node.op != "placeholder":
+                    best = max(best, (val.numel(), node.name))
+    return best
+
+
+def test_mst_program_never_makes_tokens_by_vocab_or_a_whole_mlp_activation():
+    """No tensor of the compiled mst step, forward or backward, is as large as one MLP's
+    tokens×intermediate activation (nor, larger still, the tokens×vocab logits); plain Inductor's
+    step makes the logits, so the check can fail."""
+    cfg = _llama_config(layers=2, hidden=128, inter=512, vocab=1000)
+    seq = 1024
+    ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
+    plain, _ = _largest_tensor(capture_program(_meta_llama(cfg, checkpointing=False), ids))
+    assert plain >= seq * cfg.vocab_size
+    largest, name = _largest_tensor(
+        capture_program(_meta_llama(cfg, checkpointing=False), ids, mstfx.MstConfig(mini_sequences=8))
+    )
+    assert largest < seq * cfg.intermediate_size, f"{name}: {largest} elements"

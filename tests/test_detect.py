@@ -133,14 +133,14 @@ def test_lm_head_found_and_exact(name):
     ref_grads = (h.grad.clone(), W_LM.grad.clone())
     h.grad = W_LM.grad = None
     torch._dynamo.reset()
-    be = mstfx.backend(lm_head_chunks=3)
+    be = mstfx.backend(mini_sequences={"lm_head": 3})
     out = torch.compile(fn, backend=be)(h, T)
     out.backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(h.grad, ref_grads[0])
     torch.testing.assert_close(W_LM.grad, ref_grads[1])
     W_LM.grad = None
-    assert [d.kind for d in be.reports[-1].chunked] == ["lm_head+loss"]
+    assert [d.kind for d in be.reports[-1].chunked] == ["lm_head"]
 
 
 LM_NEGATIVE = {
@@ -165,7 +165,7 @@ def test_cant_chunk_is_a_runtime_error():
 def test_config_validation():
     with pytest.raises(ValueError, match="positive integer"):
         mstfx.MstConfig(mini_sequences=0)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="positive integer"), pytest.warns(DeprecationWarning):
         mstfx.MstConfig(lm_head_chunks=2.5)
     with pytest.raises(ValueError, match="compiler"):
         mstfx.MstConfig(compiler="tvm")
@@ -181,6 +181,9 @@ def test_config_validation():
         ({"region_chunks": [1, 2]}, "region_chunks"),
         ({"region_chunks": {3: 2}}, "region_chunks"),
         ({"mini_sequences": 10**6}, "mini_sequences"),
+        ({"mini_sequences": {"mlp": 0}}, "mini_sequences"),
+        ({"mini_sequences": {"attention": 4}}, "mini_sequences"),
+        ({"skip_kinds": "mlp"}, "skip_kinds"),
         ({"region_chunks": {"model.layers.0.mlp": 1000}}, "region_chunks"),
     ],
 )
@@ -192,3 +195,38 @@ def test_config_rejects_bad_options_naming_the_field(options, field):
 def test_backend_rejects_a_non_config_positional_argument():
     with pytest.raises(TypeError, match="MstConfig"):
         mstfx.MstBackend(5)
+
+
+def test_one_chunk_knob_per_kind_and_the_deprecated_alias():
+    """``mini_sequences`` is the one knob: an int for every kind, a dict per kind; ``lm_head_chunks``
+    still works for the LM head, with a DeprecationWarning."""
+    from types import SimpleNamespace
+
+    head, mlp = SimpleNamespace(name="lm_head"), SimpleNamespace(name="model.layers.0.mlp")
+    cfg = mstfx.MstConfig(mini_sequences={"lm_head": 3})
+    assert cfg.mini_sequences_for("lm_head", head) == 3 and cfg.mini_sequences_for("mlp", mlp) is None
+    cfg = mstfx.MstConfig(mini_sequences=5, region_chunks={"model.layers.0.mlp": 2})
+    assert cfg.mini_sequences_for("lm_head", head) == 5 and cfg.mini_sequences_for("mlp", mlp) == 2
+    with pytest.warns(DeprecationWarning, match="mini_sequences"):
+        cfg = mstfx.MstConfig(mini_sequences=5, lm_head_chunks=4)
+    assert cfg.mini_sequences_for("lm_head", head) == 4 and cfg.mini_sequences_for("mlp", mlp) == 5
+    with pytest.warns(DeprecationWarning):
+        assert cfg.mlp_chunks_for(mlp) == 5 and cfg.lm_head_chunks_for(head) == 4
+
+
+def test_process_wide_reports_are_bounded():
+    """``mstfx.backend.REPORTS`` keeps the newest reports only (a long run recompiles without end)."""
+    from mstfx.backend import MAX_REPORTS, REPORTS
+
+    assert REPORTS.maxlen == MAX_REPORTS
+
+
+def test_pass_order_is_the_pipeline_that_runs_and_is_documented():
+    import mstfx.passes as passes
+    from mstfx.passes import PASS_ORDER, pipeline
+    from mstfx.regions.registry import REGION_KINDS
+
+    assert PASS_ORDER == tuple(name for name, _ in pipeline())
+    assert PASS_ORDER[: len(REGION_KINDS)] == tuple(f"find_{k.name}" for k in REGION_KINDS)
+    assert PASS_ORDER[-2:] == ("attention", "verify")
+    assert all(f"    {name} " in passes.__doc__ for name in PASS_ORDER)

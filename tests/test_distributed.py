@@ -260,7 +260,7 @@ def _fmt(reports) -> str:
 
 
 def _mlp_decisions(reports):
-    return [(r["graph"], d) for r in reports for d in r["decisions"] if d[0] in ("mlp", "projection")]
+    return [(r["graph"], d) for r in reports for d in r["decisions"] if d[0] == "mlp"]
 
 
 def test_fsdp2_chunks_each_layer_graph_and_matches_eager(tmp_path):
@@ -277,7 +277,7 @@ def test_fsdp2_chunks_each_layer_graph_and_matches_eager(tmp_path):
         mlp_graphs = {g for g, kind, _ in chunked if kind == "mlp"}
         # the decoder-layer graph is compiled once and reused for both layers; it holds one whole MLP
         assert len(mlp_graphs) == 1 and sum(k == "mlp" for _, k, _ in chunked) == 1, text
-        assert sum(k == "lm_head+loss" for _, k, _ in chunked) == 1, text
+        assert sum(k == "lm_head" for _, k, _ in chunked) == 1, text
         assert all(d[2] == "chunked" for _, d in _mlp_decisions(reports)), text
         assert all(d[3] == MST_CHUNKS for r in reports for d in r["decisions"] if d[2] == "chunked"), text
 
@@ -312,7 +312,7 @@ def test_ddp_split_inside_mlp_leaves_it_unchanged_and_matches_eager(ddp_results)
         reasons = " ".join(d[4] for _, d in decisions if d[2] != "chunked")
         assert "graph output" in reasons and "token input" in reasons, text  # both halves reported
         assert len(chunked) == 1, text  # layer 0's MLP lies within one piece and is chunked
-        assert any(d[0] == "lm_head+loss" and d[2] == "chunked" for r in reports for d in r["decisions"]), text
+        assert any(d[0] == "lm_head" and d[2] == "chunked" for r in reports for d in r["decisions"]), text
 
 
 def test_ddp_whole_graph_chunks_every_mlp_and_matches_eager(ddp_results):
@@ -323,7 +323,7 @@ def test_ddp_whole_graph_chunks_every_mlp_and_matches_eager(ddp_results):
         text = f"rank {rank}:\n{_fmt(reports)}"
         assert len(reports) == 1 and reports[0]["error"] is None, text
         kinds = sorted(d[0] for d in reports[0]["decisions"] if d[2] == "chunked")
-        assert kinds == ["lm_head+loss", "mlp", "mlp"], text
+        assert kinds == ["lm_head", "mlp", "mlp"], text
         assert all(d[2] == "chunked" for d in reports[0]["decisions"] if d[0] != "attention"), text
 
 

@@ -30,7 +30,9 @@ def test_verification_failure_warns_and_counts(monkeypatch):
     def broken(gm):
         raise RuntimeError("injected verification failure")
 
-    monkeypatch.setattr(mstfx.passes, "_verify", broken)
+    from mstfx.passes import driver
+
+    monkeypatch.setattr(driver, "_verify", broken)
     be = _run("verify", monkeypatch)
     assert any("injected verification failure" in (r.error or "") for r in be.reports)
 

@@ -13,12 +13,12 @@ import torch
 import mstfx
 from mstfx.planning import planner as P
 from mstfx.planning import cost_model as cm
+from mstfx.model_configs.source import PRESETS
 from mstfx.transform import bucket_of, transform, untransform
 
 from conftest import tiny_llama
 
-REF_CFG = dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
-               vocab_size=32000, model_type="llama")
+REF_CFG = dict(PRESETS["reference"])
 #: deeper: there every kind of plan is the cheapest at some budget (2 layers at S = 16384: mst alone
 #: beats mst+checkpointing, whose recompute makes all MLP chunks at once, and the S×S mask dominates)
 DEEP_CFG = {**REF_CFG, "num_hidden_layers": 16}
@@ -128,7 +128,7 @@ def test_plan_needs_checkpointing_when_chunking_alone_is_not_enough():
     assert ck_min < mst_min
     p = P.plan(DEEP_CFG, 16384, (ck_min + mst_min) / 2 / P.GiB, optimizer="none", margin=0)
     assert p.checkpointing and p.mode == "mst+checkpointing"
-    assert p.config().mini_sequences == p.mlp_chunks
+    assert p.config().mini_sequences["mlp"] == p.mlp_chunks and p.config().mini_sequences["lm_head"] == p.lm_head_chunks
 
 
 def test_margin_keeps_headroom_on_gradients_and_activations():
@@ -175,7 +175,7 @@ def test_plan_config_and_backend_apply_the_numbers():
     p = P.plan(REF_CFG, 4096, 0.8 * _peak(mode="standard") / P.GiB, optimizer="none")
     cfg = p.config()
     assert isinstance(cfg, mstfx.MstConfig)
-    assert cfg.lm_head_chunks == p.lm_head_chunks and cfg.chunk_lm_head
+    assert cfg.mini_sequences["lm_head"] == p.lm_head_chunks and cfg.chunk_lm_head
     assert cfg.chunk_mlp == (p.mlp_chunks > 1)
     assert isinstance(p.backend(), mstfx.MstBackend)
     std = P.plan(REF_CFG, 1024, 10, optimizer="none").config()

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+from ..config import is_positive_int
 from . import ALIASES, NAMES, config_text
 
 #: small configs known by name (HF config fields; ``reference`` is the benchmark's Llama)
@@ -116,7 +117,7 @@ def check(d: dict, label: str) -> dict:
             continue
         key = present[0]
         value = d[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_int(value):
             raise ConfigError(f"config {label}: field {key!r} must be a positive integer, got {value!r}")
     return d
 

@@ -1,25 +1,16 @@
-"""How many mini-sequences M each region gets when the user does not say.
-
-The paper's rule (Luo et al., MsT, NeurIPS 2024, §3): an MLP's mini-sequence is as long as the hidden
-size, so its S×I intermediates shrink to about d×I, ``M = ⌈tokens / hidden⌉``; the LM head uses
-``M = ⌈vocab / hidden⌉`` so that one chunk's logits (tokens/M × vocab) are about the size of the
-hidden states (tokens × hidden).
-
-One refinement of ours for the LM head: a chunk keeps at least ``min_chunk_tokens`` tokens (default
-256).  Each LM-head chunk adds one pass over the vocab×hidden weight-gradient accumulator, so tiny
-chunks cost time for no memory gain once the chunk's logits are small next to the rest of the step
-(measured on the reference CPU config: M = 63 and M = 16 give the same peak, M = 16 is faster).
-At long sequences the paper's M is unchanged (Llama3-8B at 60K tokens: M = 32, 1875 tokens a chunk).
-Explicit M from the user or a plan always wins.
+"""How many mini-sequences M each region gets: the user's or the plan's number, else the kind's default
+rule (:mod:`mstfx.regions.rules`, one source with the planner), applied to a token count that may be
+dynamic.  Explicit M from the user or a plan always wins; every M is capped so a chunk holds a token.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_bool, optimization_hint
+
+from ..regions.rules import MIN_LM_HEAD_CHUNK_TOKENS, lm_head_rule, mlp_rule
 
 
 def concrete_tokens(tokens: int | torch.SymInt) -> int:
@@ -58,28 +49,35 @@ def _capped(m: int, tokens: int | torch.SymInt, asked: bool, what: str) -> int:
                 "(a mini-sequence holds at least one token, and each extra one is an unrolled copy that only "
                 "adds compile time)",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         m = most
     return max(1, m)
 
 
-def mlp_chunks(tokens: int | torch.SymInt, hidden: int, override: int | None = None) -> int:
-    n = concrete_tokens(tokens)
-    m = override if override is not None else math.ceil(n / hidden)
-    return _capped(m, tokens, override is not None, "MLP")
+def token_str(tokens) -> str:
+    """A region's token count for the report (a dynamic count as its symbol)."""
+    return str(tokens) if isinstance(tokens, torch.SymInt) else str(int(tokens))
+
+
+def choose(tokens: int | torch.SymInt, mini_sequences: int | None, default, what: str) -> int:
+    """``mini_sequences`` if given, else ``default(concrete token count)``; capped at the tokens."""
+    m = mini_sequences if mini_sequences is not None else default(concrete_tokens(tokens))
+    return _capped(m, tokens, mini_sequences is not None, what)
+
+
+def mlp_chunks(tokens: int | torch.SymInt, hidden: int, mini_sequences: int | None = None) -> int:
+    """M of an MLP (and of routed experts): ``mini_sequences``, else ⌈tokens / hidden⌉."""
+    return choose(tokens, mini_sequences, lambda n: mlp_rule(n, hidden), "MLP")
 
 
 def lm_head_chunks(
     tokens: int | torch.SymInt,
     hidden: int,
     vocab: int,
-    override: int | None = None,
-    min_chunk_tokens: int = 256,
+    mini_sequences: int | None = None,
+    min_chunk_tokens: int = MIN_LM_HEAD_CHUNK_TOKENS,
 ) -> int:
-    n = concrete_tokens(tokens)
-    if override is not None:
-        m = override
-    else:
-        m = min(math.ceil(vocab / hidden), math.ceil(n / max(1, min_chunk_tokens)))
-    return _capped(m, tokens, override is not None, "LM head")
+    """M of an LM head + loss: ``mini_sequences``, else ⌈vocab / hidden⌉ with chunks of at least
+    ``min_chunk_tokens`` tokens."""
+    return choose(tokens, mini_sequences, lambda n: lm_head_rule(n, hidden, vocab, min_chunk_tokens), "LM head")

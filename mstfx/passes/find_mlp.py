@@ -182,7 +182,7 @@ def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
     )
 
 
-def _stacked_weight(node: fx.Node, param_nodes: set[fx.Node]) -> fx.Node | None:
+def stacked_weight(node: fx.Node, param_nodes: set[fx.Node]) -> fx.Node | None:
     """``node`` if it is a parameter of rank >= 3 (one weight per expert) or a transpose/view of one."""
     while isinstance(node, fx.Node) and node not in param_nodes:
         if node.op == "call_method" and node.target in ("transpose", "t", "permute", "contiguous", "view", "reshape"):
@@ -212,7 +212,7 @@ def routed_expert_matmuls(graph: fx.Graph, param_nodes: set[fx.Node], free: set[
         if not any(a not in free for a in args):
             continue
         for a in args:
-            w = _stacked_weight(a, param_nodes)
+            w = stacked_weight(a, param_nodes)
             if w is not None and w not in seen:
                 seen.add(w)
                 found.append(node)
@@ -243,7 +243,8 @@ def find_mlp_regions(
 ) -> tuple[list[MlpRegion], list[tuple[str, str]]]:
     """All MLP regions of ``graph`` plus ``(where, reason)`` for each candidate that was left alone.
 
-    ``exclude`` holds projections already claimed by another region kind (the LM head).
+    ``exclude`` holds nodes already claimed by another region kind (the LM head's projection, routed
+    experts): never part of an MLP, and a claimed stacked-weight matmul is not reported here.
     """
     free = token_free_nodes(graph, param_nodes)
     regions: list[MlpRegion] = []
@@ -257,6 +258,8 @@ def find_mlp_regions(
             continue  # not an amplifier
         try:
             region = _region_from_up(lin, free)
+            if exclude.intersection(region.nodes):
+                raise CantChunk("overlaps a region of another kind")
         except CantChunk as err:
             skipped.append((module_path(node, strip_leaf=True) or node.name, str(err)))
             continue
@@ -265,6 +268,8 @@ def find_mlp_regions(
     _unique_names(regions)
     experts: dict[str, int] = {}
     for node in routed_expert_matmuls(graph, param_nodes, free):
+        if node in exclude:
+            continue
         where = module_path(node, strip_leaf=True) or node.name
         experts[where] = experts.get(where, 0) + 1
     for where, n in experts.items():

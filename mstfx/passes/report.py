@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 class RegionDecision:
     """One region found (or rejected) in one graph."""
 
-    kind: str  # "mlp" or "lm_head+loss"
+    kind: str  # a region kind (``mstfx.regions.registry.Kind``, equal to its name) or "attention"
     where: str  # module path or node name, for humans
     action: str  # "chunked" (an LM head at M = 1: fused, shown so), "rewritten" (attention) or "skipped"
     reason: str
@@ -21,17 +21,24 @@ class RegionDecision:
     detail: str = ""
 
     @property
+    def label(self) -> str:
+        """The kind as the report shows it (``lm_head+loss`` for the ``lm_head`` kind)."""
+        from ..regions.registry import REGION_KINDS
+
+        return next((k.label for k in REGION_KINDS if k.name == self.kind), str(self.kind))
+
+    @property
     def fused_only(self) -> bool:
-        """An LM head rewritten with one mini-sequence: the fused loss (logits not kept for backward),
-        but nothing chunked; the report says so instead of "chunked"."""
-        return self.action == "chunked" and self.kind == "lm_head+loss" and self.chunks == 1
+        """A region rewritten with one mini-sequence (the LM head: the fused loss, logits not kept for
+        backward), but nothing chunked; the report says so instead of "chunked"."""
+        return self.action == "chunked" and self.chunks == 1
 
     def row(self) -> list[str]:
         shape = f"{self.tokens}×{self.hidden}→{self.width}" if self.hidden else "-"
         if self.fused_only:
             why = "M = 1: fused loss (logits not kept for backward), not chunked; " + (self.detail or self.reason)
-            return [self.kind, self.where, "fused (M = 1)", shape, "1", why]
-        return [self.kind, self.where, self.action, shape, str(self.chunks or "-"), self.detail or self.reason]
+            return [self.label, self.where, "fused (M = 1)", shape, "1", why]
+        return [self.label, self.where, self.action, shape, str(self.chunks or "-"), self.detail or self.reason]
 
 
 @dataclass

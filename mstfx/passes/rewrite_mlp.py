@@ -38,6 +38,30 @@ from .find_mlp import MlpRegion
 _ac_ids = itertools.count(MST_AC_GRAPH_ID_BASE)
 
 
+def next_ac_graph_id() -> int:
+    """A fresh ``ac_graph_id`` for one chunk's recompute tags (every region kind draws from this one
+    counter, so no two chunks of a graph share an id)."""
+    return next(_ac_ids)
+
+
+def chunk_form(config, in_checkpoint: bool) -> tuple[bool, str]:
+    """Whether an MLP's chunks become one compiled-once body called M times (``invoke_subgraph``,
+    opt-in: ``config.compiled_once_chunks = True``) or M unrolled copies (the default), and the
+    report's words for it (nothing for the default).
+
+    The compiled-once form is opt-in because, measured, it is not yet better: on the reference
+    config (S = 4096) its peak is 301 MiB against 269 MiB unrolled, and on the 8-layer tiny Llama at
+    M = 64 its first step was about 5× plain Inductor's (``mstfx bench --compile-time``; README
+    "Compile time").
+    Inside a user's checkpointed layer it is never used (AOT autograd's recompute of the layer around
+    a called body measured a higher peak than the unrolled copies)."""
+    if config.compiler == "eager" or not getattr(config, "compiled_once_chunks", False):
+        return False, ""
+    if in_checkpoint:
+        return False, "; unrolled M copies (inside a checkpointed layer)"
+    return True, "; one body compiled once, called M times"
+
+
 def _copy_for_chunk(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
     """Copy ``node`` so that it works on a [chunk_tokens, k] slice instead of the full tensor."""
     if is_view(node):
@@ -216,7 +240,7 @@ def rewrite_mlp(gm: fx.GraphModule, region: MlpRegion, chunks: int, *, eager: bo
     body_attr = None
     if eager:
         body, externals = extract_body(gm, region)
-        body_attr = f"mst_mlp_body_{next(_ac_ids)}"
+        body_attr = f"mst_mlp_body_{next_ac_graph_id()}"
         gm.add_submodule(body_attr, body)
     with graph.inserting_before(sink):
         flat = graph.call_function(chunked_ops.flatten_tokens, (x,))
@@ -229,7 +253,7 @@ def rewrite_mlp(gm: fx.GraphModule, region: MlpRegion, chunks: int, *, eager: bo
                 outs.append(graph.call_function(chunked_ops.checkpointed, (body_node, piece, *externals)))
                 continue
             env = {x: piece}
-            ac_id = next(_ac_ids)
+            ac_id = next_ac_graph_id()
             for node in region.nodes:
                 new = _copy_for_chunk(graph, node, env)
                 new.meta.pop("example_value", None)

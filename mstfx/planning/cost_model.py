@@ -46,13 +46,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 import sympy as sp
 
 S, B = sp.symbols("S B", positive=True)
 M_MLP, M_HEAD = sp.symbols("M_mlp M_head", positive=True)
 
-MODES = ("standard", "checkpointing", "mst", "mst+checkpointing")
+
+class Mode(str, Enum):
+    """What a step does to save memory.  Members equal their strings (``Mode.MST == "mst"``), so
+    plans, command lines and JSON keep using the names."""
+
+    STANDARD = "standard"
+    CHECKPOINTING = "checkpointing"
+    MST = "mst"
+    MST_CHECKPOINTING = "mst+checkpointing"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def chunked(self) -> bool:
+        """Regions are chunked (the mst backend's rewrite)."""
+        return self.value.startswith("mst")
+
+    @property
+    def checkpointed(self) -> bool:
+        """Every decoder layer is activation-checkpointed."""
+        return self.value.endswith("checkpointing")
+
+
+MODES = tuple(m.value for m in Mode)
 #: which program's memory is predicted: the Inductor-compiled step (what the mst backend runs, fitted
 #: on CPU, ``COEF``) or the eager autograd step with FlashAttention (what ``mstfx simulate`` runs,
 #: derived from the ops' saved tensors, see :func:`eager_regions`)
@@ -133,6 +158,11 @@ class Arch:
     #: the model ends in an LM head (+ loss); False for a bare backbone (HF ``LlamaModel``, ``BertModel``),
     #: whose step then has no vocab-wide region and no head weight
     lm_head: bool = True
+    #: routed mixture-of-experts layers: experts per layer (0: a dense model), experts each token is
+    #: routed to, and one expert's MLP width (its cost terms: the routed-experts region kind)
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
     name: str = ""
 
     @property
@@ -219,10 +249,28 @@ def optimizer_bytes(n_params: int, optimizer: str, prec: Precision) -> int:
 
 
 def mode_flags(mode: str) -> tuple[bool, bool]:
-    """(chunked, checkpointed) of a mode name."""
+    """(chunked, checkpointed) of a mode (a :class:`Mode` or its name)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode.startswith("mst"), mode.endswith("checkpointing")
+    m = Mode(mode)
+    return m.chunked, m.checkpointed
+
+
+def kind_costs(arch: "Arch", prec: "Precision", chunked: bool, m_mlp, m_head, program: str) -> list["RegionCost"]:
+    """The per-layer costs of the region kinds that bring their own terms (``RegionKind.cost`` of
+    ``mstfx.regions.registry``); the MLP and the LM head are built in (:func:`compiled_regions`,
+    :func:`eager_regions`).  A kind's M is the planner's ``M_mlp`` or ``M_head`` (its ``cost_symbol``);
+    an M that is the number 1 means not chunked."""
+    from mstfx.regions.registry import REGION_KINDS  # the kinds' modules bring the graph side too
+
+    out = []
+    for kind in REGION_KINDS:
+        m = m_head if kind.cost_symbol == "M_head" else m_mlp
+        one = isinstance(m, (int, sp.Integer)) and int(m) == 1
+        cost = kind.cost(arch, prec, chunked and not one, m, program)
+        if cost is not None:
+            out.append(cost)
+    return out
 
 
 def regions(
@@ -249,6 +297,7 @@ def regions(
         attn, mlp, mlp_full_saved, head = eager_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head)
     if not arch.lm_head:  # a backbone: nothing vocab-wide (count 0: the plan shows no row)
         head = RegionCost("lm_head", 0, "-", sp.Integer(0), sp.Integer(0), sp.Integer(0))
+    extra = kind_costs(arch, prec, chunked, m_mlp, m_head, program)  # per layer, like the MLP
     if ckpt:  # a checkpointed layer keeps its input; its activations come back one layer at a time
         # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``), each
         # chunk recomputed just before its gradient (``ckpt_mlp_whole`` = 0; eager: each chunk's own
@@ -256,17 +305,18 @@ def regions(
         whole = COEF["ckpt_mlp_whole"] if program == "compiled" else 0.0
         h, t, a = arch.hidden, B * S, prec.act_bytes
         layer_saved = attn.saved + (whole * mlp_full_saved + (1 - whole) * mlp.saved if chunk_mlp else mlp.saved)
+        layer_saved += sum((e.saved for e in extra), sp.Integer(0))
         if chunk_mlp and whole:  # a chunk's up-projections are already in the whole recompute: only its gradients are new
             per_chunk = t / m_mlp
             mlp = replace(mlp, bwd_transient=per_chunk * a * ((1 - whole) * mlp_saved_i(arch)
                                                               + COEF["bwd_transient_i"] * arch.ups) * arch.intermediate)
         ckpt_region = RegionCost(
             "checkpointed layer", arch.layers, f"{h}", t * a * COEF["ckpt_saved_h"] * h, layer_saved,
-            sp.Max(attn.bwd_transient, mlp.bwd_transient),
+            sp.Max(attn.bwd_transient, mlp.bwd_transient, *(e.bwd_transient for e in extra)),
             recompute_flops=2 * t * arch.layer_params,
         )
-        return [ckpt_region, attn, mlp, head]
-    return [attn, mlp, head]
+        return [ckpt_region, attn, mlp, head, *extra]
+    return [attn, mlp, head, *extra]
 
 
 def mlp_saved_i(arch: Arch) -> float:
@@ -453,6 +503,7 @@ def step_cost(
     head_grad = sp.Integer(arch.vocab * arch.hidden * prec.param_bytes * (1 if arch.lm_head else 0))
     layer_grad = sp.Integer(arch.layer_params * prec.param_bytes)
     attn, mlp, head = by["attention"], by["mlp"], by["lm_head"]
+    extra = [r for r in regs if r.kind not in ("attention", "mlp", "lm_head", "checkpointed layer")]
     # a tied weight gets two gradients (LM head, embedding) that are summed: one extra V×h for a while
     tied_extra = head_grad if arch.tied else sp.Integer(0)
     # the chunked head's fp32 dL/dW accumulator is an input of the compiled backward: alive through it
@@ -460,14 +511,16 @@ def step_cost(
     if "checkpointed layer" in by:
         ck = by["checkpointed layer"]
         layer_saved = ck.saved
-        tops = {"(attention)": ck.fwd_transient + attn.bwd_transient, "(mlp)": ck.fwd_transient + mlp.bwd_transient}
+        tops = {"(attention)": ck.fwd_transient + attn.bwd_transient, "(mlp)": ck.fwd_transient + mlp.bwd_transient,
+                **{f"({e.kind})": ck.fwd_transient + e.bwd_transient for e in extra}}
     else:
-        layer_saved = attn.saved + mlp.saved
+        layer_saved = attn.saved + mlp.saved + sum((e.saved for e in extra), sp.Integer(0))
         # compiled: Inductor's buffer reuse keeps a chunked MLP's freed chunk buffers in its pool until the
         # next layer's MLP backward allocates the same sizes, so they are alive in the attention backward
         # between (measured, reference Llama, M = 3 and 4; COEF["mlp_chunk_pool"])
         pool = mlp.bwd_transient * COEF["mlp_chunk_pool"] if compiled and mlp.chunks != 1 else 0
-        tops = {"(attention)": attn.bwd_transient + pool, "(mlp)": mlp.bwd_transient}
+        tops = {"(attention)": attn.bwd_transient + pool, "(mlp)": mlp.bwd_transient,
+                **{f"({e.kind})": e.bwd_transient for e in extra}}
     layers_saved = arch.layers * layer_saved
     # the causal mask of the attention layers, made once and alive until the first layer's backward
     # (compiled only: eager FlashAttention takes no mask)

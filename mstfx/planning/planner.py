@@ -33,8 +33,9 @@ from typing import Any
 import sympy as sp
 
 from .. import model_configs
-from ..config import MAX_USER_CHUNKS, positive_int
+from ..config import MAX_USER_CHUNKS, is_positive_int, positive_int
 from ..model_configs import source as config_source
+from ..regions import rules
 from . import cost_model as cm
 
 #: The unit of every memory budget and figure in mstfx: GiB (2**30 bytes), MiB below 1 GiB.  Arguments
@@ -45,7 +46,7 @@ GB = GiB  # the unit of ``budget_gb`` (kept under this name for callers that con
 #: The most mini-sequences a plan gives one region: the rewrite unrolls M copies into the graph.
 MAX_CHUNKS = 64
 #: The default LM-head rule never makes chunks shorter than this (as ``MstConfig``).
-MIN_HEAD_CHUNK_TOKENS = 256
+MIN_HEAD_CHUNK_TOKENS = rules.MIN_LM_HEAD_CHUNK_TOKENS
 #: Headroom a plan keeps on the predicted gradients + activations (the part the cost model estimates;
 #: parameters and optimizer state are exact): the model's measured CPU error is within 10% (9.8% worst,
 #: docs/planning.md).
@@ -195,6 +196,9 @@ def arch_of(source: Any) -> cm.Arch:
         params=params, eager_attention=attn_impl == "eager", norm=_norm_kind(mtype), sandwich_norms=mtype in _SANDWICH,
         logit_softcap=bool(get("final_logit_softcapping")),
         plain_causal=_plain_causal(d), lm_head=lm_head,
+        experts=int(get("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0),
+        experts_per_token=int(get("num_experts_per_tok", "moe_topk", default=0) or 0),
+        expert_intermediate=int(get("moe_intermediate_size", default=inter) or 0),
         name=str(get("_name_or_path", default=mtype) or mtype),
     )
 
@@ -220,10 +224,11 @@ class Breakdown:
 
 
 def default_chunks(arch: cm.Arch, tokens: int) -> tuple[int, int]:
-    """M of the backend's default rule (``mstfx.passes.chunk_rule``): MLP ⌈t/h⌉, LM head ⌈V/h⌉ (≥256 tokens)."""
-    mlp = max(1, min(math.ceil(tokens / arch.hidden), tokens))
-    head = max(1, min(math.ceil(arch.vocab / arch.hidden), math.ceil(tokens / MIN_HEAD_CHUNK_TOKENS), tokens))
-    return mlp, head
+    """M of the backend's default rules (``mstfx.regions.rules``): MLP ⌈t/h⌉, LM head ⌈V/h⌉ (≥256 tokens),
+    capped at the tokens as the backend does."""
+    mlp = min(rules.mlp_rule(tokens, arch.hidden), tokens)
+    head = min(rules.lm_head_rule(tokens, arch.hidden, arch.vocab), tokens)
+    return max(1, mlp), max(1, head)
 
 
 def check_budget(budget_gb: Any) -> float:
@@ -390,14 +395,17 @@ class Plan:
         """The :class:`~mstfx.MstConfig` that applies this plan (M per region kind)."""
         from ..config import MstConfig
 
+        from ..regions.registry import REGION_KINDS
+
         chunked = self.mode.startswith("mst")
+        # every kind takes the M of the cost-model symbol it follows (MLP-like kinds: mlp_chunks)
+        per_kind = {k.name: self.lm_head_chunks if k.cost_symbol == "M_head" else self.mlp_chunks for k in REGION_KINDS}
         planned = dict(
-            mini_sequences=self.mlp_chunks if chunked else None,
-            lm_head_chunks=self.lm_head_chunks if chunked else None,
+            mini_sequences=per_kind if chunked else None,
             chunk_mlp=chunked and self.mlp_chunks > 1,
             chunk_lm_head=chunked and self.lm_head_chunks > 1,
         )
-        clash = sorted(set(planned) & set(options))
+        clash = sorted((set(planned) | {"lm_head_chunks"}) & set(options))
         if clash:
             raise ValueError(f"{clash} are set by the plan; change the budget instead (or build MstConfig yourself)")
         return MstConfig(**planned, **options)
@@ -602,8 +610,8 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
             ev(before.saved) if before is not None else ev(base["attention"].saved + base["mlp"].saved),
             ev(r.saved), int(cm.evaluate(r.chunks, seq_len, batch, m_mlp, m_head)), ev(r.recompute_flops),
         ))
-    if mode.endswith("checkpointing"):  # attention/MLP saved bytes are inside the checkpointed layer
-        rows = [replace(r, bytes_after=0.0) if r.region in ("attention", "mlp") else r for r in rows]
+    if mode.endswith("checkpointing"):  # a layer's regions' saved bytes are inside the checkpointed layer
+        rows = [replace(r, bytes_after=0.0) if r.region not in ("checkpointed layer", "lm_head") else r for r in rows]
     longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, m_mlp, m_head, margin) \
         if with_longest else 0
     return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, m_mlp, m_head,
@@ -651,7 +659,7 @@ def _positive_int_arg(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
+    if not is_positive_int(value):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 

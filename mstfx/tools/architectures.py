@@ -71,6 +71,16 @@ def _hf(config_name: str, model_name: str, seed: int = 0, post: Callable | None 
     return build
 
 
+def tiny_llama(vocab: int = VOCAB, hidden: int = HIDDEN, inter: int = 176, layers: int = 2, tie: bool = False, **cfg):
+    """The tiny Llama of the tests and of the table's ``llama`` rows (4 query / 2 KV heads, seed 0)."""
+    return _hf(
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        **_common(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_key_value_heads=2, tie_word_embeddings=tie, **cfg),
+    )()
+
+
 def _gpt2_post(model):
     # HF GPT-2 defaults to loss_type=None and logs a warning inside forward: a Dynamo graph break
     # between the LM head and the loss.  Naming the loss type removes the break.
@@ -82,45 +92,31 @@ def _moe_post(model):
 
 
 ARCHITECTURES: list[Arch] = [
-    Arch(
-        "llama",
-        "SwiGLU, untied head",
-        _hf("LlamaConfig", "LlamaForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2)),
-        {"mlp": 2, "lm_head+loss": 1},
-    ),
-    Arch(
-        "llama-tied",
-        "SwiGLU, tied embeddings",
-        _hf(
-            "LlamaConfig",
-            "LlamaForCausalLM",
-            **_common(intermediate_size=176, num_key_value_heads=2, tie_word_embeddings=True),
-        ),
-        {"mlp": 2, "lm_head+loss": 1},
-    ),
+    Arch("llama", "SwiGLU, untied head", tiny_llama, {"mlp": 2, "lm_head": 1}),
+    Arch("llama-tied", "SwiGLU, tied embeddings", lambda: tiny_llama(tie=True), {"mlp": 2, "lm_head": 1}),
     Arch(
         "mistral",
         "SwiGLU, sliding window",
         _hf("MistralConfig", "MistralForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, sliding_window=16)),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "qwen2",
         "SwiGLU, qkv bias",
         _hf("Qwen2Config", "Qwen2ForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2)),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "qwen3",
         "SwiGLU, q/k norm",
         _hf("Qwen3Config", "Qwen3ForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, head_dim=16)),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "gemma",
         "GeGLU (tanh GELU), tied, scaled embeddings",
         _hf("GemmaConfig", "GemmaForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, head_dim=16)),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "gemma2",
@@ -130,13 +126,13 @@ ARCHITECTURES: list[Arch] = [
             "Gemma2ForCausalLM",
             **_common(intermediate_size=176, num_key_value_heads=2, head_dim=16, sliding_window=16, final_logit_softcapping=30.0, attn_implementation="eager"),
         ),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "phi3",
         "fused gate_up projection (chunk on last dim)",
         _hf("Phi3Config", "Phi3ForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, pad_token_id=0)),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "gpt2",
@@ -156,7 +152,7 @@ ARCHITECTURES: list[Arch] = [
             attn_pdrop=0.0,
             attn_implementation="sdpa",
         ),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
         note="needs `model.loss_type = \"ForCausalLM\"` (else HF's warning breaks the graph before the loss)",
     ),
     Arch(
@@ -167,19 +163,19 @@ ARCHITECTURES: list[Arch] = [
             "GPTNeoXForCausalLM",
             **_common(intermediate_size=256, hidden_dropout=0.0, attention_dropout=0.0),
         ),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "olmo2",
         "SwiGLU, post-norm, q/k norm",
         _hf("Olmo2Config", "Olmo2ForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, pad_token_id=0)),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "cohere",
         "SwiGLU, parallel block, logit scale, tied",
         _hf("CohereConfig", "CohereForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, logit_scale=0.25, pad_token_id=0)),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "starcoder2",
@@ -189,7 +185,7 @@ ARCHITECTURES: list[Arch] = [
             "Starcoder2ForCausalLM",
             **_common(intermediate_size=256, num_key_value_heads=2, residual_dropout=0.0, embedding_dropout=0.0, tie_word_embeddings=False),
         ),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "granite",
@@ -199,7 +195,7 @@ ARCHITECTURES: list[Arch] = [
             "GraniteForCausalLM",
             **_common(intermediate_size=176, num_key_value_heads=2, logits_scaling=4.0, residual_multiplier=0.5, embedding_multiplier=2.0),
         ),
-        {"mlp": 2, "lm_head+loss": 1},
+        {"mlp": 2, "lm_head": 1},
     ),
     Arch(
         "mixtral",
@@ -210,8 +206,7 @@ ARCHITECTURES: list[Arch] = [
             post=_moe_post,
             **_common(intermediate_size=96, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
         ),
-        {"lm_head+loss": 1},
-        note="routed experts gather tokens by index: left unchanged",
+        {"lm_head": 1, "routed_experts": 2},
     ),
     Arch(
         "qwen2-moe",
@@ -229,8 +224,8 @@ ARCHITECTURES: list[Arch] = [
                 num_experts_per_tok=2,
             ),
         ),
-        {"mlp": 2, "lm_head+loss": 1},
-        note="shared-expert MLP chunked; routed experts left unchanged",
+        {"mlp": 2, "lm_head": 1, "routed_experts": 2},
+        note="the shared expert is an MLP region; the routed experts are their own",
     ),
     Arch(
         "deepseek-v3",
@@ -255,7 +250,7 @@ ARCHITECTURES: list[Arch] = [
                 v_head_dim=16,
             ),
         ),
-        {"mlp": 1, "lm_head+loss": 1},
+        {"mlp": 1, "lm_head": 1, "routed_experts": 1},
         note="its graph writes buffers in place (copy_, scatter_) with unused results: kept, never removed",
     ),
 ]
@@ -342,33 +337,46 @@ def _skip_summary(skipped) -> str:
     return "; ".join(f"{n}× {r}" for r, n in reasons.most_common())
 
 
+def _kind_cell(be, kind) -> str:
+    """One kind's column: how many of its regions were chunked (and found); "(tied)" for a tied head."""
+    # regions found carry their M (rejected candidates of the kind carry none)
+    decided = [d for r in be.reports for d in r.decisions if d.kind == kind.name and d.chunks is not None]
+    chunked = [d for d in decided if d.action == "chunked"]
+    if kind.name == "lm_head":  # one per model: yes / no
+        tied = " (tied)" if any("tied" in d.detail for d in chunked) else ""
+        return f"yes{tied}" if chunked else "no"
+    return f"{len(chunked)} of {len(decided)} found" if decided else "-"
+
+
 def table(archs=ARCHITECTURES, compiler: str = "aot_eager") -> str:
+    """The support table: a column per region kind of the registry, read from each model's report."""
     import transformers
 
+    from ..regions.registry import REGION_KINDS
+
+    kinds = [k for k in REGION_KINDS if k.name != "lm_head"] + [k for k in REGION_KINDS if k.name == "lm_head"]
+    heads = [f"{k.label} chunked" if k.name != "lm_head" else "LM head + loss" for k in kinds]
     rows = [
-        "| architecture | what is special | MLPs chunked | LM head + loss | logit transforms | max \\|Δ\\| vs eager | left unchanged (reason) |",
-        "|---|---|---|---|---|---|---|",
+        "| architecture | what is special | " + " | ".join(heads) + " | logit transforms | max \\|Δ\\| vs eager | left unchanged (reason) |",
+        "|---|---|" + "---|" * len(kinds) + "---|---|---|",
     ]
     for arch in archs:
         try:
             ref, got, be = run_arch(arch, compiler)
         except Exception as err:  # noqa: BLE001 - the table must say what failed
-            rows.append(f"| {arch.name} | {arch.family} | error | error | | | {type(err).__name__}: {err} |")
+            rows.append(f"| {arch.name} | {arch.family} | " + "error | " * len(kinds) + f" | | {type(err).__name__}: {err} |")
             continue
-        chunked, skipped = summarize(be)
-        heads = [d for r in be.reports for d in r.chunked if d.kind == "lm_head+loss"]
+        _, skipped = summarize(be)
+        head_chunks = [d for r in be.reports for d in r.chunked if d.kind == "lm_head"]
         transforms = ", ".join(
-            sorted({part.split("logit transforms: ")[1] for d in heads for part in d.detail.split(", ") if "logit transforms" in part})
+            sorted({part.split("logit transforms: ")[1] for d in head_chunks for part in d.detail.split(", ") if "logit transforms" in part})
         ) or "-"
-        tied = " (tied)" if any("tied" in d.detail for d in heads) else ""
-        lm = f"yes{tied}" if chunked["lm_head+loss"] else "no"
-        mlps = sum(1 for r in be.reports for d in r.decisions if d.kind == "mlp")
-        mlp_col = f"{chunked['mlp']} of {mlps} found"
+        cells = " | ".join(_kind_cell(be, k) for k in kinds)
         left = _skip_summary(skipped)
         if arch.note:
             left = f"{left}<br>note: {arch.note}" if left else f"note: {arch.note}"
         rows.append(
-            f"| {arch.name} | {arch.family} | {mlp_col} | {lm} | {transforms} | {max_diff(ref, got):.1e} | {left.replace('|', '/') or '-'} |"
+            f"| {arch.name} | {arch.family} | {cells} | {transforms} | {max_diff(ref, got):.1e} | {left.replace('|', '/') or '-'} |"
         )
     header = f"""# Supported architectures
 

@@ -52,11 +52,11 @@ def mlp_heavy_config(seq_len: int = 8192):
 
 
 def reference_config(seq_len: int = 4096):
-    """The reference CPU configuration of the design notes (HF Llama, 2 layers, vocab 32000)."""
-    return _llama_config(
-        seq_len, hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=32000,
-    )
+    """The reference CPU configuration (HF Llama, 2 layers, vocab 32000): the ``reference`` preset."""
+    from ..model_configs.source import PRESETS
+
+    sizes = {k: v for k, v in PRESETS["reference"].items() if k != "model_type"}
+    return _llama_config(seq_len, **sizes, num_key_value_heads=sizes["num_attention_heads"])
 
 
 CONFIGS = {"reference": reference_config, "mlp-heavy": mlp_heavy_config}
@@ -76,7 +76,7 @@ def hand_written_mst(model, ids):
     cfg = model.config
     tokens = ids.numel()
     m_mlp = chunk_rule.mlp_chunks(tokens, cfg.hidden_size, None)
-    m_head = chunk_rule.lm_head_chunks(tokens, cfg.hidden_size, cfg.vocab_size, None, 256)
+    m_head = chunk_rule.lm_head_chunks(tokens, cfg.hidden_size, cfg.vocab_size)
     for layer in model.model.layers:
         mlp, plain = layer.mlp, type(layer.mlp).forward
 

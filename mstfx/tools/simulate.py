@@ -235,6 +235,19 @@ class Breakdown:
         return {k: round(getattr(self, k) / GiB, 3) for k in ("params", "grads", "optimizer_state", "activations", "total")}
 
 
+def chunks_by_kind(reports) -> dict[str, int]:
+    """M per region kind the backend chose in ``reports`` (1 for a kind found but not chunked), for
+    every kind of the registry that the reports mention."""
+    from ..regions.registry import REGION_KINDS
+
+    out = {}
+    for kind in REGION_KINDS:
+        decided = [d for r in reports for d in r.decisions if d.kind == kind.name]
+        if decided:
+            out[kind.name] = max((d.chunks or 1 for d in decided if d.action == "chunked"), default=1)
+    return out
+
+
 class _FakeModel:
     """One fake-weight model, reused for every run of every mode (building it takes seconds)."""
 
@@ -322,7 +335,6 @@ class _FakeModel:
             h = torch.empty(batch, seq_len, hidden, requires_grad=True)
             labels = torch.zeros(batch, seq_len, dtype=torch.long)
         named = dict(model.named_parameters())
-        chunks: dict[str, int] = {}
 
         def replay(compiled, recipe, owner_prefix, inputs):
             args = []
@@ -339,8 +351,6 @@ class _FakeModel:
         if layers and hasattr(layers[0], "mlp"):
             mlp0 = layers[0].mlp
             compiled, recipe = self._capture(lambda x: mlp0(x), (h,), be)
-            rep = be.reports[-1]
-            chunks["mlp"] = max((d.chunks or 1 for d in rep.chunked if d.kind == "mlp"), default=1)
             prefix0 = self._prefix(mlp0)
             for layer in layers:
                 mlp = layer.mlp
@@ -360,11 +370,9 @@ class _FakeModel:
             return model.loss_function(logits, lab, vocab_size=cfg.vocab_size)
 
         hcompiled, hrecipe = self._capture(head_loss, (h, labels), be)
-        rep = be.reports[-1]
-        chunks["lm_head"] = max((d.chunks or 1 for d in rep.chunked if d.kind == "lm_head+loss"), default=1)
         self._head = lambda hs, lab: replay(hcompiled, hrecipe, lambda n: n, (hs, lab))
         self._reports = list(be.reports)
-        return chunks
+        return chunks_by_kind(self._reports)
 
     def _prefix(self, module) -> str:
         for name, mod in self.model.named_modules():
@@ -440,8 +448,10 @@ def _check_args(seq_len: int, mode: str, batch: int, optimizer: str, gpus: int) 
         raise SimulateError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
     if optimizer not in OPTIMIZERS:
         raise SimulateError(f"unknown optimizer setup {optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+    from ..config import is_positive_int
+
     for name, v in (("seq_len", seq_len), ("batch", batch), ("gpus", gpus)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_positive_int(v):
             raise SimulateError(f"{name} must be a positive integer, got {v!r}")
 
 

@@ -1,0 +1,61 @@
+"""Region kind: the LM head (+ logit scaling / soft-capping) feeding cross-entropy.
+
+Found by ``mstfx.passes.find_lm_head``, rewritten by ``mstfx.passes.rewrite_lm_head`` into the fused,
+chunked linear cross-entropy (no recompute: each chunk's gradients are made in forward), M by
+⌈vocab / hidden⌉ with chunks of at least 256 tokens; its cost terms are built into the cost model.
+At M = 1 it is still rewritten: the fused loss keeps no logits for backward.
+"""
+
+from __future__ import annotations
+
+from ..passes import chunk_rule
+from ..passes.find_lm_head import LmHeadRegion, find_lm_head_regions
+from ..passes.rewrite_lm_head import rewrite_lm_head
+from .base import RegionKind
+
+
+class LmHeadKind(RegionKind):
+    name = "lm_head"
+    label = "lm_head+loss"
+    amplifier = "amplifier: tokens×vocab logits, their fp32 softmax and gradient"
+    switch = "chunk_lm_head"
+    in_checkpoint_bodies = False
+    cost_symbol = "M_head"
+    rewrite_at_one = True
+
+    def find(self, graph, params, claimed):
+        return find_lm_head_regions(graph)
+
+    def claims(self, region: LmHeadRegion) -> set:
+        return {region.head.node}
+
+    def mini_sequences(self, region: LmHeadRegion, config) -> int:
+        return chunk_rule.lm_head_chunks(
+            region.tokens, region.hidden, region.vocab, config.mini_sequences_for(self.name, region),
+            config.min_lm_head_chunk_tokens,
+        )
+
+    def rewrite(self, owner, region: LmHeadRegion, m: int, ctx) -> str:
+        rewrite_lm_head(owner.graph, region, m)
+        return ""
+
+    def report_fields(self, region: LmHeadRegion, m: int) -> dict:
+        tied = any(u is not region.head.node and u.op != "output" for u in region.head.weight.users)
+        bits = [t[0] if t[0] != "scale" else f"scale {t[1]:.4g}" for t in region.transforms if t[0] != "cast"]
+        detail = ", ".join(
+            [f"{region.reduction}, ignore_index={region.ignore_index}"]
+            + (["tied weight"] if tied else [])
+            + ([f"logit transforms: {' → '.join(bits)}"] if bits else [])
+            + (["logits escape the graph"] if region.logits_escape else [])
+        )
+        return dict(
+            where=region.name,
+            tokens=chunk_rule.token_str(region.tokens),
+            hidden=region.hidden,
+            width=region.vocab,
+            dtype=str(region.dtype).replace("torch.", ""),
+            detail=detail,
+        )
+
+
+KIND = LmHeadKind()

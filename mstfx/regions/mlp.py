@@ -1,0 +1,50 @@
+"""Region kind: the token-wise MLP (up-projection → activation → down-projection).
+
+Found by ``mstfx.passes.find_mlp``, chunked by ``mstfx.passes.rewrite_mlp`` (each chunk recomputed in
+backward), M by the paper's rule ⌈tokens / hidden⌉; its cost terms are built into the cost model
+(they share fitted coefficients with the attention block).
+"""
+
+from __future__ import annotations
+
+from ..passes import chunk_rule
+from ..passes.find_mlp import MlpRegion, find_mlp_regions
+from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_compiled_once
+from .base import RegionKind
+
+
+class MlpKind(RegionKind):
+    name = "mlp"
+    label = "mlp"
+    amplifier = "amplifier: up-projection widens tokens×hidden to tokens×intermediate"
+    switch = "chunk_mlp"
+    in_checkpoint_bodies = True
+    cost_symbol = "M_mlp"
+
+    def find(self, graph, params, claimed):
+        regions, skipped = find_mlp_regions(graph, params, claimed)
+        return regions, [(where, f"not an MLP: {why}") for where, why in skipped]
+
+    def mini_sequences(self, region: MlpRegion, config) -> int:
+        return chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
+
+    def rewrite(self, owner, region: MlpRegion, m: int, ctx) -> str:
+        once, form = chunk_form(ctx.config, ctx.in_checkpoint)
+        if once:
+            rewrite_mlp_compiled_once(owner, region, m, ctx.compiled_bodies, ctx.needs_grad)
+        else:
+            rewrite_mlp(owner, region, m, eager=ctx.eager, in_checkpoint=ctx.in_checkpoint)
+        return form
+
+    def report_fields(self, region: MlpRegion, m: int) -> dict:
+        return dict(
+            where=region.name,
+            tokens=chunk_rule.token_str(region.tokens),
+            hidden=region.hidden,
+            width=region.intermediate,
+            dtype=str(region.dtype).replace("torch.", ""),
+            detail=f"{region.activation}, {len(region.up_projections)} up-proj, recompute in backward",
+        )
+
+
+KIND = MlpKind()

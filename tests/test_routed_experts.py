@@ -1,0 +1,150 @@
+"""Routed experts (mixture of experts) chunked over tokens: exact, the router untouched, and smaller.
+
+Tiny Mixtral / Qwen2-MoE / DeepSeek-V3 from ``mstfx.tools.architectures``: loss and every gradient
+equal eager on the same weights (router and load-balancing loss included); the regions the kind
+must leave alone are reported with their reason; the compiled peak at S = 4096 falls by at least what
+the cost model says the experts hold (slow).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+
+import mstfx
+from conftest import assert_same
+from mstfx.regions.registry import Kind
+from mstfx.tools.architectures import BY_NAME, loss_and_grads, sample_batch
+
+
+def _moe(name, **cfg):
+    """A tiny MoE model of ``name`` with its config changed by ``cfg``."""
+    model = BY_NAME[name].build()
+    for key, value in cfg.items():
+        setattr(model.config, key, value)
+    return model.train()
+
+
+def _experts(be):
+    return [d for r in be.reports for d in r.decisions if d.kind == Kind.ROUTED_EXPERTS]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+def test_router_logits_and_load_balancing_loss_stay_exact(name):
+    """With the auxiliary load-balancing loss in the loss (``output_router_logits``), the router's
+    logits leave the layer: the experts are still chunked and the loss and every gradient (router
+    weights included) equal eager."""
+    from torch._dynamo.utils import counters
+
+    model = _moe(name, output_router_logits=True, router_aux_loss_coef=0.5)
+    ids, labels = sample_batch()
+    ref = loss_and_grads(model, ids, labels)
+    be = mstfx.backend(compiler="aot_eager", mini_sequences=3)
+    counters["mstfx"].clear()
+    got = loss_and_grads(model, ids, labels, be)
+    assert_same(ref, got)
+    chunked = [d for d in _experts(be) if d.action == "chunked"]
+    assert len(chunked) == 2 and all(d.chunks == 3 for d in chunked), mstfx.explain(be)
+    assert counters["mstfx"]["chunked_routed_experts"] == 2
+    assert any("gate" in n for n in got[1]), "the router gets a gradient"
+
+
+def test_experts_inside_checkpointed_layers_are_chunked_and_exact():
+    """With HF gradient checkpointing the experts live in each layer's checkpoint body: chunked there
+    too (no recompute tags of their own: the body is recomputed), and the step equals eager."""
+    model = _moe("mixtral")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, labels = sample_batch()
+    ref = loss_and_grads(model, ids, labels)
+    be = mstfx.backend(compiler="aot_eager", mini_sequences=3)
+    got = loss_and_grads(model, ids, labels, be)
+    assert_same(ref, got)
+    assert sum(d.action == "chunked" for d in _experts(be)) == 2, mstfx.explain(be)
+
+
+def test_top1_routing_is_left_unchanged_with_its_reason():
+    """Top-1 routing: slots and tokens have the same count, so the region's token-major inputs cannot
+    be told from its per-slot tensors; the kind reports it and leaves it, and the step equals eager."""
+    model = _moe("mixtral", num_experts_per_tok=1)
+    for layer in model.model.layers:
+        layer.mlp.gate.top_k = 1
+    ids, labels = sample_batch()
+    ref = loss_and_grads(model, ids, labels)
+    be = mstfx.backend(compiler="aot_eager", mini_sequences=3)
+    got = loss_and_grads(model, ids, labels, be)
+    assert_same(ref, got)
+    decisions = _experts(be)
+    assert decisions and all(d.action == "skipped" and "top-1" in d.reason for d in decisions), mstfx.explain(be)
+
+
+def test_only_the_slot_mixing_routing_needs_is_allowed():
+    """Inside the region a sort must be of the flat [T·k] slot indices and a running sum over
+    per-expert counts: a running sum over token slots (a capacity limit, whose drops depend on earlier
+    tokens) or a sort of token rows would differ per run of tokens, so the region is refused."""
+    from mstfx.regions.routed_experts import _allowed
+
+    tokens, k = 6, 2
+    g = fx.Graph()
+
+    def ph(name, shape):
+        node = g.placeholder(name)
+        node.meta["val"] = torch.zeros(shape)
+        return node
+
+    slots, counts, rows = ph("slots", (tokens * k,)), ph("counts", (4,)), ph("rows", (tokens, 8))
+    ok = [g.call_function(torch.sort, (slots,)), g.call_function(torch.cumsum, (counts, 0))]
+    refused = [g.call_function(torch.cumsum, (slots, 0)), g.call_function(torch.sort, (rows,)),
+               g.call_function(torch.cumsum, (rows, 0)), g.call_function(torch.topk, (rows, 2)),
+               g.call_function(operator.getitem, (rows, slice(1, None)))]  # a shift along the tokens
+    assert all(_allowed(n, set(), tokens, k) for n in ok)
+    assert not any(_allowed(n, set(), tokens, k) for n in refused)
+
+
+def test_skip_kinds_turns_the_kind_off():
+    model = _moe("mixtral")
+    ids, labels = sample_batch()
+    be = mstfx.backend(compiler="aot_eager", mini_sequences=3, skip_kinds=("routed_experts",))
+    loss_and_grads(model, ids, labels, be)
+    assert not _experts(be), mstfx.explain(be)
+    with pytest.raises(ValueError, match="skip_kinds"):
+        mstfx.MstConfig(skip_kinds=("experts",))
+
+
+def test_cost_terms_shrink_with_m():
+    """The kind's cost terms: saved bytes drop when chunked, and the backward transient falls as 1/M."""
+    from mstfx.planning import cost_model as cm
+    from mstfx.planning.planner import arch_of
+    from mstfx.regions.routed_experts import KIND
+
+    arch = arch_of(_moe("mixtral"))
+    assert (arch.experts, arch.experts_per_token, arch.expert_intermediate) == (4, 2, 96)
+    prec = cm.Precision()
+    full, c4, c8 = KIND.cost(arch, prec, False, 1, "compiled"), KIND.cost(arch, prec, True, 4, "compiled"), KIND.cost(arch, prec, True, 8, "compiled")
+    at = lambda e, m=1: cm.evaluate(e, 4096, 1, m_mlp=m)  # noqa: E731
+    assert at(c4.saved, 4) < at(full.saved) / 10
+    assert at(c8.bwd_transient, 8) == pytest.approx(at(c4.bwd_transient, 4) / 2)
+    dense = arch_of(BY_NAME["llama"].build())
+    assert KIND.cost(dense, prec, True, 4, "compiled") is None
+    peak = cm.step_cost(arch, "mst", m_mlp=4, m_head=4)
+    assert any(r.kind == "routed_experts" for r in peak.regions)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+def test_s4096_exact_and_peak_below_inductor_by_the_experts_share(name):
+    """At S = 4096 (M = 8): loss and grads equal eager, and the Inductor-compiled mst step's peak is below
+    plain Inductor's by at least the experts' predicted share, and below mst without the experts."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+    import moe_peak
+
+    r = moe_peak.measure(name)
+    assert r["mst max|Δ|"] < 1e-4 and r["mst, experts unchanged max|Δ|"] < 1e-4, r
+    assert r["mst chunked"].count("routed_experts") == 2, r
+    assert r["inductor"] - r["mst"] >= r["predicted_share"], r
+    assert r["mst"] < r["mst, experts unchanged"], r
