@@ -28,6 +28,8 @@ class MstConfig:
         region_chunks: per-region M by region name (``"model.layers.3.mlp"``), as a plan gives it.
         min_lm_head_chunk_tokens: the default LM-head rule never makes chunks shorter than this.
         compiler: ``"inductor"`` (default) or ``"aot_eager"`` / ``"eager"`` to debug the rewrite.
+        offload_checkpoints: the inputs of checkpointed layers (HF gradient checkpointing) are kept in
+            host memory between forward and backward (``mstfx.offload``); needs ``compiler="inductor"``.
     """
 
     mini_sequences: int | None = None
@@ -38,9 +40,10 @@ class MstConfig:
     region_chunks: dict[str, int] = field(default_factory=dict)
     min_lm_head_chunk_tokens: int = 256
     compiler: str = "inductor"
+    offload_checkpoints: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("chunk_mlp", "chunk_lm_head", "rewrite_attention"):
+        for name in ("chunk_mlp", "chunk_lm_head", "rewrite_attention", "offload_checkpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.region_chunks, dict) or not all(isinstance(k, str) for k in self.region_chunks):
@@ -55,6 +58,11 @@ class MstConfig:
             positive_int(f"region_chunks[{key!r}]", val, cap=MAX_USER_CHUNKS)
         if self.compiler not in ("inductor", "aot_eager", "eager"):
             raise ValueError(f"compiler must be 'inductor', 'aot_eager' or 'eager', got {self.compiler!r}")
+        if self.offload_checkpoints and self.compiler != "inductor":
+            raise ValueError(
+                "offload_checkpoints=True needs compiler='inductor' (the offload is inserted by the joint-graph pass "
+                "Inductor runs); in eager use mstfx.offload.enable_checkpoint_offload(model)"
+            )
 
     def mlp_chunks_for(self, region: Any) -> int | None:
         return self.region_chunks.get(getattr(region, "name", ""), self.mini_sequences)
