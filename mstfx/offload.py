@@ -12,11 +12,11 @@ step.  Both forms use PyTorch's own machinery:
   :func:`offloading_partition`) inserts the offload and reload copies; on CUDA with its separate
   stream and reload prefetching (``activation_offload_separate_stream``, ``activation_reload_prefetch``).
 * **eager** (:func:`enable_checkpoint_offload`, :func:`offloaded_checkpoint`): each layer runs under
-  ``torch.utils.checkpoint`` in its reentrant form, which saves the layer's inputs with
-  ``save_for_backward``, inside ``torch.autograd.graph.save_on_cpu`` (pinned host memory on CUDA), so
-  exactly those inputs are packed to the host and unpacked (non-blocking from pinned memory) when the
-  layer is recomputed.  (The non-reentrant form keeps its inputs in a closure that no saved-tensor hook
-  sees, so they would stay on the GPU.)
+  ``torch.utils.checkpoint`` (non-reentrant) inside ``torch.autograd.graph.save_on_cpu`` (pinned host
+  memory on CUDA).  The checkpoint saves its inputs as saved tensors *before* it installs its own
+  saved-tensor hook, so ``save_on_cpu`` packs exactly those inputs to the host, and unpacks them
+  (non-blocking from pinned memory) when the layer is recomputed; every tensor saved inside the
+  layer goes to the checkpoint's own hook (it is recomputed, not stored).
 """
 
 from __future__ import annotations
@@ -62,17 +62,18 @@ def host_hooks() -> torch.autograd.graph.saved_tensors_hooks:
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
-def offloaded_checkpoint(function: Callable, *args: Any, hooks: Callable[[], Any] = host_hooks,
-                         preserve_rng_state: bool = True, **kwargs: Any):
-    """``torch.utils.checkpoint.checkpoint(function, *args)`` whose saved inputs live in host memory.
+def offloaded_checkpoint(function: Callable, *args: Any, hooks: Callable[[], Any] = host_hooks, **kwargs: Any):
+    """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)`` whose saved
+    inputs live in host memory.
 
     ``hooks``: a factory of the saved-tensor hooks that hold them (default :func:`host_hooks`; the
-    simulator passes hooks that only count the bytes).  ``kwargs`` go to ``function``, as HF's layers
-    pass their keyword arguments (the reentrant checkpoint takes positional inputs only).  Like every
-    reentrant checkpoint, it supports ``loss.backward()`` but not ``torch.autograd.grad``."""
-    fn = functools.partial(function, **kwargs) if kwargs else function
+    simulator passes hooks that only count the bytes).  ``kwargs`` are the checkpoint's and
+    ``function``'s, as for ``torch.utils.checkpoint.checkpoint``."""
+    kwargs.setdefault("use_reentrant", False)
+    if kwargs["use_reentrant"]:
+        raise ValueError("offloaded_checkpoint needs the non-reentrant checkpoint (use_reentrant=False)")
     with hooks():
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=True, preserve_rng_state=preserve_rng_state)
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
 
 
 def enable_checkpoint_offload(model: torch.nn.Module, hooks: Callable[[], Any] = host_hooks) -> torch.nn.Module:
@@ -86,8 +87,8 @@ def enable_checkpoint_offload(model: torch.nn.Module, hooks: Callable[[], Any] =
     if not callable(enable):
         raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable(): not a Hugging Face model; "
                         "wrap its layers with mstfx.offload.offloaded_checkpoint instead")
-    enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    func = functools.partial(offloaded_checkpoint, hooks=hooks)
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    func = functools.partial(offloaded_checkpoint, hooks=hooks, use_reentrant=False)
     swapped = 0
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):

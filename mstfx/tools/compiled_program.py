@@ -526,8 +526,7 @@ def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
 #: simulate's modes → (mst passes, gradient checkpointing)
 MODE_FLAGS = {"standard": (False, False), "ckpt": (False, True), "mst": (True, False), "mst+ckpt": (True, True),
               "mst+ckpt+offload": (True, True)}
-#: modes whose checkpoints are offloaded to host memory
-OFFLOAD_MODES = frozenset({"mst+ckpt+offload"})
+from .offload_sim import OFFLOAD_MODES  # noqa: E402  (modes whose checkpoints are in host memory)
 
 
 def _meta_model(config, layers: int | None = None):

@@ -1,0 +1,49 @@
+"""Host memory in ``mstfx simulate``: what the offload mode and an offloaded optimizer keep off the GPU.
+
+The eager simulation runs the offload mode's own code (:func:`mstfx.offload.enable_checkpoint_offload`:
+each layer under the reentrant checkpoint, its saved inputs handed to saved-tensor hooks) with
+:class:`FakeHostHooks` in place of ``save_on_cpu``: a packed tensor is dropped from the simulated GPU
+and its bytes are counted as host memory; unpacking makes a new tensor of the same layout on the GPU
+(the reload).  Fake tensors carry no data, so nothing is copied; the allocation pattern on the GPU is
+the one ``save_on_cpu`` makes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: simulate's modes whose checkpoints live in host memory
+OFFLOAD_MODES = frozenset({"mst+ckpt+offload"})
+
+from mstfx.planning.offload import HOST_STATE_BYTES_PER_PARAM  # noqa: F401  (bytes per parameter on the host, per setup)
+
+
+class HostCounter:
+    """Bytes held in (simulated) host memory now and at most."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+
+
+class FakeHostHooks(torch.autograd.graph.saved_tensors_hooks):
+    """``save_on_cpu`` for fake tensors: pack forgets the device tensor and counts its bytes on the
+    host; unpack allocates it again on its device.  Host bytes are freed at unpack, as ``save_on_cpu``
+    frees its host copy when the backward no longer holds it (after the layer's recompute)."""
+
+    def __init__(self, counter: HostCounter) -> None:
+        def pack(t: torch.Tensor):
+            nbytes = t.untyped_storage().nbytes()
+            counter.add(nbytes)
+            return t.shape, t.stride(), t.dtype, t.device, nbytes
+
+        def unpack(packed) -> torch.Tensor:
+            shape, stride, dtype, device, nbytes = packed
+            counter.add(-nbytes)
+            return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+        super().__init__(pack, unpack)
