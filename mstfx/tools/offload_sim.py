@@ -10,12 +10,25 @@ the one ``save_on_cpu`` makes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: simulate's modes whose checkpoints live in host memory
 OFFLOAD_MODES = frozenset({"mst+ckpt+offload"})
 
 from mstfx.planning.offload import HOST_STATE_BYTES_PER_PARAM  # noqa: F401  (bytes per parameter on the host, per setup)
+
+
+def lm_head_chunks(hidden: int, vocab: int, tokens: int) -> int:
+    """M of the LM head + loss in the offload mode: chunks of at most ``hidden`` tokens, as the MLP's.
+
+    The paper's rule (``M = ⌈vocab / hidden⌉``, the backend's default) fixes the number of chunks, so
+    a chunk's vocab-wide tensors grow with S; past S = vocab they are the step's peak (Llama3-8B,
+    paper setup, 80 GiB: the offload mode stops at 221,952 tokens with it, one chunk being 6,936 tokens
+    × 128,256 × 13 B = 11.5 GiB).  The offload mode is planned for those lengths, and a plan gives the
+    LM head the chunks it needs; this rule is the same as the paper's up to S = vocab."""
+    return max(math.ceil(vocab / hidden), math.ceil(tokens / hidden))
 
 
 class HostCounter:

@@ -311,15 +311,16 @@ class _FakeModel:
                 recipe.append(("const", a))
         return got["fn"], recipe
 
-    def _mst_patches(self, seq_len: int, batch: int, undo: list) -> dict[str, int]:
+    def _mst_patches(self, seq_len: int, batch: int, undo: list, lm_head_chunks: int | None = None) -> dict[str, int]:
         """Install the mst backend's eager rewrite of every MLP and of the LM head + loss; the way to
         remove each patch goes into ``undo`` as soon as it is installed (so a failure half-way is
-        undone too); returns M per region kind."""
+        undone too); returns M per region kind.  ``lm_head_chunks``: the LM head's M (default: the
+        backend's rule)."""
         import torch
 
         import mstfx
 
-        be = mstfx.backend(compiler="eager")
+        be = mstfx.backend(compiler="eager", lm_head_chunks=lm_head_chunks)
         model, cfg = self.model, self.config
         layers = self._layers()
         hidden = cfg.hidden_size
@@ -383,7 +384,7 @@ class _FakeModel:
         """Run one fwd+bwd in ``mode``; the tracker holds the peaks for each (params, grads) weighting."""
         import torch
 
-        from .offload_sim import OFFLOAD_MODES, FakeHostHooks, HostCounter
+        from .offload_sim import OFFLOAD_MODES, FakeHostHooks, HostCounter, lm_head_chunks
 
         PeakTracker = _peak_tracker_class()
         model = self.model
@@ -404,7 +405,8 @@ class _FakeModel:
         undo: list = []
         model.zero_grad(set_to_none=True)
         try:
-            chunks = self._mst_patches(seq_len, batch, undo) if mst else {}
+            head_m = lm_head_chunks(self.config.hidden_size, self.config.vocab_size, seq_len * batch) if offload else None
+            chunks = self._mst_patches(seq_len, batch, undo, head_m) if mst else {}
             with _flash_sim_attention(), _no_packed_sequences(), self.fake_mode:
                 ids = torch.zeros(batch, seq_len, dtype=torch.long)
                 tracker = PeakTracker(weights)
