@@ -9,7 +9,9 @@ import pytest
 
 from mstfx.tools import simulate as sim
 
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=224, num_hidden_layers=4, num_attention_heads=4,
+# hidden 256: the backend's M (tokens / hidden) stays small, so each run takes seconds; 3 layers: the
+# compiled program is captured whole (no extrapolation from 2 and 3 layers)
+TINY = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1 << 20)
 OFF = "mst+ckpt+offload"
 
@@ -27,7 +29,7 @@ def tiny_cfg(tiny_cfg_path):
 
 
 def test_eager_offload_moves_every_checkpoint_to_the_host(tiny_cfg):
-    s = 4096
+    s = 8192
     ck = sim.simulate_all(tiny_cfg, s, "mst+ckpt")
     off = sim.simulate_all(tiny_cfg, s, OFF)
     checkpoints = TINY["num_hidden_layers"] * s * TINY["hidden_size"] * 2  # bf16, batch 1
@@ -38,7 +40,9 @@ def test_eager_offload_moves_every_checkpoint_to_the_host(tiny_cfg):
     saved = ck["paper"].activations - off["paper"].activations
     one = checkpoints / TINY["num_hidden_layers"]
     assert (TINY["num_hidden_layers"] - 2) * one <= saved <= checkpoints
-    assert off["paper"].chunks == ck["paper"].chunks
+    # MLP chunks by the backend's rule; the LM head in chunks of at most `hidden` tokens past S = vocab
+    assert off["paper"].chunks == {"mlp": ck["paper"].chunks["mlp"], "lm_head": s // TINY["hidden_size"]}
+    assert ck["paper"].chunks["lm_head"] == TINY["vocab_size"] // TINY["hidden_size"]
 
 
 def test_fsdp_shards_state_not_the_host_checkpoints(tiny_cfg):
@@ -67,15 +71,15 @@ def test_compiled_program_offload_counts_host_apart(tiny_cfg):
 
 def test_cli_table_json_and_plot_show_host_memory(tiny_cfg_path, tmp_path, capsys):
     png = tmp_path / "p.png"
-    rc = sim.cli_main(["--config", str(tiny_cfg_path), "--gpu-gb", "0.06", "--json", str(tmp_path / "o.json"),
-                       "--plot", str(png), "--no-progress", "--modes", f"mst+ckpt,{OFF}", "--optimizer", "paper",
-                       "--start", "8192"])
+    rc = sim.cli_main(["--config", str(tiny_cfg_path), "--gpu-gb", "0.07", "--json", str(tmp_path / "o.json"),
+                       "--plot", str(png), "--no-progress", "--modes", OFF, "--optimizer", "paper",
+                       "--start", "2048", "--quantum", "2048"])
     assert rc == 0
     table = capsys.readouterr().out
-    assert "host GiB" in table and sim.MODE_LABELS[OFF] in table
-    out = json.loads((tmp_path / "o.json").read_text())
-    ck, off = out["modes"]["mst+ckpt"], out["modes"][OFF]
-    assert off["max_seq_len"] > ck["max_seq_len"] > 0
-    assert off["peak_gib"]["host"] > 0 and ck["peak_gib"]["host"] == 0
+    assert "host GiB" in table and "offload" in table
+    off = json.loads((tmp_path / "o.json").read_text())["modes"][OFF]
+    assert off["max_seq_len"] > 0
+    s = off["max_seq_len"]
+    assert off["peak_gib"]["host"] == pytest.approx(TINY["num_hidden_layers"] * s * TINY["hidden_size"] * 2 / sim.GiB, abs=1e-3)
     assert len(off["host_runs"]) == len(off["runs"]) and all(h > 0 for _, h in off["host_runs"])
     assert png.stat().st_size > 1000
