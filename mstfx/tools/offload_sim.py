@@ -24,11 +24,11 @@ def lm_head_chunks(hidden: int, vocab: int, tokens: int) -> int:
     """M of the LM head + loss in the offload mode: chunks of at most ``hidden`` tokens, as the MLP's.
 
     The paper's rule (``M = ⌈vocab / hidden⌉``, the backend's default) fixes the number of chunks, so
-    a chunk's vocab-wide tensors grow with S; past S = vocab they are the step's peak (Llama3-8B,
-    paper setup, 80 GiB: the offload mode stops at 221,952 tokens with it, one chunk being 6,936 tokens
-    × 128,256 × 13 B = 11.5 GiB).  The offload mode is planned for those lengths, and a plan gives the
-    LM head the chunks it needs; this rule is the same as the paper's up to S = vocab (and at most the
-    backend's cap on M)."""
+    a chunk's vocab-wide tensors (13 B per vocab entry per token, op by op) grow with S; at the lengths
+    the offload mode reaches they would be the step's peak (Llama3-8B at 420K tokens: 32 chunks of
+    13,125 tokens × 128,256 × 13 B = 20.4 GiB).  The offload mode is planned for those lengths, and a
+    plan gives the LM head the chunks it needs; this rule is the same as the paper's up to S = vocab (and
+    at most the backend's cap on M)."""
     from mstfx.config import MAX_USER_CHUNKS
 
     return min(MAX_USER_CHUNKS, max(math.ceil(vocab / hidden), math.ceil(tokens / hidden)))
