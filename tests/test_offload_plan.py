@@ -25,7 +25,7 @@ def test_offload_keeps_only_the_checkpoints_in_use_on_the_gpu():
     ck = predict_peak(arch, s, mode="mst+checkpointing", optimizer=OPT, lm_head_chunks=32, mlp_chunks=16)
     off = predict_peak(arch, s, mode=offload.OFFLOAD_MODE, optimizer=OPT, lm_head_chunks=32, mlp_chunks=16)
     one_checkpoint = s * arch.hidden * 2
-    removed = (arch.layers - offload.RESIDENT_CHECKPOINTS) * one_checkpoint
+    removed = (arch.layers - offload.RESIDENT_CHECKPOINTS["compiled"]) * one_checkpoint
     for phase in ("forward end", "top layer backward (attention)", "top layer backward (mlp)"):
         assert ck.phases[phase] - off.phases[phase] == pytest.approx(removed), phase
     # the bottom layer's backward holds only its own checkpoint either way
@@ -98,4 +98,5 @@ def test_bad_bandwidth_is_refused():
 def test_offload_mode_flags():
     assert cm.mode_flags(offload.OFFLOAD_MODE) == (True, True)
     assert offload.checkpoints_on_gpu(32, "mst+checkpointing") == 32
-    assert offload.checkpoints_on_gpu(32, offload.OFFLOAD_MODE) == offload.RESIDENT_CHECKPOINTS
+    assert offload.checkpoints_on_gpu(32, offload.OFFLOAD_MODE) == 2  # compiled: one recomputed, one prefetched
+    assert offload.checkpoints_on_gpu(32, offload.OFFLOAD_MODE, "eager") == 1

@@ -474,7 +474,7 @@ def step_cost(
         pool = mlp.bwd_transient * COEF["mlp_chunk_pool"] if compiled and mlp.chunks != 1 else 0
         tops = {"(attention)": attn.bwd_transient + pool, "(mlp)": mlp.bwd_transient}
     # with offload only the checkpoints in use are on the GPU (``offload.checkpoints_on_gpu``)
-    kept = offload.checkpoints_on_gpu(arch.layers, mode)
+    kept = offload.checkpoints_on_gpu(arch.layers, mode, program)
     layers_saved = kept * layer_saved
     # the causal mask of the attention layers, made once and alive until the first layer's backward
     # (compiled only: eager FlashAttention takes no mask)

@@ -2,8 +2,8 @@
 
 The offload mode is MsT + checkpointing whose checkpoints (each checkpointed layer's input, one
 tokens×hidden tensor per layer) live in host memory between the forward and their layer's recompute.
-On the GPU it leaves at most :data:`RESIDENT_CHECKPOINTS` of them (the layer being recomputed and the
-next one, prefetched); in host memory it adds all of them, in pinned (page-locked) buffers so the
+On the GPU it leaves at most :data:`RESIDENT_CHECKPOINTS` of them (compiled on CUDA: the layer being
+recomputed and the next one, prefetched; eager: the one being recomputed); in host memory it adds all of them, in pinned (page-locked) buffers so the
 copies can run asynchronously.  Each checkpoint crosses PCIe twice a step (out in forward, back in
 backward); at a bandwidth the user states that is a time, shown beside the recompute FLOPs.
 Pure arithmetic on sympy expressions of S and B, as the rest of the cost model.
@@ -19,8 +19,10 @@ import sympy as sp
 
 #: the offload mode's name in the cost model and planner (``mstfx simulate`` says ``mst+ckpt+offload``)
 OFFLOAD_MODE = "mst+checkpointing+offload"
-#: checkpoints on the GPU at once in backward: the one being recomputed and the next, prefetched
-RESIDENT_CHECKPOINTS = 2
+#: checkpoints on the GPU at once in backward, per program: compiled, the one being recomputed and the
+#: next, prefetched (AOT autograd's reload prefetch); eager, the one being recomputed (``save_on_cpu``
+#: reloads a checkpoint when its layer's backward unpacks it)
+RESIDENT_CHECKPOINTS = {"compiled": 2, "eager": 1}
 #: PCIe bandwidth (GB/s = 1e9 bytes/s, each direction) used when none is given: a stated assumption,
 #: not a measurement (PCIe 4.0 x16 is 32 GB/s raw per direction; pinned copies reach about 25)
 DEFAULT_PCIE_GBPS = 25.0
@@ -34,9 +36,9 @@ def is_offload(mode: str) -> bool:
     return mode == OFFLOAD_MODE
 
 
-def checkpoints_on_gpu(layers: int, mode: str) -> int:
+def checkpoints_on_gpu(layers: int, mode: str, program: str = "compiled") -> int:
     """Checkpoints the GPU holds at once: every layer's, or with offload the resident ones only."""
-    return min(layers, RESIDENT_CHECKPOINTS) if is_offload(mode) else layers
+    return min(layers, RESIDENT_CHECKPOINTS[program]) if is_offload(mode) else layers
 
 
 def checkpoint_bytes(hidden: int, layers: int, act_bytes: int, S: sp.Symbol, B: sp.Symbol) -> sp.Expr:

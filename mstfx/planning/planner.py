@@ -711,7 +711,7 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
     if "checkpointing" in mode:  # attention/MLP saved bytes are inside the checkpointed layer
         rows = [replace(r, bytes_after=0.0) if r.region in ("attention", "mlp") else r for r in rows]
     if offload.is_offload(mode):  # the GPU keeps only the checkpoints in use; the rest are in host memory
-        kept = offload.checkpoints_on_gpu(arch.layers, mode) / arch.layers
+        kept = offload.checkpoints_on_gpu(arch.layers, mode, "compiled") / arch.layers
         rows = [replace(r, bytes_after=r.bytes_after * kept, shape=f"{r.shape} (host: the rest)")
                 if r.region == "checkpointed layer" else r for r in rows]
     longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, m_mlp, m_head, margin) \

@@ -713,8 +713,11 @@ def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> li
     for mode in modes:
         for s in seq_lens:
             simd = simulate_peak(config, int(s), mode, batch, optimizer="offload")
+            # the offload mode's LM head follows its own rule (``offload_sim.lm_head_chunks``): predict with the M run
+            ms = simd.chunks if mode == "mst+ckpt+offload" else {}
             pred = predict_peak(
-                arch, int(s), batch, COST_MODEL_MODES[mode], optimizer="none", mixed_precision="bf16", program="eager"
+                arch, int(s), batch, COST_MODEL_MODES[mode], optimizer="none", mixed_precision="bf16", program="eager",
+                mlp_chunks=ms.get("mlp"), lm_head_chunks=ms.get("lm_head"),
             )
             rows.append(
                 dict(
