@@ -26,6 +26,7 @@ _EXPORTS = {
     "linear_cross_entropy": ".chunked_ops",
     "chunked_logprobs": ".chunked_ops",
     "InfeasibleBudgetError": ".planning.planner",
+    "InfeasibleHostBudgetError": ".planning.planner",
     "Plan": ".planning.planner",
     "plan": ".planning.planner",
     "transform": ".transform",

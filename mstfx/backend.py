@@ -31,15 +31,18 @@ log = logging.getLogger("mstfx")
 INDUCTOR_CONFIG_PATCHES = {"reorder_for_peak_memory": False}
 
 
-def inductor_config_patches() -> dict:
+def inductor_config_patches(offload_checkpoints: bool = False) -> dict:
     """:data:`INDUCTOR_CONFIG_PATCHES` plus mstfx's two aten-level passes, each chained before any pass
     the user set: the joint-graph pass that saves checkpointed regions' outputs instead of recomputing
-    them (``mstfx/post_grad/checkpoint_outputs.py``) and the post-grad pass that keeps each chunk's
+    them (``mstfx/post_grad/checkpoint_outputs.py``; with ``offload_checkpoints``, followed by the one
+    that marks checkpointed layers' inputs for host offload, ``mstfx/post_grad/offload_checkpoints.py``)
+    and the post-grad pass that keeps each chunk's
     bias-gradient reduction with its chunk (``mstfx/post_grad/bias_grad_order.py``)."""
     import torch._inductor.config as inductor_config
 
     from mstfx.post_grad.bias_grad_order import BiasGradOrderPass
     from mstfx.post_grad.checkpoint_outputs import SaveCheckpointOutputsPass
+    from mstfx.post_grad.offload_checkpoints import OffloadCheckpointInputsPass
 
     user_post = inductor_config.post_grad_custom_post_pass
     if isinstance(user_post, BiasGradOrderPass):
@@ -47,6 +50,10 @@ def inductor_config_patches() -> dict:
     user_joint = inductor_config.joint_custom_pre_pass
     if isinstance(user_joint, SaveCheckpointOutputsPass):
         user_joint = user_joint.then
+    if isinstance(user_joint, OffloadCheckpointInputsPass):
+        user_joint = user_joint.then
+    if offload_checkpoints:
+        user_joint = OffloadCheckpointInputsPass(then=user_joint)
     return {
         **INDUCTOR_CONFIG_PATCHES,
         "post_grad_custom_post_pass": BiasGradOrderPass(then=user_post),
@@ -106,12 +113,17 @@ class MstBackend:
     def __repr__(self) -> str:
         return f"MstBackend({self.config})"
 
-    def _compiler(self):
+    def _compiler(self, example_inputs=()):
         if self.config.compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
             # (compile_fx applies the patches to the backward too, which AOT compiles lazily)
-            return functools.partial(compile_fx, config_patches=inductor_config_patches())
+            compiler = functools.partial(compile_fx, config_patches=inductor_config_patches(self.config.offload_checkpoints))
+            if self.config.offload_checkpoints:
+                from .offload import offloading_compiler
+
+                compiler = offloading_compiler(compiler, example_inputs)
+            return compiler
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend(self.config.compiler)
@@ -126,7 +138,7 @@ class MstBackend:
                 raise
             log.warning("mstfx: analysis failed (%s); compiling the graph unchanged", err, exc_info=True)
             new_gm, report = gm, GraphReport(-1, error=f"analysis failed: {type(err).__name__}: {err}")
-        compiler = self._compiler()
+        compiler = self._compiler(example_inputs)
         compiled = None
         if new_gm is not gm:
             try:

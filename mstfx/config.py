@@ -34,6 +34,8 @@ class MstConfig:
         region_chunks: per-region M by region name (``"model.layers.3.mlp"``), as a plan gives it.
         min_lm_head_chunk_tokens: the default LM-head rule never makes chunks shorter than this.
         compiler: ``"inductor"`` (default) or ``"aot_eager"`` / ``"eager"`` to debug the rewrite.
+        offload_checkpoints: the inputs of checkpointed layers (HF gradient checkpointing) are kept in
+            host memory between forward and backward (``mstfx.offload``); needs ``compiler="inductor"``.
     """
 
     mini_sequences: int | dict[str, int] | None = None
@@ -45,9 +47,10 @@ class MstConfig:
     min_lm_head_chunk_tokens: int = MIN_LM_HEAD_CHUNK_TOKENS
     skip_kinds: tuple[str, ...] = ()
     compiler: str = "inductor"
+    offload_checkpoints: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("chunk_mlp", "chunk_lm_head", "rewrite_attention"):
+        for name in ("chunk_mlp", "chunk_lm_head", "rewrite_attention", "offload_checkpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.region_chunks, dict) or not all(isinstance(k, str) for k in self.region_chunks):
@@ -83,6 +86,11 @@ class MstConfig:
         self.skip_kinds = tuple(str(k) for k in self.skip_kinds)
         if self.compiler not in ("inductor", "aot_eager", "eager"):
             raise ValueError(f"compiler must be 'inductor', 'aot_eager' or 'eager', got {self.compiler!r}")
+        if self.offload_checkpoints and self.compiler != "inductor":
+            raise ValueError(
+                "offload_checkpoints=True needs compiler='inductor' (the offload is inserted by the joint-graph pass "
+                "Inductor runs); in eager use mstfx.offload.enable_checkpoint_offload(model)"
+            )
 
     def mini_sequences_for(self, kind: str, region: Any) -> int | None:
         """M asked for ``region`` of ``kind``: by its name (``region_chunks``), else ``mini_sequences``

@@ -128,7 +128,7 @@ def _compiled_forward(forward, name: str, backend):
     return torch.compile(fn, backend=backend, dynamic=True)
 
 
-_PLANNED_OPTIONS = ("mini_sequences", "lm_head_chunks", "chunk_mlp", "chunk_lm_head")
+_PLANNED_OPTIONS = ("mini_sequences", "lm_head_chunks", "chunk_mlp", "chunk_lm_head", "offload_checkpoints")
 
 
 def transform(
@@ -141,6 +141,7 @@ def transform(
     mixed_precision: str | bool | None = None,
     max_chunks: int | None = None,
     margin: float = MARGIN,
+    host_budget_gb: float | None = None,
     **backend_options: Any,
 ) -> torch.nn.Module:
     """Make ``model`` train within ``budget_gb`` GiB through the mst backend (in place; returns it).
@@ -150,8 +151,9 @@ def transform(
     module doc); the longest S that fits is logged and kept in ``model._mstfx_transform.longest_seq_len``,
     and only an input that cannot fit raises :class:`~mstfx.InfeasibleBudgetError` (before it runs).
     With it, the plan for ``seq_len`` is made now and must fit.  ``optimizer``, ``mixed_precision`` and
-    ``margin`` (headroom on the predicted gradients + activations) are as in :func:`mstfx.plan`; other
-    keywords go to :class:`~mstfx.MstConfig`.
+    ``margin`` (headroom on the predicted gradients + activations) and ``host_budget_gb`` (host memory for
+    offloaded checkpoints, None = not limited) are as in :func:`mstfx.plan`; other keywords go to
+    :class:`~mstfx.MstConfig`.
     """
     from .config import MstConfig, positive_int
 
@@ -169,7 +171,7 @@ def transform(
     MstConfig(**backend_options)  # validate the backend options now
     can_ckpt = can_checkpoint(model)
     opts = dict(batch=batch, optimizer=optimizer, mixed_precision=mixed_precision, allow_checkpointing=can_ckpt,
-                margin=margin)
+                margin=margin, host_budget_gb=host_budget_gb)
     if max_chunks is not None:
         opts["max_chunks"] = max_chunks
     top = plan(model, seq_len, budget_gb, **opts) if seq_len is not None else None  # raises before any change

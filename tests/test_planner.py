@@ -73,8 +73,10 @@ def test_each_kind_of_plan_between_the_minima():
     # MLPs inside checkpointed layers are chunked too: the backend config of that plan says so
     assert P.plan(DEEP_CFG, s, (ck + ck_head) / 2 / P.GiB, optimizer="none", margin=0).config().chunk_mlp
     with pytest.raises(P.InfeasibleBudgetError) as info:
-        P.plan(DEEP_CFG, s, 0.9 * ck / P.GiB, optimizer="none", margin=0)
+        P.plan(DEEP_CFG, s, 0.9 * ck / P.GiB, optimizer="none", margin=0, allow_offload=False)
     assert info.value.min_peak_bytes == pytest.approx(ck)
+    # below that, only the checkpoints in host memory fit (the fifth, last plan)
+    assert P.plan(DEEP_CFG, s, 0.9 * ck / P.GiB, optimizer="none", margin=0).mode == "mst+checkpointing+offload"
 
 
 @pytest.mark.slow
@@ -85,7 +87,7 @@ def test_cheapest_plan_order_as_budget_shrinks():
     for k in range(40):
         budget = std * 1.01 * 0.93**k / P.GiB
         try:
-            p = P.plan(DEEP_CFG, s, budget, optimizer="none", margin=0)
+            p = P.plan(DEEP_CFG, s, budget, optimizer="none", margin=0, allow_offload=False)
         except P.InfeasibleBudgetError:
             ranks.append(4)
             seen.append("infeasible")

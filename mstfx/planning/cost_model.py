@@ -40,6 +40,9 @@ number, each op's saved tensors by autograd's rules (:func:`eager_regions`).  Mo
     mst+checkpointing   both: every layer checkpointed, and the MLPs *inside* the checkpointed layers
                         chunked as well (the pass rewrites the checkpoint bodies); the recompute of
                         one layer in backward then saves only its MLP input, chunk by chunk
+    mst+checkpointing+offload
+                        the same, with the checkpoints in host memory: the GPU holds only the ones
+                        in use (``mstfx/planning/offload.py``, which also counts host bytes and PCIe time)
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import sympy as sp
+
+from . import offload
 
 S, B = sp.symbols("S B", positive=True)
 M_MLP, M_HEAD = sp.symbols("M_mlp M_head", positive=True)
@@ -62,6 +67,8 @@ class Mode(str, Enum):
     CHECKPOINTING = "checkpointing"
     MST = "mst"
     MST_CHECKPOINTING = "mst+checkpointing"
+    #: checkpoints offloaded to host memory (:mod:`mstfx.planning.offload`); tried only when no other mode fits
+    MST_CHECKPOINTING_OFFLOAD = "mst+checkpointing+offload"
 
     def __str__(self) -> str:
         return self.value
@@ -74,7 +81,12 @@ class Mode(str, Enum):
     @property
     def checkpointed(self) -> bool:
         """Every decoder layer is activation-checkpointed."""
-        return self.value.endswith("checkpointing")
+        return "checkpointing" in self.value
+
+    @property
+    def offloaded(self) -> bool:
+        """The checkpoints go to host memory between forward and backward."""
+        return self.value.endswith("offload")
 
 
 MODES = tuple(m.value for m in Mode)
@@ -521,7 +533,9 @@ def step_cost(
         pool = mlp.bwd_transient * COEF["mlp_chunk_pool"] if compiled and mlp.chunks != 1 else 0
         tops = {"(attention)": attn.bwd_transient + pool, "(mlp)": mlp.bwd_transient,
                 **{f"({e.kind})": e.bwd_transient for e in extra}}
-    layers_saved = arch.layers * layer_saved
+    # with offload only the checkpoints in use are on the GPU (``offload.checkpoints_on_gpu``)
+    kept = offload.checkpoints_on_gpu(arch.layers, mode, program)
+    layers_saved = kept * layer_saved
     # the causal mask of the attention layers, made once and alive until the first layer's backward
     # (compiled only: eager FlashAttention takes no mask)
     mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if mask_kept(arch, mode) and compiled else sp.Integer(0)
@@ -548,7 +562,7 @@ def step_cost(
         # k..L: linear in k, so the larger of the top layer and the bottom layer is the peak of all
         **{f"top layer backward {k}": layers_saved + v + layer_grad + acc_alive + (head.saved if tied_late else head_grad)
            for k, v in tops.items()},
-        **{f"bottom layer backward {k}": layers_saved - (arch.layers - 1) * layer_saved + v + acc_alive
+        **{f"bottom layer backward {k}": layers_saved - (kept - 1) * layer_saved + v + acc_alive
            + grads - (0 if arch.tied and not tied_late else head_grad) + (head.saved if tied_late else 0)
            for k, v in tops.items()},
         # a tied weight at the end: its gradient, the embedding's, and their sum (out of place), except

@@ -8,7 +8,11 @@ that fits, in this order of cost:
 3. the MLPs chunked too (each chunk's up-projection recomputed in backward),
 4. activation checkpointing of every layer as well (the whole layer recomputed): first with only the
    LM head chunked, then with the MLPs *inside* the checkpointed layers chunked too (the pass rewrites
-   the checkpoint bodies, so a layer's recompute in backward runs its MLP chunk by chunk).
+   the checkpoint bodies, so a layer's recompute in backward runs its MLP chunk by chunk),
+5. the same with the checkpoints in host memory (``mst+checkpointing+offload``: two PCIe copies of each
+   a step, and pinned host memory; ``mstfx/planning/offload.py``), only when nothing above fits.  A
+   ``host_budget_gb`` bounds the host memory a plan may use (offloaded checkpoints + optimizer state
+   kept there); a plan that fits the GPU but not the host raises :class:`InfeasibleBudgetError`.
 
 Within a step, each chunked region gets the *fewest* mini-sequences that fit (more chunks, more
 kernel launches and passes over the weights), found by solving ``peak(M) <= budget`` for M with sympy,
@@ -37,6 +41,7 @@ from ..config import MAX_USER_CHUNKS, is_positive_int, positive_int
 from ..model_configs import source as config_source
 from ..regions import rules
 from . import cost_model as cm
+from . import offload
 
 #: The unit of every memory budget and figure in mstfx: GiB (2**30 bytes), MiB below 1 GiB.  Arguments
 #: keep the ``budget_gb`` spelling; they mean GiB, as ``mstfx simulate --gpu-gb`` does.
@@ -55,6 +60,7 @@ MARGIN = 0.10
 __all__ = [
     "Breakdown",
     "InfeasibleBudgetError",
+    "InfeasibleHostBudgetError",
     "Plan",
     "PlanRow",
     "arch_of",
@@ -92,6 +98,35 @@ class InfeasibleBudgetError(ValueError):
             f"achievable peak (mst with the most chunks, with or without activation checkpointing) is "
             f"{min_peak_bytes / GB:.3g} GiB{kept}; {fits}; use a shorter sequence, a smaller batch or a larger budget"
         )
+
+
+class InfeasibleHostBudgetError(InfeasibleBudgetError):
+    """The GPU budget can be met only with host memory the host budget does not have.
+
+    Attributes besides :class:`InfeasibleBudgetError`'s: ``host_budget_bytes``, ``host_needed_bytes``
+    (host memory of the cheapest plan that fits the GPU), ``pinned_bytes`` (its offloaded checkpoints,
+    page-locked) and ``mode``."""
+
+    def __init__(self, budget_bytes: float, host_budget_bytes: float, host_needed_bytes: float, pinned_bytes: float,
+                 seq_len: int, mode: str, gpu_peak_bytes: float, batch: int = 1):
+        self.host_budget_bytes = host_budget_bytes
+        self.host_needed_bytes = host_needed_bytes
+        self.pinned_bytes = pinned_bytes
+        self.mode = mode
+        ValueError.__init__(
+            self,
+            f"host budget {host_budget_bytes / GB:.3g} GiB cannot be met at S = {seq_len}, batch {batch}: the only "
+            f"plan that fits {budget_bytes / GB:.3g} GiB of GPU memory (mode {mode}, predicted peak "
+            f"{gpu_peak_bytes / GB:.3g} GiB) needs {host_needed_bytes / GB:.3g} GiB of host memory "
+            f"({pinned_bytes / GB:.3g} GiB of it pinned, for the offloaded checkpoints); give more host memory "
+            f"(host_budget_gb / --host-gb), a larger GPU budget, or a shorter sequence",
+        )
+        self.budget_bytes = budget_bytes
+        self.min_peak_bytes = self.min_planned_bytes = gpu_peak_bytes
+        self.seq_len = seq_len
+        self.longest_seq_len = 0
+        self.batch = batch
+        self.margin = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,6 +411,22 @@ class Plan:
     longest_seq_len: int
     reason: str
     margin: float = 0.0
+    #: host memory: offloaded checkpoints (pinned) + optimizer state kept there; None = not limited
+    host_bytes: float = 0.0
+    pinned_bytes: float = 0.0
+    host_budget_bytes: float | None = None
+    #: seconds a step's checkpoint copies take on PCIe at ``pcie_gbps`` (0 without offload)
+    transfer_seconds: float = 0.0
+    pcie_gbps: float = offload.DEFAULT_PCIE_GBPS
+
+    @property
+    def offload(self) -> bool:
+        """Whether the plan keeps the checkpoints in host memory."""
+        return offload.is_offload(self.mode)
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_budget_bytes is None or self.host_bytes <= self.host_budget_bytes
 
     @property
     def predicted_peak(self) -> float:
@@ -388,8 +439,12 @@ class Plan:
         return with_margin(b.params + b.optimizer, b.peak, self.margin)
 
     @property
-    def fits(self) -> bool:
+    def gpu_fits(self) -> bool:
         return self.planned_peak <= self.budget_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_fits and self.host_fits
 
     def config(self, **options: Any):
         """The :class:`~mstfx.MstConfig` that applies this plan (M per region kind)."""
@@ -404,6 +459,7 @@ class Plan:
             mini_sequences=per_kind if chunked else None,
             chunk_mlp=chunked and self.mlp_chunks > 1,
             chunk_lm_head=chunked and self.lm_head_chunks > 1,
+            offload_checkpoints=self.offload,
         )
         clash = sorted((set(planned) | {"lm_head_chunks"}) & set(options))
         if clash:
@@ -446,6 +502,15 @@ class Plan:
         tab.add_row("predicted peak vs budget", "", "", f"{_fmt_bytes(b.peak)} / {_fmt_bytes(self.budget_bytes)}", "", "")
         tab.add_row(f"with {self.margin:.0%} margin on grads + activations", "", "",
                     f"{_fmt_bytes(self.planned_peak)} / {_fmt_bytes(self.budget_bytes)}", verdict, "")
+        if self.host_bytes or self.offload:
+            tab.add_section()
+            limit = "no host budget" if self.host_budget_bytes is None else _fmt_bytes(self.host_budget_bytes)
+            tab.add_row("host memory (offloaded checkpoints + optimizer state)", "", "",
+                        f"{_fmt_bytes(self.host_bytes)} / {limit}", "fits" if self.host_fits else "DOES NOT FIT", "")
+            tab.add_row("  of it pinned (checkpoints)", "", "", _fmt_bytes(self.pinned_bytes), "", "")
+        if self.offload:
+            tab.add_row(f"PCIe copies per step (out + back, at a stated {self.pcie_gbps:g} GB/s)", "", "",
+                        f"{self.transfer_seconds:.3g} s", "", "")
         return tab
 
     def __str__(self) -> str:
@@ -502,14 +567,25 @@ def plan(
     max_chunks: int = MAX_CHUNKS,
     allow_checkpointing: bool = True,
     margin: float = MARGIN,
+    host_budget_gb: float | None = None,
+    allow_offload: bool = True,
+    pcie_gbps: float = offload.DEFAULT_PCIE_GBPS,
 ) -> Plan:
     """The cheapest plan whose predicted peak fits ``budget_gb`` (see the module doc for the order).
 
     ``margin``: headroom kept on the predicted gradients + activations (default :data:`MARGIN`, the
     cost model's measured error bound); 0 plans to the cost model's exact prediction.
-    Raises ValueError for a bad budget/length/option and :class:`InfeasibleBudgetError` when even the
-    maximal plan does not fit.
+    ``host_budget_gb``: host memory (GiB) a plan may use for offloaded checkpoints and optimizer state
+    kept there (None: not limited); ``allow_offload``: whether checkpoints may go to host memory at
+    all (needs ``allow_checkpointing``); ``pcie_gbps``: the bandwidth (GB/s) the plan's transfer time
+    is computed with.
+    Raises ValueError for a bad budget/length/option, :class:`InfeasibleBudgetError` when even the
+    maximal plan does not fit, :class:`InfeasibleHostBudgetError` when only a plan needing more host
+    memory than ``host_budget_gb`` fits the GPU.
     """
+    setup = optimizer
+    host_budget = None if host_budget_gb is None else check_budget(host_budget_gb)
+    pcie_gbps = offload.check_gbps(pcie_gbps)
     budget = check_budget(budget_gb)
     margin = check_margin(margin)
     seq_len = positive_int("seq_len", seq_len)
@@ -522,18 +598,26 @@ def plan(
     tokens = seq_len * batch
     cap = max(1, min(max_chunks, tokens))
 
+    short_of_host: list[Plan] = []  # plans that fit the GPU but not the host budget
+
     def candidate(mode: str, m_mlp: int, m_head: int, reason: str) -> Plan | None:
         p = _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
-                       margin, with_longest=False)  # solved below for the plan chosen only (sympy is slow)
+                       margin, with_longest=False,  # solved below for the plan chosen only (sympy is slow)
+                       setup=setup, host_budget=host_budget, pcie_gbps=pcie_gbps)
+        if p.gpu_fits and not p.host_fits:
+            short_of_host.append(p)
         return p if p.fits else None
 
     steps = [("mst", False), ("mst+checkpointing", True)] if allow_checkpointing else [("mst", False)]
+    if allow_checkpointing and allow_offload:
+        steps.append((offload.OFFLOAD_MODE, True))
     found = candidate("standard", 1, 1, "fits without chunking")
     if found is None:
         for mode, _ in steps:
             cost = cm.step_cost(arch, mode, optimizer, prec, cm.M_MLP, cm.M_HEAD)
             room = cm.margin_room(float(cost.params + cost.optimizer), budget, margin)
-            ck = " + activation checkpointing" if mode.endswith("checkpointing") else ""
+            ck = (" + activation checkpointing" if "checkpointing" in mode else "") + (
+                " + checkpoints in host memory" if offload.is_offload(mode) else "")
             # LM head alone (no recompute), then the MLPs too
             if arch.lm_head:
                 cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD)
@@ -551,13 +635,17 @@ def plan(
             # the solve treats regions one at a time; fall back to the most chunks before giving up
             if found := candidate(mode, cap, cap if arch.lm_head else 1, f"{what} maximally chunked{ck}"):
                 break
+    if found is None and short_of_host:
+        p = min(short_of_host, key=lambda p: p.host_bytes)
+        raise InfeasibleHostBudgetError(budget, host_budget, p.host_bytes, p.pinned_bytes, seq_len, p.mode,
+                                        p.predicted_peak, batch)
     if found is None:
         # the most memory-saving plans: everything chunked, and (if allowed) checkpointed as well
-        finals = [("mst", cap)] + ([("mst+checkpointing", cap)] if allow_checkpointing else [])
+        finals = [("mst", cap)] + [(m, cap) for m, ck in steps if ck]
         least = min((_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, mm, cap, "", margin,
                                 with_longest=False) for m, mm in finals), key=lambda p: p.planned_peak)
         longest = longest_fitting(arch, budget / GB, batch, optimizer, mixed_precision, max_chunks, allow_checkpointing,
-                                  margin)
+                                  margin, allow_offload=allow_offload)
         raise InfeasibleBudgetError(budget, least.predicted_peak, seq_len, longest, batch, margin, least.planned_peak)
     found.longest_seq_len = _plan_longest(arch, budget, batch, found.mode, optimizer, mixed_precision,
                                           found.mlp_chunks, found.lm_head_chunks, margin)
@@ -573,10 +661,15 @@ def longest_fitting(
     max_chunks: int = MAX_CHUNKS,
     allow_checkpointing: bool = True,
     margin: float = MARGIN,
+    allow_offload: bool = True,
+    **_ignored: Any,
 ) -> int:
     """Longest S that *some* plan fits in ``budget_gb`` (0 if none): the most memory-saving plans, every
-    region with ``max_chunks`` mini-sequences, with and (if allowed) without activation checkpointing."""
+    region with ``max_chunks`` mini-sequences, with and (if allowed) without activation checkpointing,
+    and with the checkpoints in host memory (if allowed; the host budget is not solved for here).
+    Other keywords of :func:`plan` (``host_budget_gb``, ``pcie_gbps``) are accepted and ignored."""
     modes = ["mst"] + (["mst+checkpointing"] if allow_checkpointing else [])
+    modes += [offload.OFFLOAD_MODE] if allow_checkpointing and allow_offload else []
     arch = arch_of(model_or_config)
     mixed_precision = precision_of(model_or_config, mixed_precision)
     return max(longest_seq_len(arch, budget_gb, batch, m, optimizer, mixed_precision, max_chunks, max_chunks, margin)
@@ -591,8 +684,21 @@ def _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, m_mlp, 
     return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision, margin=margin)
 
 
+def _host_terms(arch: cm.Arch, prec: cm.Precision, mode: str, setup: str | None, seq_len: int, batch: int,
+                host_budget: float | None, pcie_gbps: float) -> dict:
+    """The plan's host-memory fields: pinned checkpoints (offload mode), optimizer state kept on the
+    host (``setup`` ``offload``), the host budget and the PCIe time of the checkpoint copies."""
+    pinned = 0.0
+    if offload.is_offload(mode):
+        pinned = cm.evaluate(offload.checkpoint_bytes(arch.hidden, arch.layers, prec.act_bytes, cm.S, cm.B), seq_len, batch)
+    host = pinned + offload.host_state_bytes(arch.n_params, setup or "")
+    return dict(host_bytes=host, pinned_bytes=pinned, host_budget_bytes=host_budget,
+                transfer_seconds=offload.transfer_seconds(pinned, pcie_gbps), pcie_gbps=pcie_gbps)
+
+
 def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
-               margin: float = 0.0, with_longest: bool = True) -> Plan:
+               margin: float = 0.0, with_longest: bool = True, setup: str | None = None,
+               host_budget: float | None = None, pcie_gbps: float = offload.DEFAULT_PCIE_GBPS) -> Plan:
     cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head)
     base = {r.kind: r for r in cm.regions(arch, prec, "standard", 1, 1)}
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
@@ -610,12 +716,17 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
             ev(before.saved) if before is not None else ev(base["attention"].saved + base["mlp"].saved),
             ev(r.saved), int(cm.evaluate(r.chunks, seq_len, batch, m_mlp, m_head)), ev(r.recompute_flops),
         ))
-    if mode.endswith("checkpointing"):  # a layer's regions' saved bytes are inside the checkpointed layer
+    if "checkpointing" in mode:  # a layer's regions' saved bytes are inside the checkpointed layer
         rows = [replace(r, bytes_after=0.0) if r.region not in ("checkpointed layer", "lm_head") else r for r in rows]
+    if offload.is_offload(mode):  # the GPU keeps only the checkpoints in use; the rest are in host memory
+        kept = offload.checkpoints_on_gpu(arch.layers, mode, "compiled") / arch.layers
+        rows = [replace(r, bytes_after=r.bytes_after * kept, shape=f"{r.shape} (host: the rest)")
+                if r.region == "checkpointed layer" else r for r in rows]
     longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, m_mlp, m_head, margin) \
         if with_longest else 0
     return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, m_mlp, m_head,
-                mode.endswith("checkpointing"), br, rows, longest, reason, margin)
+                "checkpointing" in mode, br, rows, longest, reason, margin, **_host_terms(arch, prec, mode, setup, seq_len, batch,
+                                                                           host_budget, pcie_gbps))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -636,6 +747,8 @@ SETUPS = {
 UNMODELLED_SETUPS = {
     "paper": "gradients freed as they are made (optimizer in backward) are not in the cost model; "
              "use `mstfx simulate --optimizer paper`",
+    "zero-offload": "gradients copied to the host as they are made are not in the cost model; "
+                    "use `mstfx simulate --optimizer zero-offload`",
 }
 
 
@@ -697,6 +810,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-chunks", type=_positive_int_arg, default=MAX_CHUNKS,
                     help=f"most mini-sequences per region a plan may use (default {MAX_CHUNKS})")
     ap.add_argument("--no-checkpointing", action="store_true", help="never plan activation checkpointing")
+    ap.add_argument("--no-offload", action="store_true", help="never plan checkpoints in host memory")
+    ap.add_argument("--host-gb", type=_positive_float_arg, default=None,
+                    help="host memory a plan may use in GiB (offloaded checkpoints, pinned, + optimizer state kept "
+                    "there; default: not limited)")
+    ap.add_argument("--pcie-gbps", type=_positive_float_arg, default=offload.DEFAULT_PCIE_GBPS,
+                    help=f"host-GPU bandwidth in GB/s for the offload transfer time (default {offload.DEFAULT_PCIE_GBPS:g}, "
+                    "an assumption: PCIe 4.0 x16)")
     ap.add_argument("--margin", type=float, default=MARGIN,
                     help=f"headroom kept on predicted grads + activations, in [0, 1) (default {MARGIN}: the cost model's error bound)")
     return ap
@@ -715,7 +835,8 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     try:
         p = plan(args.config, args.seq_len, args.budget_gb, args.batch, args.optimizer, args.mixed_precision,
-                 args.max_chunks, not args.no_checkpointing, args.margin)
+                 args.max_chunks, not args.no_checkpointing, args.margin, host_budget_gb=args.host_gb,
+                 allow_offload=not args.no_offload, pcie_gbps=args.pcie_gbps)
     except InfeasibleBudgetError as err:
         print(f"mstfx plan: does not fit: {err}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -145,20 +145,31 @@ class Program:
     report: Any = None
 
 
-def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None) -> Program:
+def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, offload: bool = False) -> Program:
     """Build the compiled step of ``model(input_ids=ids, labels=ids).loss`` (``mst_config=None``: plain
-    Inductor) and run it once forward and backward on ``ids``' device (``meta``: no maths at all)."""
+    Inductor) and run it once forward and backward on ``ids``' device (``meta``: no maths at all).
+
+    ``offload``: the checkpointed layers' inputs go to host memory as the mst backend's offload mode
+    does (its joint pass, then AOT autograd's activation offloading); the graphs kept for analysis copy
+    them to the CPU, the ones run here keep them on ``ids``' device (a meta tensor has no data to copy)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor.decomposition import select_decomp_table
 
     from mstfx.passes import run_passes
     from mstfx.post_grad.checkpoint_outputs import save_checkpoint_outputs
+    from mstfx.post_grad.offload_checkpoints import mark_checkpoint_inputs
 
-    def partition(joint, joint_inputs, **kwargs):  # the mst backend's joint pass, then Inductor's partitioner
+    def partition(joint, joint_inputs, **kwargs):  # the mst backend's joint passes, then Inductor's partitioner
         if mst_config is not None:
             save_checkpoint_outputs(joint.graph)
-        return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
+        if not offload:
+            return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
+        from mstfx.offload import offloading_partition
+
+        mark_checkpoint_inputs(joint.graph)
+        with offloading_partition():
+            return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
 
     got: dict[str, Any] = {}
 
@@ -167,7 +178,7 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None) 
             from torch._functorch.aot_autograd import make_boxed_func
 
             got[name] = gm
-            return make_boxed_func(gm)
+            return make_boxed_func(_host_copies_on(gm, ids.device) if offload else gm)
 
         return compiler
 
@@ -196,6 +207,17 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None) 
     if "forward" not in got or "backward" not in got:
         raise RuntimeError("AOT autograd produced no forward/backward pair")
     return Program(got["forward"], got["backward"], got.get("report"))
+
+
+def _host_copies_on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """A copy of ``gm`` whose device copies (offload to the CPU, reload) all target ``device``: the
+    graph that runs during capture on the meta device, where a copy to the CPU has no data to move."""
+    run = copy.deepcopy(gm)
+    for node in run.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.prims.device_put.default:
+            node.args = (node.args[0], device, *node.args[2:])
+    run.recompile()
+    return run
 
 
 # ---------------------------------------------------------------------------------------- liveness
@@ -289,6 +311,7 @@ class GraphPeak:
     peak: int
     at: str
     grads_at_peak: int = 0
+    host: int = 0  # the most bytes held in host memory at once (offloaded checkpoints)
 
 
 def graph_peak(
@@ -411,14 +434,20 @@ def graph_peak(
         if k not in taken:  # a buffer handed to an in-place output is freed as that output
             free_at.setdefault(last_read[k], []).append(k)
     grad_keys = {key[o] for o in (n if real.get(n) else owner(n) for n in grad_nodes) if o is not None and o in key}
+    # buffers in host memory (the program runs on another device; offloaded checkpoints are CPU tensors)
+    host_keys = {k for n, k in key.items() if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "cpu"}
 
-    live = grads = 0
+    live = grads = host = host_peak = 0
     peak = GraphPeak(0, "start")
     in_place_at: dict[int, list[tuple[str, str]]] = {}
     for k, ks in reuses.items():
         in_place_at.setdefault(first[k], []).append((k, ks))
     for i, n in enumerate(nodes):
         for k in alloc_at.get(i, ()):
+            if k in host_keys:
+                host += size[k]
+                host_peak = max(host_peak, host)
+                continue
             live += size[k]
             grads += size[k] if k in grad_keys else 0
         for k, ks in in_place_at.get(i, ()):  # same bytes, now holding the output
@@ -430,9 +459,12 @@ def graph_peak(
         if live + transient > peak.peak:
             peak = GraphPeak(live + transient, n.name, grads)
         for k in free_at.get(i, ()):
+            if k in host_keys:
+                host -= size[k]
+                continue
             live -= size[k]
             grads -= size[k] if k in grad_keys else 0
-    return peak
+    return replace(peak, host=host_peak)
 
 
 def _body_peak(gm: fx.GraphModule, call: fx.Node, attention_workspace: bool) -> int:
@@ -471,6 +503,7 @@ class StepPeak:
     forward: int = 0
     backward: int = 0
     backward_grads: int = 0
+    host: int = 0  # host memory the step holds at most (offloaded checkpoints)
 
 
 def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
@@ -484,7 +517,7 @@ def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
     bw_out = program.backward.graph.output_node().args[0]
     n_out = len(bw_out) if isinstance(bw_out, (tuple, list)) else 1
     bw = graph_peak(program.backward, inputs_owned=True, grad_outputs=set(range(n_out)), attention_workspace=device != "cpu", input_groups=groups)
-    phases = dict(forward=fw.peak, backward=bw.peak, backward_grads=bw.grads_at_peak)
+    phases = dict(forward=fw.peak, backward=bw.peak, backward_grads=bw.grads_at_peak, host=max(fw.host, bw.host))
     if fw.peak >= bw.peak:
         return StepPeak(fw.peak, fw.peak, 0, f"forward at {fw.at}", **phases)
     return StepPeak(bw.peak, bw.peak - bw.grads_at_peak, bw.grads_at_peak, f"backward at {bw.at}", **phases)
@@ -493,7 +526,9 @@ def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
 # ---------------------------------------------------------------------------------------- whole models
 
 #: simulate's modes → (mst passes, gradient checkpointing)
-MODE_FLAGS = {"standard": (False, False), "ckpt": (False, True), "mst": (True, False), "mst+ckpt": (True, True)}
+MODE_FLAGS = {"standard": (False, False), "ckpt": (False, True), "mst": (True, False), "mst+ckpt": (True, True),
+              "mst+ckpt+offload": (True, True)}
+from .offload_sim import OFFLOAD_MODES  # noqa: E402  (modes whose checkpoints are in host memory)
 
 
 def _meta_model(config, layers: int | None = None):
@@ -533,7 +568,12 @@ def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | 
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     from mstfx.config import MstConfig
 
-    program = capture_program(model, ids, (mst_config or MstConfig()) if mst else None)
+    offload = mode in OFFLOAD_MODES
+    if mst and mst_config is None and offload:  # the offload mode's LM-head chunks (``offload_sim.lm_head_chunks``)
+        from .offload_sim import lm_head_chunks
+
+        mst_config = MstConfig(lm_head_chunks=lm_head_chunks(config.hidden_size, config.vocab_size, seq_len * batch))
+    program = capture_program(model, ids, (mst_config or MstConfig()) if mst else None, offload=offload)
     return program_peak(program, device=device)
 
 
@@ -555,7 +595,8 @@ def compiled_peak(config, seq_len: int, mode: str, batch: int = 1, *, device: st
     forward = line(two.forward, three.forward)
     backward = line(two.backward, three.backward)
     grads = line(two.backward_grads, three.backward_grads)
+    host = line(two.host, three.host)
     note = "(extrapolated from 2 and 3 layers)"
     if forward >= backward:
-        return StepPeak(forward, forward, 0, f"forward {note}", forward, backward, grads)
-    return StepPeak(backward, backward - grads, grads, f"backward {note}", forward, backward, grads)
+        return StepPeak(forward, forward, 0, f"forward {note}", forward, backward, grads, host)
+    return StepPeak(backward, backward - grads, grads, f"backward {note}", forward, backward, grads, host)

@@ -9,6 +9,7 @@ reports is the peak the eager step would reach on a GPU.  Four modes:
 ``ckpt``       Hugging Face ``gradient_checkpointing_enable()`` (each decoder layer recomputed)
 ``mst``        the mst backend's rewrite: chunked MLPs and fused chunked LM head + loss
 ``mst+ckpt``   both
+``mst+ckpt+offload``  both, and the checkpoints (each layer's input) kept in host memory
 
 The MsT rewrite is the mst backend's own: for each sequence length the MLP module (one decoder
 layer's) and the LM-head + loss function are captured by Dynamo and handed to
@@ -49,12 +50,13 @@ from ..hf_checkpointing import disable_checkpointing, enable_checkpointing
 
 GiB = 1 << 30
 
-MODES = ("standard", "ckpt", "mst", "mst+ckpt")
+MODES = ("standard", "ckpt", "mst", "mst+ckpt", "mst+ckpt+offload")
 MODE_LABELS = {
     "standard": "standard",
     "ckpt": "activation checkpointing",
     "mst": "MsT",
     "mst+ckpt": "MsT + checkpointing",
+    "mst+ckpt+offload": "MsT + checkpointing + offload",
 }
 
 #: name -> (bytes per parameter of optimizer state (+ fp32 master weights) on the GPU,
@@ -64,6 +66,8 @@ OPTIMIZERS: dict[str, tuple[float, bool, str]] = {
     "adamw-master": (12.0, True, "AdamW, fp32 states + fp32 master weights (12 B/param)"),
     "adamw-bf16": (4.0, True, "AdamW, bf16 states (2×2 B/param)"),
     "offload": (0.0, True, "AdamW, states and master weights offloaded to CPU"),
+    "zero-offload": (0.0, False, "DeepSpeed ZeRO-Offload (ALST's setup): states, master weights and gradients "
+                     "offloaded to CPU, each gradient copied out as it is made"),
     "paper": (4.0, False, "MsT paper: bf16 weights, one Adam per param stepped in a post-accumulate-grad hook, bf16 states, grads freed as made"),
 }
 
@@ -226,13 +230,15 @@ class Breakdown:
     optimizer_state: float
     activations: float
     chunks: dict = field(default_factory=dict)  # what the mst backend chunked, M per region kind
+    #: host memory (per GPU's process): offloaded checkpoints at their most + optimizer state kept there
+    host: float = 0.0
 
     @property
     def total(self) -> float:
         return self.params + self.grads + self.optimizer_state + self.activations
 
     def gib(self) -> dict:
-        return {k: round(getattr(self, k) / GiB, 3) for k in ("params", "grads", "optimizer_state", "activations", "total")}
+        return {k: round(getattr(self, k) / GiB, 3) for k in ("params", "grads", "optimizer_state", "activations", "total", "host")}
 
 
 def chunks_by_kind(reports) -> dict[str, int]:
@@ -319,15 +325,16 @@ class _FakeModel:
                 recipe.append(("const", a))
         return got["fn"], recipe
 
-    def _mst_patches(self, seq_len: int, batch: int, undo: list) -> dict[str, int]:
+    def _mst_patches(self, seq_len: int, batch: int, undo: list, lm_head_chunks: int | None = None) -> dict[str, int]:
         """Install the mst backend's eager rewrite of every MLP and of the LM head + loss; the way to
         remove each patch goes into ``undo`` as soon as it is installed (so a failure half-way is
-        undone too); returns M per region kind."""
+        undone too); returns M per region kind.  ``lm_head_chunks``: the LM head's M (default: the
+        backend's rule)."""
         import torch
 
         import mstfx
 
-        be = mstfx.backend(compiler="eager")
+        be = mstfx.backend(compiler="eager", lm_head_chunks=lm_head_chunks)
         model, cfg = self.model, self.config
         layers = self._layers()
         hidden = cfg.hidden_size
@@ -386,20 +393,29 @@ class _FakeModel:
         """Run one fwd+bwd in ``mode``; the tracker holds the peaks for each (params, grads) weighting."""
         import torch
 
+        from .offload_sim import OFFLOAD_MODES, FakeHostHooks, HostCounter, lm_head_chunks
+
         PeakTracker = _peak_tracker_class()
         model = self.model
-        ckpt = mode in ("ckpt", "mst+ckpt")
-        mst = mode in ("mst", "mst+ckpt")
+        offload = mode in OFFLOAD_MODES
+        ckpt = mode in ("ckpt", "mst+ckpt") or offload
+        mst = mode in ("mst", "mst+ckpt") or offload
+        self.host = HostCounter()
         with warnings.catch_warnings():  # transformers 5 renames these; the old names still work
             warnings.simplefilter("ignore", FutureWarning)
-            if ckpt:
+            if offload:  # the offload mode's own eager code, with host copies that only count bytes
+                from mstfx.offload import enable_checkpoint_offload
+
+                enable_checkpoint_offload(model, hooks=lambda: FakeHostHooks(self.host))
+            elif ckpt:
                 enable_checkpointing(model)
             else:
                 disable_checkpointing(model)
         undo: list = []
         model.zero_grad(set_to_none=True)
         try:
-            chunks = self._mst_patches(seq_len, batch, undo) if mst else {}
+            head_m = lm_head_chunks(self.config.hidden_size, self.config.vocab_size, seq_len * batch) if offload else None
+            chunks = self._mst_patches(seq_len, batch, undo, head_m) if mst else {}
             with _flash_sim_attention(), _no_packed_sequences(), self.fake_mode:
                 ids = torch.zeros(batch, seq_len, dtype=torch.long)
                 tracker = PeakTracker(weights)
@@ -473,7 +489,9 @@ def _weights(gpus: int) -> list[tuple[float, float]]:
     return [(s, s), (s, 0.0)]
 
 
-def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks) -> dict[str, Breakdown]:
+def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, host: float = 0.0) -> dict[str, Breakdown]:
+    from .offload_sim import HOST_STATE_BYTES_PER_PARAM
+
     out = {}
     sharded_extra_p = 2 * fm.largest_module_bytes if gpus > 1 else 0.0  # all-gathered current + prefetched
     sharded_extra_g = fm.largest_module_bytes if gpus > 1 else 0.0  # unsharded grads before reduce-scatter
@@ -493,6 +511,7 @@ def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks) -> 
             optimizer_state=state_bpp * fm.n_params / gpus,
             activations=acts,
             chunks=dict(chunks),
+            host=host + HOST_STATE_BYTES_PER_PARAM.get(opt, 0.0) * fm.n_params / gpus,
         )
     return out
 
@@ -508,6 +527,7 @@ def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch:
     Its backward is one graph whose outputs are all the gradients, so they are alive together until it
     returns, whatever the optimizer setup: "grads freed as made" does not apply to it."""
     from .compiled_program import compiled_peak
+    from .offload_sim import HOST_STATE_BYTES_PER_PARAM
 
     if gpus > 1:
         raise SimulateError("--program compiled models one GPU; use --program eager with --gpus")
@@ -516,6 +536,7 @@ def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch:
         opt: Breakdown(
             seq_len=seq_len, mode=mode, optimizer=opt, batch=batch, gpus=1, params=fm.param_bytes,
             grads=peak.grads, optimizer_state=state_bpp * fm.n_params, activations=peak.activations,
+            host=peak.host + HOST_STATE_BYTES_PER_PARAM.get(opt, 0.0) * fm.n_params,
         )
         for opt, (state_bpp, _, _) in OPTIMIZERS.items()
     }
@@ -530,7 +551,7 @@ def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1,
     if program == "compiled":
         return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus)
     tracker, chunks = fm.step_peak(seq_len, batch, mode, _weights(gpus))
-    return _breakdowns(fm, tracker, seq_len, mode, batch, gpus, chunks)
+    return _breakdowns(fm, tracker, seq_len, mode, batch, gpus, chunks, fm.host.peak)
 
 
 def simulate_peak(
@@ -686,7 +707,8 @@ def _interpolated_max(all_runs: dict[int, dict[str, Breakdown]], optimizer: str,
 # --------------------------------------------------------------------------------------------- cost model
 
 #: our mode names -> the cost model's (``mstfx.planning.planner.predict_peak``)
-COST_MODEL_MODES = {"standard": "standard", "ckpt": "checkpointing", "mst": "mst", "mst+ckpt": "mst+checkpointing"}
+COST_MODEL_MODES = {"standard": "standard", "ckpt": "checkpointing", "mst": "mst", "mst+ckpt": "mst+checkpointing",
+                    "mst+ckpt+offload": "mst+checkpointing+offload"}
 
 
 def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> list[dict]:
@@ -702,8 +724,11 @@ def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> li
     for mode in modes:
         for s in seq_lens:
             simd = simulate_peak(config, int(s), mode, batch, optimizer="offload")
+            # the offload mode's LM head follows its own rule (``offload_sim.lm_head_chunks``): predict with the M run
+            ms = simd.chunks if mode == "mst+ckpt+offload" else {}
             pred = predict_peak(
-                arch, int(s), batch, COST_MODEL_MODES[mode], optimizer="none", mixed_precision="bf16", program="eager"
+                arch, int(s), batch, COST_MODEL_MODES[mode], optimizer="none", mixed_precision="bf16", program="eager",
+                mlp_chunks=ms.get("mlp"), lm_head_chunks=ms.get("lm_head"),
             )
             rows.append(
                 dict(
@@ -829,6 +854,8 @@ def run_cli(args) -> dict:
             "peak_gib": r.at_max.gib() if r.at_max else None,
             "chunks": r.at_max.chunks if r.at_max else {},
             "runs": [[s, round(v / GiB, 3)] for s, v in r.runs],
+            # host memory of each run (offloaded checkpoints + optimizer state kept there)
+            "host_runs": [[s, round(all_runs[mode][s][args.optimizer].host / GiB, 3)] for s, _ in r.runs if s in all_runs[mode]],
         }
         out["by_optimizer"][mode] = {
             opt: (r.max_seq_len if opt == args.optimizer else _interpolated_max(all_runs[mode], opt, budget))
@@ -852,12 +879,13 @@ def _print_table(out: dict) -> None:
         + (f", {out['strategy']} (per-GPU)" if out["strategy"] else "")
     )
     t = Table(title=title)
-    for col in ("mode", "max S", "× standard", "params", "grads", "optimizer", "activations", "peak GiB", "M (mlp/head)"):
+    for col in ("mode", "max S", "× standard", "params", "grads", "optimizer", "activations", "peak GiB", "host GiB",
+                "M (mlp/head)"):
         t.add_column(col, justify="right" if col != "mode" else "left")
     for mode, r in out["modes"].items():
         pk = r["peak_gib"]
         if not pk:
-            t.add_row(MODE_LABELS[mode], "0", "-", "-", "-", "-", "-", "-", r["note"][:60])
+            t.add_row(MODE_LABELS[mode], "0", "-", "-", "-", "-", "-", "-", "-", r["note"][:60])
             continue
         ch = r["chunks"]
         t.add_row(
@@ -869,6 +897,7 @@ def _print_table(out: dict) -> None:
             f"{pk['optimizer_state']:.2f}",
             f"{pk['activations']:.2f}",
             f"{pk['total']:.2f}",
+            f"{pk.get('host', 0.0):.2f}",
             f"{ch.get('mlp', '-')}/{ch.get('lm_head', '-')}" if ch else "-",
         )
     console = Console(width=max(120, Console().width))
@@ -897,11 +926,15 @@ def _plot(out: dict, path: str) -> None:
     for mode, r in out["modes"].items():
         if r["runs"]:
             s, v = zip(*r["runs"])
-            ax.plot(s, v, marker="o", label=f"{MODE_LABELS[mode]} (max {r['max_seq_len']:,})")
+            line, = ax.plot(s, v, marker="o", label=f"{MODE_LABELS[mode]} (max {r['max_seq_len']:,})")
+            host = [(hs, hv) for hs, hv in r.get("host_runs", []) if hv > 0]
+            if host:  # host memory of the same runs, dashed, in the mode's colour
+                hs, hv = zip(*host)
+                ax.plot(hs, hv, marker="x", linestyle=":", color=line.get_color(), label=f"{MODE_LABELS[mode]}: host memory")
     ax.axhline(out["gpu_gib"], color="k", linestyle="--", label=f"GPU {out['gpu_gib']:g} GiB")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length S (tokens)")
-    ax.set_ylabel("peak memory per GPU (GiB)")
+    ax.set_ylabel("peak GPU memory per GPU (GiB); dotted: host memory")
     gp = f"{out['gpus']}×" if out["gpus"] > 1 else ""
     ax.set_title(f"{out['model']}, {gp}{out['gpu_gib']:g} GiB, optimizer {out['optimizer']}, batch {out['batch']}")
     ax.grid(True, alpha=0.3)
