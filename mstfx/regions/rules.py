@@ -4,7 +4,7 @@ One source for the backend's chunk rule (``mstfx.passes.chunk_rule``, which adds
 guards), the planner's prediction of what the backend will do, and :func:`mstfx.chunked_logprobs`.
 No torch import: the planner uses it without one.
 
-The paper's rule (Luo et al., MsT, NeurIPS 2024, §3): an MLP's mini-sequence is as long as the hidden
+The paper's rule (Luo et al., MsT, NeurIPS 2024, Section 3): an MLP's mini-sequence is as long as the hidden
 size, so its tokens×intermediate activations shrink to about hidden×intermediate,
 ``M = ⌈tokens / hidden⌉``; the LM head uses ``M = ⌈vocab / hidden⌉`` so that one chunk's logits
 (tokens/M × vocab) are about the size of the hidden states (tokens × hidden).
