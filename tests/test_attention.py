@@ -29,8 +29,8 @@ class RecordingBackend(MstBackend):
         self.graphs: list[fx.GraphModule] = []
         self.compiled: list = []
 
-    def _compiler(self):
-        inner = super()._compiler()
+    def _compiler(self, example_inputs=()):
+        inner = super()._compiler(example_inputs)
 
         def compile_and_record(gm, example_inputs):
             self.graphs.append(gm)

@@ -47,7 +47,7 @@ def test_compile_failure_warns_and_counts(monkeypatch):
             raise RuntimeError("injected compile failure")
         return real(gm, example_inputs)
 
-    monkeypatch.setattr(mstfx.MstBackend, "_compiler", lambda self: compiler)
+    monkeypatch.setattr(mstfx.MstBackend, "_compiler", lambda self, example_inputs=(): compiler)
     be = _run("compile", monkeypatch)
     assert any("injected compile failure" in (r.error or "") for r in be.reports)
 
