@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mstfx
+from mstfx.hf_checkpointing import enable_checkpointing
 from mstfx.offload import enable_checkpoint_offload, offloaded_checkpoint
 from mstfx.post_grad.offload_checkpoints import OFFLOAD_PREFIX, RELOAD_PREFIX
 
@@ -39,9 +40,7 @@ def test_eager_offload_matches_eager_without_checkpointing(clone):
     ids = _ids()
     ref = loss_and_grads(model, ids, ids)
     off = clone(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        enable_checkpoint_offload(off)
+    enable_checkpoint_offload(off)
     assert_same(ref, loss_and_grads(off, ids, ids), rtol=1e-5, atol=1e-6)
 
 
@@ -97,9 +96,7 @@ def test_compiled_offload_matches_eager_and_copies_every_checkpoint(clone):
     ids = _ids()
     ref = loss_and_grads(model, ids, ids)
     off = clone(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        off.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(off)
     rec = _Recorder()
     with torch._inductor.config.patch(post_grad_custom_pre_pass=rec, fx_graph_cache=False):
         got = loss_and_grads(off, ids, ids, mstfx.backend(mini_sequences=4, offload_checkpoints=True))

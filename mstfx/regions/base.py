@@ -86,6 +86,15 @@ class RegionKind:
         ``dtype``, ``detail``) as keyword arguments of ``RegionDecision``."""
         raise NotImplementedError
 
+    @staticmethod
+    def fields(region, width: Any, detail: str) -> dict:
+        """:meth:`report_fields` of a region with ``name``, ``tokens``, ``hidden`` and ``dtype``: only the
+        width its amplifier reaches and the detail differ between kinds."""
+        from ..passes import chunk_rule
+
+        return dict(where=region.name, tokens=chunk_rule.token_str(region.tokens), hidden=region.hidden, width=width,
+                    dtype=str(region.dtype).replace("torch.", ""), detail=detail)
+
     # ---- cost side (pure sympy: ``mstfx.planning.cost_model``)
 
     def cost(self, arch, prec, chunked: bool, m, program: str):

@@ -48,14 +48,7 @@ class LmHeadKind(RegionKind):
             + ([f"logit transforms: {' → '.join(bits)}"] if bits else [])
             + (["logits escape the graph"] if region.logits_escape else [])
         )
-        return dict(
-            where=region.name,
-            tokens=chunk_rule.token_str(region.tokens),
-            hidden=region.hidden,
-            width=region.vocab,
-            dtype=str(region.dtype).replace("torch.", ""),
-            detail=detail,
-        )
+        return self.fields(region, region.vocab, detail)
 
 
 KIND = LmHeadKind()

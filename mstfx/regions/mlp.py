@@ -37,14 +37,8 @@ class MlpKind(RegionKind):
         return form
 
     def report_fields(self, region: MlpRegion, m: int) -> dict:
-        return dict(
-            where=region.name,
-            tokens=chunk_rule.token_str(region.tokens),
-            hidden=region.hidden,
-            width=region.intermediate,
-            dtype=str(region.dtype).replace("torch.", ""),
-            detail=f"{region.activation}, {len(region.up_projections)} up-proj, recompute in backward",
-        )
+        return self.fields(region, region.intermediate,
+                           f"{region.activation}, {len(region.up_projections)} up-proj, recompute in backward")
 
 
 KIND = MlpKind()

@@ -356,15 +356,9 @@ class RoutedExpertsKind(RegionKind):
         return "" if not ctx.eager else "; no recompute (eager compiler)"
 
     def report_fields(self, region: ExpertsRegion, m: int) -> dict:
-        return dict(
-            where=region.name,
-            tokens=str(region.tokens),
-            hidden=region.hidden,
-            width=region.top_k * region.width,
-            dtype=str(region.dtype).replace("torch.", ""),
-            detail=f"top-{region.top_k} of {region.experts} experts, {len(region.grouped_mms)} grouped matmul(s), "
-            f"{len(region.inputs)} token inputs, recompute in backward",
-        )
+        return self.fields(region, region.top_k * region.width,
+                           f"top-{region.top_k} of {region.experts} experts, {len(region.grouped_mms)} grouped matmul(s), "
+                           f"{len(region.inputs)} token inputs, recompute in backward")
 
     def cost(self, arch, prec, chunked, m, program):
         """Bytes per layer, derived from the ops (not fitted), per token and each of its k slots:
