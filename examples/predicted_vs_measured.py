@@ -255,10 +255,13 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled-sim", action="store_true",
                     help="also simulate each measured point's compiled program (cached in "
                          "docs/predicted_vs_measured_compiled.json) and show it beside the measurement")
+    ap.add_argument("--resimulate", action="store_true",
+                    help="re-run the compiled-program simulation of every cached measurement (measures nothing)")
     args = ap.parse_args(argv)
+    args.compiled_sim |= args.resimulate
     cache = load()
     sim = load_sim()
-    if not args.plot_only:
+    if not (args.plot_only or args.resimulate):
         for s in args.seq_lens:  # short sequences first: the cheap points land before the slow ones
             for name in args.models:
                 for mode in args.modes:
@@ -272,7 +275,7 @@ def main(argv=None) -> int:
     if args.compiled_sim:
         for key in sorted(k for k in cache if k.split("|")[0] in args.models and k.split("|")[1] in args.modes
                           and int(k.split("|")[2]) in args.seq_lens):
-            if key in sim and not args.remeasure:
+            if key in sim and not (args.remeasure or args.resimulate):
                 continue
             name, mode, s = key.split("|")
             t0 = time.time()

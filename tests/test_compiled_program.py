@@ -174,3 +174,55 @@ def test_mst_program_never_makes_tokens_by_vocab_or_a_whole_mlp_activation():
         capture_program(_meta_llama(cfg, checkpointing=False), ids, mstfx.MstConfig(mini_sequences=8))
     )
     assert largest < seq * cfg.intermediate_size, f"{name}: {largest} elements"
+
+
+def _traced(fn, *shapes):
+    """``fn`` traced to aten ops on meta tensors (each node carries its ``meta["val"]``)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode="fake")(*[torch.empty(s, device="meta") for s in shapes])
+
+
+def test_weight_gradient_summed_over_chunks_is_one_matmul_per_chunk():
+    """Inductor's post-grad ``addmm`` pattern: a running sum of chunk products (how a weight used by
+    every mini-sequence gets its gradient, often as a transpose of a transpose) is one matmul per chunk
+    writing the sum, so no chunk's product has a buffer of its own.  On a GPU Inductor keeps the add
+    apart when only pointwise ops read it."""
+    from mstfx.tools.compiled_program import graph_peak, with_addmm_fused
+
+    def chunked_weight_grad(c, a0, b0, a1, b1):
+        acc = c + (a0 @ b0).permute(1, 0).permute(1, 0)
+        return acc + a1 @ b1
+
+    gm = _traced(chunked_weight_grad, (64, 48), *[(64, 32), (32, 48)] * 2)
+    fused = with_addmm_fused(gm, "cpu")
+    targets = [n.target for n in fused.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.aten.addmm.default] * 2
+    product = 64 * 48 * 4
+    # at each addmm only the running sum and the new sum are alive (unfused: all three products and the sum)
+    assert graph_peak(gm, inputs_owned=False, device="cpu").peak == 2 * product
+
+    def sum_then_pointwise(a, b, c):
+        return torch.relu(c + a @ b)
+
+    gm = _traced(sum_then_pointwise, (64, 32), (32, 48), (64, 48))
+    on_gpu = [n.target for n in with_addmm_fused(gm, "cuda").graph.nodes]
+    on_cpu = [n.target for n in with_addmm_fused(gm, "cpu").graph.nodes]
+    assert torch.ops.aten.addmm.default not in on_gpu and torch.ops.aten.addmm.default in on_cpu
+
+
+def test_inline_rule_follows_inductors_thresholds():
+    """A pointwise value read by several kernels is stored when its expression is expensive on the CPU
+    (``exp``) or reads many buffers; read by one kernel, only past the accumulated-reads threshold,
+    which is higher on the CPU than on a GPU."""
+    from mstfx.tools.compiled_program import InlineRule
+
+    cpu, gpu = InlineRule.for_device("cpu"), InlineRule.for_device("cuda")
+    gm = _traced(lambda x: torch.exp(x) * 2, (4, 4))
+    expression = frozenset(n for n in gm.graph.nodes if n.op == "call_function")
+    one = frozenset(["x"])
+    assert cpu.realised(2, one, expression) and not gpu.realised(2, one, expression)
+    assert not cpu.realised(1, one, expression)
+    reads = frozenset(f"buf{i}" for i in range(gpu.max_reads + 1))
+    assert gpu.realised(1, reads, frozenset()) and not cpu.realised(1, reads, frozenset())
+    assert cpu.max_reads > gpu.max_reads and gpu.reads_on_reuse < gpu.max_reads

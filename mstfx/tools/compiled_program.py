@@ -154,22 +154,35 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
     them to the CPU, the ones run here keep them on ``ids``' device (a meta tensor has no data to copy)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import _recursive_joint_graph_passes
     from torch._inductor.decomposition import select_decomp_table
+
+    from mstfx.backend import inductor_config_patches
+
+    # mst: the backend's Inductor options and its joint / post-grad passes; plain Inductor: none
+    patches = {"joint_custom_pre_pass": None, "post_grad_custom_post_pass": None, "joint_graph_constant_folding": False}
+    if mst_config is not None:
+        patches = {**patches, **inductor_config_patches(), "joint_custom_pre_pass": None}  # the joint passes are run here, on the meta graph
 
     from mstfx.passes import run_passes
     from mstfx.post_grad.checkpoint_outputs import save_checkpoint_outputs
     from mstfx.post_grad.offload_checkpoints import mark_checkpoint_inputs
 
-    def partition(joint, joint_inputs, **kwargs):  # the mst backend's joint passes, then Inductor's partitioner
-        if mst_config is not None:
-            save_checkpoint_outputs(joint.graph)
-        if not offload:
-            return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
-        from mstfx.offload import offloading_partition
+    def partition(joint, joint_inputs, **kwargs):
+        """Inductor's: its joint-graph passes (the mst backend's joint passes first), then its partitioner."""
+        with inductor_config.patch(patches):
+            if mst_config is not None:
+                save_checkpoint_outputs(joint.graph)
+                if offload:
+                    mark_checkpoint_inputs(joint.graph)
+            joint = _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True)
+            if not offload:
+                return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
+            from mstfx.offload import offloading_partition
 
-        mark_checkpoint_inputs(joint.graph)
-        with offloading_partition():
-            return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
+            with offloading_partition():
+                return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
 
     got: dict[str, Any] = {}
 
@@ -177,6 +190,12 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
         def compiler(gm, example_inputs):
             from torch._functorch.aot_autograd import make_boxed_func
 
+            # of the post-grad passes, the mst backend's (it orders each chunk's bias gradient); Inductor's
+            # own ``addmm`` pattern is applied by :func:`with_addmm_fused` (its device decides)
+            post = patches.get("post_grad_custom_post_pass")
+            if post is not None:
+                post(gm.graph)
+                gm.recompile()
             got[name] = gm
             return make_boxed_func(_host_copies_on(gm, ids.device) if offload else gm)
 
@@ -304,6 +323,123 @@ def _nbytes(val: Any) -> int:
     return int(val.untyped_storage().nbytes()) if val.numel() else 0
 
 
+def _pointwise_use(node: fx.Node) -> bool:
+    """Inductor's ``is_pointwise_use``: a pointwise op, or a view all of whose readers are."""
+    if node.op == "call_function" and _is_view(node) and node.target is not operator.getitem:
+        return all(_pointwise_use(u) for u in node.users)
+    return _pointwise(node)
+
+
+def with_addmm_fused(gm: fx.GraphModule, device: str) -> fx.GraphModule:
+    """A copy of ``gm`` with Inductor's post-grad ``addmm`` pattern applied: ``add(mm(a, b), c)`` (the
+    mm read by nothing else, same dtypes, ``c`` broadcastable) becomes ``addmm(c, a, b)``, one matmul
+    writing the sum, so the product never has a buffer of its own.  This is how a weight used by every
+    mini-sequence gets its gradient: each chunk's product is added into the running sum by the matmul.
+    On a GPU Inductor keeps the add apart when all its readers are pointwise (it fuses the add there
+    instead: ``should_prefer_unfused_addmm``)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))  # graph_copy copies all but the output node
+    add = torch.ops.aten.add.Tensor
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not add or node.kwargs or len(node.args) != 2:
+            continue
+        found = [(i, *_mm_through_pointless_permutes(a)) for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
+        found = [(i, mm, chain) for i, mm, chain in found if mm is not None]
+        if not found:
+            continue
+        i, mm, chain = found[0]
+        inp = node.args[1 - i]
+        val, mm_val = (inp.meta.get("val") if isinstance(inp, fx.Node) else None), mm.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not isinstance(mm_val, torch.Tensor):
+            continue
+        a, b = mm.args
+        if val.dtype != a.meta["val"].dtype or val.dtype != b.meta["val"].dtype:
+            continue
+        try:
+            if torch.broadcast_shapes(val.shape, mm_val.shape) != mm_val.shape:
+                continue
+        except RuntimeError:
+            continue
+        if device != "cpu" and all(_pointwise_use(u) for u in node.users):
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(torch.ops.aten.addmm.default, (inp, a, b))
+        fused.meta = dict(node.meta)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        for dead in (*chain, mm):
+            graph.erase_node(dead)
+    return fx.GraphModule(gm, graph)
+
+
+def _mm_through_pointless_permutes(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
+    """The ``mm`` that ``node`` is, directly or through permutes that compose to the identity (a
+    weight gradient's transpose of a transpose, which Inductor's lowering reads as the mm itself), with
+    every node on the way read only by the next; ``(None, [])`` otherwise."""
+    chain: list[fx.Node] = []
+    order: list[int] | None = None
+    while node.op == "call_function" and node.target is torch.ops.aten.permute.default and len(node.users) == 1:
+        dims = list(node.args[1])
+        order = dims if order is None else [dims[d] for d in order]
+        chain.append(node)
+        node = node.args[0]
+    if node.op != "call_function" or node.target is not torch.ops.aten.mm.default or len(node.users) != 1:
+        return None, []
+    if order is not None and order != sorted(order):
+        return None, []
+    return node, chain
+
+
+#: ops Inductor's CPU code treats as expensive: a value computed with one of them and read by
+#: several kernels is stored once rather than recomputed in each (``should_realize_on_reuse``)
+_CPU_HEAVY_OPS = {"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"}
+
+
+@dataclass(frozen=True)
+class InlineRule:
+    """When Inductor stores an unrealised pointwise value in a buffer instead of inlining its expression
+    into every reader (``GraphLowering.run_node``: ``mark_reuse`` and ``has_exceeded_max_reads``).
+
+    A value read by several nodes is realised when its expression reads more than
+    ``reads_on_reuse`` buffers, is larger than ``max_ops`` ops, or (CPU) computes an expensive op; any
+    value is realised when its expression reads more than ``max_reads`` buffers or exceeds ``max_ops``.
+    The thresholds are Inductor's own config values for the device."""
+
+    reads_on_reuse: int
+    max_reads: int
+    max_ops: int
+    cpu: bool
+
+    @classmethod
+    def for_device(cls, device: str) -> "InlineRule":
+        from torch._inductor import config as c
+
+        cpu = device == "cpu"
+        max_reads = c.realize_acc_reads_threshold
+        if max_reads is None:
+            max_reads = c.realize_cpu_acc_reads_threshold if cpu else c._realize_acc_reads_threshold_default
+        max_ops = c.realize_opcount_threshold
+        if max_ops is None:
+            max_ops = c.realize_cpu_opcount_threshold if cpu else c._realize_opcount_threshold_default
+        return cls(c.realize_reads_threshold, max_reads, max_ops, cpu)
+
+    def realised(self, users: int, reads: frozenset, expression: frozenset) -> bool:
+        """``reads``: the buffers the inlined expression loads; ``expression``: its FX nodes (about one
+        op each, plus one load per buffer read)."""
+        large = len(expression) + len(reads) > self.max_ops
+        if users > 1:
+            heavy = self.cpu and any(_aten_name(e) in _CPU_HEAVY_OPS for e in expression)
+            if heavy or large or len(reads) > self.reads_on_reuse:
+                return True
+        return large or len(reads) > self.max_reads
+
+
+def _aten_name(node: fx.Node) -> str:
+    target = node.target
+    return target._schema.name.split("::")[-1] if isinstance(target, torch._ops.OpOverload) else ""
+
+
 @dataclass
 class GraphPeak:
     """The peak of one graph: bytes alive (beyond its inputs' owners), and the node where it happens."""
@@ -312,11 +448,12 @@ class GraphPeak:
     at: str
     grads_at_peak: int = 0
     host: int = 0  # the most bytes held in host memory at once (offloaded checkpoints)
+    live: tuple[tuple[str, int], ...] = ()  # the buffers alive at the peak, largest first (name, bytes)
 
 
 def graph_peak(
     gm: fx.GraphModule, *, inputs_owned: bool, grad_outputs: set[int] = frozenset(), attention_workspace: bool = True,
-    input_groups: dict[str, tuple[str, int]] | None = None,
+    input_groups: dict[str, tuple[str, int]] | None = None, device: str = "cuda",
 ) -> GraphPeak:
     """Walk ``gm`` in order: each materialised node allocates its value, each buffer is freed after its
     last reader (fused readers read on behalf of their own readers).  ``inputs_owned``: the graph frees
@@ -324,7 +461,10 @@ def graph_peak(
     parameters, named ``primals_*`` by AOT autograd, are never counted).
     ``grad_outputs``: output positions that are gradients (reported separately at the peak).
     ``input_groups``: placeholder name → (buffer, bytes) for inputs that are views of one storage
-    (the forward saved several pieces of one tensor): counted once, freed after the last piece."""
+    (the forward saved several pieces of one tensor): counted once, freed after the last piece.
+    ``device``: whose code Inductor generates ("cpu" or a GPU): its thresholds for inlining differ
+    (:class:`InlineRule`)."""
+    gm = with_addmm_fused(gm, device)
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     output = nodes[-1]
@@ -347,25 +487,25 @@ def graph_peak(
             return True
         if not all(_inlined_into(u) or (u.target in _SCATTER_INTO and u.args[0] is n) for u in n.users):
             return True
-        # Inductor inlines a pointwise op into its readers until the inlined expression reads too many
-        # buffers (``realize_reads_threshold``): then it is realised after all
-        return len(reads[n]) > realize_reads
+        return rule.realised(len(n.users), reads[n], expression[n])
 
-    from torch._inductor import config as inductor_config
-
-    realize_reads = inductor_config.realize_reads_threshold
+    rule = InlineRule.for_device(device)
     real: dict[fx.Node, bool] = {}
     reads: dict[fx.Node, frozenset] = {}  # buffers an inlined node's expression reads
+    expression: dict[fx.Node, frozenset] = {}  # the inlined nodes an unrealised node's expression is made of
     kernel_reads: dict[fx.Node, frozenset] = {}  # buffers a materialised node's kernel reads
     for n in nodes:
+        inlined = [a for a in n.all_input_nodes if not (real.get(a) or a.op == "placeholder")]
         inputs = frozenset().union(*[
             (frozenset([a]) if real.get(a) or a.op == "placeholder" else reads.get(a, frozenset())) for a in n.all_input_nodes
         ]) if n.all_input_nodes else frozenset()
         reads[n] = inputs
+        expression[n] = frozenset([n]).union(*[expression.get(a, frozenset()) for a in inlined])
         real[n] = materialised(n)
         if real[n]:
             kernel_reads[n] = inputs
             reads[n] = frozenset([n])
+            expression[n] = frozenset()
 
     @functools.lru_cache(maxsize=None)
     def read_until(n: fx.Node) -> int:
@@ -398,7 +538,12 @@ def graph_peak(
     first: dict[str, int] = {}
     last_read: dict[str, int] = {}
     for n, k in key.items():
-        first.setdefault(k, pos[n])
+        # the outputs of a multi-output kernel (its ``getitem`` nodes) exist while it runs; a functionalised
+        # mutation's (``auto_functionalized``) are its inputs, written in place
+        made = n
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and isinstance(n.args[0].target, torch._ops.OpOverload):
+            made = n.args[0]
+        first.setdefault(k, pos[made])
         last_read[k] = max(last_read.get(k, 0), read_until(n))
     for n in nodes:  # views and fused readers keep their owner alive
         if not real[n] and n.op == "call_function":
@@ -438,6 +583,7 @@ def graph_peak(
     host_keys = {k for n, k in key.items() if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "cpu"}
 
     live = grads = host = host_peak = 0
+    alive: set[str] = set()
     peak = GraphPeak(0, "start")
     in_place_at: dict[int, list[tuple[str, str]]] = {}
     for k, ks in reuses.items():
@@ -449,8 +595,11 @@ def graph_peak(
                 host_peak = max(host_peak, host)
                 continue
             live += size[k]
+            alive.add(k)
             grads += size[k] if k in grad_keys else 0
         for k, ks in in_place_at.get(i, ()):  # same bytes, now holding the output
+            alive.discard(ks)
+            alive.add(k)
             grads += size[k] * ((k in grad_keys) - (ks in grad_keys))
         work = _WORKSPACE.get(_op_name(n)) if attention_workspace else None
         transient = work(n) if work is not None else 0
@@ -458,12 +607,16 @@ def graph_peak(
             transient += _body_peak(gm, n, attention_workspace)
         if live + transient > peak.peak:
             peak = GraphPeak(live + transient, n.name, grads)
+            peak_alive = set(alive)
         for k in free_at.get(i, ()):
             if k in host_keys:
                 host -= size[k]
                 continue
             live -= size[k]
+            alive.discard(k)
             grads -= size[k] if k in grad_keys else 0
+    if peak.peak:
+        peak = replace(peak, live=tuple(sorted(((k, size[k]) for k in peak_alive), key=lambda kv: -kv[1])))
     return replace(peak, host=host_peak)
 
 
@@ -512,11 +665,12 @@ def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
     The backward's outputs are the gradients; all are counted as gradients, as autograd keeps them in
     ``.grad``.  ``device="cpu"`` drops FlashAttention-2's backward workspace (CPU's flash kernel keeps
     only small per-thread buffers), for checks against CPU profiler peaks."""
-    fw = graph_peak(program.forward, inputs_owned=False)
+    fw = graph_peak(program.forward, inputs_owned=False, device=device)
     groups = saved_storages(program.forward)
     bw_out = program.backward.graph.output_node().args[0]
     n_out = len(bw_out) if isinstance(bw_out, (tuple, list)) else 1
-    bw = graph_peak(program.backward, inputs_owned=True, grad_outputs=set(range(n_out)), attention_workspace=device != "cpu", input_groups=groups)
+    bw = graph_peak(program.backward, inputs_owned=True, grad_outputs=set(range(n_out)), attention_workspace=device != "cpu", input_groups=groups,
+                    device=device)
     phases = dict(forward=fw.peak, backward=bw.peak, backward_grads=bw.grads_at_peak, host=max(fw.host, bw.host))
     if fw.peak >= bw.peak:
         return StepPeak(fw.peak, fw.peak, 0, f"forward at {fw.at}", **phases)
