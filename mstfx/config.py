@@ -63,18 +63,7 @@ class MstConfig:
                 "per region kind)", DeprecationWarning, stacklevel=3,
             )
             positive_int("lm_head_chunks", self.lm_head_chunks, cap=MAX_USER_CHUNKS)
-        if isinstance(self.mini_sequences, dict):
-            from .regions.registry import REGION_KINDS
-
-            names = [k.name for k in REGION_KINDS]
-            unknown = [k for k in self.mini_sequences if k not in names]
-            if unknown:
-                raise ValueError(f"mini_sequences names unknown region kinds {unknown}; the kinds are {names}")
-            self.mini_sequences = {
-                str(k): positive_int(f"mini_sequences[{k!r}]", v, cap=MAX_USER_CHUNKS) for k, v in self.mini_sequences.items()
-            }
-        elif self.mini_sequences is not None:
-            positive_int("mini_sequences", self.mini_sequences, cap=MAX_USER_CHUNKS)
+        self.mini_sequences = check_mini_sequences(self.mini_sequences)
         positive_int("min_lm_head_chunk_tokens", self.min_lm_head_chunk_tokens)
         for key, val in self.region_chunks.items():
             positive_int(f"region_chunks[{key!r}]", val, cap=MAX_USER_CHUNKS)
@@ -115,6 +104,24 @@ class MstConfig:
         warnings.warn("MstConfig.lm_head_chunks_for is deprecated: use mini_sequences_for('lm_head', region)",
                       DeprecationWarning, stacklevel=2)
         return self.mini_sequences_for("lm_head", region)
+
+
+def check_mini_sequences(value: Any, *, cap: int | None = MAX_USER_CHUNKS) -> int | dict[str, int] | None:
+    """The chunk knob M validated, as ``MstConfig(mini_sequences=...)`` and the planner take it: ``None``
+    (each kind's rule), a positive int (M for every chunked region) or a dict of region-kind names
+    (``mstfx.regions.registry.REGION_KINDS``) to positive ints; ValueError naming an unknown kind or a
+    bad M otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        from .regions.registry import REGION_KINDS
+
+        names = [k.name for k in REGION_KINDS]
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise ValueError(f"mini_sequences names unknown region kinds {unknown}; the kinds are {names}")
+        return {str(k): positive_int(f"mini_sequences[{k!r}]", v, cap=cap) for k, v in value.items()}
+    return positive_int("mini_sequences", value, cap=cap)
 
 
 def is_positive_int(value: Any) -> bool:

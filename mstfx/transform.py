@@ -204,8 +204,8 @@ def transform(
             backend = p.backend(**backend_options)
             state.backends.append(backend)
             state.buckets[b] = (p, _compiled_forward(original, f"bucket_{b}_s{p.seq_len}", backend), backend)
-            log.info("mstfx: bucket S<=%d planned for S = %d: mode %s, M mlp %d, M lm_head %d", b, p.seq_len,
-                     p.mode, p.mlp_chunks, p.lm_head_chunks)
+            log.info("mstfx: bucket S<=%d planned for S = %d: mode %s, mini_sequences %s", b, p.seq_len,
+                     p.mode, ", ".join(f"{k} {m}" for k, m in p.mini_sequences.items()))
         return state.buckets[b][1](*args, **kwargs)
 
     model.forward = forward

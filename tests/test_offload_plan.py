@@ -22,8 +22,8 @@ def reach():
 
 def test_offload_keeps_only_the_checkpoints_in_use_on_the_gpu():
     arch, s = arch_of(MODEL), 65536
-    ck = predict_peak(arch, s, mode="mst+checkpointing", optimizer=OPT, lm_head_chunks=32, mlp_chunks=16)
-    off = predict_peak(arch, s, mode=offload.OFFLOAD_MODE, optimizer=OPT, lm_head_chunks=32, mlp_chunks=16)
+    ck = predict_peak(arch, s, mode="mst+checkpointing", optimizer=OPT, mini_sequences={"lm_head": 32, "mlp": 16})
+    off = predict_peak(arch, s, mode=offload.OFFLOAD_MODE, optimizer=OPT, mini_sequences={"lm_head": 32, "mlp": 16})
     one_checkpoint = s * arch.hidden * 2
     removed = (arch.layers - offload.RESIDENT_CHECKPOINTS["compiled"]) * one_checkpoint
     for phase in ("forward end", "top layer backward (attention)", "top layer backward (mlp)"):

@@ -46,7 +46,7 @@ def _step_matches_eager(model, ref, ids):
 
 def test_roomy_budget_plans_nothing():
     p = P.plan(REF_CFG, 4096, 10.0, optimizer="none")
-    assert (p.mode, p.mlp_chunks, p.lm_head_chunks, p.checkpointing) == ("standard", 1, 1, False)
+    assert (p.mode, p.checkpointing) == ("standard", False) and set(p.mini_sequences.values()) == {1}
     assert p.fits and p.predicted_peak == pytest.approx(_peak(mode="standard"))
 
 
@@ -55,7 +55,8 @@ def test_each_kind_of_plan_between_the_minima():
     s = 16384
 
     def least(mode, m_mlp, m_head):
-        return P.predict_peak(DEEP_CFG, s, mode=mode, optimizer="none", mlp_chunks=m_mlp, lm_head_chunks=m_head).peak
+        ms = None if m_mlp is None else {"mlp": m_mlp, "lm_head": m_head}
+        return P.predict_peak(DEEP_CFG, s, mode=mode, optimizer="none", mini_sequences=ms).peak
 
     std = least("standard", None, None)
     head = least("mst", 1, 64)
@@ -67,7 +68,7 @@ def test_each_kind_of_plan_between_the_minima():
     for lo, hi in ((head, std), (mst, head), (ck_head, mst), (ck, ck_head)):
         p = P.plan(DEEP_CFG, s, (lo + hi) / 2 / P.GiB, optimizer="none", margin=0)
         assert p.predicted_peak <= p.budget_bytes
-        kinds.append((p.mode, p.mlp_chunks > 1, p.lm_head_chunks > 1))
+        kinds.append((p.mode, p.mini_sequences["mlp"] > 1, p.mini_sequences["lm_head"] > 1))
     assert kinds == [("mst", False, True), ("mst", True, True), ("mst+checkpointing", False, True),
                      ("mst+checkpointing", True, True)]
     # MLPs inside checkpointed layers are chunked too: the backend config of that plan says so
@@ -93,9 +94,9 @@ def test_cheapest_plan_order_as_budget_shrinks():
             seen.append("infeasible")
             continue
         assert p.predicted_peak <= budget * P.GiB
-        rank = 0 if p.mode == "standard" else 3 if p.checkpointing else 2 if p.mlp_chunks > 1 else 1
+        rank = 0 if p.mode == "standard" else 3 if p.checkpointing else 2 if p.mini_sequences["mlp"] > 1 else 1
         ranks.append(rank)
-        seen.append((p.mode, p.mlp_chunks, p.lm_head_chunks))
+        seen.append((p.mode, p.mini_sequences["mlp"], p.mini_sequences["lm_head"]))
     assert ranks == sorted(ranks), seen  # a smaller budget never gets a cheaper plan
     assert set(ranks) == {0, 1, 2, 3, 4}, seen  # every kind of plan is chosen somewhere on the way
 
@@ -105,32 +106,29 @@ def test_fewest_chunks_that_fit():
     std = _peak(mode="standard")
     for fraction in (0.8, 0.6, 0.5):
         p = P.plan(REF_CFG, 4096, fraction * std / P.GiB, optimizer="none", margin=0)
-        assert p.mode == "mst" and 4096 % p.lm_head_chunks == 0 and 4096 % p.mlp_chunks == 0
-        for m in range(2, p.lm_head_chunks):
+        assert p.mode == "mst" and 4096 % p.mini_sequences["lm_head"] == 0 and 4096 % p.mini_sequences["mlp"] == 0
+        for m in range(2, p.mini_sequences["lm_head"]):
             if 4096 % m == 0:
-                assert P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mlp_chunks=p.mlp_chunks,
-                                      lm_head_chunks=m).peak > p.budget_bytes
-        for m in range(2, p.mlp_chunks):
+                assert P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mini_sequences={"mlp": p.mini_sequences["mlp"], "lm_head": m}).peak > p.budget_bytes
+        for m in range(2, p.mini_sequences["mlp"]):
             if 4096 % m == 0:
-                assert P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mlp_chunks=m,
-                                      lm_head_chunks=p.lm_head_chunks).peak > p.budget_bytes
+                assert P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mini_sequences={"mlp": m, "lm_head": p.mini_sequences["lm_head"]}).peak > p.budget_bytes
 
 
 def test_uneven_token_counts_keep_the_fewest_chunks():
     # 4099 tokens is prime: no equal split within the cap, so M stays the solved fewest count
     p = P.plan(REF_CFG, 4099, 0.6 * _peak(mode="standard") / P.GiB, optimizer="none")
-    assert p.mode == "mst" and p.lm_head_chunks > 1
+    assert p.mode == "mst" and p.mini_sequences["lm_head"] > 1
     assert P._even_chunks(3, 4096, 64) == 4 and P._even_chunks(3, 4099, 64) == 3 and P._even_chunks(5, 4096, 4) == 5
 
 
 def test_plan_needs_checkpointing_when_chunking_alone_is_not_enough():
-    mst_min = P.predict_peak(DEEP_CFG, 16384, mode="mst", optimizer="none", mlp_chunks=64, lm_head_chunks=64).peak
-    ck_min = P.predict_peak(DEEP_CFG, 16384, mode="mst+checkpointing", optimizer="none", mlp_chunks=64,
-                            lm_head_chunks=64).peak
+    mst_min = P.predict_peak(DEEP_CFG, 16384, mode="mst", optimizer="none", mini_sequences=64).peak
+    ck_min = P.predict_peak(DEEP_CFG, 16384, mode="mst+checkpointing", optimizer="none", mini_sequences=64).peak
     assert ck_min < mst_min
     p = P.plan(DEEP_CFG, 16384, (ck_min + mst_min) / 2 / P.GiB, optimizer="none", margin=0)
     assert p.checkpointing and p.mode == "mst+checkpointing"
-    assert p.config().mini_sequences["mlp"] == p.mlp_chunks and p.config().mini_sequences["lm_head"] == p.lm_head_chunks
+    assert p.config().mini_sequences == p.mini_sequences
 
 
 def test_margin_keeps_headroom_on_gradients_and_activations():
@@ -177,8 +175,8 @@ def test_plan_config_and_backend_apply_the_numbers():
     p = P.plan(REF_CFG, 4096, 0.8 * _peak(mode="standard") / P.GiB, optimizer="none")
     cfg = p.config()
     assert isinstance(cfg, mstfx.MstConfig)
-    assert cfg.mini_sequences["lm_head"] == p.lm_head_chunks and cfg.chunk_lm_head
-    assert cfg.chunk_mlp == (p.mlp_chunks > 1)
+    assert cfg.mini_sequences["lm_head"] == p.mini_sequences["lm_head"] and cfg.chunk_lm_head
+    assert cfg.chunk_mlp == (p.mini_sequences["mlp"] > 1)
     assert isinstance(p.backend(), mstfx.MstBackend)
     std = P.plan(REF_CFG, 1024, 10, optimizer="none").config()
     assert not std.chunk_mlp and not std.chunk_lm_head
@@ -190,12 +188,44 @@ def test_print_plan_is_a_table_with_the_report_columns():
         assert word in text, word
 
 
+def test_mini_sequences_is_the_one_chunk_knob_of_the_planner():
+    """``mini_sequences`` means what it means in MstConfig: an int for every region kind, a dict per kind."""
+    from mstfx.regions.registry import REGION_KINDS
+
+    one = P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mini_sequences=8)
+    per_kind = P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mini_sequences={"mlp": 8, "lm_head": 8})
+    assert one == per_kind and one.mini_sequences["mlp"] == one.mini_sequences["lm_head"] == 8
+    # a kind left out follows the backend's rule; its M differs from the one given here
+    rule = P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none")
+    head_only = P.predict_peak(REF_CFG, 4096, mode="mst", optimizer="none", mini_sequences={"lm_head": 2})
+    assert head_only.mini_sequences["lm_head"] == 2 and head_only.mini_sequences["mlp"] == rule.mini_sequences["mlp"]
+    assert P.longest_seq_len(REF_CFG, 1.5, mode="mst", mini_sequences=8) == P.longest_seq_len(
+        REF_CFG, 1.5, mode="mst", mini_sequences={"mlp": 8, "lm_head": 8})
+    for bad, match in (({"mlp": 8, "attention": 2}, "unknown region kinds"), (0, "positive integer"),
+                       ({"lm_head": -1}, "positive integer"), (2.5, "positive integer")):
+        with pytest.raises(ValueError, match=match):
+            P.predict_peak(REF_CFG, 4096, mode="mst", mini_sequences=bad)
+        with pytest.raises(ValueError, match=match):
+            P.longest_seq_len(REF_CFG, 1.5, mode="mst", mini_sequences=bad)
+    # a plan's M per kind: every registry kind the cost model chunks (each follows an M symbol), and
+    # its backend config carries the same numbers
+    p = P.plan(REF_CFG, 4096, 0.6 * _peak(mode="standard") / P.GiB, optimizer="none", margin=0)
+    chunked = {k.name for k in REGION_KINDS if k.cost_symbol in ("M_mlp", "M_head")}
+    assert p.mode == "mst" and set(p.mini_sequences) == chunked == set(p.breakdown.mini_sequences)
+    assert p.mini_sequences["lm_head"] > 1 and p.config().mini_sequences == p.mini_sequences
+    for k in REGION_KINDS:
+        assert p.config().mini_sequences_for(k.name, None) == p.mini_sequences[k.name]
+    # the plan's numbers predict the plan's peak
+    again = P.predict_peak(REF_CFG, 4096, mode=p.mode, optimizer="none", mini_sequences=p.mini_sequences)
+    assert again.peak == pytest.approx(p.predicted_peak)
+
+
 def test_predict_and_longest_agree():
     for mode in ("standard", "checkpointing"):
         s = P.longest_seq_len(REF_CFG, 1.5, mode=mode)
         assert P.predict_peak(REF_CFG, s, mode=mode).peak <= 1.5 * P.GiB < P.predict_peak(REF_CFG, s + 1, mode=mode).peak
-    s = P.longest_seq_len(REF_CFG, 1.5, mode="mst", mlp_chunks=8, lm_head_chunks=8)
-    assert P.predict_peak(REF_CFG, s, mode="mst", mlp_chunks=8, lm_head_chunks=8).peak <= 1.5 * P.GiB
+    s = P.longest_seq_len(REF_CFG, 1.5, mode="mst", mini_sequences=8)
+    assert P.predict_peak(REF_CFG, s, mode="mst", mini_sequences=8).peak <= 1.5 * P.GiB
     # M following S by the rule: longer than any fixed-M plan at this budget
     assert P.longest_seq_len(REF_CFG, 1.5, mode="mst") >= s
 
@@ -325,8 +355,8 @@ def test_transform_enables_checkpointing_when_the_plan_needs_it():
     model = tiny_llama(layers=12)
     arch = P.arch_of(model)
     s = 4096
-    ck = P.predict_peak(model, s, mode="mst+checkpointing", optimizer="none", mlp_chunks=64, lm_head_chunks=64).peak
-    mst = P.predict_peak(model, s, mode="mst", optimizer="none", mlp_chunks=64, lm_head_chunks=64).peak
+    ck = P.predict_peak(model, s, mode="mst+checkpointing", optimizer="none", mini_sequences=64).peak
+    mst = P.predict_peak(model, s, mode="mst", optimizer="none", mini_sequences=64).peak
     assert ck < mst, arch
     transform(model, budget_gb=(ck + mst) / 2 / P.GiB, seq_len=s, optimizer="none", compiler="eager")
     assert model.is_gradient_checkpointing and model._mstfx_transform.plan.checkpointing
@@ -374,7 +404,7 @@ def _tight_budget_case(fraction, dtype=torch.float32):
     plan = model._mstfx_transform.plan
     ids = torch.randint(0, 32000, (1, 4096), generator=torch.Generator().manual_seed(0))
     peak = _measured_peak(model, ids) + params
-    print(f"{dtype} fraction {fraction:.3g}: plan {plan.mode} M={plan.mlp_chunks}/{plan.lm_head_chunks}, budget "
+    print(f"{dtype} fraction {fraction:.3g}: plan {plan.mode} M={plan.mini_sequences}, budget "
           f"{tight * 1e3:.0f} MB, predicted {plan.predicted_peak / 1e6:.0f} MB, measured {peak / 1e6:.0f} MB")
     assert peak <= tight * P.GiB, (plan.mode, peak, tight)
 
@@ -456,7 +486,7 @@ def test_a_backbone_has_no_lm_head_row_and_bert_is_not_gated():
     # a backbone's plan under pressure chunks the MLPs, never an LM head it does not have
     need = P.predict_peak(llama, 4096, mode="standard", optimizer="none").peak
     tight = P.plan(llama, 4096, 0.7 * need / P.GiB, optimizer="none", margin=0)
-    assert tight.lm_head_chunks == 1 and tight.mlp_chunks > 1 and "LM head" not in tight.reason
+    assert tight.mini_sequences["lm_head"] == 1 and tight.mini_sequences["mlp"] > 1 and "LM head" not in tight.reason
 
 
 def test_plan_rows_add_up_to_the_activation_peak():
@@ -487,8 +517,7 @@ def test_an_input_beyond_seq_len_is_planned_at_its_own_length_when_its_bucket_do
     model = tiny_llama()
     opts = dict(optimizer="none", margin=0)
     # a budget that fits S = 515 (at most chunks) but not its bucket's top, 1024
-    lo, hi = (min(P.predict_peak(model, s, mode=m, optimizer="none", mlp_chunks=P.MAX_CHUNKS,
-                                 lm_head_chunks=P.MAX_CHUNKS).peak for m in ("mst", "mst+checkpointing"))
+    lo, hi = (min(P.predict_peak(model, s, mode=m, optimizer="none", mini_sequences=P.MAX_CHUNKS).peak for m in ("mst", "mst+checkpointing"))
               for s in (515, 1024))  # the smallest peaks any plan reaches (margin 0)
     assert lo < hi
     budget = (lo + hi) / 2 / P.GiB  # the most-chunked plan fits S = 515 and not S = 1024

@@ -37,7 +37,7 @@ from typing import Any
 import sympy as sp
 
 from .. import model_configs
-from ..config import MAX_USER_CHUNKS, is_positive_int, positive_int
+from ..config import MAX_USER_CHUNKS, check_mini_sequences, is_positive_int, positive_int
 from ..model_configs import source as config_source
 from ..regions import rules
 from . import cost_model as cm
@@ -253,8 +253,8 @@ class Breakdown:
     peak: float
     phase: str
     mode: str
-    mlp_chunks: int
-    lm_head_chunks: int
+    #: M per region kind (``mstfx.regions.registry.REGION_KINDS``) the prediction used; 1 = not chunked
+    mini_sequences: dict[str, int]
     phases: dict = field(default_factory=dict)
 
 
@@ -264,6 +264,41 @@ def default_chunks(arch: cm.Arch, tokens: int) -> tuple[int, int]:
     mlp = min(rules.mlp_rule(tokens, arch.hidden), tokens)
     head = min(rules.lm_head_rule(tokens, arch.hidden, arch.vocab), tokens)
     return max(1, mlp), max(1, head)
+
+
+def per_kind(m_mlp: int, m_head: int) -> dict[str, int]:
+    """M per region kind from the cost model's two M symbols: each kind of
+    ``mstfx.regions.registry.REGION_KINDS`` takes the M of its ``cost_symbol`` ("M_mlp" or "M_head")."""
+    from ..regions.registry import REGION_KINDS
+
+    return {k.name: m_head if k.cost_symbol == "M_head" else m_mlp for k in REGION_KINDS}
+
+
+def symbol_chunks(mini_sequences: int | dict[str, int] | None) -> tuple[int | None, int | None]:
+    """``(M_mlp, M_head)`` that ``mini_sequences`` asks for (``None``: the backend's rule for that symbol).
+
+    ``mini_sequences`` means what it means in ``MstConfig``: an int is M for every chunked region; a
+    dict maps region-kind names to M, and each kind's M feeds the cost-model symbol it follows (its
+    ``cost_symbol``); kinds left out follow their rule.  ValueError for an unknown kind, an M that is
+    not a positive integer, or kinds of one symbol given different M (the cost model has one M each).
+    """
+    ms = check_mini_sequences(mini_sequences)
+    if ms is None:
+        return None, None
+    if not isinstance(ms, dict):
+        return ms, ms
+    from ..regions.registry import REGION_KINDS
+
+    out: dict[str, int | None] = {}
+    for symbol in ("M_mlp", "M_head"):
+        given = {k.name: ms[k.name] for k in REGION_KINDS if k.cost_symbol == symbol and k.name in ms}
+        if len(set(given.values())) > 1:
+            raise ValueError(
+                f"mini_sequences gives the region kinds {sorted(given)} different M ({given}); the cost model "
+                f"counts them with one symbol {symbol}: give them the same M"
+            )
+        out[symbol] = next(iter(given.values()), None)
+    return out["M_mlp"], out["M_head"]
 
 
 def check_budget(budget_gb: Any) -> float:
@@ -307,33 +342,36 @@ def predict_peak(
     mode: str = "standard",
     optimizer: str = "none",
     mixed_precision: str | bool | None = None,
-    mlp_chunks: int | None = None,
-    lm_head_chunks: int | None = None,
+    mini_sequences: int | dict[str, int] | None = None,
     program: str = "compiled",
 ) -> Breakdown:
     """Predicted peak of one fwd+bwd (+ optimizer state) of a compiled training step.
 
     ``config``: an nn.Module, an HF config, a config dict, a config.json path or a preset name.
     ``mode``: "standard", "checkpointing", "mst", "mst+checkpointing".  In the mst modes M defaults to the
-    backend's rule; pass ``mlp_chunks`` / ``lm_head_chunks`` for a plan's numbers (1 = not chunked).
+    backend's rule; ``mini_sequences`` sets it as ``MstConfig`` does: an int for every chunked region, or
+    a dict per region kind (``{"mlp": 8, "lm_head": 16}``; kinds left out follow the rule; 1 = not
+    chunked), e.g. a plan's ``mini_sequences``.
     ``program="eager"`` predicts the same step run op by op with FlashAttention (``mstfx simulate``).
     Stable signature: ``mstfx simulate`` compares against it.
     """
     seq_len = positive_int("seq_len", seq_len)
     batch = positive_int("batch", batch)
+    want_mlp, want_head = symbol_chunks(mini_sequences)
     optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     arch = arch_of(config)
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     chunked, _ = cm.mode_flags(mode)
     d_mlp, d_head = default_chunks(arch, seq_len * batch)
-    m_mlp = (mlp_chunks or d_mlp) if chunked else 1
-    m_head = (lm_head_chunks or d_head) if chunked else 1
+    m_mlp = (want_mlp or d_mlp) if chunked else 1
+    m_head = (want_head or d_head) if chunked else 1
     cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program)
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
     params, grads, opt = (float(x) for x in (cost.params, cost.grads, cost.optimizer))
-    return Breakdown(params, grads, opt, vals[phase] - grads, params + opt + vals[phase], phase, mode, m_mlp, m_head, vals)
+    return Breakdown(params, grads, opt, vals[phase] - grads, params + opt + vals[phase], phase, mode,
+                     per_kind(m_mlp, m_head), vals)
 
 
 def longest_seq_len(
@@ -343,8 +381,7 @@ def longest_seq_len(
     mode: str = "mst",
     optimizer: str = "none",
     mixed_precision: str | bool | None = None,
-    mlp_chunks: int | None = None,
-    lm_head_chunks: int | None = None,
+    mini_sequences: int | dict[str, int] | None = None,
     margin: float = 0.0,
 ) -> int:
     """Longest S whose predicted peak fits ``budget_gb`` (solved with sympy; 0 if none fits).
@@ -352,12 +389,14 @@ def longest_seq_len(
     ``margin``: the fraction of headroom kept on gradients + activations (as :func:`plan`; 0 here, so
     the answer is the cost model's own).
 
-    In the mst modes with M left ``None``, M follows S by the backend's rule: an MLP chunk is at most
+    ``mini_sequences``: M as in :func:`predict_peak` (an int, or a dict per region kind).  In the mst
+    modes, for a region M is not given, M follows S by the backend's rule: an MLP chunk is at most
     ``hidden`` tokens, an LM-head chunk max(t·h/V, 256) tokens; each rule's branch is solved on its own.
     """
     budget = check_budget(budget_gb)
     margin = check_margin(margin)
     batch = positive_int("batch", batch)
+    want_mlp, want_head = symbol_chunks(mini_sequences)
     optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     arch = arch_of(config)
     mixed_precision = precision_of(config, mixed_precision)
@@ -366,8 +405,8 @@ def longest_seq_len(
     t = cm.B * cm.S
     if not chunked:
         return cm.longest_s(cm.step_cost(arch, mode, optimizer, prec, 1, 1), budget, batch, margin)
-    mlp_options = [mlp_chunks] if mlp_chunks else [t / arch.hidden]
-    head_options = [lm_head_chunks] if lm_head_chunks else [sp.Rational(arch.vocab, arch.hidden), t / MIN_HEAD_CHUNK_TOKENS]
+    mlp_options = [want_mlp] if want_mlp else [t / arch.hidden]
+    head_options = [want_head] if want_head else [sp.Rational(arch.vocab, arch.hidden), t / MIN_HEAD_CHUNK_TOKENS]
     best = None
     for m_mlp in mlp_options:
         for m_head in head_options:
@@ -403,8 +442,9 @@ class Plan:
     optimizer: str
     mixed_precision: Any
     mode: str
-    mlp_chunks: int
-    lm_head_chunks: int
+    #: M per region kind (``mstfx.regions.registry.REGION_KINDS``, e.g. ``{"mlp": 2, "lm_head": 4, ...}``);
+    #: 1 = not chunked
+    mini_sequences: dict[str, int]
     checkpointing: bool
     breakdown: Breakdown
     rows: list[PlanRow]
@@ -453,14 +493,12 @@ class Plan:
         from ..regions.registry import REGION_KINDS
 
         chunked = self.mode.startswith("mst")
-        # every kind takes the M of the cost-model symbol it follows (MLP-like kinds: mlp_chunks)
-        per_kind = {k.name: self.lm_head_chunks if k.cost_symbol == "M_head" else self.mlp_chunks for k in REGION_KINDS}
-        planned = dict(
-            mini_sequences=per_kind if chunked else None,
-            chunk_mlp=chunked and self.mlp_chunks > 1,
-            chunk_lm_head=chunked and self.lm_head_chunks > 1,
-            offload_checkpoints=self.offload,
-        )
+        planned: dict[str, Any] = dict(mini_sequences=dict(self.mini_sequences) if chunked else None)
+        # a kind with a switch of its own (chunk_mlp, chunk_lm_head) is on where the plan chunks it
+        for k in REGION_KINDS:
+            if k.switch is not None:
+                planned[k.switch] = chunked and self.mini_sequences.get(k.name, 1) > 1
+        planned["offload_checkpoints"] = self.offload
         clash = sorted((set(planned) | {"lm_head_chunks"}) & set(options))
         if clash:
             raise ValueError(f"{clash} are set by the plan; change the budget instead (or build MstConfig yourself)")
@@ -648,7 +686,7 @@ def plan(
                                   margin, allow_offload=allow_offload)
         raise InfeasibleBudgetError(budget, least.predicted_peak, seq_len, longest, batch, margin, least.planned_peak)
     found.longest_seq_len = _plan_longest(arch, budget, batch, found.mode, optimizer, mixed_precision,
-                                          found.mlp_chunks, found.lm_head_chunks, margin)
+                                          found.mini_sequences, margin)
     return found
 
 
@@ -672,15 +710,18 @@ def longest_fitting(
     modes += [offload.OFFLOAD_MODE] if allow_checkpointing and allow_offload else []
     arch = arch_of(model_or_config)
     mixed_precision = precision_of(model_or_config, mixed_precision)
-    return max(longest_seq_len(arch, budget_gb, batch, m, optimizer, mixed_precision, max_chunks, max_chunks, margin)
-               for m in modes)
+    return max(longest_seq_len(arch, budget_gb, batch, m, optimizer, mixed_precision, mini_sequences=max_chunks,
+                               margin=margin) for m in modes)
 
 
-def _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, m_mlp, m_head, margin) -> int:
-    """Longest S a plan's mode and M fit in ``budget`` bytes (M > 1 fixed; 1 = that region not chunked)."""
+def _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, mini_sequences: dict[str, int],
+                  margin) -> int:
+    """Longest S a plan's mode and M per region kind fit in ``budget`` bytes (an M > 1 is held fixed; a
+    kind at 1 follows the backend's rule as S grows)."""
     if mode.startswith("mst"):
+        fixed = {k: m for k, m in mini_sequences.items() if m > 1}
         return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision,
-                               m_mlp if m_mlp > 1 else None, m_head if m_head > 1 else None, margin)
+                               mini_sequences=fixed or None, margin=margin)
     return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision, margin=margin)
 
 
@@ -704,7 +745,8 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
     params, grads, opt = (float(x) for x in (cost.params, cost.grads, cost.optimizer))
-    br = Breakdown(params, grads, opt, vals[phase] - grads, params + opt + vals[phase], phase, mode, m_mlp, m_head, vals)
+    br = Breakdown(params, grads, opt, vals[phase] - grads, params + opt + vals[phase], phase, mode,
+                   per_kind(m_mlp, m_head), vals)
     rows = []
     for r in cost.regions:
         if r.count == 0:  # a region kind the model does not have (a backbone's LM head)
@@ -722,9 +764,9 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
         kept = offload.checkpoints_on_gpu(arch.layers, mode, "compiled") / arch.layers
         rows = [replace(r, bytes_after=r.bytes_after * kept, shape=f"{r.shape} (host: the rest)")
                 if r.region == "checkpointed layer" else r for r in rows]
-    longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, m_mlp, m_head, margin) \
+    longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, br.mini_sequences, margin) \
         if with_longest else 0
-    return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, m_mlp, m_head,
+    return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, dict(br.mini_sequences),
                 "checkpointing" in mode, br, rows, longest, reason, margin, **_host_terms(arch, prec, mode, setup, seq_len, batch,
                                                                            host_budget, pcie_gbps))
 

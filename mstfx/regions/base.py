@@ -33,7 +33,7 @@ class RegionKind:
         switch: the ``MstConfig`` field (a bool) that turns the kind off, if it has its own.
         in_checkpoint_bodies: also look inside activation-checkpointed layers.
         cost_symbol: the cost model's M symbol whose value this kind's chunks take ("M_mlp" or
-            "M_head"): the planner's ``mlp_chunks`` / ``lm_head_chunks`` knob.
+            "M_head"): the planner's ``mini_sequences`` entry for this kind feeds that symbol.
     """
 
     name: ClassVar[str]

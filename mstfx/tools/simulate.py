@@ -325,16 +325,17 @@ class _FakeModel:
                 recipe.append(("const", a))
         return got["fn"], recipe
 
-    def _mst_patches(self, seq_len: int, batch: int, undo: list, lm_head_chunks: int | None = None) -> dict[str, int]:
+    def _mst_patches(self, seq_len: int, batch: int, undo: list, lm_head_m: int | None = None) -> dict[str, int]:
         """Install the mst backend's eager rewrite of every MLP and of the LM head + loss; the way to
         remove each patch goes into ``undo`` as soon as it is installed (so a failure half-way is
-        undone too); returns M per region kind.  ``lm_head_chunks``: the LM head's M (default: the
+        undone too); returns M per region kind.  ``lm_head_m``: the LM head's M (default: the
         backend's rule)."""
         import torch
 
         import mstfx
 
-        be = mstfx.backend(compiler="eager", lm_head_chunks=lm_head_chunks)
+        be = mstfx.backend(compiler="eager",
+                           mini_sequences=None if lm_head_m is None else {"lm_head": lm_head_m})
         model, cfg = self.model, self.config
         layers = self._layers()
         hidden = cfg.hidden_size
@@ -728,7 +729,7 @@ def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> li
             ms = simd.chunks if mode == "mst+ckpt+offload" else {}
             pred = predict_peak(
                 arch, int(s), batch, COST_MODEL_MODES[mode], optimizer="none", mixed_precision="bf16", program="eager",
-                mlp_chunks=ms.get("mlp"), lm_head_chunks=ms.get("lm_head"),
+                mini_sequences=dict(ms) or None,
             )
             rows.append(
                 dict(

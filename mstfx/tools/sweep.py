@@ -177,7 +177,8 @@ def prepare(variant: str, base, ids, budget_gib: float, mem_budget: float):
         mstfx.transform(model, budget_gb=budget_gib * GIB / planner.GB, seq_len=ids.shape[-1],
                         batch=ids.shape[0], optimizer="none")
         plan = model._mstfx_transform.plan
-        note = (f"plan at S={ids.shape[-1]}: {plan.mode}, M mlp {plan.mlp_chunks}, M lm_head {plan.lm_head_chunks}"
+        ms = ", ".join(f"{k} {m}" for k, m in plan.mini_sequences.items())
+        note = (f"plan at S={ids.shape[-1]}: {plan.mode}, mini_sequences {ms}"
                 f"{', checkpointing' if plan.checkpointing else ''}; predicted {plan.predicted_peak / MIB:.0f} MiB")
         loss = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
     else:
