@@ -726,7 +726,7 @@ def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | 
     if mst and mst_config is None and offload:  # the offload mode's LM-head chunks (``offload_sim.lm_head_chunks``)
         from .offload_sim import lm_head_chunks
 
-        mst_config = MstConfig(lm_head_chunks=lm_head_chunks(config.hidden_size, config.vocab_size, seq_len * batch))
+        mst_config = MstConfig(mini_sequences={"lm_head": lm_head_chunks(config.hidden_size, config.vocab_size, seq_len * batch)})
     program = capture_program(model, ids, (mst_config or MstConfig()) if mst else None, offload=offload)
     return program_peak(program, device=device)
 
