@@ -361,11 +361,13 @@ class RoutedExpertsKind(RegionKind):
                            f"{len(region.inputs)} token inputs, recompute in backward")
 
     def cost(self, arch, prec, chunked, m, program):
-        """Bytes per layer, derived from the ops (not fitted), per token and each of its k slots:
+        """Bytes per MoE layer (``arch.routed_layers`` of them; the layer's norm and any shared expert
+        are the cost model's, ``cost_model.moe_block``), derived from the ops (not fitted), per token and
+        each of its k slots:
         unchunked, the gathered input (h), the gate/up output (2·I), the activation (I) and the down
         output (h) are saved, with three int64 slot indices; chunked, only the router's weights and
         indices are kept for the recompute, and one run's slots are alive in backward."""
-        if not (arch.experts and arch.experts_per_token):
+        if not (arch.experts and arch.experts_per_token and arch.routed_layers):
             return None
         from ..planning.cost_model import B, FP32, RegionCost, S
 
@@ -377,11 +379,11 @@ class RoutedExpertsKind(RegionKind):
         if chunked:
             run = t / m
             return RegionCost(
-                self.name, arch.layers, shape, saved=t * kept, fwd_transient=run * k * slot,
+                self.name, arch.routed_layers, shape, saved=t * kept, fwd_transient=run * k * slot,
                 bwd_transient=run * k * (slot + a * (2 * h + 3 * i)),
                 recompute_flops=2 * t * k * h * i * 2, chunks=m,
             )
-        return RegionCost(self.name, arch.layers, shape, saved=t * (k * slot + kept), fwd_transient=0 * S,
+        return RegionCost(self.name, arch.routed_layers, shape, saved=t * (k * slot + kept), fwd_transient=0 * S,
                           bwd_transient=t * k * a * (h + 3 * i))
 
 
