@@ -114,7 +114,9 @@ def test_skip_kinds_turns_the_kind_off():
 
 
 def test_cost_terms_shrink_with_m():
-    """The kind's cost terms: saved bytes drop when chunked, and the backward transient falls as 1/M."""
+    """The kind's cost terms: saved bytes drop when chunked; of the backward transient, one run's
+    buffers fall as 1/M while the runs' partial weight gradients (M copies of the stacked experts'
+    weights, summed after the last run) grow with M."""
     from mstfx.planning import cost_model as cm
     from mstfx.planning.planner import arch_of
     from mstfx.regions.routed_experts import KIND
@@ -125,7 +127,13 @@ def test_cost_terms_shrink_with_m():
     full, c4, c8 = KIND.cost(arch, prec, False, 1, "compiled"), KIND.cost(arch, prec, True, 4, "compiled"), KIND.cost(arch, prec, True, 8, "compiled")
     at = lambda e, m=1: cm.evaluate(e, 4096, 1, m_mlp=m)  # noqa: E731
     assert at(c4.saved, 4) < at(full.saved) / 10
-    assert at(c8.bwd_transient, 8) == pytest.approx(at(c4.bwd_transient, 4) / 2)
+    assert at(c8.pooled, 8) == pytest.approx(at(c4.pooled, 4) / 2)
+    weights = arch.experts * (arch.ups + 1) * arch.hidden * arch.expert_intermediate * prec.act_bytes
+    partials = lambda m: m * weights + 4096 * prec.act_bytes * (2 * arch.hidden + arch.experts_per_token)  # noqa: E731
+    for c, m in ((c4, 4), (c8, 8)):
+        assert at(c.bwd_transient, m) == pytest.approx(at(c.pooled, m) + partials(m))
+    eager = KIND.cost(arch, prec, True, 8, "eager")
+    assert eager.pooled is None and at(eager.bwd_transient, 8) == pytest.approx(at(c8.pooled, 8))
     dense = arch_of(BY_NAME["llama"].build())
     assert KIND.cost(dense, prec, True, 4, "compiled") is None
     peak = cm.step_cost(arch, "mst", m_mlp=4, m_head=4)

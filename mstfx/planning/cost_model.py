@@ -265,6 +265,9 @@ class RegionCost:
     bwd_transient: sp.Expr
     recompute_flops: sp.Expr = sp.Integer(0)
     chunks: sp.Expr = sp.Integer(1)
+    #: a region kind's chunk buffers that Inductor's reuse pool keeps alive through the attention
+    #: backward after the region's own (``None``: none, or the dense MLP's rule in :func:`step_cost`)
+    pooled: sp.Expr | None = None
 
 
 @dataclass
@@ -628,10 +631,12 @@ def step_cost(
         # compiled: Inductor's buffer reuse keeps a chunked MLP's freed chunk buffers in its pool until the
         # next layer's MLP backward allocates the same sizes, so they are alive in the attention backward
         # between (measured, reference Llama, M = 3 and 4; COEF["mlp_chunk_pool"]); MoE: the larger
-        # of the dense MLP's and the shared expert's
+        # of the dense MLP's and the shared expert's, and beside it a chunked region kind's own pooled
+        # buffers (routed experts: one run's, measured on the tiny Qwen2-MoE alongside the shared expert's)
         mlps = [r for r in (mlp, *present) if r.kind in ("mlp", "shared expert") and r.count and r.chunks != 1]
         pooled = mlps[0].bwd_transient if len(mlps) == 1 else _larger(*(r.bwd_transient for r in mlps)) if mlps else 0
-        pool = pooled * COEF["mlp_chunk_pool"] if compiled and mlps else 0
+        pooled = pooled + sum((r.pooled for r in present if r.pooled is not None and r.chunks != 1), sp.Integer(0))
+        pool = pooled * COEF["mlp_chunk_pool"] if compiled else 0
         tops = {"(attention)": attn.bwd_transient + pool,
                 **({"(mlp)": mlp.bwd_transient} if mlp.count else {}),
                 **{f"({e.kind})": e.bwd_transient for e in present}}

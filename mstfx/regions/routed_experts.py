@@ -366,7 +366,18 @@ class RoutedExpertsKind(RegionKind):
         each of its k slots:
         unchunked, the gathered input (h), the gate/up output (2·I), the activation (I) and the down
         output (h) are saved, with three int64 slot indices; chunked, only the router's weights and
-        indices are kept for the recompute, and one run's slots are alive in backward."""
+        indices are kept for the recompute, and one run's slots are alive in backward.
+
+        Chunked and compiled, the region's backward also holds every run's partial gradients until
+        the last run: each run's grouped matmuls give their own gradient of the stacked ``[E, ...]``
+        weights, and each run's ``narrow`` its input gradients (h, and k for the top-k weights);
+        Inductor fuses the chains of additions that sum them into one kernel after the last run, so at
+        the end M copies of the experts' weights (``ups + 1`` matrices of E × h × I, activation dtype)
+        and all tokens' input gradients are alive, with the joined input gradient (h) being made
+        (measured on the tiny Mixtral at S = 4096, M = 8: 8 × 0.28 MiB of weight gradients, 8 × run ×
+        h, then T × h, beside the last run's slots).  One run's buffers (``pooled``) then stay in
+        Inductor's reuse pool through the attention backward that follows, as a chunked dense MLP's
+        do (``cost_model.COEF["mlp_chunk_pool"]``; measured on the tiny Qwen2-MoE)."""
         if not (arch.experts and arch.experts_per_token and arch.routed_layers):
             return None
         from ..planning.cost_model import B, FP32, RegionCost, S
@@ -378,10 +389,14 @@ class RoutedExpertsKind(RegionKind):
         shape = f"{h}→top-{k}×{i}→{h}"
         if chunked:
             run = t / m
+            one_run = run * k * (slot + a * (2 * h + 3 * i))
+            # compiled: every run's partial gradients, summed by one fused kernel after the last run
+            partials = m * arch.experts * (arch.ups + 1) * h * i * a + t * a * (2 * h + k) if program == "compiled" else 0
             return RegionCost(
                 self.name, arch.routed_layers, shape, saved=t * kept, fwd_transient=run * k * slot,
-                bwd_transient=run * k * (slot + a * (2 * h + 3 * i)),
+                bwd_transient=one_run + partials,
                 recompute_flops=2 * t * k * h * i * 2, chunks=m,
+                pooled=one_run if program == "compiled" else None,
             )
         return RegionCost(self.name, arch.routed_layers, shape, saved=t * (k * slot + kept), fwd_transient=0 * S,
                           bwd_transient=t * k * a * (h + 3 * i))
