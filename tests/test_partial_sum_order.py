@@ -17,19 +17,19 @@ def _node(g, target, args, val):
 
 
 def _chain_of_matmuls(n_chunks: int, late_partial: bool = False) -> tuple[fx.GraphModule, list]:
-    """sum_k view(mm(x_k, w)) as autograd accumulates a gradient over n chunks, and a chain of
+    """sum_k view(bmm(x_k, w)) as autograd accumulates a gradient over n chunks, and a chain of
     pointwise terms (left to Inductor); with ``late_partial``, an unrelated op sits between the last
     partial and its add, which the pass moves up."""
     g = fx.Graph()
     w = g.placeholder("w")
-    w.meta["val"] = torch.randn(6, 4)
+    w.meta["val"] = torch.randn(1, 6, 4)
     vals = [w.meta["val"]]
     acc = None
     for k in range(n_chunks):
         x = g.placeholder(f"x{k}")
-        x.meta["val"] = torch.randn(5, 6)
+        x.meta["val"] = torch.randn(1, 5, 6)
         vals.append(x.meta["val"])
-        p = _node(g, aten.mm.default, (x, w), x.meta["val"] @ w.meta["val"])
+        p = _node(g, aten.bmm.default, (x, w), x.meta["val"] @ w.meta["val"])
         p = _node(g, aten.view.default, (p, [1, 5, 4]), p.meta["val"].view(1, 5, 4))
         if late_partial and k == n_chunks - 1:
             _node(g, aten.neg.default, (w,), -w.meta["val"])

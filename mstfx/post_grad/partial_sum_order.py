@@ -11,8 +11,8 @@ already turns each ``add(mm, acc)`` into one ``addmm`` per chunk, so those chain
 adds.
 
 The pass finds chains of ``aten.add.Tensor`` (through views) that sum at least
-:data:`MIN_TERMS` terms, each the output of a non-pointwise producer (a matmul, or an extern or
-custom op: what Inductor cannot fuse into the sum anyway), and replaces every add of the chain by
+:data:`MIN_TERMS` terms, each the output of a non-pointwise producer (a batched or grouped matmul, or an
+extern or custom op: what Inductor cannot fuse into the sum anyway), and replaces every add of the chain by
 :func:`accumulate`, an opaque custom op that Inductor calls as an extern kernel, in graph order,
 placed right after the later of its two inputs.  Then at most the running sum, one partial and the
 new sum are alive.  The values are the same sums in the same order; only when they are computed
@@ -49,9 +49,11 @@ def _(a, b):
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim,
           aten.squeeze.dims, aten.unsqueeze.default}
-#: aten producers that Inductor lowers to extern (matmul) kernels rather than fusable loops
-_MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
-            aten.convolution.default, aten.convolution_backward.default}
+#: aten producers that Inductor lowers to extern (matmul) kernels rather than fusable loops.  Plain
+#: ``mm`` / ``addmm`` are not among them: Inductor's own ``addmm`` pattern already sums a chain of
+#: them one matmul at a time (a dense weight's gradient), and where it leaves one (the attention's
+#: q/k/v input gradient, three terms) the fused sum reads each term once and costs nothing extra
+_MATMULS = {aten.bmm.default, aten.baddbmm.default, aten.convolution.default, aten.convolution_backward.default}
 for _name in ("_grouped_mm", "_scaled_grouped_mm", "_scaled_mm"):
     if hasattr(aten, _name):
         _MATMULS.add(getattr(aten, _name).default)
