@@ -11,7 +11,8 @@ parameters by the profiler (``mstfx.tools.measure.peak_bytes``), all variants in
 
 each mst variant at M = 8, with loss and gradients compared with eager on the same weights.
 The predicted share is the routed-experts kind's cost terms: saved bytes unchunked − chunked, all
-layers (``RoutedExpertsKind.cost``).
+layers (``RoutedExpertsKind.cost``); the predicted peaks are the cost model's whole step
+(``predict_peak``, standard for plain Inductor and mst at M), above the parameters.
 
     python examples/moe_peak.py [mixtral qwen2-moe]
 """
@@ -49,6 +50,12 @@ def measure(name: str, seq: int = SEQ, m: int = M) -> dict:
     ids = torch.randint(1, model.config.vocab_size, (1, seq), generator=g)
     ref = loss_and_grads(model, ids, ids)
     out = {"predicted_share": predicted_share(model, seq, m)}
+    # the whole step as the cost model predicts it, above the parameters (gradients + activations)
+    from mstfx.planning.planner import predict_peak
+
+    for label, mode, ms in (("inductor", "standard", None), ("mst", "mst", m)):
+        b = predict_peak(model, seq, mode=mode, mini_sequences=ms)
+        out[f"predicted {label}"] = b.peak - b.params
     variants = {
         "inductor": "inductor",
         "mst, experts unchanged": mstfx.backend(mini_sequences=m, skip_kinds=("routed_experts",)),
@@ -69,14 +76,15 @@ def measure(name: str, seq: int = SEQ, m: int = M) -> dict:
 def main(argv: list[str]) -> int:
     names = argv or ["mixtral", "qwen2-moe"]
     print(f"S = {SEQ}, M = {M}, fp32; MiB = 2**20 bytes")
-    print("| model | inductor | mst, experts unchanged | mst | inductor − mst | experts' saving (measured) | experts' share (predicted) | max \\|Δ\\| vs eager |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | inductor | mst, experts unchanged | mst | inductor − mst | experts' saving (measured) | experts' share (predicted) | "
+          "inductor (predicted) | mst (predicted) | max \\|Δ\\| vs eager |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         r = measure(name)
         mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
         print(f"| {name} | {mib(r['inductor'])} | {mib(r['mst, experts unchanged'])} | {mib(r['mst'])} | "
               f"{mib(r['inductor'] - r['mst'])} | {mib(r['mst, experts unchanged'] - r['mst'])} | "
-              f"{mib(r['predicted_share'])} | {max(r['mst max|Δ|'], r['mst, experts unchanged max|Δ|']):.1e} |", flush=True)
+              f"{mib(r['predicted_share'])} | {mib(r['predicted inductor'])} | {mib(r['predicted mst'])} | {max(r['mst max|Δ|'], r['mst, experts unchanged max|Δ|']):.1e} |", flush=True)
     return 0
 
 

@@ -32,19 +32,23 @@ INDUCTOR_CONFIG_PATCHES = {"reorder_for_peak_memory": False}
 
 
 def inductor_config_patches(offload_checkpoints: bool = False) -> dict:
-    """:data:`INDUCTOR_CONFIG_PATCHES` plus mstfx's two aten-level passes, each chained before any pass
+    """:data:`INDUCTOR_CONFIG_PATCHES` plus mstfx's aten-level passes, each chained before any pass
     the user set: the joint-graph pass that saves checkpointed regions' outputs instead of recomputing
     them (``mstfx/post_grad/checkpoint_outputs.py``; with ``offload_checkpoints``, followed by the one
     that marks checkpointed layers' inputs for host offload, ``mstfx/post_grad/offload_checkpoints.py``)
-    and the post-grad pass that keeps each chunk's
-    bias-gradient reduction with its chunk (``mstfx/post_grad/bias_grad_order.py``)."""
+    and the post-grad passes that add each chunk's partial gradient to the running sum with its chunk
+    (``mstfx/post_grad/partial_sum_order.py``), then keep each chunk's bias-gradient reduction with
+    its chunk (``mstfx/post_grad/bias_grad_order.py``)."""
     import torch._inductor.config as inductor_config
 
     from mstfx.post_grad.bias_grad_order import BiasGradOrderPass
     from mstfx.post_grad.checkpoint_outputs import SaveCheckpointOutputsPass
     from mstfx.post_grad.offload_checkpoints import OffloadCheckpointInputsPass
+    from mstfx.post_grad.partial_sum_order import PartialSumOrderPass
 
     user_post = inductor_config.post_grad_custom_post_pass
+    if isinstance(user_post, PartialSumOrderPass):
+        user_post = user_post.then
     if isinstance(user_post, BiasGradOrderPass):
         user_post = user_post.then
     user_joint = inductor_config.joint_custom_pre_pass
@@ -56,7 +60,7 @@ def inductor_config_patches(offload_checkpoints: bool = False) -> dict:
         user_joint = OffloadCheckpointInputsPass(then=user_joint)
     return {
         **INDUCTOR_CONFIG_PATCHES,
-        "post_grad_custom_post_pass": BiasGradOrderPass(then=user_post),
+        "post_grad_custom_post_pass": PartialSumOrderPass(then=BiasGradOrderPass(then=user_post)),
         "joint_custom_pre_pass": SaveCheckpointOutputsPass(then=user_joint),
     }
 

@@ -498,6 +498,26 @@ def test_plan_rows_add_up_to_the_activation_peak():
         assert f"{abs(rest) / P.MiB:.1f} MiB" in text or f"{abs(rest) / P.GiB:.2f} GiB" in text
 
 
+def test_dense_arch_has_no_moe_layers_and_predicts_as_before():
+    """A dense model's Arch keeps the MoE fields at their defaults (every layer a dense MLP of
+    ``intermediate``), and spelling those out changes no prediction, in any mode or program."""
+    from dataclasses import replace
+
+    gpt2_cfg = {"n_embd": 256, "n_layer": 2, "n_head": 4, "vocab_size": 1000, "model_type": "gpt2"}
+    for cfg in (REF_CFG, gpt2_cfg):
+        arch = P.arch_of(cfg)
+        assert (arch.moe_layers, arch.shared_intermediate, arch.shared_gate) == (None, 0, False)
+        assert (arch.routed_layers, arch.dense_layers) == (0, arch.layers)
+        spelled = replace(arch, moe_layers=0, shared_intermediate=0, shared_gate=False)
+        assert spelled.n_params == arch.n_params
+        for mode in cm.MODES:
+            for program in cm.PROGRAMS:
+                kw = dict(mode=mode, optimizer="adamw", program=program)
+                assert P.predict_peak(spelled, 4096, **kw) == P.predict_peak(arch, 4096, **kw), (mode, program)
+                kinds = [r.kind for r in cm.regions(arch, cm.Precision(), mode, program=program)]
+                assert {"shared expert", "moe input", "routed_experts"}.isdisjoint(kinds)
+
+
 def test_simulate_optimizer_setups_are_planned_with_their_bytes():
     n = P.arch_of(REF_CFG).n_params
     master = P.plan(REF_CFG, 1024, 100, optimizer="adamw-master")

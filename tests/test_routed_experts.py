@@ -114,7 +114,9 @@ def test_skip_kinds_turns_the_kind_off():
 
 
 def test_cost_terms_shrink_with_m():
-    """The kind's cost terms: saved bytes drop when chunked, and the backward transient falls as 1/M."""
+    """The kind's cost terms: saved bytes drop when chunked; of the backward transient, one run's
+    buffers fall as 1/M, while the runs' partial weight gradients do not depend on M (the running
+    sum, one run's partial and the new sum: 3 copies of the stacked experts' weights)."""
     from mstfx.planning import cost_model as cm
     from mstfx.planning.planner import arch_of
     from mstfx.regions.routed_experts import KIND
@@ -125,7 +127,13 @@ def test_cost_terms_shrink_with_m():
     full, c4, c8 = KIND.cost(arch, prec, False, 1, "compiled"), KIND.cost(arch, prec, True, 4, "compiled"), KIND.cost(arch, prec, True, 8, "compiled")
     at = lambda e, m=1: cm.evaluate(e, 4096, 1, m_mlp=m)  # noqa: E731
     assert at(c4.saved, 4) < at(full.saved) / 10
-    assert at(c8.bwd_transient, 8) == pytest.approx(at(c4.bwd_transient, 4) / 2)
+    assert at(c8.pooled, 8) == pytest.approx(at(c4.pooled, 4) / 2)
+    weights = arch.experts * (arch.ups + 1) * arch.hidden * arch.expert_intermediate * prec.act_bytes
+    partials = lambda m: 3 * weights + 4096 * prec.act_bytes * (2 * arch.hidden + arch.experts_per_token)  # noqa: E731
+    for c, m in ((c4, 4), (c8, 8)):
+        assert at(c.bwd_transient, m) == pytest.approx(at(c.pooled, m) + partials(m))
+    eager = KIND.cost(arch, prec, True, 8, "eager")
+    assert eager.pooled is None and at(eager.bwd_transient, 8) == pytest.approx(at(c8.pooled, 8))
     dense = arch_of(BY_NAME["llama"].build())
     assert KIND.cost(dense, prec, True, 4, "compiled") is None
     peak = cm.step_cost(arch, "mst", m_mlp=4, m_head=4)
@@ -148,3 +156,113 @@ def test_s4096_exact_and_peak_below_inductor_by_the_experts_share(name):
     assert r["mst chunked"].count("routed_experts") == 2, r
     assert r["inductor"] - r["mst"] >= r["predicted_share"], r
     assert r["mst"] < r["mst, experts unchanged"], r
+
+
+# --- cost model: which layers have a dense MLP, which a shared expert --------------------------------
+
+_SMALL = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=3200)
+
+
+def _regions(arch, mode="mst"):
+    from mstfx.planning import cost_model as cm
+
+    return {r.kind: r for r in cm.regions(arch, cm.Precision(), mode, 8, 8)}
+
+
+def test_mixtral_layers_have_no_dense_mlp():
+    """Mixtral: ``intermediate_size`` is each expert's width and no layer has a dense MLP: the "mlp"
+    region counts no layer, the routed experts every layer, and the layers' saved bytes are those of a
+    dense model whose MLP has width 0 (the residual and the norm output the experts read) plus the
+    experts' own, lower than with a dense MLP of ``intermediate_size`` beside them."""
+    from dataclasses import replace
+
+    from mstfx.planning import cost_model as cm
+    from mstfx.planning.planner import arch_of
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(**_SMALL, intermediate_size=512, num_hidden_layers=4, num_local_experts=8,
+                                     num_experts_per_tok=2)
+    arch = arch_of(cfg)
+    assert (arch.routed_layers, arch.dense_layers, arch.shared_intermediate, arch.expert_intermediate) == (4, 0, 0, 512)
+    regions = _regions(arch)
+    assert regions["mlp"].count == 0 and regions["routed_experts"].count == 4 and regions["moe input"].count == 4
+    # saved bytes at the forward's end: the dense model without an MLP width, plus the experts' terms
+    at = lambda e: cm.evaluate(e, 4096, 1, 8, 8)  # noqa: E731
+    no_mlp = replace(arch, experts=0, intermediate=0)  # no experts: every layer dense
+    for mode in ("standard", "mst"):
+        moe = at(cm.step_cost(arch, mode, m_mlp=8, m_head=8).phases["forward end"])
+        plain = at(cm.step_cost(no_mlp, mode, m_mlp=8, m_head=8).phases["forward end"])
+        assert moe == pytest.approx(plain + 4 * at(_regions(arch, mode)["routed_experts"].saved), rel=1e-12), mode
+        # the old count, a dense MLP of intermediate_size in every layer besides the experts, saved more
+        # (chunked, a dense MLP saves only its h-wide input and output: the same as the experts' block)
+        dense = at(cm.step_cost(replace(arch, experts=0), mode, m_mlp=8, m_head=8).phases["forward end"])
+        old = dense + 4 * at(_regions(arch, mode)["routed_experts"].saved)
+        assert moe < old if mode == "standard" else moe == pytest.approx(old), mode
+        # and no layer's backward runs a dense MLP
+        assert not any("(mlp)" in k for k in cm.step_cost(arch, mode).phases), mode
+    # the experts' weights are in the estimated parameter count: exact for Mixtral
+    model = BY_NAME["mixtral"].build()
+    assert arch_of(model.config).n_params == sum(p.numel() for p in model.parameters())
+
+
+def test_qwen2_moe_shared_expert_width_and_dense_layers_from_config():
+    """Qwen2-MoE: the shared expert is a dense MLP of ``shared_expert_intermediate_size`` (with a
+    sigmoid gate) in each MoE layer; layers in ``mlp_only_layers`` or off ``decoder_sparse_step`` have a
+    dense MLP of ``intermediate_size`` and no experts.  Qwen3-MoE: no shared expert."""
+    from mstfx.planning.planner import arch_of
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2MoeConfig(**_SMALL, intermediate_size=1024, moe_intermediate_size=64,
+                                      shared_expert_intermediate_size=320, num_hidden_layers=4, num_experts=8,
+                                      num_experts_per_tok=2, mlp_only_layers=[1])
+    arch = arch_of(cfg)
+    assert (arch.routed_layers, arch.dense_layers, arch.shared_intermediate, arch.shared_gate) == (3, 1, 320, True)
+    assert (arch.intermediate, arch.expert_intermediate) == (1024, 64)
+    regions = _regions(arch)
+    assert (regions["shared expert"].count, regions["shared expert"].shape) == (3, "256→320→256")
+    assert (regions["mlp"].count, regions["mlp"].shape) == (1, "256→1024→256")
+    assert regions["routed_experts"].count == 3 and "moe input" not in regions
+    model = transformers.Qwen2MoeForCausalLM(cfg)
+    real = sum(p.numel() for p in model.parameters())
+    qkv_bias = 4 * (256 + 2 * 2 * 64)  # the estimate has no attention biases
+    assert arch.n_params == real - qkv_bias
+
+    step = arch_of(transformers.Qwen3MoeConfig(**_SMALL, intermediate_size=1024, moe_intermediate_size=64,
+                                               num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
+                                               decoder_sparse_step=2))
+    assert (step.routed_layers, step.dense_layers, step.shared_intermediate) == (2, 2, 0)
+    regions = _regions(step, "standard")
+    assert regions["mlp"].count == 2 and regions["moe input"].count == 2 and "shared expert" not in regions
+
+
+def test_deepseek_first_k_dense_layers_and_shared_experts():
+    """DeepSeek-style: the first ``first_k_dense_replace`` layers have a dense MLP of
+    ``intermediate_size``; each MoE layer has ``n_shared_experts`` shared experts, one dense MLP of
+    ``n_shared_experts × moe_intermediate_size``."""
+    import sympy
+
+    from mstfx.planning import cost_model as cm
+    from mstfx.planning.planner import arch_of, longest_seq_len
+
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV3Config"):
+        pytest.skip("no DeepseekV3Config in this transformers")
+    cfg = transformers.DeepseekV3Config(**{**_SMALL, "num_key_value_heads": 4}, intermediate_size=1024,
+                                        moe_intermediate_size=64, num_hidden_layers=3, n_routed_experts=8,
+                                        num_experts_per_tok=2, n_shared_experts=2, n_group=1, topk_group=1,
+                                        first_k_dense_replace=1)
+    arch = arch_of(cfg)
+    assert (arch.routed_layers, arch.dense_layers, arch.shared_intermediate, arch.shared_gate) == (2, 1, 128, False)
+    for mode in cm.MODES:
+        regions = _regions(arch, mode)
+        assert regions["mlp"].count == 1 and regions["shared expert"].count == 2 and regions["routed_experts"].count == 2
+    # a checkpointed layer's recompute is the larger of a dense layer's and a MoE layer's
+    at = lambda e: cm.evaluate(e, 4096, 1, 8, 8)  # noqa: E731
+    ck = _regions(arch, "checkpointing")
+    dense_layer = at(ck["attention"].saved + ck["mlp"].saved)
+    moe_layer = at(ck["attention"].saved + ck["shared expert"].saved + ck["routed_experts"].saved)
+    assert at(ck["checkpointed layer"].fwd_transient) == pytest.approx(max(dense_layer, moe_layer))
+    # the phases stay free of Max: sympy solves them for the longest S
+    for mode in cm.MODES:
+        assert not any(e.has(sympy.Max) for e in cm.step_cost(arch, mode).phases.values()), mode
+    assert longest_seq_len(arch, 1.0, mode="mst+checkpointing") > longest_seq_len(arch, 1.0, mode="standard") > 0

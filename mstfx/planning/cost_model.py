@@ -22,6 +22,13 @@ What is counted (t = B·S tokens, ``a`` bytes per activation element, fp32 = 4):
     every gradient made (the larger of top and bottom bounds every layer in between),
   - ``end``: all gradients + the embedding's backward.
 
+Mixture-of-experts layers (``Arch.routed_layers`` of them) have no dense MLP of the model's
+``intermediate`` width: their routed experts are a region kind's own terms, and beside them a shared
+expert (a dense MLP of ``Arch.shared_intermediate``) or, with none, only the block's input
+(``moe_block``); the other layers keep their dense MLP.  Each region counts its own layers; a phase
+that holds one layer's bytes takes the average layer (every layer's saved bytes) or, for a
+checkpointed layer's recompute, the larger of a dense and a MoE layer.
+
 Two programs (``PROGRAMS``).  ``compiled``, the step the mst backend runs: per-token coefficients
 (``COEF``) count tensors of the Inductor step in units of the hidden size ``h``, the MLP width ``I``,
 the vocab ``V``; they were read off the profiler's live sets at the peak (which tensors, how many) of
@@ -176,6 +183,14 @@ class Arch:
     experts_per_token: int = 0
     expert_intermediate: int = 0
     name: str = ""
+    #: layers whose MLP is the routed experts (``None``: every layer when ``experts``, else none); the
+    #: other layers have a dense MLP of width ``intermediate``, these have none besides the shared expert
+    moe_layers: int | None = None
+    #: width of the dense shared-expert MLP beside the routed experts in a MoE layer (0: none, as in
+    #: Mixtral and Qwen3-MoE; Qwen2-MoE: ``shared_expert_intermediate_size``; DeepSeek: shared experts ×
+    #: expert width), and whether a sigmoid gate (an h → 1 projection) scales its output (Qwen2-MoE)
+    shared_intermediate: int = 0
+    shared_gate: bool = False
 
     @property
     def ups(self) -> int:
@@ -183,13 +198,34 @@ class Arch:
         return 2 if self.gated else 1
 
     @property
+    def routed_layers(self) -> int:
+        """Layers whose MLP is the routed experts (:attr:`moe_layers`, resolved; none without experts)."""
+        if not self.experts:
+            return 0
+        if self.moe_layers is not None:
+            return max(0, min(int(self.moe_layers), self.layers))
+        return self.layers
+
+    @property
+    def dense_layers(self) -> int:
+        """Layers with a dense MLP of width :attr:`intermediate` (every layer of a dense model)."""
+        return self.layers - self.routed_layers
+
+    @property
     def n_params(self) -> int:
         if self.params is not None:
             return int(self.params)
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        layer = h * (q + 2 * kv) + q * h + (self.ups + 1) * h * i + 2 * h
+        layer = h * (q + 2 * kv) + q * h + 2 * h
+        mlp = (self.ups + 1) * h * i
         head = 0 if self.tied or not self.lm_head else self.vocab * h
-        return self.vocab * h + self.layers * layer + h + head
+        if not self.routed_layers:
+            return self.vocab * h + self.layers * (layer + mlp) + h + head
+        # a MoE layer: the experts' stacked weights, the router (h × experts), the shared expert and its gate
+        moe = (self.experts * (self.ups + 1) * h * self.expert_intermediate + h * self.experts
+               + (self.ups + 1) * h * self.shared_intermediate + (h if self.shared_gate else 0))
+        return (self.vocab * h + self.layers * layer + self.dense_layers * mlp + self.routed_layers * moe
+                + h + head)
 
     @property
     def layer_params(self) -> int:
@@ -229,6 +265,9 @@ class RegionCost:
     bwd_transient: sp.Expr
     recompute_flops: sp.Expr = sp.Integer(0)
     chunks: sp.Expr = sp.Integer(1)
+    #: a region kind's chunk buffers that Inductor's reuse pool keeps alive through the attention
+    #: backward after the region's own (``None``: none, or the dense MLP's rule in :func:`step_cost`)
+    pooled: sp.Expr | None = None
 
 
 @dataclass
@@ -309,26 +348,62 @@ def regions(
         attn, mlp, mlp_full_saved, head = eager_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head)
     if not arch.lm_head:  # a backbone: nothing vocab-wide (count 0: the plan shows no row)
         head = RegionCost("lm_head", 0, "-", sp.Integer(0), sp.Integer(0), sp.Integer(0))
-    extra = kind_costs(arch, prec, chunked, m_mlp, m_head, program)  # per layer, like the MLP
+    # a MoE layer's dense part (shared expert, or the block's input alone) and the region kinds' own
+    # terms (routed experts), each with its count of layers
+    block = moe_block(arch, prec, chunk_mlp, m_mlp, program)
+    extra = ([block[0]] if block else []) + kind_costs(arch, prec, chunked, m_mlp, m_head, program)
     if ckpt:  # a checkpointed layer keeps its input; its activations come back one layer at a time
         # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``), each
         # chunk recomputed just before its gradient (``ckpt_mlp_whole`` = 0; eager: each chunk's own
         # checkpoint)
         whole = COEF["ckpt_mlp_whole"] if program == "compiled" else 0.0
         h, t, a = arch.hidden, B * S, prec.act_bytes
-        layer_saved = attn.saved + (whole * mlp_full_saved + (1 - whole) * mlp.saved if chunk_mlp else mlp.saved)
-        layer_saved += sum((e.saved for e in extra), sp.Integer(0))
+        def recomputed(region: RegionCost, full_saved) -> sp.Expr:
+            return whole * full_saved + (1 - whole) * region.saved if chunk_mlp else region.saved
+
+        dense_saved = recomputed(mlp, mlp_full_saved)
+        kinds_saved = sum((e.saved for e in extra[1 if block else 0:]), sp.Integer(0))
+        if not arch.routed_layers:
+            layer_saved = attn.saved + dense_saved + kinds_saved
+        else:  # the larger of a dense layer and a MoE layer is recomputed (at the top or the bottom)
+            moe_saved = recomputed(*block) + kinds_saved
+            layer_saved = attn.saved + (_larger(dense_saved, moe_saved) if arch.dense_layers else moe_saved)
         if chunk_mlp and whole:  # a chunk's up-projections are already in the whole recompute: only its gradients are new
             per_chunk = t / m_mlp
             mlp = replace(mlp, bwd_transient=per_chunk * a * ((1 - whole) * mlp_saved_i(arch)
                                                               + COEF["bwd_transient_i"] * arch.ups) * arch.intermediate)
+        present = [r for r in (mlp, *extra) if r.count]
         ckpt_region = RegionCost(
             "checkpointed layer", arch.layers, f"{h}", t * a * COEF["ckpt_saved_h"] * h, layer_saved,
-            sp.Max(attn.bwd_transient, mlp.bwd_transient, *(e.bwd_transient for e in extra)),
+            sp.Max(attn.bwd_transient, *(r.bwd_transient for r in present)),
             recompute_flops=2 * t * arch.layer_params,
         )
         return [ckpt_region, attn, mlp, head, *extra]
     return [attn, mlp, head, *extra]
+
+
+def _larger(x: sp.Expr, y: sp.Expr) -> sp.Expr:
+    """The larger of two byte counts of the same form (each a multiple of the tokens B·S, M alike), told
+    apart at one point so that the phases stay free of ``Max`` (sympy solves them for S)."""
+    at = {S: 1, B: 1, M_MLP: 1, M_HEAD: 1}
+    return x if float(sp.sympify(x).subs(at)) >= float(sp.sympify(y).subs(at)) else y
+
+
+def moe_block(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, program: str) -> tuple[RegionCost, sp.Expr] | None:
+    """The dense part of the ``arch.routed_layers`` MoE layers, beside their routed experts (the region
+    kind's own terms), and its unchunked saved bytes; ``None`` for a dense model.  A MoE layer has no
+    dense MLP of ``arch.intermediate``: it has a shared expert, a dense MLP of
+    ``arch.shared_intermediate`` on the same normed input (Qwen2-MoE, DeepSeek), or none (Mixtral,
+    Qwen3-MoE), when only the block's input (the residual and the norm's output, which the router and
+    the experts read) is counted here."""
+    n = arch.routed_layers
+    if not n:
+        return None
+    make = compiled_mlp if program == "compiled" else eager_mlp
+    if arch.shared_intermediate:
+        return make(arch, prec, chunk_mlp, m_mlp, arch.shared_intermediate, n, "shared expert")
+    region, full = make(arch, prec, False, 1, 0, n, "moe input")
+    return replace(region, shape=f"{arch.hidden}", bwd_transient=0 * S), full
 
 
 def mlp_saved_i(arch: Arch) -> float:
@@ -341,6 +416,30 @@ def mask_kept(arch: Arch, mode: str) -> bool:
     """Whether the compiled step in ``mode`` still holds HF's S×S mask (and K/V repeated per query head):
     plain Inductor does; the mst backend removes both where attention is plain causal."""
     return arch.causal_mask and not (mode_flags(mode)[0] and arch.plain_causal)
+
+
+def compiled_mlp(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, width: int, count: int,
+                 kind: str = "mlp") -> tuple[RegionCost, sp.Expr]:
+    """A dense MLP of ``width`` in ``count`` layers (the compiled step, :data:`COEF`), and its unchunked
+    saved bytes: the dense MLP of a layer, or a MoE layer's shared expert."""
+    c, a, h, i, t = COEF, prec.act_bytes, arch.hidden, width, B * S
+    saved_i = mlp_saved_i(arch)
+    mlp_full_saved = t * a * (c["mlp_saved_h"] * h + saved_i * i)
+    mlp_full_bwd = t * a * c["bwd_transient_i"] * arch.ups * i
+    if chunk_mlp:
+        per_chunk = t / m_mlp
+        mlp = RegionCost(
+            kind, count, f"{h}→{i}→{h}",
+            saved=t * a * h * c["mlp_chunked_saved_h"],
+            fwd_transient=per_chunk * a * arch.ups * i,
+            bwd_transient=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i,
+            # each chunk's up-projections and activation run again in backward
+            recompute_flops=2 * t * h * i * arch.ups,
+            chunks=m_mlp,
+        )
+    else:
+        mlp = RegionCost(kind, count, f"{h}→{i}→{h}", mlp_full_saved, 0 * S, mlp_full_bwd)
+    return mlp, mlp_full_saved
 
 
 def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool, m_mlp, m_head, mask: bool | None = None):
@@ -361,22 +460,7 @@ def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: b
         attn_bwd += B * nh * S * S * a
     attn = RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
 
-    saved_i = mlp_saved_i(arch)
-    mlp_full_saved = t * a * (c["mlp_saved_h"] * h + saved_i * i)
-    mlp_full_bwd = t * a * c["bwd_transient_i"] * arch.ups * i
-    if chunk_mlp:
-        per_chunk = t / m_mlp
-        mlp = RegionCost(
-            "mlp", arch.layers, f"{h}→{i}→{h}",
-            saved=t * a * h * c["mlp_chunked_saved_h"],
-            fwd_transient=per_chunk * a * arch.ups * i,
-            bwd_transient=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i,
-            # each chunk's up-projections and activation run again in backward
-            recompute_flops=2 * t * h * i * arch.ups,
-            chunks=m_mlp,
-        )
-    else:
-        mlp = RegionCost("mlp", arch.layers, f"{h}→{i}→{h}", mlp_full_saved, 0 * S, mlp_full_bwd)
+    mlp, mlp_full_saved = compiled_mlp(arch, prec, chunk_mlp, m_mlp, i, arch.dense_layers)
 
     if chunk_head:
         per_chunk = t / m_head
@@ -413,6 +497,29 @@ def norm_saved(arch: Arch, a: int) -> int:
     """
     h = arch.hidden
     return {"rms": 4 * h + 4 + a * h, "rms_fp32": 8 * h + 4, "layer": a * h + 8}[arch.norm]
+
+
+def eager_mlp(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, width: int, count: int,
+              kind: str = "mlp") -> tuple[RegionCost, sp.Expr]:
+    """A dense MLP of ``width`` in ``count`` layers (the eager step, see :func:`eager_regions`), and its
+    unchunked saved bytes: the dense MLP of a layer, or a MoE layer's shared expert (with the block's
+    norm; width 0: the norm alone, see :func:`moe_block`)."""
+    a, h, i, t = prec.act_bytes, arch.hidden, width, B * S
+    kept_i, grad_i = (4, 3) if arch.gated else (2, 2)
+    branch_norm = norm_saved(arch, a) if arch.sandwich_norms else 0
+    mlp_in = t * (norm_saved(arch, a) + a * h + branch_norm)
+    mlp_full_saved = mlp_in + t * a * kept_i * i
+    if chunk_mlp:
+        per_chunk = t / m_mlp
+        mlp = RegionCost(
+            kind, count, f"{h}→{i}→{h}", saved=mlp_in,
+            fwd_transient=per_chunk * a * (kept_i - 1) * i,
+            bwd_transient=per_chunk * a * (kept_i + grad_i) * i + t * a * h,
+            recompute_flops=2 * t * h * i * arch.ups, chunks=m_mlp,
+        )
+    else:
+        mlp = RegionCost(kind, count, f"{h}→{i}→{h}", mlp_full_saved, 0 * S, t * a * (grad_i * i + h))
+    return mlp, mlp_full_saved
 
 
 def eager_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool, m_mlp, m_head):
@@ -452,19 +559,7 @@ def eager_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool
         attn_bwd += B * nh * S * S * a
     attn = RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
 
-    kept_i, grad_i = (4, 3) if arch.gated else (2, 2)
-    mlp_in = t * (norm + a * h + branch_norm)
-    mlp_full_saved = mlp_in + t * a * kept_i * i
-    if chunk_mlp:
-        per_chunk = t / m_mlp
-        mlp = RegionCost(
-            "mlp", arch.layers, f"{h}→{i}→{h}", saved=mlp_in,
-            fwd_transient=per_chunk * a * (kept_i - 1) * i,
-            bwd_transient=per_chunk * a * (kept_i + grad_i) * i + t * a * h,
-            recompute_flops=2 * t * h * i * arch.ups, chunks=m_mlp,
-        )
-    else:
-        mlp = RegionCost("mlp", arch.layers, f"{h}→{i}→{h}", mlp_full_saved, 0 * S, t * a * (grad_i * i + h))
+    mlp, mlp_full_saved = eager_mlp(arch, prec, chunk_mlp, m_mlp, i, arch.dense_layers)
 
     final_norm = t * (norm + a * h)
     cap = t * a * v if arch.logit_softcap else 0  # tanh's output, kept for its backward
@@ -516,6 +611,10 @@ def step_cost(
     layer_grad = sp.Integer(arch.layer_params * prec.param_bytes)
     attn, mlp, head = by["attention"], by["mlp"], by["lm_head"]
     extra = [r for r in regs if r.kind not in ("attention", "mlp", "lm_head", "checkpointed layer")]
+    # a layer's regions that not every layer has (MoE: a dense MLP, or a shared expert and routed
+    # experts) count by their share of the layers; every region of a dense model has share 1
+    share = lambda r: 1 if r.count == arch.layers else sp.Rational(r.count, max(1, arch.layers))  # noqa: E731
+    present = [r for r in extra if r.count and r.bwd_transient != 0]  # each a backward phase of its own
     # a tied weight gets two gradients (LM head, embedding) that are summed: one extra V×h for a while
     tied_extra = head_grad if arch.tied else sp.Integer(0)
     # the chunked head's fp32 dL/dW accumulator is an input of the compiled backward: alive through it
@@ -523,16 +622,24 @@ def step_cost(
     if "checkpointed layer" in by:
         ck = by["checkpointed layer"]
         layer_saved = ck.saved
-        tops = {"(attention)": ck.fwd_transient + attn.bwd_transient, "(mlp)": ck.fwd_transient + mlp.bwd_transient,
-                **{f"({e.kind})": ck.fwd_transient + e.bwd_transient for e in extra}}
+        tops = {"(attention)": ck.fwd_transient + attn.bwd_transient,
+                **({"(mlp)": ck.fwd_transient + mlp.bwd_transient} if mlp.count else {}),
+                **{f"({e.kind})": ck.fwd_transient + e.bwd_transient for e in present}}
     else:
-        layer_saved = attn.saved + mlp.saved + sum((e.saved for e in extra), sp.Integer(0))
+        # the average layer (a dense model's every layer): its bottom-layer phase is one layer's
+        layer_saved = attn.saved + share(mlp) * mlp.saved + sum((share(e) * e.saved for e in extra), sp.Integer(0))
         # compiled: Inductor's buffer reuse keeps a chunked MLP's freed chunk buffers in its pool until the
         # next layer's MLP backward allocates the same sizes, so they are alive in the attention backward
-        # between (measured, reference Llama, M = 3 and 4; COEF["mlp_chunk_pool"])
-        pool = mlp.bwd_transient * COEF["mlp_chunk_pool"] if compiled and mlp.chunks != 1 else 0
-        tops = {"(attention)": attn.bwd_transient + pool, "(mlp)": mlp.bwd_transient,
-                **{f"({e.kind})": e.bwd_transient for e in extra}}
+        # between (measured, reference Llama, M = 3 and 4; COEF["mlp_chunk_pool"]); MoE: the larger
+        # of the dense MLP's and the shared expert's, and beside it a chunked region kind's own pooled
+        # buffers (routed experts: one run's, measured on the tiny Qwen2-MoE alongside the shared expert's)
+        mlps = [r for r in (mlp, *present) if r.kind in ("mlp", "shared expert") and r.count and r.chunks != 1]
+        pooled = mlps[0].bwd_transient if len(mlps) == 1 else _larger(*(r.bwd_transient for r in mlps)) if mlps else 0
+        pooled = pooled + sum((r.pooled for r in present if r.pooled is not None and r.chunks != 1), sp.Integer(0))
+        pool = pooled * COEF["mlp_chunk_pool"] if compiled else 0
+        tops = {"(attention)": attn.bwd_transient + pool,
+                **({"(mlp)": mlp.bwd_transient} if mlp.count else {}),
+                **{f"({e.kind})": e.bwd_transient for e in present}}
     # with offload only the checkpoints in use are on the GPU (``offload.checkpoints_on_gpu``)
     kept = offload.checkpoints_on_gpu(arch.layers, mode, program)
     layers_saved = kept * layer_saved

@@ -224,6 +224,9 @@ def arch_of(source: Any) -> cm.Arch:
     gated = structure.get("gated", mtype not in _UNGATED)
     lm_head = structure.get("lm_head", True)
     attn_impl = get("_attn_implementation", "attn_implementation", default="sdpa")
+    experts = _int(get("num_local_experts", "num_experts", "n_routed_experts", default=0))
+    expert_inter = _int(get("moe_intermediate_size", default=inter))
+    moe_layers, shared, shared_gate = _moe_layout(get, int(layers), experts, expert_inter)
     return cm.Arch(
         hidden=int(h), intermediate=int(inter), layers=int(layers), heads=int(heads),
         kv_heads=int(get("num_key_value_heads", default=heads)), head_dim=int(get("head_dim", default=h // heads)),
@@ -231,11 +234,46 @@ def arch_of(source: Any) -> cm.Arch:
         params=params, eager_attention=attn_impl == "eager", norm=_norm_kind(mtype), sandwich_norms=mtype in _SANDWICH,
         logit_softcap=bool(get("final_logit_softcapping")),
         plain_causal=_plain_causal(d), lm_head=lm_head,
-        experts=int(get("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0),
-        experts_per_token=int(get("num_experts_per_tok", "moe_topk", default=0) or 0),
-        expert_intermediate=int(get("moe_intermediate_size", default=inter) or 0),
+        experts=experts,
+        experts_per_token=_int(get("num_experts_per_tok", "moe_topk", default=0)),
+        expert_intermediate=expert_inter,
         name=str(get("_name_or_path", default=mtype) or mtype),
+        moe_layers=moe_layers, shared_intermediate=shared, shared_gate=shared_gate,
     )
+
+
+def _int(value: Any) -> int:
+    """A config's count or width as an int (0 where absent or not a number)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _moe_layout(get, layers: int, experts: int, expert_inter: int) -> tuple[int | None, int, bool]:
+    """``(moe_layers, shared_intermediate, shared_gate)`` of :class:`~mstfx.planning.cost_model.Arch`
+    from a config's fields, read generically (no model names):
+
+    * which layers are MoE: all, except those listed in ``mlp_only_layers``, off the sparse step
+      (``decoder_sparse_step``: layer i is MoE when (i + 1) is a multiple), among the first
+      ``first_k_dense_replace`` or off ``moe_layer_freq`` (layer i is MoE when i is a multiple); the
+      rest have a dense MLP of ``intermediate_size``;
+    * a MoE layer's shared expert: ``shared_expert_intermediate_size`` wide (with a sigmoid gate), or
+      ``n_shared_experts`` experts of ``moe_intermediate_size`` (one dense MLP that wide), or none.
+    """
+    if not experts:
+        return None, 0, False
+    dense_only = get("mlp_only_layers", default=()) or ()
+    dense_only = {_int(i) for i in dense_only} if isinstance(dense_only, (list, tuple, set)) else set()
+    step = max(1, _int(get("decoder_sparse_step", default=1)))
+    first_dense = _int(get("first_k_dense_replace", default=0))
+    freq = max(1, _int(get("moe_layer_freq", default=1)))
+    moe = sum(1 for i in range(layers)
+              if i not in dense_only and (i + 1) % step == 0 and i >= first_dense and i % freq == 0)
+    shared_width = _int(get("shared_expert_intermediate_size", default=0))
+    if shared_width:
+        return moe, shared_width, True
+    return moe, _int(get("n_shared_experts", "num_shared_experts", default=0)) * expert_inter, False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -753,9 +791,11 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
             continue
         before = base.get(r.kind)
         ev = lambda e: cm.evaluate(e, seq_len, batch) * r.count  # noqa: E731
+        # a checkpointed layer's "before": what every layer's regions save (each by its count of layers)
+        layers_before = sum(cm.evaluate(b.saved, seq_len, batch) * b.count for b in base.values() if b.kind != "lm_head")
         rows.append(PlanRow(
             r.kind, r.count, r.shape,
-            ev(before.saved) if before is not None else ev(base["attention"].saved + base["mlp"].saved),
+            ev(before.saved) if before is not None else layers_before,
             ev(r.saved), int(cm.evaluate(r.chunks, seq_len, batch, m_mlp, m_head)), ev(r.recompute_flops),
         ))
     if "checkpointing" in mode:  # a layer's regions' saved bytes are inside the checkpointed layer

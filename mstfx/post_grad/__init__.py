@@ -1,6 +1,6 @@
 """Aten-level passes that run inside Inductor, chained by the backend into Inductor's custom-pass hooks:
 ``joint_custom_pre_pass`` (the joint graph, before the partition: :mod:`.checkpoint_outputs`) and
-``post_grad_custom_post_pass`` (after it: :mod:`.bias_grad_order`).
+``post_grad_custom_post_pass`` (after it: :mod:`.partial_sum_order`, then :mod:`.bias_grad_order`).
 
 The torch-level passes that find and rewrite regions are in :mod:`mstfx.passes`; these only decide
 what Inductor saves and in which order it runs what the rewrite produced.
