@@ -10,8 +10,22 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+_aten = torch.ops.aten
+
+#: reshapes a gradient passes through on its way into an accumulation (same elements, new shape)
+RESHAPES = frozenset({_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.squeeze.dim,
+                      _aten.squeeze.dims})
+
+
+def through(node, targets) -> object:
+    """``node`` with every producer among ``targets`` (view ops) skipped: the tensor it is a view of."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets:
+        node = node.args[0]
+    return node
 
 
 class ChainedPass(CustomGraphPass):
@@ -31,7 +45,8 @@ class ChainedPass(CustomGraphPass):
     def uuid(self):
         # Inductor's FX graph cache keys on this: the hash of the pass's file, so an edited pass never
         # reuses code compiled by an older one
-        own = get_hash_for_files((inspect.getfile(type(self)),))
+        # (and of this module, whose helpers the passes share)
+        own = get_hash_for_files((inspect.getfile(type(self)), __file__))
         if self.then is None:
             return own
         inner = self.then.uuid() if hasattr(self.then, "uuid") else None

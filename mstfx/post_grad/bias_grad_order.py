@@ -21,7 +21,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from . import ChainedPass
+from . import RESHAPES, ChainedPass, through
 
 aten = torch.ops.aten
 
@@ -37,7 +37,6 @@ def _(x):
     return x.new_empty((1, x.shape[1]))
 
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim, aten.squeeze.dims}
 _ADDS = {aten.add.Tensor, operator.add}
 
 
@@ -50,12 +49,6 @@ def _is_row_sum(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 2 and dims in ([0], [-2]) and len(node.args) <= 3
 
 
-def _through_views(node):
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS:
-        node = node.args[0]
-    return node
-
-
 def chunked_row_sums(graph: fx.Graph) -> list[fx.Node]:
     """Row sums accumulated by additions of row sums (through views): one per chunk of a biased linear."""
     accumulation: set[fx.Node] = set()
@@ -64,7 +57,7 @@ def chunked_row_sums(graph: fx.Graph) -> list[fx.Node]:
         if _is_row_sum(node):
             accumulation.add(node)
         elif node.op == "call_function" and node.target in _ADDS and len(node.args) >= 2:
-            a, b = _through_views(node.args[0]), _through_views(node.args[1])
+            a, b = through(node.args[0], RESHAPES), through(node.args[1], RESHAPES)
             if a in accumulation and b in accumulation:
                 accumulation.add(node)
                 found.update({x: None for x in (a, b) if _is_row_sum(x)})

@@ -28,7 +28,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from . import ChainedPass
+from . import RESHAPES, ChainedPass, through
 
 aten = torch.ops.aten
 
@@ -47,8 +47,7 @@ def _(a, b):
     return a + b
 
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim,
-          aten.squeeze.dims, aten.unsqueeze.default}
+_VIEWS = RESHAPES | {aten.unsqueeze.default}
 #: aten producers that Inductor lowers to extern (matmul) kernels rather than fusable loops.  Plain
 #: ``mm`` / ``addmm`` are not among them: Inductor's own ``addmm`` pattern already sums a chain of
 #: them one matmul at a time (a dense weight's gradient), and where it leaves one (the attention's
@@ -57,12 +56,6 @@ _MATMULS = {aten.bmm.default, aten.baddbmm.default, aten.convolution.default, at
 for _name in ("_grouped_mm", "_scaled_grouped_mm", "_scaled_mm"):
     if hasattr(aten, _name):
         _MATMULS.add(getattr(aten, _name).default)
-
-
-def _through_views(node):
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS:
-        node = node.args[0]
-    return node
 
 
 def _is_partial(node) -> bool:
@@ -102,7 +95,7 @@ def partial_sum_chains(graph: fx.Graph) -> list[fx.Node]:
     for node in graph.nodes:
         if not _is_plain_add(node):
             continue
-        parts = [_through_views(a) for a in node.args]
+        parts = [through(a, _VIEWS) for a in node.args]
         if all(p in terms or _is_partial(p) for p in parts):
             terms[node] = sum(terms.get(p, 1) for p in parts)
             operands[node] = tuple(p for p in parts if p in terms)
