@@ -182,6 +182,84 @@ class _HeadGradients:
         return torch.cat(self.h_chunks) if self.h_chunks is not None else None
 
 
+def _exp_shifted(z: torch.Tensor, saved: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(exp(z - m), row sums, logsumexp)`` with ``m`` the row maxima (infinite ones taken as 0, as
+    ``torch.logsumexp`` does), holding at most one more tokens×vocab buffer than ``z`` (op by op,
+    ``torch.logsumexp`` holds two); ``z`` is overwritten unless the transforms' backward keeps it."""
+    m = z.amax(dim=-1, keepdim=True)
+    m = m.masked_fill(m.isinf(), 0.0)
+    e = z - m if any(t is z for t in saved) else z.sub_(m)
+    e.exp_()
+    total = e.sum(dim=-1, keepdim=True)
+    return e, total, (total.log() + m).squeeze(1)
+
+
+def _fused_loss_and_grads(
+    h, weight, bias, target, ignore_index, reduction, transforms, chunks, need_h, need_w, need_b, in_place=False
+):
+    """The chunked loss and, for an upstream gradient of 1, dL/dh, dL/dW and dL/db (``None`` where not
+    needed): each chunk's logits, softmax and logits-gradient live only while that chunk runs.
+
+    ``in_place``: turn the chunk's fp32 logits into its logits-gradient in place (the same values),
+    for code that runs op by op (the loop operator), where each out-of-place step would hold one more
+    tokens×vocab buffer; compiled code fuses those steps anyway."""
+    acc = _acc_dtype(torch.result_type(h, weight), transforms)
+    valid_all = _valid(target, ignore_index)
+    if reduction == "mean":
+        scale = 1.0 / valid_all.sum().to(acc)
+    else:
+        scale = torch.ones((), dtype=acc, device=h.device)
+    loss = torch.zeros((), dtype=acc, device=h.device)
+    grads = _HeadGradients(weight, bias, acc, need_h, need_w, need_b)
+    classes = torch.arange(weight.shape[0], device=h.device)
+    for h_c, t_c in _token_chunks(h, chunks, target):
+        logits, z, saved, z32 = _chunk_logits(h_c, weight, bias, transforms, acc)
+        # each chunk tensor is dropped as soon as it is dead (``del``): run op by op (eager, aot_eager,
+        # the FakeTensor simulation, the loop operator), a loop variable would otherwise keep the
+        # previous chunk's vocab-wide tensors alive into the next chunk
+        logits_dtype, z_dtype = logits.dtype, z.dtype
+        del logits, z
+        valid = _valid(t_c, ignore_index)
+        safe_t = torch.where(valid, t_c, 0)
+        picked = z32.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+        if in_place:
+            g, total, lse = _exp_shifted(z32, saved)
+            del z32
+        else:
+            lse = torch.logsumexp(z32, dim=-1)
+        loss = loss + torch.where(valid, lse - picked, 0.0).sum()
+        if not (need_h or need_w or need_b):
+            continue
+        # d(loss)/dz = softmax(z) - onehot(target), zero on ignored rows, times 1/count for a mean
+        if in_place:  # one pass: exp(z - m) · (scale / row sum), 0 on ignored rows; then -scale at the target
+            row = torch.where(valid, scale, 0.0).unsqueeze(1)
+            g.mul_(row / total).scatter_add_(1, safe_t.unsqueeze(1), -row)
+        else:
+            probs = torch.exp(z32 - lse.unsqueeze(1))
+            del z32
+            # (where, not a multiply: with every target ignored the mean's 1/0 must give 0, as in eager)
+            g = torch.where(
+                valid.unsqueeze(1),
+                (probs - (classes.unsqueeze(0) == safe_t.unsqueeze(1)).to(probs.dtype)) * scale,
+                0.0,
+            )
+            del probs
+        grads.add(_transforms_backward(g.to(z_dtype), transforms, saved).to(logits_dtype), h_c)
+        del g, saved
+    loss = loss * scale
+    return loss.to(_loss_dtype(torch.result_type(h, weight), transforms)), grads.h(), grads.w, grads.b
+
+
+def _scale_head_grads(grad_loss, grad_h, grad_w, grad_b, dtypes):
+    """The backward of the fused loss: the gradients made in forward times the upstream gradient."""
+    h_dtype, w_dtype, b_dtype = dtypes
+    g = grad_loss.to(grad_w.dtype if grad_w is not None else torch.float32)
+    out_h = (grad_h * grad_loss.to(grad_h.dtype)).to(h_dtype) if grad_h is not None else None
+    out_w = (grad_w * g).to(w_dtype) if grad_w is not None else None
+    out_b = (grad_b * g).to(b_dtype) if grad_b is not None else None
+    return out_h, out_w, out_b
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of ``transforms(h @ Wᵀ + b)`` computed chunk by chunk.
 
@@ -192,56 +270,96 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, target, ignore_index, reduction, transforms, chunks):
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        acc = _acc_dtype(torch.result_type(h, weight), transforms)
-        valid_all = _valid(target, ignore_index)
-        if reduction == "mean":
-            scale = 1.0 / valid_all.sum().to(acc)
-        else:
-            scale = torch.ones((), dtype=acc, device=h.device)
-        loss = torch.zeros((), dtype=acc, device=h.device)
-        grads = _HeadGradients(weight, bias, acc, need_h, need_w, need_b)
-        classes = torch.arange(weight.shape[0], device=h.device)
-        for h_c, t_c in _token_chunks(h, chunks, target):
-            logits, z, saved, z32 = _chunk_logits(h_c, weight, bias, transforms, acc)
-            # each chunk tensor is dropped as soon as it is dead (``del``): run op by op (eager, aot_eager,
-            # the FakeTensor simulation), a loop variable would otherwise keep the previous chunk's
-            # vocab-wide tensors alive into the next chunk; compiled code frees by liveness anyway
-            logits_dtype, z_dtype = logits.dtype, z.dtype
-            del logits, z
-            valid = _valid(t_c, ignore_index)
-            safe_t = torch.where(valid, t_c, 0)
-            lse = torch.logsumexp(z32, dim=-1)
-            picked = z32.gather(1, safe_t.unsqueeze(1)).squeeze(1)
-            loss = loss + torch.where(valid, lse - picked, 0.0).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            # d(loss)/dz = softmax(z) - onehot(target), zero on ignored rows, times 1/count for a mean
-            probs = torch.exp(z32 - lse.unsqueeze(1))
-            del z32
-            # (where, not a multiply: with every target ignored the mean's 1/0 must give 0, as in eager)
-            g = torch.where(
-                valid.unsqueeze(1),
-                (probs - (classes.unsqueeze(0) == safe_t.unsqueeze(1)).to(probs.dtype)) * scale,
-                0.0,
-            )
-            del probs
-            grads.add(_transforms_backward(g.to(z_dtype), transforms, saved).to(logits_dtype), h_c)
-            del g, saved
-        loss = loss * scale
-        ctx.save_for_backward(grads.h(), grads.w, grads.b)
+        loss, grad_h, grad_w, grad_b = _fused_loss_and_grads(
+            h, weight, bias, target, ignore_index, reduction, transforms, chunks, *ctx.needs_input_grad[:3]
+        )
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return loss.to(_loss_dtype(torch.result_type(h, weight), transforms))
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        g = grad_loss.to(grad_w.dtype if grad_w is not None else torch.float32)
-        out_h = (grad_h * grad_loss.to(grad_h.dtype)).to(h_dtype) if grad_h is not None else None
-        out_w = (grad_w * g).to(w_dtype) if grad_w is not None else None
-        out_b = (grad_b * g).to(b_dtype) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None, None, None, None
+        return (*_scale_head_grads(grad_loss, *ctx.saved_tensors, ctx.dtypes), None, None, None, None, None)
+
+
+# The same loss as one opaque operator: a compiled graph calls it once whatever M is (its loop runs
+# op by op inside), so compile work does not grow with the number of chunks.
+def encode_transforms(transforms: Sequence[Transform]) -> str:
+    """Logit transforms as the string the operator takes (``"cast:float32;scale:0.5;tanh"``)."""
+    parts = []
+    for t in transforms:
+        if t[0] == "cast":
+            parts.append(f"cast:{str(t[1]).replace('torch.', '')}")
+        elif t[0] == "scale":
+            parts.append(f"scale:{float(t[1])!r}")
+        else:
+            parts.append(t[0])
+    return ";".join(parts)
+
+
+def decode_transforms(text: str) -> tuple:
+    """Inverse of :func:`encode_transforms`."""
+    out = []
+    for part in filter(None, text.split(";")):
+        name, _, arg = part.partition(":")
+        out.append((name, getattr(torch, arg)) if name == "cast" else (name, float(arg)) if name == "scale" else (name,))
+    return tuple(out)
+
+
+_NOTHING = (0,)  # the shape of an output the caller did not ask for (an operator returns tensors only)
+
+
+@torch.library.custom_op("mstfx::linear_cross_entropy_loop", mutates_args=())
+def linear_cross_entropy_loop(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int | None,
+    reduction: str, transforms: str, chunks: int, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, dL/dh, dL/dW, dL/db)`` of :func:`linear_cross_entropy` for an upstream gradient of 1;
+    a gradient not in ``needs`` comes back empty."""
+    return linear_cross_entropy_loop_run(h, weight, bias, target, ignore_index, reduction, transforms, chunks, needs)
+
+
+def linear_cross_entropy_loop_run(h, weight, bias, target, ignore_index, reduction, transforms, chunks, needs):
+    """The operator's loop itself (also run by the compiled-program simulation to size its working set)."""
+    loss, gh, gw, gb = _fused_loss_and_grads(
+        h, weight, bias, target, ignore_index, reduction, decode_transforms(transforms), chunks, *needs, in_place=True
+    )
+    def out(g):  # an operator's outputs must not alias each other: a fresh empty tensor each
+        return h.new_empty(_NOTHING) if g is None else g
+
+    return loss, out(gh), out(gw), out(gb)
+
+
+@linear_cross_entropy_loop.register_fake
+def _(h, weight, bias, target, ignore_index, reduction, transforms, chunks, needs):
+    tf = decode_transforms(transforms)
+    acc = _acc_dtype(torch.result_type(h, weight), tf)
+    loss = h.new_empty((), dtype=_loss_dtype(torch.result_type(h, weight), tf))
+    gh = torch.empty_like(h, memory_format=torch.contiguous_format) if needs[0] else h.new_empty(_NOTHING)
+    gw = weight.new_empty(weight.shape, dtype=acc) if needs[1] else h.new_empty(_NOTHING)
+    gb = weight.new_empty(weight.shape[:1], dtype=acc) if needs[2] and bias is not None else h.new_empty(_NOTHING)
+    return loss, gh, gw, gb
+
+
+def _lce_setup(ctx, inputs, output):
+    h, weight, bias, _, _, _, _, _, needs = inputs
+    _, gh, gw, gb = output
+    ctx.needs = needs
+    ctx.has_bias = bias is not None
+    ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    ctx.save_for_backward(gh, gw, gb)
+
+
+def _lce_backward(ctx, grad_loss, *_):
+    gh, gw, gb = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs
+    out_h, out_w, out_b = _scale_head_grads(
+        grad_loss, gh if need_h else None, gw if need_w else None, gb if need_b and ctx.has_bias else None, ctx.dtypes
+    )
+    return out_h, out_w, out_b, None, None, None, None, None, None
+
+
+linear_cross_entropy_loop.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 
 def linear_cross_entropy(

@@ -9,12 +9,14 @@ from typing import Any
 
 from .regions.rules import MIN_LM_HEAD_CHUNK_TOKENS
 
-#: Largest M a user may ask for.  The rewrite unrolls one copy of a region per mini-sequence, so
-#: compile time grows with M (measured: M = 64 compiles about 2.5× longer than M = 8); past this the
-#: first step waits tens of minutes for no further memory saving once a chunk is a few tokens long.
-#: Kept with the opt-in compiled-once MLP chunks too: the LM head and checkpointed layers still unroll,
-#: and the graph around the M calls still grows with M (README "Compile time").
+#: Largest M a user may ask for.  With the default loop form compile work does not depend on M; past
+#: this a chunk is a few tokens long at any length this machine or a GPU trains, and the per-chunk
+#: overhead of the loop (one small matmul per weight per chunk) only costs time.  The unrolled form
+#: (``chunk_form="unrolled"``) compiles one copy of the region per mini-sequence.
 MAX_USER_CHUNKS = 256
+
+#: The forms a chunked region can take in the compiled graph (``MstConfig.chunk_form``).
+CHUNK_FORMS = ("loop", "unrolled", "compiled-once")
 
 
 @dataclass
@@ -36,6 +38,12 @@ class MstConfig:
         compiler: ``"inductor"`` (default) or ``"aot_eager"`` / ``"eager"`` to debug the rewrite.
         offload_checkpoints: the inputs of checkpointed layers (HF gradient checkpointing) are kept in
             host memory between forward and backward (``mstfx.offload``); needs ``compiler="inductor"``.
+        chunk_form: how a chunked region appears in the compiled graph (:data:`CHUNK_FORMS`):
+            ``"loop"`` one opaque loop operator per region, run op by op inside (compile work does
+            not grow with M; ``mstfx/chunk_loop.py``); ``"unrolled"`` M copies of the region that
+            Inductor fuses (compile work grows with M); ``"compiled-once"`` (experimental, MLPs only)
+            one ``invoke_subgraph`` body called M times.  The ``eager`` compiler always runs each
+            chunk under ``torch.utils.checkpoint``.
     """
 
     mini_sequences: int | dict[str, int] | None = None
@@ -48,6 +56,7 @@ class MstConfig:
     skip_kinds: tuple[str, ...] = ()
     compiler: str = "inductor"
     offload_checkpoints: bool = False
+    chunk_form: str = "loop"
 
     def __post_init__(self) -> None:
         for name in ("chunk_mlp", "chunk_lm_head", "rewrite_attention", "offload_checkpoints"):
@@ -73,6 +82,8 @@ class MstConfig:
         if isinstance(self.skip_kinds, str) or not all(k in names for k in self.skip_kinds):
             raise ValueError(f"skip_kinds must be a tuple of region kind names {names}, got {self.skip_kinds!r}")
         self.skip_kinds = tuple(str(k) for k in self.skip_kinds)
+        if self.chunk_form not in CHUNK_FORMS:
+            raise ValueError(f"chunk_form must be one of {CHUNK_FORMS}, got {self.chunk_form!r}")
         if self.compiler not in ("inductor", "aot_eager", "eager"):
             raise ValueError(f"compiler must be 'inductor', 'aot_eager' or 'eager', got {self.compiler!r}")
         if self.offload_checkpoints and self.compiler != "inductor":
@@ -135,7 +146,7 @@ def positive_int(name: str, value: Any, *, cap: int | None = None) -> int:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if cap is not None and value > cap:
         raise ValueError(
-            f"{name}={value} is more than {cap} mini-sequences: each one is an unrolled copy of the "
-            "region, so compile time grows with M; use a plan (mstfx.plan / mstfx.transform) or a smaller M"
+            f"{name}={value} is more than {cap} mini-sequences: chunks this short only add per-chunk "
+            "overhead; use a plan (mstfx.plan / mstfx.transform) or a smaller M"
         )
     return int(value)

@@ -2,7 +2,7 @@
 
 Checked: the rewritten graph calls one shared body per distinct chunk shape (the same body for every
 layer) and AOT autograd makes one backward body; losses and gradients equal eager; the peak of a
-small MLP stack is not above the unrolled rewrite's; the unrolled form stays the default and is used
+small MLP stack is not above the unrolled rewrite's; it is not the default, and the unrolled form is used
 inside checkpointed layers.
 """
 
@@ -76,7 +76,7 @@ def _calls(gm):
 
 def _once(**kw) -> MstConfig:
     config = MstConfig(**kw)
-    config.compiled_once_chunks = True
+    config.chunk_form = "compiled-once"
     return config
 
 
@@ -106,7 +106,7 @@ def test_unequal_chunks_get_one_body_per_size():
     assert len({c.args[1] for c in calls}) == 2
 
 
-def test_unrolled_is_the_default():
+def test_compiled_once_is_not_the_default():
     model, x = _Stack(layers=2), torch.randn(1, 64, 32, requires_grad=True)
     gm, report, _ = _rewritten(model, x, MstConfig(mini_sequences=4))
     assert not _calls(gm)

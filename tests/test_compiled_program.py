@@ -53,11 +53,12 @@ def _recomputed_up_projection_runs(program, chunk_tokens, inter):
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_checkpointed_layers_recompute_one_chunk_at_a_time(layers):
-    """Every checkpointed layer, the last one included (its output feeds the final norm), rebuilds its
+    """Unrolled form: every checkpointed layer, the last one included (its output feeds the final norm), rebuilds its
     MLP chunk by chunk: at most the gate and up projections of one chunk before that chunk's gradients."""
     cfg = _llama_config(layers=layers)
     seq, m = 1024, 8
-    program = capture_program(_meta_llama(cfg), torch.zeros(1, seq, dtype=torch.long, device="meta"), mstfx.MstConfig(mini_sequences=m))
+    program = capture_program(_meta_llama(cfg), torch.zeros(1, seq, dtype=torch.long, device="meta"),
+                              mstfx.MstConfig(mini_sequences=m, chunk_form="unrolled"))  # the loop form: tests/test_chunk_loop.py
     runs = _recomputed_up_projection_runs(program, seq // m, cfg.intermediate_size)
     assert len(runs) >= layers * m, runs  # every chunk of every layer is recomputed in the backward
     assert max(runs) <= 2, f"chunks recomputed together before their gradients: {runs}"

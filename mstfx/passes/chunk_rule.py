@@ -46,8 +46,8 @@ def _capped(m: int, tokens: int | torch.SymInt, asked: bool, what: str) -> int:
         if asked:
             warnings.warn(
                 f"mstfx: {what} M = {m} is more than the {most} tokens this graph can see; using M = {most} "
-                "(a mini-sequence holds at least one token, and each extra one is an unrolled copy that only "
-                "adds compile time)",
+                "(a mini-sequence holds at least one token, and each extra one only adds per-chunk overhead, "
+                "and compile time in the unrolled form)",
                 UserWarning,
                 stacklevel=4,
             )

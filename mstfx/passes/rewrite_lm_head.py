@@ -10,6 +10,9 @@ nodes whose results are unused but whose effects are not.
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 
 from .. import chunked_ops
@@ -17,21 +20,32 @@ from .common import erase_if_dead, mst_meta
 from .find_lm_head import LmHeadRegion
 
 
-def rewrite_lm_head(graph: fx.Graph, region: LmHeadRegion, chunks: int) -> fx.Node:
+def rewrite_lm_head(graph: fx.Graph, region: LmHeadRegion, chunks: int, needs: list[bool] | None = None) -> fx.Node:
+    """``needs`` (which of h, W, b need a gradient): given, the loss becomes one call of the opaque
+    ``mstfx::linear_cross_entropy_loop`` operator (compile work independent of M); ``None``: the
+    autograd function, which Dynamo/AOT trace chunk by chunk."""
     ce = region.loss
     with graph.inserting_before(ce):
         h = graph.call_function(chunked_ops.flatten_tokens, (region.head.input,))
         target = graph.call_method("reshape", (region.target, -1))
-        loss = graph.call_function(
-            chunked_ops.linear_cross_entropy,
-            (h, region.head.weight, region.head.bias, target),
-            {
-                "ignore_index": region.ignore_index,
-                "reduction": region.reduction,
-                "transforms": region.transforms,
-                "chunks": chunks,
-            },
-        )
+        if needs is not None:
+            call = graph.call_function(
+                torch.ops.mstfx.linear_cross_entropy_loop.default,
+                (h, region.head.weight, region.head.bias, target, region.ignore_index, region.reduction,
+                 chunked_ops.encode_transforms(region.transforms), chunks, list(needs)),
+            )
+            loss = graph.call_function(operator.getitem, (call, 0))
+        else:
+            loss = graph.call_function(
+                chunked_ops.linear_cross_entropy,
+                (h, region.head.weight, region.head.bias, target),
+                {
+                    "ignore_index": region.ignore_index,
+                    "reduction": region.reduction,
+                    "transforms": region.transforms,
+                    "chunks": chunks,
+                },
+            )
     loss.meta.update({k: v for k, v in ce.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     mst_meta(loss).update(region=region.name, chunks=chunks)
     ce.replace_all_uses_with(loss)

@@ -1,25 +1,26 @@
 """Rewrite: an MLP region becomes a loop of M mini-sequences that is recomputed in backward.
 
-The tokens are flattened and split into M views, and the chunk outputs are concatenated.  Two forms:
+The tokens are flattened and split into M pieces, and the chunk outputs are joined.  Three forms
+(``MstConfig.chunk_form``, chosen by :func:`chunk_form`):
 
-* **Unrolled** (:func:`rewrite_mlp`, the default): the region's nodes are copied once per chunk.
+* **Loop** (:func:`rewrite_mlp_looped`, the default): the region becomes one call of the
+  ``mstfx::chunk_loop`` operator (:mod:`mstfx.chunk_loop`) on a registered chunk body; its forward
+  keeps only the region input and its backward recomputes each chunk right before that chunk's
+  gradient.  The graph has one node per region whatever M is, so Dynamo, AOT and Inductor work does
+  not grow with M; the body runs op by op (the activation's pointwise ops are not fused).
+* **Unrolled** (:func:`rewrite_mlp`): the region's nodes are copied once per chunk.
   Every copied node is tagged ``recompute = MUST_RECOMPUTE`` with its own ``ac_graph_id``, the tags
   ``torch.utils.checkpoint`` produces under ``torch.compile``; AOT autograd copies them onto the aten
   nodes it traces, so the min-cut partitioner saves only the region input and
   ``reordering_to_mimic_autograd_engine`` places each chunk's recompute right before that chunk's
   gradient.  The chunks are distinct nodes, so CSE cannot merge them back; Dynamo, AOT and Inductor
   work grows with M.  For the ``eager`` compiler each chunk runs under ``torch.utils.checkpoint``.
-* **Compiled once** (:func:`rewrite_mlp_compiled_once`, opt-in: ``config.compiled_once_chunks =
-  True``): the region becomes one body ``body(x_chunk, *weights) -> (y_chunk,)`` that the graph calls
-  M times through ``torch.ops.higher_order.invoke_subgraph`` (what
-  ``torch.compiler.nested_compile_region`` lowers to).  AOT autograd traces, differentiates and
-  partitions a body once per identifier and Inductor compiles it once; every layer's MLP with the
-  same structure and shapes shares it.  Every op inside is tagged ``MUST_RECOMPUTE``, so the body's
-  forward saves only its inputs and its backward recomputes the chunk and takes its gradient in one
-  call.  Measured, it is not yet better (README "Compile time"): a higher peak on the reference
-  config (301 vs 269 MiB unrolled, cause not yet isolated), and on an 8-layer tiny Llama at M = 64
-  the rest of the compiled graph (AOT's metadata collection and joint tracing, post-grad passes,
-  Inductor scheduling and the C++ build around the M call sites) still grew with M.
+* **Compiled once** (:func:`rewrite_mlp_compiled_once`, experimental): the region becomes one body
+  ``body(x_chunk, *weights) -> (y_chunk,)`` that the graph calls M times through
+  ``torch.ops.higher_order.invoke_subgraph`` (what ``torch.compiler.nested_compile_region`` lowers
+  to).  AOT autograd traces, differentiates and partitions a body once per identifier and Inductor
+  compiles it once.  Measured, it is not better (README "Compile time"): a higher peak on the
+  reference config, and the M call sites still make compile work grow with M.
 """
 
 from __future__ import annotations
@@ -44,22 +45,26 @@ def next_ac_graph_id() -> int:
     return next(_ac_ids)
 
 
-def chunk_form(config, in_checkpoint: bool) -> tuple[bool, str]:
-    """Whether an MLP's chunks become one compiled-once body called M times (``invoke_subgraph``,
-    opt-in: ``config.compiled_once_chunks = True``) or M unrolled copies (the default), and the
-    report's words for it (nothing for the default).
+def chunk_form(config, in_checkpoint: bool) -> tuple[str, str]:
+    """The form an MLP's chunks take (``config.chunk_form``, see :data:`mstfx.config.CHUNK_FORMS`) and
+    the report's words for it.  The ``eager`` compiler runs each chunk under
+    ``torch.utils.checkpoint`` ("unrolled" copies of that call).
 
-    The compiled-once form is opt-in because, measured, it is not yet better: on the reference
+    The compiled-once form is experimental because, measured, it is not better: on the reference
     config (S = 4096) its peak is 301 MiB against 269 MiB unrolled, and on the 8-layer tiny Llama at
-    M = 64 its first step was about 5× plain Inductor's (``mstfx bench --compile-time``; README
-    "Compile time").
-    Inside a user's checkpointed layer it is never used (AOT autograd's recompute of the layer around
-    a called body measured a higher peak than the unrolled copies)."""
-    if config.compiler == "eager" or not getattr(config, "compiled_once_chunks", False):
-        return False, ""
-    if in_checkpoint:
-        return False, "; unrolled M copies (inside a checkpointed layer)"
-    return True, "; one body compiled once, called M times"
+    M = 64 its first step was about 5× plain Inductor's (README "Compile time").  Inside a user's
+    checkpointed layer it is never used (AOT autograd's recompute of the layer around a called body
+    measured a higher peak than the unrolled copies)."""
+    form = getattr(config, "chunk_form", "unrolled")
+    if config.compiler == "eager":
+        return "unrolled", ""
+    if form == "loop":
+        return "loop", "; one loop operator"
+    if form == "compiled-once":
+        if in_checkpoint:
+            return "unrolled", "; unrolled M copies (inside a checkpointed layer)"
+        return "compiled-once", "; one body compiled once, called M times"
+    return "unrolled", ""
 
 
 def _copy_for_chunk(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
@@ -222,6 +227,42 @@ def rewrite_mlp_compiled_once(gm: fx.GraphModule, region: MlpRegion, chunks: int
             outs.append(graph.call_function(operator.getitem, (call, 0)))
         joined = graph.call_function(chunked_ops.concat_chunks, tuple(outs))  # one backward body for all chunks
         result = graph.call_function(chunked_ops.restore_tokens, (joined, x))
+    sink.replace_all_uses_with(result)
+    for node in reversed(region.nodes):
+        graph.erase_node(node)
+    return result
+
+
+def loop_body(owner: fx.GraphModule, region: MlpRegion) -> tuple[fx.GraphModule, list[fx.Node]] | None:
+    """The region as a chunk body for :mod:`mstfx.chunk_loop` (placeholders renamed ``x, p0, p1, ...`` so
+    that every layer's MLP of the same structure is one body), or ``None`` when something it reads
+    from outside is not a tensor (a symbolic size), which the loop operator cannot take."""
+    body, externals = extract_body(owner, region)
+    if any(not isinstance(tensor_of(ext), torch.Tensor) for ext in externals):
+        return None
+    for i, ph in enumerate(n for n in body.graph.nodes if n.op == "placeholder"):
+        ph.name = ph.target = "x" if i == 0 else f"p{i - 1}"
+    body.recompile()
+    return body, externals
+
+
+def rewrite_mlp_looped(gm: fx.GraphModule, region: MlpRegion, chunks: int) -> fx.Node | None:
+    """Replace ``region`` by one ``mstfx::chunk_loop`` call (its body registered once); ``None`` (graph
+    unchanged) when the region cannot become a loop body."""
+    from .. import chunk_loop
+
+    found = loop_body(gm, region)
+    if found is None:
+        return None
+    body, externals = found
+    ident = chunk_loop.register_body(body)
+    graph = gm.graph
+    x, sink = region.input, region.output
+    with graph.inserting_before(sink):
+        flat = graph.call_function(chunked_ops.flatten_tokens, (x,))
+        looped = graph.call_function(torch.ops.mstfx.chunk_loop.default, (ident, chunks, flat, list(externals)))
+        mst_meta(looped).update(region=region.name, chunks=chunks)
+        result = graph.call_function(chunked_ops.restore_tokens, (looped, x))
     sink.replace_all_uses_with(result)
     for node in reversed(region.nodes):
         graph.erase_node(node)

@@ -48,8 +48,10 @@ from . import offload
 GiB = float(1 << 30)
 MiB = float(1 << 20)
 GB = GiB  # the unit of ``budget_gb`` (kept under this name for callers that convert with it)
-#: The most mini-sequences a plan gives one region: the rewrite unrolls M copies into the graph.
-MAX_CHUNKS = 64
+#: The most mini-sequences a plan gives one region: the largest M a user may ask for.  With the
+#: default loop form (``MstConfig.chunk_form = "loop"``) compile work does not depend on M, so the
+#: plan is not held back for compile time (it was 64 while every form unrolled M copies).
+MAX_CHUNKS = MAX_USER_CHUNKS
 #: The default LM-head rule never makes chunks shorter than this (as ``MstConfig``).
 MIN_HEAD_CHUNK_TOKENS = rules.MIN_LM_HEAD_CHUNK_TOKENS
 #: Headroom a plan keeps on the predicted gradients + activations (the part the cost model estimates;

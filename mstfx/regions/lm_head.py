@@ -36,6 +36,11 @@ class LmHeadKind(RegionKind):
         )
 
     def rewrite(self, owner, region: LmHeadRegion, m: int, ctx) -> str:
+        if getattr(ctx.config, "chunk_form", "unrolled") == "loop" and not ctx.eager:
+            head = region.head
+            needs = [True, ctx.needs_grad(head.weight), head.bias is not None and ctx.needs_grad(head.bias)]
+            rewrite_lm_head(owner.graph, region, m, needs)
+            return "; one loop operator"
         rewrite_lm_head(owner.graph, region, m)
         return ""
 

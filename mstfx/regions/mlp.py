@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..passes import chunk_rule
 from ..passes.find_mlp import MlpRegion, find_mlp_regions
-from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_compiled_once
+from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_compiled_once, rewrite_mlp_looped
 from .base import RegionKind
 
 
@@ -29,12 +29,16 @@ class MlpKind(RegionKind):
         return chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
 
     def rewrite(self, owner, region: MlpRegion, m: int, ctx) -> str:
-        once, form = chunk_form(ctx.config, ctx.in_checkpoint)
-        if once:
+        form, words = chunk_form(ctx.config, ctx.in_checkpoint)
+        if form == "loop":
+            if rewrite_mlp_looped(owner, region, m) is not None:
+                return words
+            words = "; unrolled M copies (reads a symbolic size, which the loop operator cannot take)"
+        if form == "compiled-once":
             rewrite_mlp_compiled_once(owner, region, m, ctx.compiled_bodies, ctx.needs_grad)
         else:
             rewrite_mlp(owner, region, m, eager=ctx.eager, in_checkpoint=ctx.in_checkpoint)
-        return form
+        return words
 
     def report_fields(self, region: MlpRegion, m: int) -> dict:
         return self.fields(region, region.intermediate,

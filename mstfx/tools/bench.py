@@ -22,8 +22,10 @@ from . import compile_time, sweep
 from .measure import peak_bytes, step_seconds, training_step
 from .progress import Progress, quiet_library_warnings
 
-VARIANTS = ["eager", "eager+ckpt", "eager-mst", "inductor(model)", "inductor", "inductor+auto_chunker", "mst", "mst+ckpt"]
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "eager-mst"]
+VARIANTS = ["eager", "eager+ckpt", "eager-mst", "inductor(model)", "inductor", "inductor+auto_chunker", "mst", "mst+ckpt",
+            "mst-unrolled", "mst-unrolled+ckpt"]
+#: the unrolled form (``MstConfig(chunk_form="unrolled")``) only on request, to compare it with the default loop form
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "eager-mst" and not v.startswith("mst-unrolled")]
 
 
 @dataclass
@@ -109,6 +111,8 @@ def _loss_callable(variant: str, model, ids):
     fn = lambda i, l: model(input_ids=i, labels=l).loss  # noqa: E731
     if variant in ("mst", "mst+ckpt"):
         compiled = torch.compile(fn, backend=mstfx.backend())
+    elif variant.startswith("mst-unrolled"):
+        compiled = torch.compile(fn, backend=mstfx.backend(mstfx.MstConfig(chunk_form="unrolled")))
     elif variant == "inductor+auto_chunker":
         from torch._inductor import config as inductor_config
 

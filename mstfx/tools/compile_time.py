@@ -70,7 +70,7 @@ def _child(variant: str, seq_len: int, profile_path: str | None) -> dict:
         compiled = torch.compile(fn)
     else:
         config = mstfx.MstConfig()
-        config.compiled_once_chunks = variant == "mst-once"  # the opt-in compiled-once MLP chunks
+        config.chunk_form = {"mst": "loop", "mst-once": "compiled-once", "mst-unrolled": "unrolled"}[variant]
         compiled = torch.compile(fn, backend=mstfx.backend(config))
     step = training_step(model, lambda: compiled(ids, ids))
     prof = None
@@ -158,17 +158,24 @@ def markdown(rows: list[CompileTimeRow]) -> str:
         runs = ", ".join(f"{t:.0f}" for t in s["runs"])
         phases = " | ".join(f"{s[name]:.1f}" for name in PHASES)
         lines.append(f"| {s['variant']} | {s['M']} | {s['seq_len']} | {s['first_step_s']:.1f} ({runs}) | {ratio:.2f} | {phases} |")
+    lines.append("")
+    for v in dict.fromkeys(s["variant"] for s in summary):
+        times = {s["M"]: s["first_step_s"] for s in summary if s["variant"] == v}
+        if len(times) > 1:
+            lo, hi = min(times), max(times)
+            lines.append(f"{v}: first step at M = {hi} / at M = {lo}: {times[hi] / times[lo]:.2f}")
     return "\n".join(lines)
 
 
-VARIANTS = ["inductor", "mst", "mst-once"]
+VARIANTS = ["inductor", "mst", "mst-unrolled", "mst-once"]
 
 
 def add_arguments(parser) -> None:
     """The compile-time options on ``mstfx bench`` (``--compile-time`` switches the bench to them)."""
     parser.add_argument("--compile-time", action="store_true",
                         help="first-step (compile) time of Inductor and mst in fresh processes with cold caches, "
-                             "8-layer tiny Llama at S = 64·M; --variants from " + ",".join(VARIANTS) + " (default inductor,mst)")
+                             "8-layer tiny Llama at S = 64·M; --variants from " + ",".join(VARIANTS) + " (default inductor,mst; "
+                             "mst-unrolled / mst-once: the other chunk forms)")
     parser.add_argument("--compile-ms", default="8,64", metavar="M1,M2,...",
                         help="compile time: the mini-sequence counts M to measure (S = 64·M; default 8,64)")
     parser.add_argument("--compile-runs", type=int, default=1,

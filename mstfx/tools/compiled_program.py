@@ -245,6 +245,54 @@ _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "var_mean", "
 _WORKSPACE = {"mstfx_sim.flash_attention_backward.default": _flash_backward_workspace}
 
 
+_LOOP_OPS = ("mstfx.chunk_loop.default", "mstfx.chunk_loop_backward.default", "mstfx.linear_cross_entropy_loop.default")
+_loop_cache: dict = {}
+
+
+def _loop_workspace(node: fx.Node) -> int:
+    """What a loop operator (``mstfx::chunk_loop`` and its backward, ``mstfx::linear_cross_entropy_loop``)
+    holds while it runs beyond its outputs: its chunks run op by op inside one extern call, so one
+    chunk's eager working set (plus the running gradient sums).  Measured by running the operator's
+    own loop on fake tensors under ``MemTracker``, once per distinct call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from mstfx import chunk_loop, chunked_ops
+
+    def spec(a):
+        v = a.meta.get("val") if isinstance(a, fx.Node) else None
+        return (tuple(v.shape), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else repr(a)
+
+    key = (str(node.target), repr(fx.node.map_aggregate(node.args, spec)))
+    if key in _loop_cache:
+        return _loop_cache[key]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        def fresh(a):
+            v = a.meta.get("val") if isinstance(a, fx.Node) else None
+            if isinstance(v, torch.Tensor):
+                return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+            return a
+        args = fx.node.map_aggregate(node.args, fresh)
+        inputs = []
+        fx.node.map_aggregate(args, lambda a: inputs.append(a) if isinstance(a, torch.Tensor) else None)
+        tracker = MemTracker()
+        tracker.track_external(*inputs)  # counted from the start (views of them are not new memory) ...
+        with tracker:
+            name = str(node.target)
+            if name == "mstfx.chunk_loop.default":
+                outs = [chunk_loop.run_forward(chunk_loop.body_of(args[0]), *args[1:])]
+            elif name == "mstfx.chunk_loop_backward.default":
+                outs = chunk_loop.run_backward(chunk_loop.body_of(args[0]), *args[1:])
+            else:
+                h, w, b, t, ignore, reduction, transforms, chunks, needs = args
+                outs = chunked_ops.linear_cross_entropy_loop_run(h, w, b, t, ignore, reduction, transforms, chunks, needs)
+        peak = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+        out_bytes = sum(_nbytes(o) for o in outs if isinstance(o, torch.Tensor))
+        in_bytes = sum(_nbytes(t) for t in inputs)  # ... and taken off: the caller owns them
+    _loop_cache[key] = max(0, int(peak - in_bytes - out_bytes))
+    return _loop_cache[key]
+
+
 def _op_name(node: fx.Node) -> str:
     return str(node.target)
 
@@ -605,6 +653,8 @@ def graph_peak(
         transient = work(n) if work is not None else 0
         if n.target is torch.ops.higher_order.invoke_subgraph:  # a compiled-once chunk body: its own peak
             transient += _body_peak(gm, n, attention_workspace)
+        elif _op_name(n) in _LOOP_OPS:
+            transient += _loop_workspace(n)
         if live + transient > peak.peak:
             peak = GraphPeak(live + transient, n.name, grads)
             peak_alive = set(alive)

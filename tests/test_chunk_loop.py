@@ -1,0 +1,144 @@
+"""The loop form (the default): each chunked region is one opaque loop operator.
+
+Checked: the compiled graphs have one loop call per region whatever M is (the same number of nodes
+at M = 2 and M = 16, so compile work does not grow with M); every layer's MLP shares one registered
+body; losses and gradients equal eager PyTorch on the same weights (Llama, GPT-2 with biases and a
+tied head, with and without checkpointing, frozen weights); the operator's op-by-op loss math equals
+the fused one (soft-capping, ignored targets, all ignored); an unknown body gives a clear error; the
+simulation's working set of a loop call shrinks with more chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mstfx
+from mstfx import chunk_loop, chunked_ops
+from mstfx.config import MstConfig
+
+from conftest import assert_same, loss_and_grads, tiny_gpt2, tiny_llama
+
+LOOP = torch.ops.mstfx.chunk_loop.default
+LOOP_BW = torch.ops.mstfx.chunk_loop_backward.default
+HEAD_LOOP = torch.ops.mstfx.linear_cross_entropy_loop.default
+
+
+def _program(model, seq_len: int, config: MstConfig):
+    from mstfx.tools.compiled_program import capture_program
+
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    return capture_program(model.train(), ids, config)
+
+
+def _count(gm, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target is target)
+
+
+def _meta_llama(layers=3, ckpt=False):
+    with torch.device("meta"):
+        model = tiny_llama(layers=layers)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_graph_size_does_not_grow_with_m(ckpt):
+    sizes = {}
+    for m in (2, 16):
+        prog = _program(_meta_llama(ckpt=ckpt), 512, MstConfig(mini_sequences=m))
+        assert _count(prog.forward, LOOP) == 3 and _count(prog.forward, HEAD_LOOP) == 1
+        assert _count(prog.backward, LOOP_BW) == 3
+        sizes[m] = (len(prog.forward.graph.nodes), len(prog.backward.graph.nodes))
+    assert sizes[2] == sizes[16], f"graph sizes at M=2 and M=16 differ: {sizes}"
+
+
+def test_unrolled_form_grows_with_m():
+    """The contrast that makes the loop form the default."""
+    sizes = [len(_program(_meta_llama(layers=2), 512, MstConfig(mini_sequences=m, chunk_form="unrolled")).backward.graph.nodes)
+             for m in (2, 8)]
+    assert sizes[1] > sizes[0] + 2 * 6 * 4
+
+
+def test_every_layer_shares_one_body():
+    before = set(chunk_loop._BODIES)
+    prog = _program(_meta_llama(layers=3), 256, MstConfig(mini_sequences=4))
+    bodies = {n.args[0] for n in prog.forward.graph.nodes if n.target is LOOP}
+    assert len(bodies) == 1
+    assert bodies <= set(chunk_loop._BODIES)
+    assert len(set(chunk_loop._BODIES) - before) <= 1
+
+
+def test_unregistered_body_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="not registered in this process"):
+        chunk_loop.body_of("mst_body_0000")
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_equals_eager(arch, ckpt):
+    model = tiny_llama(layers=2) if arch == "llama" else tiny_gpt2()
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(3))
+    ref = loss_and_grads(copy.deepcopy(model), ids, ids)
+    torch._dynamo.reset()
+    got = loss_and_grads(copy.deepcopy(model), ids, ids, mstfx.backend(MstConfig(mini_sequences=5, compiler="aot_eager")))
+    report = mstfx.explain(last=1)
+    assert "one loop operator" in report
+    assert_same(ref, got)
+
+
+def test_frozen_weights_get_no_gradient():
+    model = tiny_llama(layers=2)
+    for p in model.model.layers[0].mlp.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(False)
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(4))
+    ref = loss_and_grads(copy.deepcopy(model), ids, ids)
+    torch._dynamo.reset()
+    got = loss_and_grads(copy.deepcopy(model), ids, ids, mstfx.backend(MstConfig(mini_sequences=4, compiler="aot_eager")))
+    assert set(got[1]) == set(ref[1])
+    assert_same(ref, got)
+
+
+@pytest.mark.parametrize("transforms", [
+    (("cast", torch.float64),),
+    (("cast", torch.float64), ("scale", 0.3), ("tanh",), ("scale", 30.0)),
+])
+@pytest.mark.parametrize("ignored", ["none", "some", "all"])
+def test_op_by_op_loss_equals_fused(transforms, ignored):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 16, dtype=torch.float64, generator=g)
+    w = torch.randn(700, 16, dtype=torch.float64, generator=g)
+    b = torch.randn(700, dtype=torch.float64, generator=g)
+    t = torch.randint(0, 700, (300,), generator=g)
+    if ignored == "some":
+        t[::5] = -100
+    elif ignored == "all":
+        t[:] = -100
+    args = (h, w, b, t, -100, "mean", transforms, 7, True, True, True)
+    ref = chunked_ops._fused_loss_and_grads(*args)
+    got = chunked_ops._fused_loss_and_grads(*args, in_place=True)
+    for r, q in zip(ref, got):
+        torch.testing.assert_close(q, r, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def test_transforms_round_trip():
+    tf = (("cast", torch.float32), ("scale", 0.0883883461356163), ("tanh",), ("scale", 30.0))
+    assert chunked_ops.decode_transforms(chunked_ops.encode_transforms(tf)) == tf
+
+
+def test_simulated_working_set_shrinks_with_chunks():
+    from mstfx.tools.compiled_program import _loop_workspace
+
+    work = {}
+    for m in (2, 8):
+        prog = _program(_meta_llama(layers=1), 1024, MstConfig(mini_sequences=m))
+        head = next(n for n in prog.forward.graph.nodes if n.target is HEAD_LOOP)
+        mlp_bw = next(n for n in prog.backward.graph.nodes if n.target is LOOP_BW)
+        work[m] = (_loop_workspace(head), _loop_workspace(mlp_bw))
+    assert work[8][0] < work[2][0] and work[8][1] < work[2][1] / 2, work
