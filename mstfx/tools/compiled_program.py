@@ -413,6 +413,16 @@ def _rng_wrappers() -> tuple:
     return (run_and_save_rng_state, run_with_rng_state)
 
 
+
+def _rng_state(node: fx.Node) -> bool:
+    """Whether ``node`` is the generator state an rng wrapper saves for the recompute (a few KB of host
+    memory, not an activation): ``run_and_save_rng_state``'s first output, or the backward's input
+    that only ``run_with_rng_state`` reads as its state."""
+    save, run = _rng_wrappers()
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and node.args[0].target is save and node.args[1] == 0
+    return node.op == "placeholder" and bool(node.users) and all(u.target is run and u.args[0] is node for u in node.users)
+
 #: extern kernels Inductor calls with every tensor input in the stride order it was traced with
 #: (``lowering.sdpa_constraint`` → ``ExternKernel.require_stride_order``); the simulated flash kernels
 #: stand for the CPU/GPU flash-attention kernels it is registered for
@@ -700,6 +710,8 @@ def graph_peak(
 
     # which nodes make a buffer
     def materialised(n: fx.Node) -> bool:
+        if _rng_state(n):
+            return False
         if n.op == "placeholder":
             return inputs_owned and not n.name.startswith("primals")
         if n.op != "call_function" or _is_view(n):
