@@ -227,3 +227,45 @@ def test_inline_rule_follows_inductors_thresholds():
     reads = frozenset(f"buf{i}" for i in range(gpu.max_reads + 1))
     assert gpu.realised(1, reads, frozenset()) and not cpu.realised(1, reads, frozenset())
     assert cpu.max_reads > gpu.max_reads and gpu.reads_on_reuse < gpu.max_reads
+
+
+def test_scatter_computes_its_values_in_its_own_loop():
+    """Inductor's scatter lowering loads the values it scatters through their loader (``ir.Scatter``'s
+    ``inner_fn``): a pointwise value read only by a scatter has no buffer, and the buffers it reads live
+    until the scatter (the embedding's backward reads the first layer's input-norm gradient so)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mstfx.tools.compiled_program import graph_peak
+
+    def embedding_backward(a, b, idx):
+        return torch.full((100, 32), 0.0, device=a.device).index_put((idx,), a * b + 1, accumulate=True)
+
+    args = (torch.empty(64, 32, device="meta"), torch.empty(64, 32, device="meta"), torch.empty(64, dtype=torch.long, device="meta"))
+    gm = make_fx(embedding_backward, tracing_mode="fake")(*args)
+    assert graph_peak(gm, inputs_owned=False, device="cpu").peak == 100 * 32 * 4  # the scatter's output only
+
+
+def test_checkpointed_attention_reads_copies_in_the_traced_layout():
+    """A checkpointed layer's attention runs inside AOT autograd's rng-state wrappers, which Inductor
+    calls with row-major buffers; its flash backward needs q, k and the output in the stride order they
+    were traced with (``sdpa_constraint``), so it reads copies.  The copies of q and k are fused into the
+    rotary's kernel (made with it, at the start of the layer's backward); without checkpointing the
+    attention fixes the layout itself and there are none."""
+    from mstfx.tools.compiled_program import with_layout_copies
+
+    cfg = _llama_config()
+    ids = torch.zeros(1, 64, dtype=torch.long, device="meta")
+    for checkpointing in (True, False):
+        program = capture_program(_meta_llama(cfg, checkpointing), ids, mstfx.MstConfig())
+        gm = with_layout_copies(program.backward)
+        nodes = list(gm.graph.nodes)
+        flash = [n for n in nodes if "flash_attention_backward" in str(n.target)]
+        copied = [[a.target is torch.ops.aten.clone.default for a in n.args[1:5]] for n in flash]
+        if not checkpointing:
+            assert not any(any(c) for c in copied)
+            continue
+        assert flash and all(c == [True, True, False, True] for c in copied)  # q, k, out; v is an mm's view already
+        for n in flash:
+            q, k = n.args[1], n.args[2]
+            assert q.prev is q.args[0] or q.prev.prev is q.args[0]  # made right after the rotary (k's copy follows q's)
+            assert nodes.index(k) < nodes.index(n) - 10

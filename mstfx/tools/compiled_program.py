@@ -42,7 +42,9 @@ def _flash_ops():
     """``mstfx_sim::flash_attention`` (+ backward): shapes and memory of FlashAttention-2, no maths."""
     from torch.library import custom_op
 
-    @custom_op("mstfx_sim::flash_attention", mutates_args=())
+    # seeded like the real flash kernel (its dropout), so that AOT autograd wraps a checkpointed layer's
+    # call and its recompute in the same rng-state operators (``functionalize_rng_ops``)
+    @custom_op("mstfx_sim::flash_attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
     def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         raise RuntimeError("mstfx_sim::flash_attention only runs on fake/meta tensors (memory simulation)")
 
@@ -197,7 +199,7 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
                 post(gm.graph)
                 gm.recompile()
             got[name] = gm
-            return make_boxed_func(_host_copies_on(gm, ids.device) if offload else gm)
+            return make_boxed_func(_without_rng_wrappers(_host_copies_on(gm, ids.device) if offload else gm))
 
         return compiler
 
@@ -226,6 +228,33 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
     if "forward" not in got or "backward" not in got:
         raise RuntimeError("AOT autograd produced no forward/backward pair")
     return Program(got["forward"], got["backward"], got.get("report"))
+
+
+def _without_rng_wrappers(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` itself, or, where AOT autograd wrapped a seeded op of a checkpointed layer in
+    ``run_and_save_rng_state`` / ``run_with_rng_state``, a copy that calls the op directly: the graph
+    run during capture on the meta device, which has no rng state to save (the state saved is an empty
+    tensor).  The graphs kept for analysis keep the wrappers, as Inductor sees them."""
+    from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+
+    wrapped = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (run_and_save_rng_state, run_with_rng_state)]
+    if not wrapped:
+        return gm
+    run = copy.deepcopy(gm)
+    for node in run.graph.nodes:
+        if node.op != "call_function" or node.target not in (run_and_save_rng_state, run_with_rng_state):
+            continue
+        with run.graph.inserting_before(node):
+            if node.target is run_with_rng_state:
+                direct = run.graph.call_function(node.args[1], node.args[2:], node.kwargs)
+            else:
+                state = run.graph.call_function(torch.empty, ((0,),), {"device": "meta"})
+                call = run.graph.call_function(node.args[0], node.args[1:], node.kwargs)
+                direct = run.graph.call_function(tuple, ([state, call],))
+        node.replace_all_uses_with(direct)
+        run.graph.erase_node(node)
+    run.recompile()
+    return run
 
 
 def _host_copies_on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
@@ -358,11 +387,13 @@ def _fusible(node: fx.Node) -> bool:
 
 
 def _inlined_into(user: fx.Node) -> bool:
-    """Whether ``user`` reads a pointwise producer inside its own kernel: a fusible op, or a view whose
-    readers all do (a view of an unrealised pointwise value is an index change in its readers)."""
+    """Whether ``user`` reads a pointwise producer inside its own kernel: a fusible op, a scatter (its
+    lowering loads the values and indices it scatters through their loaders, ``ir.Scatter``'s
+    ``inner_fn``), or a view whose readers all do (a view of an unrealised pointwise value is an index
+    change in its readers)."""
     if user.op == "call_function" and _is_view(user) and user.target is not operator.getitem:
         return all(_inlined_into(u) for u in user.users)
-    return _fusible(user)
+    return _fusible(user) or user.target in _SCATTER_INTO
 
 
 def _nbytes(val: Any) -> int:
@@ -419,6 +450,210 @@ def with_addmm_fused(gm: fx.GraphModule, device: str) -> fx.GraphModule:
         for dead in (*chain, mm):
             graph.erase_node(dead)
     return fx.GraphModule(gm, graph)
+
+
+@functools.lru_cache(maxsize=None)
+def _rng_wrappers() -> tuple:
+    """The operators AOT autograd wraps a checkpointed layer's seeded op in (its call and its recompute):
+    fallbacks in Inductor, with no layout constraint of their own."""
+    from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+
+    return (run_and_save_rng_state, run_with_rng_state)
+
+
+
+def _rng_state(node: fx.Node) -> bool:
+    """Whether ``node`` is the generator state an rng wrapper saves for the recompute (a few KB of host
+    memory, not an activation): ``run_and_save_rng_state``'s first output, or the backward's input
+    that only ``run_with_rng_state`` reads as its state."""
+    save, run = _rng_wrappers()
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and node.args[0].target is save and node.args[1] == 0
+    return node.op == "placeholder" and bool(node.users) and all(u.target is run and u.args[0] is node for u in node.users)
+
+#: extern kernels Inductor calls with every tensor input in the stride order it was traced with
+#: (``lowering.sdpa_constraint`` → ``ExternKernel.require_stride_order``); the simulated flash kernels
+#: stand for the CPU/GPU flash-attention kernels it is registered for
+_STRIDE_CONSTRAINED = {"mstfx_sim.flash_attention.default", "mstfx_sim.flash_attention_backward.default"}
+
+
+def _lowered(node: fx.Node) -> bool:
+    """Whether Inductor lowers ``node`` itself (generated kernels, ``out=`` matmuls) rather than calling
+    it as a fallback: a fallback or custom op (the flash-attention kernels, mstfx's own ops) makes its
+    outputs inside the op, in the layout its inputs give it."""
+    from torch._inductor.lowering import fallbacks, lowerings
+
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target in lowerings and target not in fallbacks
+
+
+def _wrapped_call(node: fx.Node) -> tuple[Any, tuple, dict] | None:
+    """(op, tensor-or-constant args, kwargs) of a fallback call: the op itself, or the op an rng wrapper
+    runs; None for anything else."""
+    target = node.target
+    if node.op != "call_function":
+        return None
+    if target in _rng_wrappers():
+        skip = 2 if target is _rng_wrappers()[1] else 1  # run_with_rng_state(state, op, ...), run_and_save_rng_state(op, ...)
+        return node.args[skip - 1], node.args[skip:], node.kwargs
+    if isinstance(target, torch._ops.OpOverload) and not _lowered(node) and target not in _MATMULS:
+        return target, node.args, node.kwargs
+    return None
+
+
+def _with_tuple_vals(gm: fx.GraphModule) -> None:
+    """Give a multi-output call traced without a value (an rng wrapper) the tuple of its ``getitem``s'
+    values, so that its outputs are counted as the buffers they are."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "val" in node.meta or not node.users:
+            continue
+        if not all(u.target is operator.getitem for u in node.users):
+            continue
+        vals: list[Any] = [None] * (1 + max(u.args[1] for u in node.users))
+        for u in node.users:
+            vals[u.args[1]] = u.meta.get("val")
+        node.meta["val"] = tuple(vals)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides wherever a dimension has more than one element (a size-1 dimension's stride is free)."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _extern_readers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s buffer through views and are not fused into a kernel: matmuls,
+    fallback kernels, rng wrappers."""
+    found: list[fx.Node] = []
+    for u in node.users:
+        if u.op != "call_function":
+            continue
+        if _is_view(u) and u.target is not operator.getitem:
+            found += _extern_readers(u)
+        elif not _fusible(u):
+            found.append(u)
+    return found
+
+
+def _inductor_layouts(gm: fx.GraphModule, outputs: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    """Values whose buffer Inductor lays out differently from the traced strides, as fake tensors with
+    Inductor's strides.  A generated kernel's output has a flexible layout: the first extern kernel
+    that reads it fixes it, to the traced stride order for a stride-constrained kernel and row-major
+    otherwise (``FlexibleLayout``, frozen by ``ExternKernel.realize_input``); a graph output keeps its
+    traced strides (``keep_output_stride``).  A fallback's outputs are what its op returns for inputs
+    laid out so; a view of a relaid value is replayed on it when it can be, and keeps the traced strides
+    when it cannot (its extern readers then get a copy, see :func:`with_layout_copies`)."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    actual: dict[fx.Node, torch.Tensor] = {}
+
+    def laid(a: Any) -> Any:
+        return actual.get(a, a.meta.get("val")) if isinstance(a, fx.Node) else a
+
+    for node in nodes:
+        val = node.meta.get("val")
+        if node.op != "call_function":
+            continue
+        if isinstance(val, torch.Tensor) and _fusible(node) and node not in outputs and not val.is_contiguous():
+            readers = sorted(_extern_readers(node), key=lambda r: pos[r])
+            if readers and _op_name(readers[0]) not in _STRIDE_CONSTRAINED:
+                actual[node] = torch.empty_like(val, memory_format=torch.contiguous_format)
+        elif _is_view(node) and node.target is not operator.getitem and node.args[0] in actual:
+            try:
+                actual[node] = node.target(laid(node.args[0]), *node.args[1:], **node.kwargs)
+            except (RuntimeError, ValueError):
+                pass  # not a view of the relaid buffer: a copy where an extern kernel reads it
+        elif node.target is operator.getitem and node.args[0] in actual:
+            out = actual[node.args[0]][node.args[1]]
+            if isinstance(out, torch.Tensor) and isinstance(val, torch.Tensor) and not _same_layout(out, val):
+                actual[node] = out
+        else:
+            call = _wrapped_call(node)
+            if call is None or not any(isinstance(a, fx.Node) and a in actual for a in call[1]):
+                continue
+            op, args, kwargs = call
+            mode = torch._guards.detect_fake_mode([laid(a) for a in args if isinstance(a, fx.Node)])
+            if mode is None:
+                continue
+            with mode:
+                actual[node] = op(*fx.node.map_arg(args, laid), **fx.node.map_arg(kwargs, laid))
+    return actual
+
+
+def with_layout_copies(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with the copies Inductor makes to give an extern kernel an input in the layout it needs:
+    a stride-constrained kernel (flash attention) reading a value laid out otherwise than traced
+    (``require_stride_order`` → ``copy_input``), and a matmul reading, through a reshape, a buffer whose
+    layout the reshape is not a view of.  A copy of a generated kernel's output is a pointwise kernel
+    over the same elements, which Inductor's scheduler fuses into that kernel: it is made with its
+    source.  A copy of anything else is made just before its first reader.  Each copy lives until its
+    last reader, as a separate buffer.  This is what a checkpointed layer costs beyond its recompute:
+    its attention's rng wrapper fixes q and k row-major, so the flash backward reads copies of q, k and
+    the output in the traced layout, made at the start of the layer's backward."""
+    _with_tuple_vals(gm)
+    graph = gm.graph
+    outputs = set(graph.output_node().all_input_nodes)
+    actual = _inductor_layouts(gm, outputs)
+    if not actual:
+        return gm
+    copies: dict[fx.Node, fx.Node] = {}
+    for reader in list(graph.nodes):
+        constrained = _op_name(reader) in _STRIDE_CONSTRAINED
+        if not (constrained or reader.target in _MATMULS):
+            continue
+        for arg in dict.fromkeys(a for a in reader.all_input_nodes):
+            val = arg.meta.get("val")
+            if not isinstance(val, torch.Tensor) or not _relaid(arg, actual):
+                continue
+            if constrained:
+                needs = arg not in actual or not _same_layout(actual[arg], val)
+            else:
+                needs = _is_view(arg) and arg not in actual  # a reshape that is no view of the relaid buffer
+            if not needs:
+                continue
+            if arg not in copies:
+                with graph.inserting_before(reader):
+                    copies[arg] = graph.call_function(torch.ops.aten.clone.default, (arg,))
+                copies[arg].meta["val"] = val
+                source = _relaid_source(arg, actual)
+                if _fusible(source):
+                    _move_next_to(source, copies[arg])
+            reader.replace_input_with(arg, copies[arg])
+    gm.recompile()
+    return gm
+
+
+def _relaid(node: fx.Node, actual: dict[fx.Node, torch.Tensor]) -> bool:
+    """Whether ``node`` is, or is a view of, a value Inductor lays out otherwise than traced."""
+    return _relaid_source(node, actual) is not None
+
+
+def _relaid_source(node: fx.Node, actual: dict[fx.Node, torch.Tensor]) -> fx.Node | None:
+    """The relaid value ``node`` is or views (through view ops), or None."""
+    while node is not None:
+        if node in actual and not _is_view(node):
+            return node
+        if not (node.op == "call_function" and _is_view(node) and node.target is not operator.getitem):
+            return None
+        node = node.args[0] if isinstance(node.args[0], fx.Node) else None
+    return None
+
+
+def _move_next_to(source: fx.Node, copy: fx.Node) -> None:
+    """Put ``copy`` right after ``source``, with the views between them (free, read only from
+    ``source``) moved up before it, keeping the graph in topological order."""
+    chain = []
+    a = copy.args[0]
+    while a is not source:
+        chain.append(a)
+        a = a.args[0]
+    cursor = source
+    for v in [*reversed(chain), copy]:
+        cursor.append(v)
+        cursor = v
 
 
 def _mm_through_pointless_permutes(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
@@ -512,7 +747,7 @@ def graph_peak(
     (the forward saved several pieces of one tensor): counted once, freed after the last piece.
     ``device``: whose code Inductor generates ("cpu" or a GPU): its thresholds for inlining differ
     (:class:`InlineRule`)."""
-    gm = with_addmm_fused(gm, device)
+    gm = with_layout_copies(with_addmm_fused(gm, device))
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     output = nodes[-1]
@@ -523,6 +758,8 @@ def graph_peak(
 
     # which nodes make a buffer
     def materialised(n: fx.Node) -> bool:
+        if _rng_state(n):
+            return False
         if n.op == "placeholder":
             return inputs_owned and not n.name.startswith("primals")
         if n.op != "call_function" or _is_view(n):
@@ -533,7 +770,7 @@ def graph_peak(
             return False  # the elements are counted through their getitems
         if n in out_set or not _pointwise(n):
             return True
-        if not all(_inlined_into(u) or (u.target in _SCATTER_INTO and u.args[0] is n) for u in n.users):
+        if not all(_inlined_into(u) for u in n.users):
             return True
         return rule.realised(len(n.users), reads[n], expression[n])
 
@@ -589,7 +826,8 @@ def graph_peak(
         # the outputs of a multi-output kernel (its ``getitem`` nodes) exist while it runs; a functionalised
         # mutation's (``auto_functionalized``) are its inputs, written in place
         made = n
-        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and isinstance(n.args[0].target, torch._ops.OpOverload):
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and (
+                isinstance(n.args[0].target, torch._ops.OpOverload) or n.args[0].target in _rng_wrappers()):
             made = n.args[0]
         first.setdefault(k, pos[made])
         last_read[k] = max(last_read.get(k, 0), read_until(n))
