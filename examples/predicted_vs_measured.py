@@ -34,6 +34,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "docs", "predicted_vs_measured.json")
 SIM_CACHE = os.path.join(ROOT, "docs", "predicted_vs_measured_compiled.json")
 PNG = os.path.join(ROOT, "docs", "predicted_vs_measured.png")
+#: the mst backend's chunk form for the mst modes (``MstConfig.chunk_form``): the main table was measured
+#: with the unrolled form; ``--chunk-form loop`` (the default form) keeps its own caches and plot
+CHUNK_FORM = "unrolled"
+
+
+def _use_chunk_form(form: str) -> None:
+    global CHUNK_FORM, CACHE, SIM_CACHE, PNG
+    CHUNK_FORM = form
+    if form != "unrolled":
+        CACHE, SIM_CACHE, PNG = (path.replace("predicted_vs_measured", f"predicted_vs_measured_{form}")
+                                 for path in (CACHE, SIM_CACHE, PNG))
 MODES = ("standard", "mst", "mst+checkpointing")
 SEQ_LENS = (1024, 2048, 4096, 8192)
 MB = 1e6
@@ -102,7 +113,7 @@ def measure(name: str, mode: str, seq_len: int) -> int:
     model = build(name).train()
     if mode.endswith("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    backend = "inductor" if mode in ("standard", "checkpointing") else mstfx.backend()
+    backend = "inductor" if mode in ("standard", "checkpointing") else mstfx.backend(chunk_form=CHUNK_FORM)
     fn = torch.compile(lambda i, l: model(input_ids=i, labels=l).loss, backend=backend)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
@@ -151,7 +162,7 @@ def simulate_compiled(name: str, mode: str, seq_len: int) -> int:
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
-    program = capture_program(model.train(), ids, mstfx.MstConfig() if mst else None)
+    program = capture_program(model.train(), ids, mstfx.MstConfig(chunk_form=CHUNK_FORM) if mst else None)
     return program_peak(program, device="cpu").total
 
 
@@ -172,7 +183,8 @@ def load() -> dict:
     return {}
 
 
-def save(cache: dict, path: str = CACHE) -> None:
+def save(cache: dict, path: str | None = None) -> None:
+    path = path or CACHE  # read at call time: --chunk-form moves the caches
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(cache, f, indent=1, sort_keys=True)
@@ -251,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--seq-lens", nargs="+", type=int, default=list(SEQ_LENS))
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--chunk-form", default="unrolled", choices=["unrolled", "loop"],
+                    help="chunk form of the mst modes (default unrolled: the main table; loop: its own caches)")
     ap.add_argument("--remeasure", action="store_true", help="ignore cached measurements")
     ap.add_argument("--compiled-sim", action="store_true",
                     help="also simulate each measured point's compiled program (cached in "
@@ -259,6 +273,7 @@ def main(argv=None) -> int:
                     help="re-run the compiled-program simulation of every cached measurement (measures nothing)")
     args = ap.parse_args(argv)
     args.compiled_sim |= args.resimulate
+    _use_chunk_form(args.chunk_form)
     cache = load()
     sim = load_sim()
     if not (args.plot_only or args.resimulate):

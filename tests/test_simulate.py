@@ -199,3 +199,15 @@ def test_cost_model_agrees_within_10_percent(model):
     rows = sim.compare_with_cost_model(cfg, [4096, 16384, 32768])
     bad = [r for r in rows if abs(r["rel"]) > 0.10]
     assert not bad, bad
+
+
+def test_longest_seq_len_through_a_flat_stretch():
+    """The compiled step peaks at the end of its backward at short S (nothing there grows with S): a
+    flat start must not end the search."""
+    def peak(s):
+        return max(60_000.0, 50_000 + 0.1 * s)
+
+    got, runs = sim.longest_seq_len(peak, 80_000, start=4096, quantum=128)
+    truth = max(s for s in range(128, 400_000, 128) if peak(s) <= 80_000)
+    assert truth - max(128, 0.005 * truth) <= got <= truth
+    assert len(runs) <= 12

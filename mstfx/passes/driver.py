@@ -114,6 +114,7 @@ class RewriteContext:
     in_checkpoint: bool
     compiled_bodies: dict
     needs_grad: Callable[[fx.Node], bool]
+    graph: fx.Graph | None = None  # the top-level graph (its autocast contexts decide the chunk form)
 
     @property
     def eager(self) -> bool:
@@ -176,7 +177,7 @@ def _rewrite(kind, run: _Run) -> None:
             )
             continue
         in_checkpoint = owner is not run.new
-        ctx = RewriteContext(run.config, in_checkpoint, run.compiled_bodies, needs_grad)
+        ctx = RewriteContext(run.config, in_checkpoint, run.compiled_bodies, needs_grad, run.new.graph)
         fields["detail"] = fields.get("detail", "") + kind.rewrite(owner, region, m, ctx)
         if in_checkpoint:
             owner.recompile()

@@ -45,7 +45,15 @@ def next_ac_graph_id() -> int:
     return next(_ac_ids)
 
 
-def chunk_form(config, in_checkpoint: bool) -> tuple[str, str]:
+def has_autocast(graph: fx.Graph) -> bool:
+    """Whether ``graph`` enters an autocast context.  A loop operator's backward recomputes its chunks
+    when autograd runs it, under whatever autocast state holds then (usually none), not the state of
+    the forward, so such graphs keep the unrolled form, whose recompute AOT autograd traces with the
+    forward's casts."""
+    return any(n.op == "call_function" and getattr(n.target, "__name__", "") == "_enter_autocast" for n in graph.nodes)
+
+
+def chunk_form(config, in_checkpoint: bool, graph: fx.Graph | None = None) -> tuple[str, str]:
     """The form an MLP's chunks take (``config.chunk_form``, see :data:`mstfx.config.CHUNK_FORMS`) and
     the report's words for it.  The ``eager`` compiler runs each chunk under
     ``torch.utils.checkpoint`` ("unrolled" copies of that call).
@@ -59,6 +67,8 @@ def chunk_form(config, in_checkpoint: bool) -> tuple[str, str]:
     if config.compiler == "eager":
         return "unrolled", ""
     if form == "loop":
+        if graph is not None and has_autocast(graph):
+            return "unrolled", "; unrolled M copies (autocast in the graph)"
         return "loop", "; one loop operator"
     if form == "compiled-once":
         if in_checkpoint:
@@ -236,10 +246,13 @@ def rewrite_mlp_compiled_once(gm: fx.GraphModule, region: MlpRegion, chunks: int
 def loop_body(owner: fx.GraphModule, region: MlpRegion) -> tuple[fx.GraphModule, list[fx.Node]] | None:
     """The region as a chunk body for :mod:`mstfx.chunk_loop` (placeholders renamed ``x, p0, p1, ...`` so
     that every layer's MLP of the same structure is one body), or ``None`` when something it reads
-    from outside is not a tensor (a symbolic size), which the loop operator cannot take."""
+    from outside is not a tensor (a symbolic size), which the loop operator cannot take, or it reads
+    module state (an attribute or submodule) rather than only its inputs."""
     body, externals = extract_body(owner, region)
     if any(not isinstance(tensor_of(ext), torch.Tensor) for ext in externals):
         return None
+    if any(n.op in ("get_attr", "call_module") for n in body.graph.nodes):
+        return None  # state the content hash would not cover: two bodies could share one identifier
     for i, ph in enumerate(n for n in body.graph.nodes if n.op == "placeholder"):
         ph.name = ph.target = "x" if i == 0 else f"p{i - 1}"
     body.recompile()

@@ -1,4 +1,5 @@
-"""Inductor post-grad pass: each chunk's bias-gradient reduction runs with its chunk.
+"""Inductor post-grad pass: each chunk's bias-gradient reduction runs with its chunk (unrolled chunks:
+``MstConfig(chunk_form="unrolled")``; the default loop operator sums its chunks' gradients itself).
 
 A chunked linear with a bias (GPT-2's ``Conv1D``, Phi, GPT-NeoX MLPs) gets one bias gradient per
 chunk, ``sum(dY_k, dim=0)``, which autograd adds up.  Inductor fuses the chunk's pointwise gradient

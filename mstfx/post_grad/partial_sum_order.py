@@ -1,4 +1,5 @@
-"""Inductor post-grad pass: each chunk's partial gradient is added to the running sum with its chunk.
+"""Inductor post-grad pass: each chunk's partial gradient is added to the running sum with its chunk
+(chunks unrolled in the graph: routed experts, and MLPs with ``chunk_form="unrolled"``).
 
 Chunked routed experts run the stacked expert weights ``[E, ...]`` through grouped matmuls once per
 chunk, so backward gets one partial gradient of those weights per chunk (and the partials of any

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..passes import chunk_rule
 from ..passes.find_lm_head import LmHeadRegion, find_lm_head_regions
 from ..passes.rewrite_lm_head import rewrite_lm_head
+from ..passes.rewrite_mlp import chunk_form
 from .base import RegionKind
 
 
@@ -36,7 +37,7 @@ class LmHeadKind(RegionKind):
         )
 
     def rewrite(self, owner, region: LmHeadRegion, m: int, ctx) -> str:
-        if getattr(ctx.config, "chunk_form", "unrolled") == "loop" and not ctx.eager:
+        if chunk_form(ctx.config, ctx.in_checkpoint, ctx.graph)[0] == "loop":
             head = region.head
             needs = [True, ctx.needs_grad(head.weight), head.bias is not None and ctx.needs_grad(head.bias)]
             rewrite_lm_head(owner.graph, region, m, needs)

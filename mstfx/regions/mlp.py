@@ -29,11 +29,11 @@ class MlpKind(RegionKind):
         return chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
 
     def rewrite(self, owner, region: MlpRegion, m: int, ctx) -> str:
-        form, words = chunk_form(ctx.config, ctx.in_checkpoint)
+        form, words = chunk_form(ctx.config, ctx.in_checkpoint, ctx.graph)
         if form == "loop":
             if rewrite_mlp_looped(owner, region, m) is not None:
                 return words
-            words = "; unrolled M copies (reads a symbolic size, which the loop operator cannot take)"
+            words = "; unrolled M copies (reads a symbolic size or module state, which the loop operator cannot take)"
         if form == "compiled-once":
             rewrite_mlp_compiled_once(owner, region, m, ctx.compiled_bodies, ctx.needs_grad)
         else:

@@ -624,9 +624,7 @@ def longest_seq_len(
         lo, hi = quantum, start
         # line through the two runs, then alternate as below
     else:
-        second = run(min(max_len, start * 4))
-        if second <= budget and second - runs[start] <= 0:
-            return max(fits()), sorted(runs.items())
+        run(min(max_len, start * 4))
     last_over = bool(over())
     for _ in range(max_runs):
         f, o = fits(), over()
@@ -640,7 +638,9 @@ def longest_seq_len(
         if len(f) >= 2:  # line through the two largest fitting runs: overshoots (convex peak)
             a, b = f[-2], f[-1]
             slope = (runs[b] - runs[a]) / (b - a)
-            line = b + (budget - runs[b]) / slope if slope > 0 else float(max_len)
+            # a flat stretch (the compiled step at short S peaks at the end of its backward, where
+            # nothing grows with S) says nothing of where the peak crosses: grow by 4× until it rises
+            line = b + (budget - runs[b]) / slope if slope > 0 else None
         if hi is None:
             guess = line if line is not None else lo * 4
         else:
@@ -651,7 +651,7 @@ def longest_seq_len(
             s = min(s, hi - quantum)
         if s <= lo:
             s = lo + quantum
-        if s in runs:
+        if s in runs or s > max_len:
             break
         last_over = run(s) > budget
     f = fits()
