@@ -144,15 +144,13 @@ def _(body, chunks, x, params, grad, needs):
 
 def _setup_context(ctx, inputs, output):
     body, chunks, x, params = inputs
-    ctx.body, ctx.chunks, ctx.n_params = body, chunks, len(params)
+    ctx.body, ctx.chunks = body, chunks
     ctx.save_for_backward(x, *params)
 
 
 def _backward(ctx, grad):
     x, *params = ctx.saved_tensors
-    needs = [bool(ctx.needs_input_grad[2])] + [p.requires_grad for p in params]
-    if isinstance(ctx.needs_input_grad[3], (list, tuple)):
-        needs[1:] = [bool(n) for n in ctx.needs_input_grad[3]]
+    needs = [bool(ctx.needs_input_grad[2]), *map(bool, ctx.needs_input_grad[3])]  # [3]: one flag per param
     grads = iter(torch.ops.mstfx.chunk_loop_backward(ctx.body, ctx.chunks, x, params, grad.contiguous(), needs))
     grad_x = next(grads) if needs[0] else None
     grad_params = [next(grads) if n else None for n in needs[1:]]
