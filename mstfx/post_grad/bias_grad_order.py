@@ -1,17 +1,25 @@
-"""Inductor post-grad pass: each chunk's bias-gradient reduction runs with its chunk (unrolled chunks:
-``MstConfig(chunk_form="unrolled")``; the default loop operator sums its chunks' gradients itself).
+"""Inductor post-grad pass: each bias gradient's reduction runs right after the gradient it sums.
 
-A chunked linear with a bias (GPT-2's ``Conv1D``, Phi, GPT-NeoX MLPs) gets one bias gradient per
-chunk, ``sum(dY_k, dim=0)``, which autograd adds up.  Inductor fuses the chunk's pointwise gradient
-(e.g. GELU's backward) into that reduction, then every chunk's reduction into the one kernel of their
-sum; that kernel can only run after the *last* chunk, and the chunks' gradient matmuls wait for it.
-So every chunk's I-wide gradient buffers were alive together and chunking did not shrink the MLP's
-backward (generated code for GPT-2, S = 4096, M = 8: 17 chunk×I buffers alive at once; 4 with this
-pass; measured peak 371 → 325 MB).
+A linear with a bias (GPT-2's ``Conv1D``, Qwen2's q/k/v projections, Phi and GPT-NeoX MLPs) gets its
+bias gradient as a row sum of its output gradient, ``sum(dY, dim=0)``.  Inductor fuses that reduction
+into whichever kernel suits its scheduler, which is not always soon after ``dY`` is made, and ``dY``
+(tokens × output features) stays alive until that kernel runs:
 
-The pass replaces such row sums (row sums over 2-D tensors that are added together: the gradient
-accumulation of a parameter used by several chunks) by :func:`row_sum`, an opaque custom op that
-Inductor calls as an extern kernel, in graph order, right after its chunk's gradient.  The value is
+* **chunked linears** (unrolled chunks, ``MstConfig(chunk_form="unrolled")``) get one row sum per
+  chunk, which autograd adds up.  Inductor fuses the chunk's pointwise gradient (e.g. GELU's backward)
+  into its reduction, then every chunk's reduction into the one kernel of their sum; that kernel can
+  only run after the *last* chunk, so every chunk's I-wide gradient buffers were alive together and
+  chunking did not shrink the MLP's backward (generated code for GPT-2, S = 4096, M = 8: 17 chunk×I
+  buffers alive at once; 4 with this pass; measured peak 371 → 325 MB).
+* **the first layer's q/k/v bias** (tied GPT-2 with checkpointing): Inductor fuses its row sum into
+  the step's last kernel, the embedding's backward, so the S × 3h output gradient is alive while the
+  vocab-sized embedding gradient is made, the step's peak (measured peak at S = 4096, loop form:
+  223.5 → 201.2 MB).
+
+The pass replaces the row sums that are bias gradients — row sums of a 2-D tensor that a matmul also
+reads (the output gradient a linear's input and weight gradients are made from), or that are added
+together (the accumulation of a bias shared by several chunks) — by :func:`row_sum`, an opaque custom
+op that Inductor calls as an extern kernel, in graph order, right after the gradient.  The value is
 the same sum; only where it is computed changes.
 """
 
@@ -50,6 +58,33 @@ def _is_row_sum(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 2 and dims in ([0], [-2]) and len(node.args) <= 3
 
 
+_MATMULS = frozenset({aten.mm.default, aten.addmm.default})
+
+
+def _read_by_matmul(x: fx.Node) -> bool:
+    """Whether a matmul reads ``x`` (through reshapes and transposes): a linear's output gradient."""
+    seen, todo = set(), [x]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_function" and user.target in _MATMULS:
+                return True
+            if user.op == "call_function" and user.target in RESHAPES | {aten.t.default, aten.permute.default}:
+                todo.append(user)
+    return False
+
+
+def bias_grad_row_sums(graph: fx.Graph) -> list[fx.Node]:
+    """Row sums of a tensor a matmul also reads (the bias gradient beside the input/weight gradient),
+    and the chunks' row sums of :func:`chunked_row_sums`, in graph order."""
+    found = set(chunked_row_sums(graph))
+    found.update(n for n in graph.nodes if _is_row_sum(n) and _read_by_matmul(through(n.args[0], RESHAPES)))
+    return [n for n in graph.nodes if n in found]
+
+
 def chunked_row_sums(graph: fx.Graph) -> list[fx.Node]:
     """Row sums accumulated by additions of row sums (through views): one per chunk of a biased linear."""
     accumulation: set[fx.Node] = set()
@@ -65,9 +100,9 @@ def chunked_row_sums(graph: fx.Graph) -> list[fx.Node]:
     return list(found)
 
 
-def keep_bias_grads_with_their_chunks(graph: fx.Graph) -> int:
-    """Rewrite the chunks' row sums into :func:`row_sum` calls; returns how many."""
-    nodes = chunked_row_sums(graph)
+def keep_bias_grads_with_their_gradients(graph: fx.Graph) -> int:
+    """Rewrite the bias gradients' row sums into :func:`row_sum` calls; returns how many."""
+    nodes = bias_grad_row_sums(graph)
     for node in nodes:
         keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
         x = node.args[0]
@@ -86,4 +121,4 @@ class BiasGradOrderPass(ChainedPass):
     """The pass as Inductor's ``post_grad_custom_post_pass``; runs ``then`` (a user's pass) after it."""
 
     def run(self, graph: fx.Graph) -> None:
-        keep_bias_grads_with_their_chunks(graph)
+        keep_bias_grads_with_their_gradients(graph)
