@@ -170,9 +170,20 @@ class _HeadGradients:
         self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         self.b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
 
-    def add(self, g_logits: torch.Tensor, h_c: torch.Tensor) -> None:
+    def add(self, g_logits: torch.Tensor, h_c: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+        """Add one chunk's share.  ``scratch``: a tensor of ``g_logits``' shape that is no longer needed
+        (code run op by op only): when ``g_logits`` must be upcast to the accumulators' precision, the
+        upcast is written into it instead of a new tokens×vocab buffer (the same values)."""
         if self.h_chunks is not None:
             self.h_chunks.append(g_logits @ self.weight)
+        acc_dtype = (self.w if self.w is not None else self.b).dtype if (self.w is not None or self.b is not None) else None
+        if scratch is not None and acc_dtype is not None and g_logits.dtype != acc_dtype and scratch.dtype == acc_dtype:
+            up = scratch.copy_(g_logits)
+            if self.w is not None:
+                self.w.addmm_(up.t(), h_c.to(acc_dtype))
+            if self.b is not None:
+                self.b = self.b + up.sum(0)
+            return
         if self.w is not None:
             accumulate_matmul(self.w, g_logits.t(), h_c)
         if self.b is not None:
@@ -244,8 +255,12 @@ def _fused_loss_and_grads(
                 0.0,
             )
             del probs
-        grads.add(_transforms_backward(g.to(z_dtype), transforms, saved).to(logits_dtype), h_c)
+        g_z = _transforms_backward(g.to(z_dtype), transforms, saved)
         del g, saved
+        g_logits = g_z.to(logits_dtype)  # the logits' gradient as eager has it (rounded to their dtype)
+        # op by op, the dead pre-rounding buffer takes dL/dW's upcast instead of a new tokens×vocab one
+        grads.add(g_logits, h_c, scratch=g_z if in_place and g_logits is not g_z else None)
+        del g_z, g_logits
     loss = loss * scale
     return loss.to(_loss_dtype(torch.result_type(h, weight), transforms)), grads.h(), grads.w, grads.b
 

@@ -130,6 +130,50 @@ def test_op_by_op_loss_equals_fused(transforms, ignored):
         torch.testing.assert_close(q, r, rtol=1e-9, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("transforms", [
+    (("cast", torch.float32),),
+    (("cast", torch.float32), ("scale", 0.3), ("tanh",), ("scale", 30.0)),
+])
+def test_bf16_op_by_op_reuses_the_dead_buffer_for_the_upcast_and_equals_fused(transforms):
+    """bf16 logits: the loop writes dL/dW's fp32 upcast of the rounded logits gradient into the dead
+    pre-rounding buffer: the same values as a fresh upcast, bit for bit, and with the plain fp32 cast a
+    chunk holds its fp32 logits and their bf16 gradient only (6 B per tokens×vocab entry, not 10)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(256, 32, generator=g).to(torch.bfloat16)
+    w = (torch.randn(2000, 32, generator=g) * 0.1).to(torch.bfloat16)
+    b = torch.randn(2000, generator=g).to(torch.bfloat16)
+    t = torch.randint(0, 2000, (256,), generator=g)
+    args = (h, w, b, t, -100, "mean", transforms, 4, True, True, True)
+    ref = chunked_ops._fused_loss_and_grads(*args)
+    got = chunked_ops._fused_loss_and_grads(*args, in_place=True)
+    for r, q in zip(ref, got):  # (the in-place softmax rounds differently in its last bits)
+        torch.testing.assert_close(q, r, rtol=1e-2 if q.dtype == torch.bfloat16 else 1e-4, atol=1e-6)
+    # one chunk's accumulation: through the dead buffer and through a fresh upcast, bit for bit
+    g_z = torch.randn(64, 2000, generator=g)
+    g_logits = g_z.to(torch.bfloat16)
+    plain = chunked_ops._HeadGradients(w, b, torch.float32, True, True, True)
+    plain.add(g_logits, h[:64])
+    reused = chunked_ops._HeadGradients(w, b, torch.float32, True, True, True)
+    reused.add(g_logits, h[:64], scratch=g_z)
+    assert torch.equal(plain.w, reused.w) and torch.equal(plain.b, reused.b) and torch.equal(plain.h(), reused.h())
+    if len(transforms) > 1:  # soft-capping's backward holds its tanh and products besides: sized elsewhere
+        return
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = [torch.empty(x.shape, dtype=x.dtype) for x in (h, w, b, t)]
+        tracker = MemTracker()
+        tracker.track_external(*fake)
+        with tracker:
+            chunked_ops._fused_loss_and_grads(*fake, *args[4:], in_place=True)
+        peak = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+    inputs = sum(x.untyped_storage().nbytes() for x in fake)
+    accumulators = 2000 * 32 * 4 + 2000 * 4
+    chunk_entries = 256 // 4 * 2000
+    assert peak - inputs - accumulators <= chunk_entries * (4 + 2) + 256 * 32 * 2 * 2 + 64 * 1024, peak
+
+
 def test_transforms_round_trip():
     tf = (("cast", torch.float32), ("scale", 0.0883883461356163), ("tanh",), ("scale", 30.0))
     assert chunked_ops.decode_transforms(chunked_ops.encode_transforms(tf)) == tf
