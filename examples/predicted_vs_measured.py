@@ -34,15 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "docs", "predicted_vs_measured.json")
 SIM_CACHE = os.path.join(ROOT, "docs", "predicted_vs_measured_compiled.json")
 PNG = os.path.join(ROOT, "docs", "predicted_vs_measured.png")
-#: the mst backend's chunk form for the mst modes (``MstConfig.chunk_form``): the main table was measured
-#: with the unrolled form; ``--chunk-form loop`` (the default form) keeps its own caches and plot
-CHUNK_FORM = "unrolled"
+#: the mst backend's chunk form for the mst modes (``MstConfig.chunk_form``): the table is measured with
+#: the default loop form; ``--chunk-form unrolled`` keeps its own caches and plot (``*_unrolled.*``)
+CHUNK_FORM = "loop"
 
 
 def _use_chunk_form(form: str) -> None:
     global CHUNK_FORM, CACHE, SIM_CACHE, PNG
     CHUNK_FORM = form
-    if form != "unrolled":
+    if form != "loop":
         CACHE, SIM_CACHE, PNG = (path.replace("predicted_vs_measured", f"predicted_vs_measured_{form}")
                                  for path in (CACHE, SIM_CACHE, PNG))
 MODES = ("standard", "mst", "mst+checkpointing")
@@ -139,7 +139,7 @@ def predict(name: str, mode: str, seq_len: int) -> float:
     """Predicted peak (bytes) of the part the profiler sees: gradients + activations."""
     from mstfx.planning.planner import predict_peak
 
-    b = predict_peak(built(name), seq_len, batch=1, mode=mode, optimizer="none")
+    b = predict_peak(built(name), seq_len, batch=1, mode=mode, optimizer="none", chunk_form=CHUNK_FORM)
     return b.grads + b.activations
 
 
@@ -263,8 +263,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--seq-lens", nargs="+", type=int, default=list(SEQ_LENS))
     ap.add_argument("--plot-only", action="store_true")
-    ap.add_argument("--chunk-form", default="unrolled", choices=["unrolled", "loop"],
-                    help="chunk form of the mst modes (default unrolled: the main table; loop: its own caches)")
+    ap.add_argument("--chunk-form", default="loop", choices=["loop", "unrolled"],
+                    help="chunk form of the mst modes (default loop, the backend's default: the main table; "
+                         "unrolled: its own caches)")
     ap.add_argument("--remeasure", action="store_true", help="ignore cached measurements")
     ap.add_argument("--compiled-sim", action="store_true",
                     help="also simulate each measured point's compiled program (cached in "

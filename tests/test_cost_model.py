@@ -180,3 +180,24 @@ def test_compiled_mlp_saves_each_up_projection_and_the_down_input():
         mlp = cm.regions(arch, cm.Precision(), "standard", 1, 1)[1]
         per_token = cm.evaluate(mlp.saved, 1000) / 1000 / 4
         assert per_token == pytest.approx(cm.COEF["mlp_saved_h"] * arch.hidden + n_i * arch.intermediate)
+
+
+TIED = cm.Arch(hidden=512, intermediate=2048, layers=2, heads=8, kv_heads=8, head_dim=64, vocab=32000, tied=True)
+
+
+def test_loop_form_has_no_chunk_pool_and_no_separate_head_weight_gradient():
+    """The default loop operator runs its chunks op by op in one extern call: no chunk buffers in
+    Inductor's pool, the LM head's fp32 weight gradient is the operator's own output, and a tied
+    weight's two gradients are summed into it in place (fp32)."""
+    loop = cm.step_cost(TIED, "mst", m_mlp=4, m_head=8)
+    unrolled = cm.step_cost(TIED, "mst", m_mlp=4, m_head=8, chunk_form="unrolled")
+    assert "forward end (head weight gradient)" in unrolled.phases
+    assert "forward end (head weight gradient)" not in loop.phases
+    at = lambda cost, phase: cm.evaluate(cost.phases[phase], 4096)  # noqa: E731
+    # one chunk's I-wide backward buffers (fp32, 4096 / 4 tokens), pooled by Inductor in the unrolled form
+    pooled = 4096 / 4 * 4 * (cm.mlp_saved_i(TIED) + cm.COEF["bwd_transient_i"] * TIED.ups) * TIED.intermediate
+    assert at(unrolled, "top layer backward (attention)") - at(loop, "top layer backward (attention)") == pytest.approx(pooled)
+    assert at(unrolled, "end") - at(loop, "end") == pytest.approx(TIED.vocab * TIED.hidden * 4)
+    assert cm.evaluate(loop.peak, 4096) < cm.evaluate(unrolled.peak, 4096)
+    with pytest.raises(ValueError, match="chunk_form"):
+        cm.step_cost(TIED, "mst", chunk_form="rolled")

@@ -60,6 +60,7 @@ from enum import Enum
 
 import sympy as sp
 
+from ..config import CHUNK_FORMS
 from . import offload
 
 S, B = sp.symbols("S B", positive=True)
@@ -104,6 +105,9 @@ PROGRAMS = ("compiled", "eager")
 NORMS = ("rms", "rms_fp32", "layer")
 OPTIMIZERS = ("adamw", "sgd", "none")
 FP32 = 4
+
+#: ``MstConfig.chunk_form`` values whose chunked regions are one loop operator each (``mstfx/chunk_loop.py``)
+LOOP_FORMS = frozenset({"loop"})
 
 #: Per-token element counts of the compiled step (fitted on the reference config, see module doc).
 COEF = {
@@ -593,14 +597,22 @@ def step_cost(
     m_mlp=M_MLP,
     m_head=M_HEAD,
     program: str = "compiled",
+    chunk_form: str = "loop",
 ) -> StepCost:
     """The step's bytes: static parts and the activation phases, as expressions of S, B (and M).
 
     ``program``: "compiled" (the step the mst backend / Inductor runs) or "eager" (op by op, with
     FlashAttention, as ``mstfx simulate`` runs it); see :data:`PROGRAMS`.
+    ``chunk_form``: the compiled step's form of a chunked region (``MstConfig.chunk_form``; see
+    :data:`LOOP_FORMS`).
     """
+    if chunk_form not in CHUNK_FORMS:
+        raise ValueError(f"chunk_form must be one of {CHUNK_FORMS}, got {chunk_form!r}")
     prec = prec or Precision()
     compiled = program == "compiled"
+    # the loop operator runs its chunks op by op inside one extern call: its chunk buffers never enter
+    # Inductor's reuse pool, and the LM head's fp32 weight gradient is the operator's own output
+    looped = compiled and chunk_form in LOOP_FORMS
     regs = regions(arch, prec, mode, m_mlp, m_head, program)
     by = {r.kind: r for r in regs}
     n = arch.n_params
@@ -610,6 +622,7 @@ def step_cost(
     head_grad = sp.Integer(arch.vocab * arch.hidden * prec.param_bytes * (1 if arch.lm_head else 0))
     layer_grad = sp.Integer(arch.layer_params * prec.param_bytes)
     attn, mlp, head = by["attention"], by["mlp"], by["lm_head"]
+    looped_head = looped and head.chunks != 1  # the LM head + loss is the loop operator
     extra = [r for r in regs if r.kind not in ("attention", "mlp", "lm_head", "checkpointed layer")]
     # a layer's regions that not every layer has (MoE: a dense MLP, or a shared expert and routed
     # experts) count by their share of the layers; every region of a dense model has share 1
@@ -636,7 +649,7 @@ def step_cost(
         mlps = [r for r in (mlp, *present) if r.kind in ("mlp", "shared expert") and r.count and r.chunks != 1]
         pooled = mlps[0].bwd_transient if len(mlps) == 1 else _larger(*(r.bwd_transient for r in mlps)) if mlps else 0
         pooled = pooled + sum((r.pooled for r in present if r.pooled is not None and r.chunks != 1), sp.Integer(0))
-        pool = pooled * COEF["mlp_chunk_pool"] if compiled else 0
+        pool = pooled * COEF["mlp_chunk_pool"] if compiled and not looped else 0
         tops = {"(attention)": attn.bwd_transient + pool,
                 **({"(mlp)": mlp.bwd_transient} if mlp.count else {}),
                 **{f"({e.kind})": e.bwd_transient for e in present}}
@@ -651,20 +664,23 @@ def step_cost(
     # with the embedding's at the end of backward, and the fp32 logits/dlogits buffer lives until then
     tied_late = arch.tied and head.chunks == 1 and compiled
     # compiled: Inductor fuses the embedding backward (its V×h zeros, the scatter, a tied weight's sum)
-    # into one kernel with the first layer's input-norm backward, so that layer's last gradients (of the
-    # q/k/v projections' outputs, and two h-wide ones) are still alive when the V×h buffers are made
-    # (read off GPT-2's generated backward, S = 4096)
-    q_width, kv_width = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    if mask_kept(arch, mode):
-        kv_width = q_width  # repeat_kv: K/V gradients at every query head's width
-    first_layer_residue = B * S * prec.act_bytes * (q_width + 2 * kv_width + 2 * arch.hidden)
+    # into one kernel with the first layer's input-norm backward, so that layer's last two h-wide
+    # gradients are still alive when the V×h buffers are made (read off GPT-2's generated backward,
+    # S = 4096; its q/k/v output gradient was too, read by the bias gradient's row sum fused into the
+    # same kernel, until ``mstfx/post_grad/bias_grad_order.py`` ran that sum right after the gradient)
+    first_layer_residue = B * S * prec.act_bytes * 2 * arch.hidden
+    # a tied weight's two gradients at the end: the loop operator's fp32 weight gradient (an input of
+    # the backward) takes the sum in place (measured in fp32); out of place otherwise
+    tied_sum_extra = 1 if (tied_late or (looped_head and prec.param_bytes == FP32)) else 2
     phases = {
         "forward end": layers_saved + head.saved + head.fwd_transient,
         # chunked head: the forward finishes the fp32 accumulator into a V×h weight-gradient buffer
         **({"forward end (head weight gradient)": layers_saved + head.saved + arch.vocab * arch.hidden * FP32}
-           if head.chunks != 1 and compiled else {}),
-        # a tied weight's two gradients are summed at the end of backward (the "end" phase), not here
-        "head backward": layers_saved + head.saved + head.bwd_transient + (0 if tied_late else head_grad),
+           if head.chunks != 1 and compiled and not looped else {}),
+        # a tied weight's two gradients are summed at the end of backward (the "end" phase), not here;
+        # the loop operator's saved fp32 weight gradient becomes the fp32 weight's gradient in place
+        "head backward": layers_saved + head.saved + head.bwd_transient
+        + (0 if tied_late or (looped_head and prec.param_bytes == FP32) else head_grad),
         # backward of layer k holds the saved activations of layers 1..k and the gradients of layers
         # k..L: linear in k, so the larger of the top layer and the bottom layer is the peak of all
         **{f"top layer backward {k}": layers_saved + v + layer_grad + acc_alive + (head.saved if tied_late else head_grad)
@@ -674,7 +690,7 @@ def step_cost(
            for k, v in tops.items()},
         # a tied weight at the end: its gradient, the embedding's, and their sum (out of place), except
         # for the compiled unchunked head, whose logits buffer is reused (measured on GPT-2)
-        "end": grads + tied_extra * (1 if tied_late else 2) + B * S * prec.act_bytes * arch.hidden
+        "end": grads + tied_extra * tied_sum_extra + B * S * prec.act_bytes * arch.hidden
         + (head.saved if tied_late else 0) + (first_layer_residue if compiled else 0),
     }
     return StepCost(params, grads, opt, {k: sp.simplify(v) for k, v in phases.items()}, regs)

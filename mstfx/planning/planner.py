@@ -384,6 +384,7 @@ def predict_peak(
     mixed_precision: str | bool | None = None,
     mini_sequences: int | dict[str, int] | None = None,
     program: str = "compiled",
+    chunk_form: str = "loop",
 ) -> Breakdown:
     """Predicted peak of one fwd+bwd (+ optimizer state) of a compiled training step.
 
@@ -393,6 +394,8 @@ def predict_peak(
     a dict per region kind (``{"mlp": 8, "lm_head": 16}``; kinds left out follow the rule; 1 = not
     chunked), e.g. a plan's ``mini_sequences``.
     ``program="eager"`` predicts the same step run op by op with FlashAttention (``mstfx simulate``).
+    ``chunk_form``: the backend's form of a chunked region (``MstConfig.chunk_form``; plans use the
+    default loop form).
     Stable signature: ``mstfx simulate`` compares against it.
     """
     seq_len = positive_int("seq_len", seq_len)
@@ -406,7 +409,7 @@ def predict_peak(
     d_mlp, d_head = default_chunks(arch, seq_len * batch)
     m_mlp = (want_mlp or d_mlp) if chunked else 1
     m_head = (want_head or d_head) if chunked else 1
-    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program)
+    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program, chunk_form)
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
     params, grads, opt = (float(x) for x in (cost.params, cost.grads, cost.optimizer))
