@@ -167,6 +167,7 @@ class _HeadGradients:
     def __init__(self, weight, bias, acc, need_h: bool, need_w: bool, need_b: bool) -> None:
         self.weight = weight
         self.h_chunks: list[torch.Tensor] | None = [] if need_h else None
+        self.acc = acc
         self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         self.b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
 
@@ -176,11 +177,11 @@ class _HeadGradients:
         upcast is written into it instead of a new tokens×vocab buffer (the same values)."""
         if self.h_chunks is not None:
             self.h_chunks.append(g_logits @ self.weight)
-        acc_dtype = (self.w if self.w is not None else self.b).dtype if (self.w is not None or self.b is not None) else None
-        if scratch is not None and acc_dtype is not None and g_logits.dtype != acc_dtype and scratch.dtype == acc_dtype:
+        needs_upcast = (self.w is not None or self.b is not None) and g_logits.dtype != self.acc
+        if needs_upcast and scratch is not None and scratch.dtype == self.acc:
             up = scratch.copy_(g_logits)
             if self.w is not None:
-                self.w.addmm_(up.t(), h_c.to(acc_dtype))
+                self.w.addmm_(up.t(), h_c.to(self.acc))
             if self.b is not None:
                 self.b = self.b + up.sum(0)
             return
