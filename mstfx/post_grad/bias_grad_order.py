@@ -59,6 +59,8 @@ def _is_row_sum(node: fx.Node) -> bool:
 
 
 _MATMULS = frozenset({aten.mm.default, aten.addmm.default})
+#: ops between a gradient and the matmul that reads it: reshapes and the weight gradient's transpose
+_TO_MATMUL = RESHAPES | {aten.t.default, aten.permute.default}
 
 
 def _read_by_matmul(x: fx.Node) -> bool:
@@ -72,7 +74,7 @@ def _read_by_matmul(x: fx.Node) -> bool:
             seen.add(user)
             if user.op == "call_function" and user.target in _MATMULS:
                 return True
-            if user.op == "call_function" and user.target in RESHAPES | {aten.t.default, aten.permute.default}:
+            if user.op == "call_function" and user.target in _TO_MATMUL:
                 todo.append(user)
     return False
 
