@@ -2,6 +2,7 @@
 
     model = torch.compile(model, backend="mst")            # after `pip install mstfx`
     model = torch.compile(model, backend=mstfx.backend(mini_sequences=8))
+    model = mstfx.compile(model)      # in place, with the Dynamo settings checkpointed layers need
 
 The public names below are imported on first use, so ``import mstfx`` (and ``mstfx --help``) does not
 import torch, transformers or sympy until something needs them.
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "MstBackend": ".backend",
     "MstFallbackWarning": ".backend",
+    "MstGraphBreakWarning": ".backend",
+    "compile": ".compile_model",
     "backend": ".backend",
     "MstConfig": ".config",
     "explain": ".explain",

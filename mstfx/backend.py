@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .compat import first_line, graph_break_counts, graph_breaks_since, is_checkpoint_break, tracing_settings
 from .config import MstConfig
 from .passes.attention import GUARD_KEY
 
@@ -69,6 +70,46 @@ class MstFallbackWarning(UserWarning):
     """A graph whose regions were found was compiled unchanged: its memory saving is lost."""
 
 
+class MstGraphBreakWarning(UserWarning):
+    """Dynamo split the step into several graphs: mst sees each alone, so a region cut by the break
+    (a checkpointed layer, an LM head apart from its loss) keeps its full memory."""
+
+
+#: Dynamo's graph-break counter as the last mst graph saw it (read when this module is imported, i.e.
+#: when torch.compile looks the backend up), and the reasons already warned about (once each).
+_breaks_seen = graph_break_counts()
+_breaks_warned: set[str] = set()
+
+
+def _new_graph_breaks() -> list[str]:
+    """Graph-break reasons Dynamo recorded since the previous mst graph of this process (Dynamo counts
+    a break when it resumes after it, so a reason may arrive with the graph after the split)."""
+    global _breaks_seen
+    new = graph_breaks_since(_breaks_seen)
+    _breaks_seen = graph_break_counts()
+    return new
+
+
+def _warn_graph_breaks(report) -> None:
+    """Each new graph-break reason once, as a warning that names the cause and what to do."""
+    for reason in report.graph_breaks:
+        head = first_line(reason)
+        if head in _breaks_warned:
+            continue
+        _breaks_warned.add(head)
+        if is_checkpoint_break(reason):
+            advice = ("Dynamo cannot trace a checkpointed layer whole (transformers' gradient checkpointing), so "
+                      "each layer becomes its own graph and mst chunks nothing in it. Compile with "
+                      "mstfx.compile(model) (or mstfx.transform), which applies the Dynamo settings that trace it "
+                      "whole, scoped to the model's calls.")
+        else:
+            advice = ("mst rewrites each graph alone: a region cut by the break keeps its full memory. Remove the "
+                      "break (torch._dynamo.explain(model)(...) shows where) or see mstfx.explain().")
+        warnings.warn(f"mstfx: Dynamo split the step into several graphs (graph break: {head}; seen at mst graph "
+                      f"{report.graph_index}). {advice}",
+                      MstGraphBreakWarning, stacklevel=3)
+
+
 def _count_and_warn(report) -> None:
     """Count the graph's final outcome in ``counters["mstfx"]``; a fallback (analysis, verification or
     compile failure) is also a warning the user sees, not only a report line."""
@@ -113,6 +154,10 @@ class MstBackend:
         self.config = config if config is not None else MstConfig(**options)
         self.reports: list = []
         self._warned_region_names: set[str] = set()
+        # Entered by ``torch._dynamo.optimize(backend)`` around every call of the compiled function (an
+        # instance attribute: Dynamo's backend wrapper copies the instance's __dict__, not the class's).
+        # ``torch.compile`` drops it; ``mstfx.compile`` applies the same settings itself.
+        self.backend_ctx_ctor = tracing_settings
 
     def __repr__(self) -> str:
         return f"MstBackend({self.config})"
@@ -132,9 +177,15 @@ class MstBackend:
 
         return lookup_backend(self.config.compiler)
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
+        """Compile one Dynamo graph.  ``options`` and ``mode`` are what ``torch.compile(model, backend=...,
+        options=..., mode=...)`` passes: ``options`` are :class:`MstConfig` fields (over this backend's
+        config), ``mode`` is Inductor's (``"max-autotune"``, ...)."""
+        if options or mode:
+            return self._with_compile_args(options, mode)(gm, example_inputs)
         from mstfx.passes import GraphReport, run_passes
 
+        breaks = _new_graph_breaks()
         try:
             new_gm, report = run_passes(gm, example_inputs, self.config, -1)
         except Exception as err:  # a bug in analysis must not break the user's training
@@ -157,11 +208,28 @@ class MstBackend:
                 report.roll_back(f"compile of rewritten graph failed: {type(err).__name__}: {err}")
         if compiled is None:
             compiled = compiler(gm, example_inputs)  # a restart raised here, too, records nothing
+        report.graph_breaks = breaks
         # Recorded only now: when Dynamo restarts its analysis (it raises through the compiler, e.g. to
         # specialise a float under dynamic=True) it calls the backend again for the same graph, and only
         # the attempt whose code is returned is a graph of the program.
         self._record(report)
         return compiled
+
+    def _with_compile_args(self, options: dict | None, mode: str | None) -> "MstBackend":
+        """This backend with ``torch.compile``'s ``options`` (MstConfig fields) and ``mode`` (Inductor's)
+        applied; reports go to this backend."""
+        import dataclasses
+
+        fields = {f.name for f in dataclasses.fields(MstConfig)}
+        unknown = sorted(set(options or {}) - fields)
+        if unknown:
+            raise ValueError(f"torch.compile(..., backend='mst', options=...) takes MstConfig fields; {unknown} are "
+                             f"not among them ({sorted(fields)})")
+        if mode is not None:
+            from torch._inductor import list_mode_options
+
+            list_mode_options(mode)  # raises on an unknown mode
+        return _ModeBackend(dataclasses.replace(self.config, **(options or {})), mode, self)
 
     def _record(self, report) -> None:
         """Number, keep, log, count and (on a fallback) warn about one compiled graph's report."""
@@ -172,8 +240,36 @@ class MstBackend:
         REPORTS.append(report)
         warn_if_ddp_split(report)
         log.info("%s", report)
+        _warn_graph_breaks(report)
         _count_and_warn(report)
         _warn_unknown_region_names(self, report)
+
+
+class _ModeBackend(MstBackend):
+    """An :class:`MstBackend` for one ``torch.compile(..., options=, mode=)`` call: its own config, Inductor's
+    mode options added to the compile, reports shared with the backend it came from."""
+
+    def __init__(self, config: MstConfig, mode: str | None, parent: MstBackend) -> None:
+        super().__init__(config)
+        self.mode = mode
+        self.reports = parent.reports
+        self._warned_region_names = parent._warned_region_names
+
+    def _compiler(self, example_inputs=()):
+        compiler = super()._compiler(example_inputs)
+        if self.mode is None or self.config.compiler != "inductor":
+            return compiler
+        from torch._inductor import list_mode_options
+
+        mode_options = list_mode_options(self.mode)
+
+        def compile_with_mode(gm, example_inputs):
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(mode_options):
+                return compiler(gm, example_inputs)
+
+        return compile_with_mode
 
 
 def _warn_unknown_region_names(backend: MstBackend, report) -> None:
@@ -245,6 +341,10 @@ def backend(config: MstConfig | None = None, **options: Any) -> MstBackend:
     return MstBackend(config, **options)
 
 
-def mst(gm: torch.fx.GraphModule, example_inputs):
-    """The ``"mst"`` backend with default options (registered by entry point ``torch_dynamo_backends``)."""
-    return MstBackend()(gm, example_inputs)
+def mst(gm: torch.fx.GraphModule, example_inputs, **compile_args):
+    """The ``"mst"`` backend with default options (registered by entry point ``torch_dynamo_backends``);
+    ``torch.compile``'s ``options`` (MstConfig fields) and ``mode`` (Inductor's) are taken."""
+    return MstBackend()(gm, example_inputs, **compile_args)
+
+
+mst.backend_ctx_ctor = tracing_settings  # for torch._dynamo.optimize("mst"); see MstBackend.__init__

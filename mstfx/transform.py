@@ -42,6 +42,7 @@ from .planning.planner import (
     longest_fitting,
     plan,
 )
+from .compat import with_tracing_settings
 from .hf_checkpointing import can_checkpoint, disable_checkpointing, enable_checkpointing, is_checkpointing
 from .wrappers import without_logits
 
@@ -125,7 +126,7 @@ def _compiled_forward(forward, name: str, backend):
 
     code = mst_forward.__code__.replace(co_name=f"mst_forward_{name}")
     fn = types.FunctionType(code, mst_forward.__globals__, code.co_name, None, mst_forward.__closure__)
-    return torch.compile(fn, backend=backend, dynamic=True)
+    return with_tracing_settings(torch.compile(fn, backend=backend, dynamic=True))
 
 
 _PLANNED_OPTIONS = ("mini_sequences", "lm_head_chunks", "chunk_mlp", "chunk_lm_head", "offload_checkpoints")

@@ -49,6 +49,9 @@ class GraphReport:
     decisions: list[RegionDecision] = field(default_factory=list)
     logits_escape: bool = False
     error: str | None = None
+    #: Dynamo graph-break reasons recorded since the previous mst graph (the step was split near here:
+    #: regions across the break are seen in pieces).
+    graph_breaks: list[str] = field(default_factory=list)
 
     def roll_back(self, error: str) -> None:
         """The graph is compiled unchanged after all: every "chunked" or "rewritten" decision becomes
@@ -80,6 +83,10 @@ class GraphReport:
                  + f"{len(self.rewritten)} attention call(s) rewritten, {len(self.skipped)} left unchanged"]
         if self.error:
             lines.append(f"  graph left unchanged: {self.error}")
+        if self.graph_breaks:
+            from ..compat import first_line
+
+            lines.extend(f"  graph break (step split near here): {first_line(r)}" for r in self.graph_breaks)
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if self.logits_escape:

@@ -1,0 +1,91 @@
+"""The Dynamo settings a model's step needs to be traced as whole graphs, scoped to mstfx's own calls.
+
+Why: since transformers 5.25 (with the ``kernels`` package it now requires) a checkpointed decoder
+layer's forward sets a context variable (``kernels``' ``CompileableContextVar``, set and reset around
+each attention forward), and ``torch.utils.checkpoint`` under Dynamo refuses any side effect on an
+object from outside the checkpointed function: Dynamo breaks the graph in every checkpointed layer,
+each layer becomes a graph of its own, and nothing of mst's saving is left (no MLP chunked, the mask's
+construction out of sight of the attention pass, the loss apart from the LM head).  A
+``logger.warning_once`` inside a layer (``use_cache`` with checkpointing) breaks the graph the same way.
+
+Dynamo has a setting for each: ``skip_fwd_side_effects_in_bwd_under_checkpoint`` (run the forward's
+side effects once, in the forward, not again in the backward's recompute: here a set-and-reset that
+leaves nothing behind) and ``ignore_logging_functions`` (a call to the listed logging functions is
+dropped from the graph).  Both are process-wide settings of Dynamo, so mstfx never sets them for the
+user: :func:`tracing_settings` is a context manager that applies them only while one of mstfx's
+compiled calls runs (``mstfx.compile``, ``mstfx.transform``, ``torch._dynamo.optimize(mstfx.backend())``,
+the compiled-program simulation) and restores them after.  Plain ``torch.compile(model,
+backend="mst")`` gives a backend no way to set them (``torch.compile`` wraps the backend and drops its
+``backend_ctx_ctor``): there the backend warns when such a graph break splits the step
+(:func:`graph_breaks_since`) and names ``mstfx.compile`` as the fix.
+
+Checked on torch 2.13 and 2.14 with transformers 4.57.6, 5.24 and 5.25.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+from typing import Any, Callable, Iterator
+
+#: Logging functions a traced step may call inside a layer: dropped from the graph while
+#: :func:`tracing_settings` applies (transformers adds ``warning_once``/``warning_advice`` to
+#: ``logging.Logger``).
+_LOGGER_METHODS = ("warning_once", "warning_advice", "info_once")
+
+
+@contextlib.contextmanager
+def tracing_settings() -> Iterator[None]:
+    """Dynamo settings for tracing checkpointed layers whole, applied only inside this context."""
+    import torch._dynamo.config as dynamo_config
+
+    ignored = set(dynamo_config.ignore_logging_functions)
+    ignored.update(f for f in (getattr(logging.Logger, name, None) for name in _LOGGER_METHODS) if f is not None)
+    with dynamo_config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True, ignore_logging_functions=ignored):
+        yield
+
+
+def with_tracing_settings(fn: Callable) -> Callable:
+    """``fn`` (a compiled callable) run under :func:`tracing_settings` at every call: Dynamo traces on
+    the first call of each new shape, inside the call."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with tracing_settings():
+            return fn(*args, **kwargs)
+
+    call._mstfx_tracing_settings = True
+    return call
+
+
+#: Graph-break reasons (Dynamo's ``counters["graph_break"]``) of HF checkpointed layers that
+#: :func:`tracing_settings` resolves.
+CHECKPOINT_BREAK_MARKERS = ("HOP: Unsafe side effect", "logging.Logger method not supported")
+
+
+def graph_break_counts() -> collections.Counter:
+    """A copy of Dynamo's graph-break counter (reason → count), read only."""
+    from torch._dynamo.utils import counters
+
+    return collections.Counter(counters["graph_break"])
+
+
+def graph_breaks_since(before: collections.Counter) -> list[str]:
+    """Graph-break reasons Dynamo recorded after ``before`` (a :func:`graph_break_counts` snapshot)."""
+    now = graph_break_counts()
+    return [reason for reason, n in now.items() if n > before.get(reason, 0)]
+
+
+def first_line(reason: str) -> str:
+    """A graph-break reason's headline (Dynamo's messages run to many lines)."""
+    lines = [ln.strip() for ln in str(reason).splitlines() if ln.strip()]
+    head = lines[0] if lines else str(reason)
+    context = next((ln for ln in lines if ln.startswith("Developer debug context:")), "")
+    return f"{head} ({context.removeprefix('Developer debug context:').strip()})" if context else head
+
+
+def is_checkpoint_break(reason: str) -> bool:
+    """A break :func:`tracing_settings` resolves (a side effect or a logger call in a checkpointed layer)."""
+    return any(marker in reason for marker in CHECKPOINT_BREAK_MARKERS)

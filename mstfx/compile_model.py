@@ -1,0 +1,49 @@
+"""``mstfx.compile``: ``torch.compile`` with the mst backend and the Dynamo settings a training step needs.
+
+    model = mstfx.compile(model)                       # in place, like model.compile(backend="mst")
+    model = mstfx.compile(model, mini_sequences=8)     # MstConfig options
+
+Why not only ``torch.compile(model, backend="mst")``: tracing a Hugging Face model's checkpointed layers
+whole needs two Dynamo settings (``mstfx.compat.tracing_settings``), and ``torch.compile`` gives a backend
+no way to apply them to its own calls only.  This entry point applies them around each call of the
+compiled model and nowhere else; without them transformers ≥ 5.25 breaks the graph in every
+checkpointed layer and mst's saving is lost there (the backend warns when that happens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backend import MstBackend
+from .compat import with_tracing_settings
+from .config import MstConfig
+
+_BACKEND_ATTR = "_mstfx_backend"
+
+
+def compile(model: Any, config: MstConfig | None = None, *, dynamic: bool | None = None, fullgraph: bool = False,
+            **options: Any) -> Any:
+    """Compile ``model`` with the mst backend (``config`` or ``MstConfig`` keyword ``options``).
+
+    An ``nn.Module`` is compiled in place, as ``model.compile(...)`` does (same class, same parameters:
+    trainers, optimizers and state dicts see the model they know) and returned; any other callable (a
+    loss function) is returned compiled.  ``mstfx.explain(model)`` shows what was chunked.
+    """
+    backend = MstBackend(config, **options)
+    if isinstance(model, torch.nn.Module):
+        model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+        model._compiled_call_impl = with_tracing_settings(model._compiled_call_impl)
+        object.__setattr__(model, _BACKEND_ATTR, backend)
+        return model
+    if not callable(model):
+        raise TypeError(f"mstfx.compile expects an nn.Module or a callable, got {type(model).__name__}")
+    compiled = with_tracing_settings(torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph))
+    compiled._mstfx_backend = backend
+    return compiled
+
+
+def backend_of(target: Any) -> MstBackend | None:
+    """The backend :func:`compile` compiled ``target`` with, if any."""
+    return getattr(target, _BACKEND_ATTR, None)
