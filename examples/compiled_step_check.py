@@ -1,7 +1,7 @@
 """One compiled training step of a gradient-checkpointed GQA Llama: no S×S allocation, same grads as eager.
 
 HF Llama, hidden 256, intermediate 1024, 4 layers, 8 query / 2 KV heads, vocab 2000, batch 1, fp32,
-``gradient_checkpointing_enable()``, compiled with ``backend=mstfx.backend()``; run without an
+``gradient_checkpointing_enable()``, compiled with the mst backend as ``mstfx.compile`` does; run without an
 ``attention_mask`` and with an all-ones one (what every data collator passes).  Prints, for each, the
 largest single allocation of the step (profiler) against S² bytes, the step's peak, and the largest
 difference of the loss and every gradient from eager on the same weights.
@@ -15,11 +15,15 @@ import argparse
 
 import torch
 
+from mstfx.compat import with_tracing_settings
+
 
 def _step(model, ids, mask, backend=None):
     model.zero_grad(set_to_none=True)
     fn = lambda i, a: model(input_ids=i, attention_mask=a, labels=i).loss  # noqa: E731
-    loss = (torch.compile(fn, backend=backend) if backend is not None else fn)(ids, mask)
+    if backend is not None:  # what mstfx.compile does, with this backend (its reports are read below)
+        fn = with_tracing_settings(torch.compile(fn, backend=backend))
+    loss = fn(ids, mask)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -57,10 +61,12 @@ def main(argv=None) -> int:
             live += e.nbytes()
             peak, largest = max(peak, live), max(largest, e.nbytes())
         attention = [d for r in backend.reports for d in r.decisions if d.kind == "attention"]
+        mlps = [d for r in backend.reports for d in r.decisions if d.kind == "mlp"]
         print(
             f"S={s}, {label}: largest allocation {largest / 2**20:.1f} MiB (S² bytes = {s * s / 2**20:.1f} MiB), "
             f"peak {peak / 2**20:.0f} MiB, max |Δ| loss/grads vs eager {diff:.1e}, "
-            f"attention calls rewritten {sum(d.action == 'rewritten' for d in attention)}/{len(attention)}"
+            f"attention calls rewritten {sum(d.action == 'rewritten' for d in attention)}/{len(attention)}, "
+            f"MLPs chunked {sum(d.action == 'chunked' for d in mlps)}/{cfg.num_hidden_layers}, graphs {len(backend.reports)}"
         )
         if largest >= s * s:
             print("  an allocation of S² bytes or more is left in the step")

@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import mstfx
+from mstfx.compat import with_tracing_settings
 from mstfx.tools.bench import reference_config
 from mstfx.tools.measure import peak_bytes
 from mstfx.tools.progress import Progress, quiet_library_warnings
@@ -28,6 +29,7 @@ def train(model, backend, ids_batches, measure_step: int = 1, progress: Progress
     """Steps of AdamW on the loss function compiled with ``backend``; returns losses and the peak."""
     torch._dynamo.reset()
     loss_fn = torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend=backend)
+    loss_fn = with_tracing_settings(loss_fn)  # what mstfx.compile adds: checkpointed layers traced whole
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses, peak = [], None
     for step, ids in enumerate(ids_batches):

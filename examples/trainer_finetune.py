@@ -7,7 +7,7 @@ directory) and prints the max difference.
     python examples/trainer_finetune.py --out /tmp/loss.png
     python examples/trainer_finetune.py --update-docs    # redraw the committed docs/trainer_loss.png
 
-The Trainer run is one extra line, ``model.compile(backend="mst")`` (in place: Trainer still sees the same
+The Trainer run is one extra line, ``mstfx.compile(model)`` (in place: Trainer still sees the same
 module, so saving and unwrapping are unchanged).  ``TrainingArguments(torch_compile=True,
 torch_compile_backend="mst")`` does not work with accelerate <= 1.15: its ``TorchDynamoPlugin`` accepts
 only the backends of its ``DynamoBackend`` enum and raises ``ValueError: 'MST' is not a valid
@@ -71,7 +71,7 @@ def trainer_losses(use_mst: bool, steps: int, out_dir: str, via_training_args: b
     model = make_model()
     mstfx.drop_logits(model)  # loss only: the tokens×vocab logits are never returned (same for both runs)
     if use_mst and not via_training_args:
-        model.compile(backend="mst")  # the whole mst integration
+        mstfx.compile(model)  # the whole mst integration (in place, like model.compile)
     args = TrainingArguments(
         output_dir=out_dir,
         max_steps=steps,
@@ -107,7 +107,7 @@ def loop_losses(use_mst: bool, steps: int, batch: int = 8) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     step_fn = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
     if use_mst:
-        step_fn = torch.compile(step_fn, backend="mst")
+        step_fn = mstfx.compile(step_fn)
     data = torch.stack([row["input_ids"] for row in make_dataset()])
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     losses = []

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import mstfx
 from conftest import assert_same, tiny_llama
 from mstfx.backend import GuardedGraph, MstBackend
+from mstfx.compat import with_tracing_settings
 from mstfx.passes.common import value_of
 from mstfx.tools.measure import fresh_code
 
@@ -219,7 +220,7 @@ def test_llama_attention_rewritten_exactly(checkpointing, padding):
     def step(backend=None):
         model.zero_grad(set_to_none=True)
         f = lambda i, l, a: model(input_ids=i, labels=l, attention_mask=a).loss  # noqa: E731
-        loss = (torch.compile(f, backend=backend) if backend else f)(ids, labels, mask)
+        loss = (with_tracing_settings(torch.compile(f, backend=backend)) if backend else f)(ids, labels, mask)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

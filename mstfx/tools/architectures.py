@@ -275,7 +275,9 @@ def loss_and_grads(model, ids, labels, compile_backend=None, attention_mask=None
     if compile_backend is not None:
         from .measure import fresh_code
 
-        fn = torch.compile(fresh_code(fn), backend=compile_backend)
+        from ..compat import with_tracing_settings
+
+        fn = with_tracing_settings(torch.compile(fresh_code(fn), backend=compile_backend))  # as mstfx.compile
     loss = fn(ids, labels, attention_mask)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

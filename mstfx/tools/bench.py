@@ -107,7 +107,7 @@ def _loss_callable(variant: str, model, ids):
         return lambda: model(input_ids=ids, labels=ids).loss
     if variant == "inductor(model)":
         compiled = torch.compile(model)
-        return lambda: compiled(input_ids=ids, labels=ids).loss
+        return lambda: _traced_whole(lambda: compiled(input_ids=ids, labels=ids).loss)
     fn = lambda i, l: model(input_ids=i, labels=l).loss  # noqa: E731
     if variant in ("mst", "mst+ckpt"):
         compiled = torch.compile(fn, backend=mstfx.backend())
@@ -123,7 +123,16 @@ def _loss_callable(variant: str, model, ids):
                 return inner(i, l)
     else:
         compiled = torch.compile(fn)
-    return lambda: compiled(ids, ids)
+    return lambda: _traced_whole(compiled, ids, ids)
+
+
+def _traced_whole(compiled, *args):
+    """Every compiled variant runs under the Dynamo settings that trace checkpointed layers whole (what
+    mstfx.compile applies), so no variant is measured split by a graph break the others do not have."""
+    from ..compat import tracing_settings
+
+    with tracing_settings():
+        return compiled(*args)
 
 
 def prepare_variant(variant: str, base, ids):

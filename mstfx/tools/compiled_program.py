@@ -223,7 +223,10 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
     from .measure import fresh_code
 
     step = fresh_code(lambda i: model(input_ids=i, labels=i).loss)
-    loss = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)(ids)
+    from ..compat import tracing_settings
+
+    with tracing_settings():  # checkpointed layers traced whole, as mstfx.compile does
+        loss = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)(ids)
     loss.backward()
     if "forward" not in got or "backward" not in got:
         raise RuntimeError("AOT autograd produced no forward/backward pair")

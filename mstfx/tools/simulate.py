@@ -311,7 +311,10 @@ class _FakeModel:
 
         from .measure import fresh_code
 
-        torch.compile(fresh_code(fn), backend=capture, dynamic=False, fullgraph=True)(*inputs)
+        from ..compat import tracing_settings
+
+        with tracing_settings():  # checkpointed layers traced whole, as mstfx.compile does
+            torch.compile(fresh_code(fn), backend=capture, dynamic=False, fullgraph=True)(*inputs)
         if "fn" not in got:
             raise RuntimeError("Dynamo produced no graph")
         recipe = []
