@@ -7,7 +7,11 @@ that command runs (torch and transformers are slow to import).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
+
+#: What each command needs beyond the core install (torch, sympy), and the extra that brings it.
+NEEDS = {"bench": ("rich", "tqdm", "matplotlib", "transformers"), "simulate": ("rich", "tqdm", "matplotlib", "transformers")}
 
 COMMANDS = {
     "bench": ("mstfx.tools.bench", "peak memory and step time: eager, checkpointing, Inductor, auto_chunker, mst"),
@@ -31,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"mstfx: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    missing = [m for m in NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"mstfx {name} needs the tools extra ({', '.join(missing)} not installed): "
+              f'pip install "mstfx[tools]"', file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.cli_main(rest) or 0)

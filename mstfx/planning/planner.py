@@ -27,7 +27,6 @@ Also the stable entry points other tools compare against: :func:`predict_peak` a
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import numbers
 import os
@@ -554,14 +553,14 @@ class Plan:
         return MstBackend(self.config(**options))
 
     def table(self) -> Any:
-        from rich.table import Table
+        from .text_table import new_table
 
         b = self.breakdown
         title = (
             f"mstfx plan: {self.model}, S = {self.seq_len}, batch {self.batch}, optimizer {self.optimizer}, "
             f"precision {self.mixed_precision or 'fp32'}, mode {self.mode} (memory in GiB = 2^30 bytes)"
         )
-        tab = Table(title=title, caption=self.reason)
+        tab = new_table(title=title, caption=self.reason)
         for col, just in (("region", "left"), ("shape", "left"), ("activations before", "right"),
                           ("after", "right"), ("M", "right"), ("extra FLOPs (recompute)", "right")):
             tab.add_column(col, justify=just)
@@ -595,11 +594,9 @@ class Plan:
         return tab
 
     def __str__(self) -> str:
-        from rich.console import Console
+        from .text_table import render
 
-        buf = io.StringIO()
-        Console(file=buf, width=120, force_terminal=False, color_system=None).print(self.table())
-        return buf.getvalue().rstrip()
+        return render(self.table())
 
 
 def _fmt_bytes(n: float) -> str:
@@ -918,7 +915,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     import sys
 
-    from rich.console import Console
+    from .text_table import render
 
     try:
         p = plan(args.config, args.seq_len, args.budget_gb, args.batch, args.optimizer, args.mixed_precision,
@@ -930,7 +927,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"mstfx plan: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    console = Console(width=140, file=sys.stdout)
-    console.print(p.table())
-    console.print(f"longest S that fits with this plan: {p.longest_seq_len}")
+    print(render(p.table(), width=140))
+    print(f"longest S that fits with this plan: {p.longest_seq_len}")
     return EXIT_OK
