@@ -62,3 +62,23 @@ def test_plan_prints_a_plain_table_and_simulate_names_the_extra():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "predicted peak vs budget" in out.stdout and "exit 2" in out.stdout
     assert 'pip install "mstfx[tools]"' in out.stderr
+
+
+def test_planning_core_imports_no_torch():
+    """The planning core (config, rules, region kinds' cost side, cost model, planner) plans Llama3-8B in a
+    process where importing torch fails."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import importlib.abc, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch is not importable here (blocked by the test)")
+                return None
+        sys.meta_path.insert(0, NoTorch())
+        import mstfx
+        p = mstfx.plan("llama3-8b", 65536, 80, optimizer="adamw-bf16")
+        assert "torch" not in sys.modules
+        print(p.mode, p.fits, sorted(p.mini_sequences))
+    """)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "True" in out.stdout and "mlp" in out.stdout, out.stdout

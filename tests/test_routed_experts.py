@@ -84,7 +84,7 @@ def test_only_the_slot_mixing_routing_needs_is_allowed():
     """Inside the region a sort must be of the flat [T·k] slot indices and a running sum over
     per-expert counts: a running sum over token slots (a capacity limit, whose drops depend on earlier
     tokens) or a sort of token rows would differ per run of tokens, so the region is refused."""
-    from mstfx.regions.routed_experts import _allowed
+    from mstfx.regions.routed_experts.graph import _allowed
 
     tokens, k = 6, 2
     g = fx.Graph()

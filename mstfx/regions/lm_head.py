@@ -8,11 +8,10 @@ At M = 1 it is still rewritten: the fused loss keeps no logits for backward.
 
 from __future__ import annotations
 
-from ..passes import chunk_rule
-from ..passes.find_lm_head import LmHeadRegion, find_lm_head_regions
-from ..passes.rewrite_lm_head import rewrite_lm_head
-from ..passes.rewrite_mlp import chunk_form
 from .base import RegionKind
+
+# The graph side (torch, FX) is imported inside the methods that run on a graph, so that the planner
+# reads this kind's name, label and cost symbol without torch.
 
 
 class LmHeadKind(RegionKind):
@@ -25,18 +24,25 @@ class LmHeadKind(RegionKind):
     rewrite_at_one = True
 
     def find(self, graph, params, claimed):
+        from ..passes.find_lm_head import find_lm_head_regions
+
         return find_lm_head_regions(graph)
 
-    def claims(self, region: LmHeadRegion) -> set:
+    def claims(self, region) -> set:
         return {region.head.node}
 
-    def mini_sequences(self, region: LmHeadRegion, config) -> int:
+    def mini_sequences(self, region, config) -> int:
+        from ..passes import chunk_rule
+
         return chunk_rule.lm_head_chunks(
             region.tokens, region.hidden, region.vocab, config.mini_sequences_for(self.name, region),
             config.min_lm_head_chunk_tokens,
         )
 
-    def rewrite(self, owner, region: LmHeadRegion, m: int, ctx) -> str:
+    def rewrite(self, owner, region, m: int, ctx) -> str:
+        from ..passes.rewrite_lm_head import rewrite_lm_head
+        from ..passes.rewrite_mlp import chunk_form
+
         if chunk_form(ctx.config, ctx.in_checkpoint, ctx.graph)[0] == "loop":
             head = region.head
             needs = [True, ctx.needs_grad(head.weight), head.bias is not None and ctx.needs_grad(head.bias)]
@@ -45,7 +51,7 @@ class LmHeadKind(RegionKind):
         rewrite_lm_head(owner.graph, region, m)
         return ""
 
-    def report_fields(self, region: LmHeadRegion, m: int) -> dict:
+    def report_fields(self, region, m: int) -> dict:
         tied = any(u is not region.head.node and u.op != "output" for u in region.head.weight.users)
         bits = [t[0] if t[0] != "scale" else f"scale {t[1]:.4g}" for t in region.transforms if t[0] != "cast"]
         detail = ", ".join(

@@ -7,10 +7,10 @@ backward), M by the paper's rule ⌈tokens / hidden⌉; its cost terms are built
 
 from __future__ import annotations
 
-from ..passes import chunk_rule
-from ..passes.find_mlp import MlpRegion, find_mlp_regions
-from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_compiled_once, rewrite_mlp_looped
 from .base import RegionKind
+
+# The graph side (torch, FX) is imported inside the methods that run on a graph, so that the planner
+# reads this kind's name, label and cost symbol without torch.
 
 
 class MlpKind(RegionKind):
@@ -22,13 +22,19 @@ class MlpKind(RegionKind):
     cost_symbol = "M_mlp"
 
     def find(self, graph, params, claimed):
+        from ..passes.find_mlp import find_mlp_regions
+
         regions, skipped = find_mlp_regions(graph, params, claimed)
         return regions, [(where, f"not an MLP: {why}") for where, why in skipped]
 
-    def mini_sequences(self, region: MlpRegion, config) -> int:
+    def mini_sequences(self, region, config) -> int:
+        from ..passes import chunk_rule
+
         return chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
 
-    def rewrite(self, owner, region: MlpRegion, m: int, ctx) -> str:
+    def rewrite(self, owner, region, m: int, ctx) -> str:
+        from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_compiled_once, rewrite_mlp_looped
+
         form, words = chunk_form(ctx.config, ctx.in_checkpoint, ctx.graph)
         if form == "loop":
             if rewrite_mlp_looped(owner, region, m) is not None:
@@ -40,7 +46,7 @@ class MlpKind(RegionKind):
             rewrite_mlp(owner, region, m, eager=ctx.eager, in_checkpoint=ctx.in_checkpoint)
         return words
 
-    def report_fields(self, region: MlpRegion, m: int) -> dict:
+    def report_fields(self, region, m: int) -> dict:
         return self.fields(region, region.intermediate,
                            f"{region.activation}, {len(region.up_projections)} up-proj, recompute in backward")
 

@@ -1,26 +1,5 @@
-"""Region kind: the routed experts of a mixture-of-experts layer, chunked over tokens.
-
-Routing is per token, so the experts' work on a run of tokens depends only on those tokens' hidden
-states and router choices: chunking it over the tokens is exact.  The router itself (its logits and
-any load-balancing loss made from them) stays outside the region and unchanged.
-
-The structure, on the torch-level graph (Mixtral, Qwen2/3-MoE, DeepSeek-style shared + routed, as
-transformers 5 writes them; ``grouped_mm`` is ``torch._grouped_mm`` or its CPU fallback)::
-
-    x [T, h], top-k weights [T, k], top-k indices [T, k]       the region's inputs (token-major)
-    slots sorted by expert → x gathered per slot → grouped_mm (stacked [E, ...] weight) → activation
-    → grouped_mm → × weight → slots put back in token order (an index buffer made and written
-    inside the region) → view [T, k, h] → sum over k                       the region's output [T, h]
-
-Found from each matmul with a stacked ``[experts, ...]`` weight: the output is the first sum over
-dim 1 of a [T, k, h] tensor after it; the region is everything that output needs back to token-major
-tensors not computed from the expert matmuls (its inputs).  Every op must be one the routing is made
-of (gathers, sorts of the token-slot indices, per-expert counts, pointwise, views); the one side effect
-allowed is a write into a buffer the region itself created.  Rewritten like a dense MLP: every input
-split into the same M runs of tokens, the region copied per run (shape constants of T rewritten to the
-run's size), tagged for recompute in backward, the outputs concatenated.  M: the dense MLP's rule
-⌈tokens / hidden⌉ (the same planner knob).
-"""
+"""Graph side of the routed-experts kind: finding the region on the torch-level graph and its chunked
+rewrite (torch and FX; imported only when a graph is compiled)."""
 
 from __future__ import annotations
 
@@ -31,9 +10,8 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .. import chunked_ops
-from ..passes import chunk_rule
-from ..passes.common import (
+from ... import chunked_ops
+from ...passes.common import (
     CantChunk,
     has_side_effects,
     is_cast,
@@ -46,9 +24,8 @@ from ..passes.common import (
     split_dim,
     tensor_of,
 )
-from ..passes.find_mlp import stacked_weight, token_free_nodes
-from ..passes.rewrite_mlp import next_ac_graph_id
-from .base import RegionKind
+from ...passes.find_mlp import stacked_weight, token_free_nodes
+from ...passes.rewrite_mlp import next_ac_graph_id
 
 #: functions that make a fresh buffer: a write into one made inside the region is the region's own
 _FACTORIES = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty, torch.zeros,
@@ -290,119 +267,60 @@ def _copy_for_run(graph: fx.Graph, node: fx.Node, env: dict, tokens: int, run: i
     return new
 
 
-class RoutedExpertsKind(RegionKind):
-    name = "routed_experts"
-    label = "routed experts"
-    amplifier = "amplifier: each token's k expert slots widen tokens×hidden to tokens×k×expert width"
-    in_checkpoint_bodies = True
-    cost_symbol = "M_mlp"
-
-    def find(self, graph, params, claimed):
-        free = token_free_nodes(graph, params)
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        gmms = [n for n in graph.nodes if _is_grouped_mm(n, params, free)]
-        regions, skipped, taken = [], {}, set(claimed)
-        by_output: dict[fx.Node, list[fx.Node]] = {}
-        for gmm in gmms:
-            if gmm in taken:
-                continue
-            try:
-                by_output.setdefault(_output_after(gmm, order), []).append(gmm)
-            except CantChunk as err:
-                skipped.setdefault(module_path(gmm) or gmm.name, f"routed experts: {err}")
-        for out, group in by_output.items():
-            where = module_path(group[0]) or group[0].name
-            try:
-                region = _region_from(out, group, params, free, order)
-                if taken.intersection(region.nodes):
-                    raise CantChunk("overlaps a region already taken")
-            except CantChunk as err:
-                skipped.setdefault(where, f"routed experts: {err}")
-                continue
-            taken.update(region.nodes)
-            regions.append(region)
-        return regions, list(skipped.items())
-
-    def mini_sequences(self, region: ExpertsRegion, config) -> int:
-        return chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
-
-    def rewrite(self, owner, region: ExpertsRegion, m: int, ctx) -> str:
-        graph = owner.graph
-        out = region.output
-        sizes = chunked_ops.chunk_sizes(region.tokens, m)
-        with graph.inserting_before(out):
-            outs, start = [], 0
-            for i, run in enumerate(sizes):
-                # one narrow per input and run (not a split and its getitems): AOT autograd gives a
-                # multi-output split's getitems the recompute tags of their first reader, and the
-                # partitioner can then neither save nor recompute the split
-                env = {x: graph.call_function(torch.narrow, (x, 0, start, run)) for x in region.inputs}
-                start += run
-                ac_id = next_ac_graph_id()
-                for node in region.nodes:
-                    new = _copy_for_run(graph, node, env, region.tokens, run)
-                    new.meta.pop("example_value", None)
-                    new.meta.pop("val", None)
-                    if not ctx.in_checkpoint and not ctx.eager:
-                        new.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-                        new.meta["ac_graph_id"] = ac_id
-                    mst_meta(new).update(region=region.name, chunk=i)
-                    env[node] = new
-                outs.append(env[out])
-            joined = graph.call_function(torch.cat, (outs,))
-        out.replace_all_uses_with(joined)
-        for node in reversed(region.nodes):
-            graph.erase_node(node)
-        return "" if not ctx.eager else "; no recompute (eager compiler)"
-
-    def report_fields(self, region: ExpertsRegion, m: int) -> dict:
-        return self.fields(region, region.top_k * region.width,
-                           f"top-{region.top_k} of {region.experts} experts, {len(region.grouped_mms)} grouped matmul(s), "
-                           f"{len(region.inputs)} token inputs, recompute in backward")
-
-    def cost(self, arch, prec, chunked, m, program):
-        """Bytes per MoE layer (``arch.routed_layers`` of them; the layer's norm and any shared expert
-        are the cost model's, ``cost_model.moe_block``), derived from the ops (not fitted), per token and
-        each of its k slots:
-        unchunked, the gathered input (h), the gate/up output (2·I), the activation (I) and the down
-        output (h) are saved, with three int64 slot indices; chunked, only the router's weights and
-        indices are kept for the recompute, and one run's slots are alive in backward.
-
-        Chunked and compiled, the region's backward also holds the runs' partial gradients: each
-        run's grouped matmuls give their own gradient of the stacked ``[E, ...]`` weights, which the
-        post-grad pass ``mstfx/post_grad/partial_sum_order.py`` adds to the running sum right after
-        the run (an opaque ``mstfx::accumulate``; fused by Inductor, the chain kept all M copies until
-        the last run), so the running sum, one run's partial and the new sum are alive: 3 copies of
-        the experts' weights (``ups + 1`` matrices of E × h × I, activation dtype).  Each run's
-        ``narrow`` input gradients (h, and k for the top-k weights) are pointwise terms that
-        Inductor still sums in one kernel after the last run, so all tokens' input gradients are
-        alive with the joined input gradient (h) being made (measured on the tiny Mixtral at S = 4096,
-        M = 8).  One run's buffers (``pooled``) then stay in Inductor's reuse pool through the
-        attention backward that follows, as a chunked dense MLP's do
-        (``cost_model.COEF["mlp_chunk_pool"]``; measured on the tiny Qwen2-MoE)."""
-        if not (arch.experts and arch.experts_per_token and arch.routed_layers):
-            return None
-        from ..planning.cost_model import B, FP32, RegionCost, S
-
-        a, h, i, k = prec.act_bytes, arch.hidden, arch.expert_intermediate, arch.experts_per_token
-        t = B * S
-        slot = a * (2 * h + 3 * i) + 3 * 8
-        kept = k * (a + 8)  # the top-k weights and indices the chunks read again
-        shape = f"{h}→top-{k}×{i}→{h}"
-        if chunked:
-            run = t / m
-            one_run = run * k * (slot + a * (2 * h + 3 * i))
-            # compiled: the weights' running sum, one run's partial and the new sum; every run's input
-            # gradients, summed by one fused kernel after the last run
-            partials = 3 * arch.experts * (arch.ups + 1) * h * i * a + t * a * (2 * h + k) if program == "compiled" else 0
-            return RegionCost(
-                self.name, arch.routed_layers, shape, saved=t * kept, fwd_transient=run * k * slot,
-                bwd_transient=one_run + partials,
-                recompute_flops=2 * t * k * h * i * 2, chunks=m,
-                pooled=one_run if program == "compiled" else None,
-            )
-        return RegionCost(self.name, arch.routed_layers, shape, saved=t * (k * slot + kept), fwd_transient=0 * S,
-                          bwd_transient=t * k * a * (h + 3 * i))
+def find_regions(graph, params: set, claimed: set) -> tuple[list, list[tuple[str, str]]]:
+    """The routed-experts regions of ``graph`` and the candidates left alone, with why."""
+    free = token_free_nodes(graph, params)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    gmms = [n for n in graph.nodes if _is_grouped_mm(n, params, free)]
+    regions, skipped, taken = [], {}, set(claimed)
+    by_output: dict[fx.Node, list[fx.Node]] = {}
+    for gmm in gmms:
+        if gmm in taken:
+            continue
+        try:
+            by_output.setdefault(_output_after(gmm, order), []).append(gmm)
+        except CantChunk as err:
+            skipped.setdefault(module_path(gmm) or gmm.name, f"routed experts: {err}")
+    for out, group in by_output.items():
+        where = module_path(group[0]) or group[0].name
+        try:
+            region = _region_from(out, group, params, free, order)
+            if taken.intersection(region.nodes):
+                raise CantChunk("overlaps a region already taken")
+        except CantChunk as err:
+            skipped.setdefault(where, f"routed experts: {err}")
+            continue
+        taken.update(region.nodes)
+        regions.append(region)
+    return regions, list(skipped.items())
 
 
-KIND = RoutedExpertsKind()
+def rewrite(owner, region: ExpertsRegion, m: int, ctx) -> str:
+    """Every token-major input narrowed per run, the region copied per run and tagged for recompute."""
+    graph = owner.graph
+    out = region.output
+    sizes = chunked_ops.chunk_sizes(region.tokens, m)
+    with graph.inserting_before(out):
+        outs, start = [], 0
+        for i, run in enumerate(sizes):
+            # one narrow per input and run (not a split and its getitems): AOT autograd gives a
+            # multi-output split's getitems the recompute tags of their first reader, and the
+            # partitioner can then neither save nor recompute the split
+            env = {x: graph.call_function(torch.narrow, (x, 0, start, run)) for x in region.inputs}
+            start += run
+            ac_id = next_ac_graph_id()
+            for node in region.nodes:
+                new = _copy_for_run(graph, node, env, region.tokens, run)
+                new.meta.pop("example_value", None)
+                new.meta.pop("val", None)
+                if not ctx.in_checkpoint and not ctx.eager:
+                    new.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+                    new.meta["ac_graph_id"] = ac_id
+                mst_meta(new).update(region=region.name, chunk=i)
+                env[node] = new
+            outs.append(env[out])
+        joined = graph.call_function(torch.cat, (outs,))
+    out.replace_all_uses_with(joined)
+    for node in reversed(region.nodes):
+        graph.erase_node(node)
+    return "" if not ctx.eager else "; no recompute (eager compiler)"
