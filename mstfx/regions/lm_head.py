@@ -9,7 +9,9 @@ At M = 1 it is still rewritten: the fused loss keeps no logits for backward.
 from __future__ import annotations
 
 from ..passes import chunk_rule
-from ..passes.find_lm_head import LmHeadRegion, find_lm_head_regions
+import torch
+
+from ..passes.find_lm_head import LmHeadRegion, find_escaping_logits, find_lm_head_regions
 from ..passes.rewrite_lm_head import rewrite_lm_head
 from ..passes.rewrite_mlp import chunk_form
 from .base import RegionKind
@@ -25,7 +27,11 @@ class LmHeadKind(RegionKind):
     rewrite_at_one = True
 
     def find(self, graph, params, claimed):
-        return find_lm_head_regions(graph)
+        regions, skipped = find_lm_head_regions(graph)
+        if not regions and not skipped and torch.is_grad_enabled():
+            # training, but no loss in the graph: say so when the logits are what leaves it
+            skipped = find_escaping_logits(graph, params)
+        return regions, skipped
 
     def claims(self, region: LmHeadRegion) -> set:
         return {region.head.node}
