@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+import torch
 from trl import SFTTrainer
 
 from ..wrappers import drop_logits
@@ -79,8 +80,8 @@ class MstSFTTrainer(SFTTrainer):
             return
         drop_logits(self.model)
         if getattr(self.model, "_compiled_call_impl", None) is None:
-            log.warning("MstSFTTrainer: the model is not compiled; compile it with backend='mst' "
-                        "(model.compile(backend='mst')) or nothing is chunked")
+            log.warning("MstSFTTrainer: the model is not compiled (yet); compile it with backend='mst' "
+                        "(model.compile(backend='mst')) before training, or nothing is chunked")
         log.info("MstSFTTrainer: the loss is computed in the compiled model (LM head + loss chunked by mst); "
                  "entropy and mean_token_accuracy are not logged (they need the full logits)")
 
@@ -102,8 +103,6 @@ class MstSFTTrainer(SFTTrainer):
 
     def _count_tokens(self, inputs) -> None:
         """SFTTrainer's ``num_tokens`` bookkeeping (padding-free batches carry position_ids, no mask)."""
-        import torch
-
         if "attention_mask" in inputs:
             local = inputs["attention_mask"].sum()
         elif "position_ids" in inputs:
