@@ -58,7 +58,9 @@ def module_path(node: fx.Node, *, strip_leaf: bool = False) -> str:
         return ""
     path = re.sub(r"^[LG]\['[^']*'\]\.?", "", list(stack.values())[-1][0])
     path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"^(\[\d+\]\.|__self__\.|self\.|_orig_mod\.)+", "", path)
+    # a forward wrapped in closures (trainers' autocast wrappers, mstfx.drop_logits) reaches the module
+    # through ``wrapper.__closure__[i].cell_contents ... __self__``
+    path = re.sub(r"^(\[\d+\]\.|__self__\.|self\.|_orig_mod\.|(\w+\.)?__closure__\[\d+\]\.cell_contents\.)+", "", path)
     return path.rsplit(".", 1)[0] if strip_leaf and "." in path else path
 
 

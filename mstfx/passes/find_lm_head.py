@@ -10,6 +10,10 @@ Pattern (torch level)::
 If the logits (or any intermediate) are also used elsewhere, typically returned as a graph output,
 the region is still rewritten for the loss but reported as ``logits escape``: the full logits then
 still exist for that other user.
+
+A graph with no loss whose LM head output is returned (the caller, e.g. a trainer, computes the loss
+outside the compiled graph) has nothing to chunk; :func:`find_escaping_logits` finds that case so the
+report can say why the LM head was left alone.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import CantChunk, LinearMatch, check_no_side_effects, is_cast, is_view, match_linear, tensor_of
+from .common import (
+    CantChunk,
+    LinearMatch,
+    check_no_side_effects,
+    is_cast,
+    is_view,
+    match_linear,
+    module_path,
+    tensor_of,
+)
 
 _CE_FUNCS = {F.cross_entropy}
 _CE_DEFAULTS = {
@@ -177,3 +190,38 @@ def find_lm_head_regions(graph: fx.Graph) -> tuple[list[LmHeadRegion], list[tupl
             except CantChunk as err:
                 skipped.append((node.name, str(err)))
     return regions, skipped
+
+
+#: The report's reason for an LM head whose logits are a graph output and whose loss is not in the graph.
+LOGITS_LEAVE = (
+    "not chunked: logits leave the compiled graph (loss computed outside, e.g. by the trainer); use "
+    "mstfx.drop_logits(model) and read the model's own .loss (labels passed in), or for TRL "
+    "mstfx.integrations.trl.MstSFTTrainer"
+)
+
+
+def find_escaping_logits(graph: fx.Graph, params: set[fx.Node]) -> list[tuple[str, str]]:
+    """LM heads whose logits are returned by ``graph`` that computes no loss from them: ``(where, why)``.
+
+    An LM head here is a projection by a parameter that widens (vocab > hidden) whose output, through
+    logit transforms only (casts, views, scaling, soft-capping), is a graph output.  Only meaningful
+    for a graph with no ``cross_entropy`` (the caller checks)."""
+    out = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if out is None:
+        return []
+    returned = set(out.all_input_nodes)
+    found = []
+    for node in graph.nodes:
+        head = match_linear(node)
+        if head is None or head.weight not in params or head.out_features <= head.in_features:
+            continue
+        frontier, seen = [node], set()
+        while frontier:  # the head's output and its logit transforms
+            n = frontier.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            frontier += [u for u in n.users if _transform_of(u, n) is not None]
+        if seen & returned:
+            found.append((module_path(node) or node.name, LOGITS_LEAVE))
+    return found

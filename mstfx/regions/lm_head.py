@@ -24,9 +24,15 @@ class LmHeadKind(RegionKind):
     rewrite_at_one = True
 
     def find(self, graph, params, claimed):
-        from ..passes.find_lm_head import find_lm_head_regions
+        import torch
 
-        return find_lm_head_regions(graph)
+        from ..passes.find_lm_head import find_escaping_logits, find_lm_head_regions
+
+        regions, skipped = find_lm_head_regions(graph)
+        if not regions and not skipped and torch.is_grad_enabled():
+            # training, but no loss in the graph: say so when the logits are what leaves it
+            skipped = find_escaping_logits(graph, params)
+        return regions, skipped
 
     def claims(self, region) -> set:
         return {region.head.node}
