@@ -89,13 +89,11 @@ def test_sft_trainer_with_gradient_checkpointing(tmp_path):
 
     from mstfx.integrations.trl import MstSFTTrainer
 
-    be = mstfx.backend(mini_sequences=4, compiler="aot_eager")
     model = _model()
     _, plain, _ = _train(SFTTrainer, copy.deepcopy(model), tmp_path / "plain")
-    model.compile(backend=be)
-    # transformers' checkpointed layers break the Dynamo graph without this setting
-    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-        _, losses, _ = _train(MstSFTTrainer, model, tmp_path / "mst", gradient_checkpointing=True)
+    mstfx.compile(model, mini_sequences=4, compiler="aot_eager")  # traces the checkpointed layers whole
+    be = mstfx.compile_model.backend_of(model)
+    _, losses, _ = _train(MstSFTTrainer, model, tmp_path / "mst", gradient_checkpointing=True)
     text = "\n".join(str(r) for r in be.reports)
     kinds = sorted(d.kind for r in be.reports for d in r.chunked)
     assert kinds == ["lm_head", "mlp", "mlp"], text

@@ -3,7 +3,7 @@
     import mstfx
     from mstfx.integrations.trl import MstSFTTrainer
 
-    model.compile(backend="mst")                       # MLPs (and attention) as with any trainer
+    mstfx.compile(model)                               # MLPs (and attention) as with any trainer
     trainer = MstSFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds, processing_class=tok)
     trainer.train()                                    # LM head + loss chunked too
 
@@ -63,7 +63,7 @@ class MstSFTTrainer(SFTTrainer):
     compiled model where the mst backend chunks the LM head + cross-entropy.
 
     Takes exactly ``SFTTrainer``'s arguments.  Compile the model with the mst backend first
-    (``model.compile(backend="mst")``); the trainer wraps it with :func:`mstfx.drop_logits` (undo with
+    (``mstfx.compile(model)``, which also traces TRL's default gradient checkpointing whole); the trainer wraps it with :func:`mstfx.drop_logits` (undo with
     ``mstfx.wrappers.keep_logits``).  ``entropy`` and ``mean_token_accuracy`` are not logged.
     """
 
@@ -80,8 +80,8 @@ class MstSFTTrainer(SFTTrainer):
             return
         drop_logits(self.model)
         if getattr(self.model, "_compiled_call_impl", None) is None:
-            log.warning("MstSFTTrainer: the model is not compiled (yet); compile it with backend='mst' "
-                        "(model.compile(backend='mst')) before training, or nothing is chunked")
+            log.warning("MstSFTTrainer: the model is not compiled (yet); compile it with "
+                        "mstfx.compile(model) before training, or nothing is chunked")
         log.info("MstSFTTrainer: the loss is computed in the compiled model (LM head + loss chunked by mst); "
                  "entropy and mean_token_accuracy are not logged (they need the full logits)")
 
