@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import positive_int
+from .validate import positive_int
 
 #: A logit transform between the LM head matmul and the loss, as plain data:
 #: ``("cast", dtype)``, ``("scale", c)`` (logits * c) or ``("tanh",)``.

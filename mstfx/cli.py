@@ -14,7 +14,7 @@ import sys
 NEEDS = {"bench": ("rich", "tqdm", "matplotlib", "transformers"), "simulate": ("rich", "tqdm", "matplotlib", "transformers")}
 
 COMMANDS = {
-    "bench": ("mstfx.tools.bench", "peak memory and step time: eager, checkpointing, Inductor, auto_chunker, mst"),
+    "bench": ("mstfx.tools.bench_cli", "peak memory and step time: eager, checkpointing, Inductor, auto_chunker, mst"),
     "plan": ("mstfx.planning.planner", "what mst would chunk for a model, sequence length and memory budget"),
     "simulate": ("mstfx.tools.simulate", "longest sequence that trains on a GPU of a given size (FakeTensor, no GPU)"),
 }

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from .regions.rules import MIN_LM_HEAD_CHUNK_TOKENS
+from .validate import is_positive_int, positive_int  # noqa: F401  (re-exported: mstfx.config.positive_int)
 
 #: Largest M a user may ask for.  With the default loop form compile work does not depend on M; past
 #: this a chunk is a few tokens long at any length this machine or a GPU trains, and the per-chunk
@@ -133,20 +133,3 @@ def check_mini_sequences(value: Any, *, cap: int | None = MAX_USER_CHUNKS) -> in
             raise ValueError(f"mini_sequences names unknown region kinds {unknown}; the kinds are {names}")
         return {str(k): positive_int(f"mini_sequences[{k!r}]", v, cap=cap) for k, v in value.items()}
     return positive_int("mini_sequences", value, cap=cap)
-
-
-def is_positive_int(value: Any) -> bool:
-    """An integer ≥ 1 (bools and floats are not): the one test behind every count mstfx accepts."""
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
-
-
-def positive_int(name: str, value: Any, *, cap: int | None = None) -> int:
-    """``value`` as an int, or a ValueError that names ``name`` (bools and floats are refused)."""
-    if not is_positive_int(value):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if cap is not None and value > cap:
-        raise ValueError(
-            f"{name}={value} is more than {cap} mini-sequences: chunks this short only add per-chunk "
-            "overhead; use a plan (mstfx.plan / mstfx.transform) or a smaller M"
-        )
-    return int(value)

@@ -181,7 +181,7 @@ def test_peak_not_above_unrolled(compiler):
 
 
 def test_compile_time_table_and_flag_validation(capsys):
-    from mstfx.tools import bench
+    from mstfx.tools import bench_cli as bench
     from mstfx.tools.compile_time import CompileTimeRow, markdown, summarise
 
     rows = [

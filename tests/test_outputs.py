@@ -125,7 +125,7 @@ def test_sweep_lengths_expand_and_reject_bad_input():
     (["--sweep", "512", "--plot-only"], "--plot-only needs --data"),
 ])
 def test_sweep_cli_errors_name_the_flag(argv, says, capsys):
-    from mstfx.tools import bench
+    from mstfx.tools import bench_cli as bench
 
     assert bench.cli_main(argv) == 2
     assert says in capsys.readouterr().err

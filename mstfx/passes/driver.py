@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ..regions.registry import REGION_KINDS
+from ..regions import registry
 from .attention import GUARD_KEY, MaskGuard, rewrite_attention
 from .common import ALREADY_REWRITTEN, REWRITTEN_KEY
 from .report import GraphReport, RegionDecision
@@ -222,8 +222,10 @@ def _verify_all(run: _Run) -> None:
     refresh_fake_values(run.compiled_bodies)
 
 
-def pipeline(kinds=REGION_KINDS) -> list[tuple[str, Callable[[_Run], None]]]:
-    """The passes :func:`run_passes` runs, in order, as ``(name, pass)``."""
+def pipeline(kinds=None) -> list[tuple[str, Callable[[_Run], None]]]:
+    """The passes :func:`run_passes` runs, in order, as ``(name, pass)``: two per kind of
+    ``registry.REGION_KINDS`` as it is when called (default)."""
+    kinds = registry.REGION_KINDS if kinds is None else kinds
     return (
         [(f"find_{k.name}", functools.partial(_find, k)) for k in kinds]
         + [("chunk_rule", _chunk_rule)]

@@ -63,7 +63,7 @@ import sympy as sp
 from ..config import CHUNK_FORMS
 from . import offload
 
-S, B = sp.symbols("S B", positive=True)
+from .terms import B, FP32, RegionCost, S  # noqa: F401  (part of this module's vocabulary)
 M_MLP, M_HEAD = sp.symbols("M_mlp M_head", positive=True)
 
 
@@ -104,7 +104,6 @@ MODES = tuple(m.value for m in Mode)
 PROGRAMS = ("compiled", "eager")
 NORMS = ("rms", "rms_fp32", "layer")
 OPTIMIZERS = ("adamw", "sgd", "none")
-FP32 = 4
 
 #: ``MstConfig.chunk_form`` values whose chunked regions are one loop operator each (``mstfx/chunk_loop.py``)
 LOOP_FORMS = frozenset({"loop"})
@@ -255,23 +254,6 @@ class Precision:
         if mixed_precision in (True, "amp", "bf16-amp", "fp16-amp"):
             return cls(2, 2, True)
         raise ValueError(f"mixed_precision must be None, 'fp32', 'bf16', 'fp16' or 'amp', got {mixed_precision!r}")
-
-
-@dataclass
-class RegionCost:
-    """Bytes of one region kind, as expressions (per region instance, count = how many)."""
-
-    kind: str
-    count: int
-    shape: str
-    saved: sp.Expr
-    fwd_transient: sp.Expr
-    bwd_transient: sp.Expr
-    recompute_flops: sp.Expr = sp.Integer(0)
-    chunks: sp.Expr = sp.Integer(1)
-    #: a region kind's chunk buffers that Inductor's reuse pool keeps alive through the attention
-    #: backward after the region's own (``None``: none, or the dense MLP's rule in :func:`step_cost`)
-    pooled: sp.Expr | None = None
 
 
 @dataclass

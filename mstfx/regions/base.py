@@ -47,11 +47,9 @@ class RegionKind:
     rewrite_at_one: ClassVar[bool] = False
 
     @property
-    def kind(self):
-        """This kind's :data:`~mstfx.regions.Kind` member."""
-        from .registry import Kind
-
-        return Kind(self.name)
+    def kind(self) -> str:
+        """The kind's name, as reports record it (equal to its :data:`~mstfx.regions.Kind` member)."""
+        return self.name
 
     def enabled(self, config: Any) -> bool:
         """Whether ``config`` asks for this kind (its own switch, and not in ``config.skip_kinds``)."""

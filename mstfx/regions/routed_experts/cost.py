@@ -25,7 +25,7 @@ def cost(name: str, arch, prec, chunked: bool, m, program: str):
     (``cost_model.COEF["mlp_chunk_pool"]``; measured on the tiny Qwen2-MoE)."""
     if not (arch.experts and arch.experts_per_token and arch.routed_layers):
         return None
-    from ...planning.cost_model import B, FP32, RegionCost, S
+    from ...planning.terms import B, FP32, RegionCost, S
 
     a, h, i, k = prec.act_bytes, arch.hidden, arch.expert_intermediate, arch.experts_per_token
     t = B * S

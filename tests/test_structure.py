@@ -1,0 +1,164 @@
+"""The shape of the package: no import circle (lazy imports count), and a new region kind takes one module
+and one registry entry (a toy kind, added here, is found, chunked, reported and costed)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import torch
+import torch.nn.functional as F
+
+import mstfx
+from mstfx.regions.base import RegionKind
+
+PACKAGE = pathlib.Path(mstfx.__file__).parent
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module → mstfx modules it imports anywhere (inside functions too)."""
+    mods = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = ("mstfx",) + p.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = p
+    graph = {}
+    for name, p in mods.items():
+        pkg = name if p.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    deps.add(full if full in mods else base)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in mods and d != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle():
+    graph = _imports()
+    assert len(graph) > 30  # the walk saw the package
+    assert _cycles(graph) == [], "import circles (lazy imports included)"
+
+
+def test_the_walk_finds_a_circle_when_there_is_one():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+
+
+# -- a toy region kind: a GELU applied to tokens×features, outside any MLP, chunked over the tokens ------
+class _GeluRegion:
+    def __init__(self, node):
+        self.node, self.nodes = node, [node]
+        val = node.args[0].meta["example_value"]
+        self.tokens, self.hidden, self.dtype = val.shape[-2], val.shape[-1], val.dtype
+        self.name = f"gelu@{node.name}"
+
+
+class ToyGeluKind(RegionKind):
+    name = "toy_gelu"
+    label = "toy gelu"
+    amplifier = "a test kind"
+
+    def find(self, graph, params, claimed):
+        found = [_GeluRegion(n) for n in graph.nodes
+                 if n.op == "call_function" and n.target is F.gelu and n not in claimed]
+        return found, []
+
+    def mini_sequences(self, region, config):
+        return config.mini_sequences_for(self.name, region) or 2
+
+    def rewrite(self, owner, region, m, ctx):
+        graph, node = owner.graph, region.node
+        with graph.inserting_before(node):
+            parts = graph.call_function(torch.chunk, (node.args[0], m, -2))
+            outs = [graph.call_function(F.gelu, (graph.call_function(lambda p, i: p[i], (parts, i)),)) for i in range(m)]
+            joined = graph.call_function(torch.cat, (outs, -2))
+        node.replace_all_uses_with(joined)
+        graph.erase_node(node)
+        return f"; {m} chunks"
+
+    def report_fields(self, region, m):
+        return self.fields(region, region.hidden, "gelu per chunk")
+
+    def cost(self, arch, prec, chunked, m, program):
+        from mstfx.planning.terms import B, RegionCost, S
+
+        width = arch.hidden * prec.act_bytes
+        return RegionCost(self.name, 1, f"{arch.hidden}", saved=B * S * width,
+                          fwd_transient=B * S * width / (m if chunked else 1), bwd_transient=B * S * width)
+
+
+def test_a_new_kind_is_one_module_and_one_registry_entry(monkeypatch):
+    from mstfx.regions import registry
+
+    kind = ToyGeluKind()
+    monkeypatch.setattr(registry, "REGION_KINDS", (*registry.REGION_KINDS, kind))  # the one registry line
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.head = torch.nn.Linear(16, 50, bias=False)
+
+        def forward(self, ids):
+            h = F.gelu(self.emb(ids))
+            return F.cross_entropy(self.head(h).view(-1, 50), ids.view(-1))
+
+    torch.manual_seed(0)
+    net, ids = Net(), torch.randint(0, 50, (1, 24))
+    ref = net(ids)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    backend = mstfx.backend(compiler="aot_eager", mini_sequences={"toy_gelu": 3})  # the config knows the kind
+    loss = torch.compile(net, backend=backend)(ids)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n])
+    rows = {d.kind: d for r in backend.reports for d in r.chunked}
+    assert rows["toy_gelu"].chunks == 3 and "toy gelu" in mstfx.explain(backend)
+    assert [name for name, _ in mstfx.passes.driver.pipeline()][:4] == [
+        "find_lm_head", "find_routed_experts", "find_mlp", "find_toy_gelu"]
+
+    # the cost side: the planner's table has a row for the new kind, from its cost terms
+    plan = mstfx.plan("llama3-8b", 8192, 80, optimizer="adamw-bf16")
+    assert any("toy_gelu" in r.region for r in plan.rows), [r.region for r in plan.rows]
