@@ -262,7 +262,7 @@ def test_nanogpt_transposed_tokens_left_unchanged():
     ref, got, decisions = _run(model, lambda i, t: model(i, t), (ids, labels))
     assert_same(ref, got)
     (lm,) = _of(decisions, "lm_head")
-    assert lm.action == "skipped" and "transpose" in lm.reason, lm
+    assert lm.action == "skipped" and "transpose" in lm.reason and "reorders the logits" in lm.reason, lm
     assert len(_of(decisions, "mlp", "chunked")) == 2
 
 

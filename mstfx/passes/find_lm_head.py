@@ -42,6 +42,10 @@ _CE_DEFAULTS = {
     "reduction": "mean",
     "label_smoothing": 0.0,
 }
+#: Ops that move the logits' dims, so that the loss rows are no longer the tokens in order.
+_REORDERS = {"transpose", "permute", "t", "movedim", "swapaxes", "swapdims", "flip", "roll",
+             torch.transpose, torch.permute, torch.t, torch.movedim, torch.swapaxes, torch.swapdims,
+             torch.flip, torch.roll}
 _CE_ORDER = ["input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"]
 
 
@@ -141,6 +145,11 @@ def match_lm_head(ce: fx.Node) -> LmHeadRegion:
         # the token operand of a binary op may be the second argument (c * z)
         src = next((a for a in node.args if isinstance(a, fx.Node) and tensor_of(a) is not None), None)
         t = _transform_of(node, src)
+        if t is None and node.target in _REORDERS:
+            raise CantChunk(
+                f"{node.name} ({node.target if isinstance(node.target, str) else node.target.__name__}) reorders "
+                "the logits: the loss rows are not the hidden states' tokens in order (not a pure flatten)"
+            )
         if t is None:
             raise CantChunk(f"{node.name} ({getattr(node.target, '__name__', node.target)}) between LM head and loss is not a supported logit transform")
         if t[0] != "view":
