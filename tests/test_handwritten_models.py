@@ -299,6 +299,37 @@ def test_titan_llama_sum_over_tensor_count(n_tokens):
     _assert_all_chunked(decisions, mlps=2)
 
 
+def test_titan_llama_dynamic_shapes():
+    """Under ``dynamic=True`` the repeat is read through symbolic sizes; a second length reuses the graph."""
+    torch.manual_seed(0)
+    model = TitanLlama("flatten", layers=1)
+    ids, labels = _batch()
+    fn = lambda i, l: titan_loss(model, i, l, (l != -100).sum())  # noqa: E731
+    ref = _step(model, fn, (ids, labels))
+    backend = mstfx.backend(compiler="aot_eager", mini_sequences={"lm_head": 4})
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(fresh_code(fn), backend=backend, dynamic=True)
+    loss = compiled(ids, labels)
+    loss.backward()
+    assert_same(ref, (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(compiled(ids[:, :40], labels[:, :40]), fn(ids[:, :40], labels[:, :40]))
+    _assert_all_chunked(backend.reports[-1].decisions, mlps=1)  # the graph with symbolic sizes
+
+
+def test_repeat_along_sequence_not_gqa():
+    """``repeat_interleave`` along the sequence (not the heads) is no head repeat: left as written."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, N_KV, 16, HEAD_DIM, generator=g) for _ in range(3))
+    fn = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+        q, k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
+    )
+    backend = mstfx.backend(compiler="aot_eager")
+    got = torch.compile(fresh_code(fn), backend=backend)(q, k, v)
+    torch.testing.assert_close(got, fn(q, k, v))
+    (attn,) = _of([d for r in backend.reports for d in r.decisions], "attention")
+    assert attn.action == "skipped" and "nothing to do" in attn.reason, attn
+
+
 def test_titan_llama_inductor():
     torch.manual_seed(0)
     model = TitanLlama("titan", layers=1)
