@@ -266,6 +266,28 @@ def test_nanogpt_transposed_tokens_left_unchanged():
     assert len(_of(decisions, "mlp", "chunked")) == 2
 
 
+@pytest.mark.parametrize(
+    "reshape, why",
+    [
+        (lambda z: z.view(-1, V // 2), "not [tokens, vocab"),  # rows are half-vocab pieces, not tokens
+        (lambda z: z.permute(1, 0, 2).flatten(0, 1), "reorders the logits"),
+        (lambda z: torch.flatten(z).view(-1, V).flip(0), "reorders the logits"),
+    ],
+    ids=["vocab_split", "permuted", "flipped"],
+)
+def test_lm_head_reshape_not_a_token_flatten(reshape, why):
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(B, 8, D, generator=g, requires_grad=True), torch.randn(V, D, generator=g, requires_grad=True)
+    rows = reshape(torch.empty(B, 8, V)).shape[0]
+    t = torch.randint(0, V // 2, (rows,), generator=g)
+    fn = lambda h, w, t: F.cross_entropy(reshape(F.linear(h, w)), t)  # noqa: E731
+    backend = mstfx.backend(compiler="aot_eager", mini_sequences={"lm_head": 2})
+    got = torch.compile(fresh_code(fn), backend=backend)(h, w, t)
+    torch.testing.assert_close(got, fn(h, w, t))
+    (lm,) = _of([d for r in backend.reports for d in r.decisions], "lm_head")
+    assert lm.action == "skipped" and why in lm.reason, lm
+
+
 # --------------------------------------------------------------------------------------------------
 # torchtitan
 # --------------------------------------------------------------------------------------------------
