@@ -16,7 +16,7 @@ after the partitioner, is :mod:`mstfx.post_grad`).  :func:`run_passes` (:mod:`.d
     rewrite_routed_experts  every token-major input split into the same runs, tagged for recompute
     rewrite_mlp             chunked loop, tagged for recompute in backward
     attention               SDPA fed HF's in-graph causal mask → is_causal=True (guarded per step when the
-                            mask reads a runtime padding mask or position ids); repeat_kv → enable_gqa
+                            mask reads a runtime padding mask or position ids); K/V heads repeated (expand+reshape, repeat_interleave) → enable_gqa
     verify                  fake-tensor propagation of the rewritten graph; any failure restores the original
 
 Each region is rewritten whole or not at all; a graph whose rewrite fails verification is returned

@@ -19,8 +19,11 @@ The mask is read symbolically, node by node (:func:`analyse_mask`), into one of 
 * anything else (sliding windows, chunked attention, offsets, a 4-D mask handed in by the caller) is
   left unchanged and the report says why.
 
-``repeat_kv``-expanded K/V are replaced by the unexpanded tensors with ``enable_gqa=True`` (exact: SDPA
-broadcasts each K/V head to its group of query heads).  The same rewrite runs inside activation-
+K/V whose heads are repeated for the query heads are replaced by the unexpanded tensors with
+``enable_gqa=True`` (exact: SDPA broadcasts each K/V head to its group of query heads).  The repeat is
+read by structure (:func:`_repeated_heads`): HF's ``repeat_kv``, ``unsqueeze``/``expand``/``flatten``
+(nanoGPT, torchtitan, with the heads transposed into place afterwards), ``split`` groups expanded
+(litgpt) or ``repeat_interleave``; a repeat in the other order (tiled heads) is left and reported.  The same rewrite runs inside activation-
 checkpointed bodies, whose mask arrives as an operand built in the outer graph.
 """
 
@@ -307,42 +310,176 @@ def _sdpa_with(node: fx.Node, **changes: Any) -> tuple[tuple, dict]:
     return tuple(_sdpa_arg(node, n) for n in _SDPA_ARGS[:3]), kwargs
 
 
-def _unexpanded_kv(node: Any) -> tuple[fx.Node, int] | None:
-    """``(kv, n_rep)`` when ``node`` is ``kv[:, :, None].expand(B, H_kv, n_rep, S, D).reshape(B, H_kv·n_rep, S, D)``."""
-    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in ("reshape", "view"):
-        return None
-    expand = node.args[0]
-    if not isinstance(expand, fx.Node) or expand.op != "call_method" or expand.target != "expand":
-        return None
-    index = expand.args[0]
-    if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem):
-        return None
-    src, idx = index.args
-    full = slice(None, None, None)
-    if not (isinstance(idx, tuple) and len(idx) >= 3 and idx[:3] == (full, full, None) and all(e == full for e in idx[3:])):
-        return None
-    src_val, exp_val, out_val = tensor_of(src), tensor_of(expand), tensor_of(node)
-    if src_val is None or exp_val is None or out_val is None or src_val.dim() != 4 or exp_val.dim() != 5:
-        return None
-    b, h_kv, s, d = src_val.shape
-    n_rep = exp_val.shape[2]
-    if tuple(exp_val.shape) != (b, h_kv, n_rep, s, d) or tuple(out_val.shape) != (b, h_kv * n_rep, s, d):
-        return None
-    return src, int(n_rep)
+_LAYOUT_METHODS = {"transpose", "permute", "contiguous"}
+_LAYOUT_FUNCS = {torch.transpose, torch.permute}
+_MERGE_METHODS = {"reshape", "view", "flatten"}
+_MERGE_FUNCS = {torch.reshape, torch.flatten}
 
 
-def _rewrite_gqa(sdpa: fx.Node) -> int | None:
-    """Hand SDPA the unexpanded K/V with ``enable_gqa=True``; returns the group size, or None."""
+@dataclass(frozen=True)
+class _RepeatedHeads:
+    """K or V whose heads were repeated for the query heads, read back to the tensor before the repeat.
+
+    ``source`` is the unexpanded tensor; ``squeeze`` a size-1 dim of it to drop first (a group axis
+    left by ``split``), or None; ``layout`` the transposes/permutes between the repeat and SDPA, to
+    apply to the unexpanded tensor as well; each K/V head serves the ``n_rep`` query heads next to it."""
+
+    source: fx.Node
+    squeeze: int | None
+    layout: tuple[fx.Node, ...]
+    n_rep: Any
+
+
+class _NotGqa(Exception):
+    """A head repeat that ``enable_gqa`` cannot replace; the message is the reason shown in the report."""
+
+
+def _is_call(node: Any, methods: set, funcs: set) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_method" and node.target in methods) or (node.op == "call_function" and node.target in funcs)
+    )
+
+
+def _layout_dim(node: fx.Node, pos: int, rank: int) -> int | None:
+    """Where dim ``pos`` goes through the transpose/permute/contiguous ``node`` (None: not readable)."""
+    args = list(node.args[1:])
+    if node.target == "contiguous":
+        return pos
+    if node.target in ("transpose", torch.transpose):
+        dims = [node.kwargs.get("dim0", args[0] if args else None), node.kwargs.get("dim1", args[1] if len(args) > 1 else None)]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        a, b = (d % rank for d in dims)
+        return b if pos == a else a if pos == b else pos
+    dims = node.kwargs.get("dims", args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args)
+    if not all(isinstance(d, int) for d in dims) or len(dims) != rank:
+        return None
+    dims = [d % rank for d in dims]
+    return dims.index(pos) if pos in dims else None
+
+
+def _inserted_dim(node: Any) -> tuple[fx.Node, int] | None:
+    """``(x, d)`` when ``node`` is ``x`` with a size-1 dim inserted at ``d`` (``unsqueeze(d)``, ``x[:, :, None]``)."""
+    if not isinstance(node, fx.Node) or not isinstance(node.args[0] if node.args else None, fx.Node):
+        return None
+    src, out = tensor_of(node.args[0]), tensor_of(node)
+    if src is None or out is None or out.dim() != src.dim() + 1:
+        return None
+    if _is_call(node, {"unsqueeze"}, {torch.unsqueeze}):
+        d = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        return (node.args[0], d % out.dim()) if isinstance(d, int) else None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        idx = node.args[1]
+        full = slice(None, None, None)
+        if sum(e is None for e in idx) != 1 or sum(e is Ellipsis for e in idx) > 1:
+            return None
+        if not all(e is None or e is Ellipsis or e == full for e in idx):
+            return None
+        at = idx.index(None)
+        after_ellipsis = Ellipsis in idx and idx.index(Ellipsis) < at
+        return node.args[0], (out.dim() - (len(idx) - at) if after_ellipsis else at)
+    return None
+
+
+def _repeated_heads(node: Any) -> _RepeatedHeads | None:
+    """Read ``node`` (an SDPA key or value) as K/V heads repeated in place, each K/V head followed by
+    the query heads of its group, which is the pairing ``enable_gqa`` makes (query head j reads K/V
+    head j // n_rep).  Recognised by structure, whatever the spelling:
+
+    * a size-1 dim right after the heads (``x[:, :, None]``, ``unsqueeze``, or a group axis of size 1
+      from ``split``), ``expand``-ed to n_rep and merged into the heads (``reshape``/``view``/``flatten``);
+    * ``repeat_interleave(n_rep, dim=heads)``;
+
+    either followed by transposes/permutes that bring the heads to dim -3 of the SDPA input.
+    Returns None when ``node`` repeats nothing; raises :class:`_NotGqa` for a repeat in the other order
+    (``expand`` before the heads: query head j would read K/V head j mod H_kv)."""
+    layout: list[fx.Node] = []
+    while _is_call(node, _LAYOUT_METHODS, _LAYOUT_FUNCS) and isinstance(node.args[0], fx.Node):
+        layout.append(node)
+        node = node.args[0]
+    layout.reverse()
+    out = tensor_of(node)
+    if out is None or not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    rank = out.dim()
+    if _is_call(node, {"repeat_interleave"}, {torch.repeat_interleave}):
+        names = ("repeats", "dim", "output_size")
+        given = dict(zip(names, node.args[1:]), **node.kwargs)
+        rep, dim, src = given.get("repeats"), given.get("dim"), tensor_of(node.args[0])
+        if not isinstance(dim, int) or isinstance(value_of(rep), torch.Tensor) or src is None or src.dim() != rank:
+            return None
+        rep, heads, squeeze, source = value_of(rep), dim % rank, None, node.args[0]
+    elif _is_call(node, _MERGE_METHODS, _MERGE_FUNCS) and _is_call(node.args[0], {"expand"}, set()):
+        expand = node.args[0]
+        before, after = tensor_of(expand.args[0]), tensor_of(expand)
+        if before is None or after is None or before.dim() != after.dim() or after.dim() != rank + 1:
+            return None
+        grown = [i for i in range(after.dim()) if not _same(before.shape[i], after.shape[i])]
+        if len(grown) != 1 or not _same(before.shape[grown[0]], 1):
+            return None
+        g, shape = grown[0], tuple(after.shape)
+        rep = shape[g]
+        if g > 0 and _shape_is(out, shape[: g - 1] + (shape[g - 1] * rep,) + shape[g + 1 :]):
+            heads = g - 1  # (H_kv, n_rep) merged: head j reads K/V head j // n_rep
+        elif g + 1 < len(shape) and _shape_is(out, shape[:g] + (rep * shape[g + 1],) + shape[g + 2 :]):
+            raise _NotGqa(
+                f"{node.name} repeats K/V heads in tile order (query head j reads K/V head j mod H_kv); "
+                "enable_gqa pairs head j with K/V head j // n_rep, so K/V stay expanded"
+            )
+        else:
+            return None
+        inserted = _inserted_dim(expand.args[0])
+        source, squeeze = (inserted[0], None) if inserted is not None and inserted[1] == g else (expand.args[0], g)
+    else:
+        return None
+    for op in layout:
+        heads = _layout_dim(op, heads, rank)
+        if heads is None:
+            return None
+    if heads != rank - 3:
+        return None  # the repeated dim is not SDPA's head dim
+    if isinstance(rep, int) and rep <= 1:
+        return None
+    return _RepeatedHeads(source, squeeze, tuple(layout), rep)
+
+
+def _shape_is(val: torch.Tensor, shape: tuple) -> bool:
+    return val.dim() == len(shape) and all(_same(a, b) for a, b in zip(val.shape, shape))
+
+
+def _build_unexpanded(graph: fx.Graph, kv: _RepeatedHeads) -> fx.Node:
+    """The unexpanded K/V in SDPA's layout: ``source`` (squeezed) through the same transposes."""
+    node = kv.source
+    if kv.squeeze is not None:
+        node = graph.call_method("squeeze", (node, kv.squeeze))
+    for op in kv.layout:
+        if op.op == "call_method":
+            node = graph.call_method(op.target, (node, *op.args[1:]), dict(op.kwargs))
+        else:
+            node = graph.call_function(op.target, (node, *op.args[1:]), dict(op.kwargs))
+    return node
+
+
+def _rewrite_gqa(sdpa: fx.Node) -> tuple[Any, str | None]:
+    """Hand SDPA the unexpanded K/V with ``enable_gqa=True``.  Returns the group size (None when not
+    rewritten) and, for a repeat that cannot be rewritten, the reason."""
     if _sdpa_arg(sdpa, "enable_gqa"):
-        return None
-    k, v = _unexpanded_kv(_sdpa_arg(sdpa, "key")), _unexpanded_kv(_sdpa_arg(sdpa, "value"))
-    if k is None or v is None or k[1] != v[1]:
-        return None
+        return None, None
     old = [_sdpa_arg(sdpa, "key"), _sdpa_arg(sdpa, "value")]
+    try:
+        k, v = (_repeated_heads(n) for n in old)
+    except _NotGqa as err:
+        return None, str(err)
+    if k is None or v is None:
+        return None, None
+    if not _same(k.n_rep, v.n_rep):
+        return None, f"K and V repeat their heads by different factors ({k.n_rep}, {v.n_rep}): K/V stay expanded"
+    with sdpa.graph.inserting_before(sdpa):
+        new_k, new_v = _build_unexpanded(sdpa.graph, k), _build_unexpanded(sdpa.graph, v)
     args, kwargs = _sdpa_with(sdpa, enable_gqa=True)
-    sdpa.args, sdpa.kwargs = (args[0], k[0], v[0]), kwargs
+    sdpa.args, sdpa.kwargs = (args[0], new_k, new_v), kwargs
     erase_if_dead(sdpa.graph, old)
-    return k[1]
+    return k.n_rep, None
 
 
 def _make_causal(sdpa: fx.Node, analysis: MaskAnalysis) -> None:
@@ -446,7 +583,7 @@ def _rewrite_one(
     q = tensor_of(_sdpa_arg(sdpa, "query"))
     tokens = int(q.shape[-2]) if q is not None and isinstance(q.shape[-2], int) else None
     done = []
-    group = _rewrite_gqa(sdpa)
+    group, gqa_why_not = _rewrite_gqa(sdpa)
     if group is not None:
         done.append(f"K/V unexpanded (enable_gqa, {group} query heads per K/V head)")
     mask = _sdpa_arg(sdpa, "attn_mask")
@@ -473,6 +610,7 @@ def _rewrite_one(
             if assumed is not None:
                 assumed += [c for c in checks if c not in assumed]
             done.append(_describe(analysis.causal, checks))
+    why_not = "; ".join(r for r in (gqa_why_not, why_not) if r) or None
     if not done:
         return RegionDecision("attention", where, "skipped", why_not or "no mask and no expanded K/V: nothing to do", tokens=tokens)
     detail = "; ".join(done) + (f"; {why_not}" if why_not else "")

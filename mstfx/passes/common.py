@@ -163,6 +163,22 @@ def is_view(node: fx.Node) -> bool:
     )
 
 
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_RESHAPE_FUNCS = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze}
+
+
+def is_reshape(node: fx.Node) -> bool:
+    """A pure reshape: same elements in the same row-major order, only the shape changes (``view``,
+    ``reshape``, ``flatten``, ``unflatten``, ``squeeze``, ``unsqueeze``; never a transpose or a
+    ``view(dtype)`` bit cast).  Any chain of them maps ``[..., V]`` to ``[T, V]`` by flattening the
+    leading dims in order, whatever the intermediate shapes."""
+    if not ((node.op == "call_method" and node.target in _RESHAPE_METHODS)
+            or (node.op == "call_function" and node.target in _RESHAPE_FUNCS)):
+        return False
+    src, out = tensor_of(node.args[0]) if node.args else None, tensor_of(node)
+    return src is not None and out is not None and src.dtype == out.dtype
+
+
 def is_identity_dropout(node: fx.Node) -> bool:
     """``F.dropout`` that does nothing (p == 0 or not training): safe to recompute."""
     if node.op != "call_function" or node.target not in _DROPOUT_FUNCS:

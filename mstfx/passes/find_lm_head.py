@@ -3,10 +3,18 @@
 Pattern (torch level)::
 
     logits = linear(h, W, b?)                    # W: vocab × hidden, tied to the embedding or not
-    z = transforms(logits)                       # any of: float()/to(dtype), * c, / c, tanh, view(-1, V)
+    z = transforms(logits)                       # any of: float()/to(dtype), * c, / c, tanh, and the
+                                                 # reshapes view(-1, V), reshape(B*S, V), flatten(0, 1)
     loss = cross_entropy(z, target, ignore_index=i, reduction='mean'|'sum')
+    loss = loss / n                              # optional, left as written (a sum over a token count)
 
-``transforms`` covers logit scaling (Cohere, Granite) and soft-capping ``c·tanh(z/c)`` (Gemma 2).
+``transforms`` covers logit scaling (Cohere, Granite) and soft-capping ``c·tanh(z/c)`` (Gemma 2).  The
+reshapes may take any path (``flatten()`` then ``view(-1, V)``): a pure reshape keeps the row-major
+order, so ending at ``[tokens, vocab]`` from ``[..., vocab]`` they flatten the leading dims in order,
+as the rewrite does.  A transpose or permute of the logits is not a reshape and is left unchanged.
+A ``reduction='sum'`` loss divided afterwards (``/ n_tokens``: a number, a size, a 0-d tensor such as
+``(labels != -100).sum()``, or anything else) keeps that divide as written: it applies to the chunked
+sum exactly as it did to the whole one.  The report names it.
 If the logits (or any intermediate) are also used elsewhere, typically returned as a graph output,
 the region is still rewritten for the loss but reported as ``logits escape``: the full logits then
 still exist for that other user.
@@ -32,10 +40,11 @@ from .common import (
     LinearMatch,
     check_no_side_effects,
     is_cast,
-    is_view,
+    is_reshape,
     match_linear,
     module_path,
     tensor_of,
+    value_of,
 )
 
 _CE_FUNCS = {F.cross_entropy}
@@ -47,6 +56,10 @@ _CE_DEFAULTS = {
     "reduction": "mean",
     "label_smoothing": 0.0,
 }
+#: Ops that move the logits' dims, so that the loss rows are no longer the tokens in order.
+_REORDERS = {"transpose", "permute", "t", "movedim", "swapaxes", "swapdims", "flip", "roll",
+             torch.transpose, torch.permute, torch.t, torch.movedim, torch.swapaxes, torch.swapdims,
+             torch.flip, torch.roll}
 _CE_ORDER = ["input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"]
 
 
@@ -65,6 +78,7 @@ class LmHeadRegion:
     logits_escape: bool
     chain: list[fx.Node]
     name: str = "lm_head"
+    after: str = ""  # what the graph does to the loss next, for the report (``÷ n_tokens``)
 
 
 def _ce_args(node: fx.Node) -> dict:
@@ -85,7 +99,7 @@ def _transform_of(node: fx.Node, src: fx.Node) -> tuple | None:
     """The logit transform that ``node`` applies to ``src``, or None if it is not one we can invert."""
     if is_cast(node):
         return ("cast", tensor_of(node).dtype)
-    if is_view(node):
+    if is_reshape(node):
         return ("view",)
     target = node.target
     if node.op == "call_function" and target in (operator.mul, torch.mul) or (
@@ -145,12 +159,15 @@ def match_lm_head(ce: fx.Node) -> LmHeadRegion:
         # the token operand of a binary op may be the second argument (c * z)
         src = next((a for a in node.args if isinstance(a, fx.Node) and tensor_of(a) is not None), None)
         t = _transform_of(node, src)
+        if t is None and node.target in _REORDERS:
+            raise CantChunk(
+                f"{node.name} ({node.target if isinstance(node.target, str) else node.target.__name__}) reorders "
+                "the logits: the loss rows are not the hidden states' tokens in order (not a pure flatten)"
+            )
         if t is None:
             raise CantChunk(f"{node.name} ({getattr(node.target, '__name__', node.target)}) between LM head and loss is not a supported logit transform")
         if t[0] != "view":
             transforms.append(t)
-        elif tensor_of(node).shape[-1] != tensor_of(src).shape[-1]:
-            raise CantChunk(f"{node.name} reshapes the vocab dim")
         chain.append(node)
         node = src
     chain.append(node)
@@ -161,6 +178,8 @@ def match_lm_head(ce: fx.Node) -> LmHeadRegion:
     hv, wv = tensor_of(head.input), tensor_of(head.weight)
     if hv is None or wv is None:
         raise CantChunk("LM head without shape information")
+    if not _same_size(zv.shape[-1], wv.shape[0]):
+        raise CantChunk(f"the loss reads the logits reshaped to {tuple(zv.shape)}: not [tokens, vocab={wv.shape[0]}]")
     tokens = math.prod(hv.shape[:-1])
     if not isinstance(tokens, torch.SymInt) and not isinstance(zv.shape[0], torch.SymInt) and tokens != zv.shape[0]:
         raise CantChunk("LM head rows do not map one-to-one to loss rows")
@@ -178,7 +197,32 @@ def match_lm_head(ce: fx.Node) -> LmHeadRegion:
         dtype=hv.dtype,
         logits_escape=escape,
         chain=chain,
+        after=_divide_after(ce, str(args["reduction"])),
     )
+
+
+def _same_size(a, b) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+def _divide_after(ce: fx.Node, reduction: str) -> str:
+    """``÷ n`` when the loss's one user divides it by something (a sum over a token count), else ""."""
+    if len(ce.users) != 1:
+        return ""
+    user = next(iter(ce.users))
+    divide = (user.op == "call_function" and user.target in (operator.truediv, torch.div, torch.true_divide)) or (
+        user.op == "call_method" and user.target in ("div", "true_divide", "__truediv__")
+    )
+    if not divide or len(user.args) != 2 or user.args[0] is not ce or user.kwargs:
+        return ""
+    divisor = user.args[1]
+    name = divisor.name if isinstance(divisor, fx.Node) else repr(divisor)
+    val = value_of(divisor)
+    if isinstance(val, torch.Tensor) and val.dim() > 0:
+        return f"then divided by the non-scalar {name} {tuple(val.shape)} (left as written)"
+    return f"then ÷ {name} (kept, after the chunked {reduction})"
 
 
 def find_lm_head_regions(graph: fx.Graph) -> tuple[list[LmHeadRegion], list[tuple[str, str]]]:

@@ -65,6 +65,7 @@ class LmHeadKind(RegionKind):
             + (["tied weight"] if tied else [])
             + ([f"logit transforms: {' → '.join(bits)}"] if bits else [])
             + (["logits escape the graph"] if region.logits_escape else [])
+            + ([region.after] if region.after else [])
         )
         return self.fields(region, region.vocab, detail)
 
