@@ -82,12 +82,16 @@ _breaks_warned: set[str] = set()
 
 
 def _new_graph_breaks() -> list[str]:
-    """Graph-break reasons Dynamo recorded since the previous mst graph of this process (Dynamo counts
-    a break when it resumes after it, so a reason may arrive with the graph after the split)."""
+    """Graph-break reasons Dynamo recorded since the previous mst graph of this process was recorded
+    (Dynamo counts a break when it resumes after it, so a reason may arrive with the graph after the
+    split)."""
+    return graph_breaks_since(_breaks_seen)
+
+
+def _mark_graph_breaks_seen() -> None:
+    """Called when a graph is recorded: breaks up to now belong to it (a restarted attempt records none)."""
     global _breaks_seen
-    new = graph_breaks_since(_breaks_seen)
     _breaks_seen = graph_break_counts()
-    return new
 
 
 def _warn_graph_breaks(report) -> None:
@@ -240,6 +244,7 @@ class MstBackend:
         REPORTS.append(report)
         warn_if_ddp_split(report)
         log.info("%s", report)
+        _mark_graph_breaks_seen()
         _warn_graph_breaks(report)
         _count_and_warn(report)
         _warn_unknown_region_names(self, report)
