@@ -41,8 +41,10 @@ class MlpKind(RegionKind):
         return words
 
     def report_fields(self, region: MlpRegion, m: int) -> dict:
+        adapters = region.extra.get("adapters", 0)
+        lora = f", {adapters} low-rank adapter(s)" if adapters else ""
         return self.fields(region, region.intermediate,
-                           f"{region.activation}, {len(region.up_projections)} up-proj, recompute in backward")
+                           f"{region.activation}, {len(region.up_projections)} up-proj{lora}, recompute in backward")
 
 
 KIND = MlpKind()
