@@ -155,8 +155,8 @@ def _params(*shapes):
     return [nn.Parameter(torch.randn(*s, generator=g) * 0.2) for s in shapes]
 
 
-WG, WU, WD, AG, BG, AU, BU, AD, BD, AG2, BG2, FULL = _params(
-    (I, D), (I, D), (D, I), (R, D), (I, R), (R, D), (I, R), (R, I), (D, R), (R, D), (I, R), (D, D)
+WG, WU, WD, AG, BG, AU, BU, AD, BD, AG2, BG2, FULL, B1, B2 = _params(
+    (I, D), (I, D), (D, I), (R, D), (I, R), (R, D), (I, R), (R, I), (D, R), (R, D), (I, R), (D, D), (I,), (D,)
 )
 
 
@@ -198,6 +198,17 @@ ADAPTED = {
         lambda x: F.linear(x, WU) + F.linear(F.linear(x, AU), BU),
         lambda x: F.linear(x, WD),
     ),
+    # GPT-2's Conv1D base (tokens flattened around an addmm), adapters on the 3-D input
+    "conv1d_base": lambda x: (
+        lambda h: torch.addmm(B2, h.view(-1, I), WD.t()).view(2, 10, D) + F.linear(F.linear(h, AD), BD) * 2.0
+    )(F.gelu(torch.addmm(B1, x.view(-1, D), WG.t()).view(2, 10, I) + F.linear(F.linear(x, AG), BG) * 2.0)),
+}
+#: (up-projections, adapters, activation) of each spelling
+EXPECTED = {
+    "linear_factors": (2, 3, "silu·mul"),
+    "matmul_scale_between": (2, 2, "silu·mul"),
+    "two_adapters_dropout_cast": (2, 3, "silu·mul"),
+    "conv1d_base": (1, 2, "gelu"),
 }
 
 
@@ -208,9 +219,10 @@ def test_adapter_spellings_are_one_region(name):
     regions, skipped = _capture_regions(fn, x)
     assert len(regions) == 1 and not skipped, skipped
     region = regions[0]
-    assert len(region.up_projections) == 2 and region.intermediate == I and region.hidden == D
-    assert region.activation == "silu·mul"
-    assert region.extra["adapters"] == {"linear_factors": 3, "matmul_scale_between": 2, "two_adapters_dropout_cast": 3}[name]
+    ups, adapters, activation = EXPECTED[name]
+    assert len(region.up_projections) == ups and region.intermediate == I and region.hidden == D
+    assert region.activation == activation and region.extra["adapters"] == adapters
+    assert region.input.op == "placeholder"  # the 3-D token input, not a view the base reads
 
 
 def test_full_rank_side_path_is_not_an_adapter():

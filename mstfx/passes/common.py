@@ -252,10 +252,18 @@ def _sum_terms(node: fx.Node, adds: list[fx.Node]) -> list[Any]:
     return terms
 
 
+def _token_view(node: fx.Node) -> bool:
+    """A view or reshape that keeps the last (feature) dim: it only regroups the tokens."""
+    if not is_view(node):
+        return False
+    src, out = tensor_of(node.args[0]), tensor_of(node)
+    return src is not None and out is not None and src.shape[-1] == out.shape[-1]
+
+
 def match_adapted_projection(node: fx.Node) -> Projection | None:
     """``base(x) + Σ scale·B(A(x))`` ending at ``node`` (an add), or ``None``.  Exactly one term is not
-    a low-rank path: the base linear (or matmul) of the same ``x`` the adapters read, possibly cast;
-    every node but ``node`` is used only inside the projection."""
+    a low-rank path: the base linear (or matmul) of the same ``x`` the adapters read, possibly cast or
+    with the tokens flattened around it; every node but ``node`` is used only inside the projection."""
     adds: list[fx.Node] = []
     terms = _sum_terms(node, adds)
     if not adds or not all(isinstance(t, fx.Node) for t in terms):
@@ -266,19 +274,22 @@ def match_adapted_projection(node: fx.Node) -> Projection | None:
         (paths if path is not None else rest).append(path or t)
     if not paths or len(rest) != 1:
         return None
-    casts: list[fx.Node] = []
+    wraps: list[fx.Node] = []  # casts and token views around the base (GPT-2's Conv1D: view → addmm → view)
     base_out = rest[0]
-    while is_cast(base_out) and len(base_out.users) == 1:
-        casts.append(base_out)
+    while (is_cast(base_out) or _token_view(base_out)) and len(base_out.users) == 1:
+        wraps.append(base_out)
         base_out = base_out.args[0]
     base = _factor(base_out)
-    if base is None or len(base.node.users) != 1 or any(p.input is not base.input for p in paths):
-        return None
-    if any(len(p.output.users) != 1 for p in paths):
+    if base is None or len(base.node.users) != 1 or any(len(p.output.users) != 1 for p in paths):
         return None
     x = base.input
+    if x is not paths[0].input and _token_view(x) and len(x.users) == 1:
+        wraps.append(x)
+        x = x.args[0]
+    if any(p.input is not x for p in paths):
+        return None
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    inside = {base.node, *casts, *adds, *(n for p in paths for n in p.nodes)}
+    inside = {base.node, *wraps, *adds, *(n for p in paths for n in p.nodes)}
     return Projection(x, node, base, tuple(paths), tuple(sorted(inside, key=order.__getitem__)))
 
 

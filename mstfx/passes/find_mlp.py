@@ -7,6 +7,12 @@ linear, the *down-projection*.  Every node inside must be used only inside the r
 other input must be a parameter (or derived from parameters only).  This covers SwiGLU, GeGLU,
 GELU-with-bias, ReLU², fused ``gate_up_proj`` and GPT-2's ``Conv1D`` (``addmm``) without naming any of
 them.  Anything else raises :class:`CantChunk` with the reason, and the graph is left as it was.
+
+A projection may carry low-rank adapters (LoRA): ``base(x) + Σ scale·B(A(x))``, the factors linears or
+matmuls (:class:`~.common.Projection`, :func:`~.common.match_adapted_projection`).  Each such sum is one
+projection, so an MLP with adapters on its up- and down-projections is still one token-wise region;
+the chunk body recomputes the adapters with the rest, so a trainable factor's gradient accumulates over
+the chunks and a frozen base weight gets none.  An adapter factor is never an up-projection candidate.
 """
 
 from __future__ import annotations
