@@ -16,6 +16,12 @@ predicted share is the MLP cost terms (saved for backward, unchunked − chunked
 same Llama without adapters: the adapters add r = 4 columns per projection, which it does not count.
 
     python examples/lora_peak.py [seq]
+
+Measured (torch 2.13 CPU, S = 2048, M = 8): plain Inductor 40.4 MiB, mst with the MLPs unchanged
+21.8 MiB, mst 10.3 MiB; the MLPs' saving 11.5 MiB against a predicted 8.2 MiB saved for backward.
+The rest is the MLP's backward transient (its tokens × intermediate gradients, one chunk's worth
+when chunked): 5.5 → 1.2 MiB in the cost model, so 8.2 + 4.3 = 12.5 MiB bounds the saving from above.
+Loss and every LoRA gradient within 4.8e-07 of eager.
 """
 
 from __future__ import annotations
