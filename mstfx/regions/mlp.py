@@ -41,10 +41,14 @@ class MlpKind(RegionKind):
         return words
 
     def report_fields(self, region: MlpRegion, m: int) -> dict:
-        adapters = region.extra.get("adapters", 0)
-        lora = f", {adapters} low-rank adapter(s)" if adapters else ""
         return self.fields(region, region.intermediate,
-                           f"{region.activation}, {len(region.up_projections)} up-proj{lora}, recompute in backward")
+                           f"{region.activation}, {len(region.up_projections)} up-proj{_adapters(region)}, recompute in backward")
 
 
 KIND = MlpKind()
+
+
+def _adapters(region) -> str:
+    """The report's words for the low-rank adapters on the region's projections (none: nothing)."""
+    n = region.extra.get("adapters", 0)
+    return f", {n} low-rank adapter(s)" if n else ""
