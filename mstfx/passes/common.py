@@ -108,6 +108,194 @@ def match_linear(node: fx.Node) -> LinearMatch | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Adapted projections: a base linear plus low-rank adapters summed onto it (LoRA and its spellings)
+# --------------------------------------------------------------------------------------------------
+_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.mm}
+_ADD_FUNCS = {operator.add, torch.add}
+
+
+def match_matmul(node: fx.Node) -> LinearMatch | None:
+    """``x @ W`` (``torch.matmul``, ``torch.mm``, ``x.matmul(W)``) with a 2-D right operand (W is in×out).
+
+    Only a *factor* of a low-rank adapter is matched this way; whether ``W`` depends on tokens is for
+    the caller's region check (a region's outside inputs must be parameters)."""
+    if node.op == "call_function" and node.target in _MATMUL_FUNCS and len(node.args) == 2 and not node.kwargs:
+        x, w = node.args
+    elif node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__") and len(node.args) == 2 and not node.kwargs:
+        x, w = node.args
+    else:
+        return None
+    wt = tensor_of(w)
+    if not isinstance(x, fx.Node) or not isinstance(w, fx.Node) or wt is None or wt.dim() != 2:
+        return None
+    return LinearMatch(node, x, w, None, int(wt.shape[0]), int(wt.shape[1]))
+
+
+def _scalar_operand(node: fx.Node) -> fx.Node | None:
+    """The tensor operand of ``t * s``, ``s * t`` or ``t / s`` where ``s`` is a number or a one-element
+    tensor (an adapter's scale), else ``None``."""
+    if node.op != "call_function" or node.target not in (operator.mul, torch.mul, operator.truediv, torch.div):
+        return None
+    if len(node.args) != 2 or node.kwargs:
+        return None
+
+    def scalar(a):
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            return True
+        val = tensor_of(a)
+        return val is not None and val.numel() == 1
+
+    a, b = node.args
+    if isinstance(a, fx.Node) and scalar(b):
+        return a
+    if node.target in (operator.mul, torch.mul) and isinstance(b, fx.Node) and scalar(a):
+        return b
+    return None
+
+
+def _carried(node: Any, chain: list[fx.Node], own: bool = False) -> Any:
+    """Walk back from ``node`` through the ops an adapter may wrap around its factors (dtype casts,
+    dropout, a scalar scale) and that only it uses, appending each to ``chain``; returns the first node
+    that is none of them.  ``own``: ``node`` itself may have other users (it ends the path)."""
+    while isinstance(node, fx.Node):
+        if not own and len(node.users) != 1:
+            return node
+        own = False
+        if is_cast(node) or is_dropout(node):
+            src = node.args[0] if node.args else node.kwargs.get("input")
+        else:
+            src = _scalar_operand(node)
+        if not isinstance(src, fx.Node):
+            return node
+        chain.append(node)
+        node = src
+    return node
+
+
+@dataclass(frozen=True)
+class LowRankPath:
+    """``scale · B(A(x))`` with rank ``r`` smaller than both ``x``'s width and the output's: an adapter
+    (LoRA) beside a projection.  The factors are linears or matmuls; casts, dropout and scalar scales
+    may sit before, between and after them.  ``nodes`` is every node of the path (not ``input``)."""
+
+    input: fx.Node
+    output: fx.Node
+    a: LinearMatch
+    b: LinearMatch
+    nodes: tuple[fx.Node, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.a.out_features
+
+
+def _factor(node: Any) -> LinearMatch | None:
+    if not isinstance(node, fx.Node):
+        return None
+    return match_linear(node) or match_matmul(node)
+
+
+def match_low_rank_path(node: fx.Node) -> LowRankPath | None:
+    """The low-rank adapter path that ends at ``node``, or ``None``.  Every node of the path but the
+    last is used only by the next one, so the path is a self-contained term of a sum."""
+    chain: list[fx.Node] = []
+    b = _factor(_carried(node, chain, own=True))
+    if b is None:
+        return None
+    chain.append(b.node)
+    a = _factor(_carried(b.input, chain))
+    if a is None or a.out_features != b.in_features:
+        return None
+    chain.append(a.node)
+    x = _carried(a.input, chain)
+    rank = a.out_features
+    if not isinstance(x, fx.Node) or not (rank < a.in_features and rank < b.out_features):
+        return None
+    if any(len(n.users) != 1 for n in chain[1:]):
+        return None
+    return LowRankPath(x, node, a, b, tuple(reversed(chain)))
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A token-wise projection of ``input``: one base linear (``base``) plus the low-rank ``adapters``
+    summed onto it; ``output`` holds the result, ``nodes`` every node from the base and adapters to
+    ``output``.  A plain linear is a projection without adapters (``output`` is its own node)."""
+
+    input: fx.Node
+    output: fx.Node
+    base: LinearMatch
+    adapters: tuple[LowRankPath, ...] = ()
+    nodes: tuple[fx.Node, ...] = ()
+
+    @property
+    def linear_nodes(self) -> set[fx.Node]:
+        """The base linear and both factors of every adapter: the only non-token-wise ops inside."""
+        return {self.base.node, *(f.node for p in self.adapters for f in (p.a, p.b))}
+
+
+def plain_projection(lin: LinearMatch) -> Projection:
+    return Projection(lin.input, lin.node, lin, (), (lin.node,))
+
+
+def _sum_terms(node: fx.Node, adds: list[fx.Node]) -> list[Any]:
+    """The terms of the sum ``node`` (a tree of two-operand adds, inner ones used only by their parent),
+    appending each add to ``adds``; a node that is not such an add is one term."""
+    is_add = (
+        (node.op == "call_function" and node.target in _ADD_FUNCS)
+        or (node.op == "call_method" and node.target == "add")
+    ) and len(node.args) == 2 and not node.kwargs
+    if not is_add or not (not adds or len(node.users) == 1):
+        return [node]
+    adds.append(node)
+    terms = []
+    for a in node.args:
+        terms.extend(_sum_terms(a, adds) if isinstance(a, fx.Node) else [a])
+    return terms
+
+
+def _token_view(node: fx.Node) -> bool:
+    """A view or reshape that keeps the last (feature) dim: it only regroups the tokens."""
+    if not is_view(node):
+        return False
+    src, out = tensor_of(node.args[0]), tensor_of(node)
+    return src is not None and out is not None and src.shape[-1] == out.shape[-1]
+
+
+def match_adapted_projection(node: fx.Node) -> Projection | None:
+    """``base(x) + Σ scale·B(A(x))`` ending at ``node`` (an add), or ``None``.  Exactly one term is not
+    a low-rank path: the base linear (or matmul) of the same ``x`` the adapters read, possibly cast or
+    with the tokens flattened around it; every node but ``node`` is used only inside the projection."""
+    adds: list[fx.Node] = []
+    terms = _sum_terms(node, adds)
+    if not adds or not all(isinstance(t, fx.Node) for t in terms):
+        return None
+    paths, rest = [], []
+    for t in terms:
+        path = match_low_rank_path(t)
+        (paths if path is not None else rest).append(path or t)
+    if not paths or len(rest) != 1:
+        return None
+    wraps: list[fx.Node] = []  # casts and token views around the base (GPT-2's Conv1D: view → addmm → view)
+    base_out = rest[0]
+    while (is_cast(base_out) or _token_view(base_out)) and len(base_out.users) == 1:
+        wraps.append(base_out)
+        base_out = base_out.args[0]
+    base = _factor(base_out)
+    if base is None or len(base.node.users) != 1 or any(len(p.output.users) != 1 for p in paths):
+        return None
+    x = base.input
+    if x is not paths[0].input and _token_view(x) and len(x.users) == 1:
+        wraps.append(x)
+        x = x.args[0]
+    if any(p.input is not x for p in paths):
+        return None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    inside = {base.node, *wraps, *adds, *(n for p in paths for n in p.nodes)}
+    return Projection(x, node, base, tuple(paths), tuple(sorted(inside, key=order.__getitem__)))
+
+
+# --------------------------------------------------------------------------------------------------
 # Token-wise ops: each output row depends only on the same row of its token-shaped inputs
 # --------------------------------------------------------------------------------------------------
 _BINARY_BUILTINS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.neg}

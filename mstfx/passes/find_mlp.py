@@ -7,6 +7,12 @@ linear, the *down-projection*.  Every node inside must be used only inside the r
 other input must be a parameter (or derived from parameters only).  This covers SwiGLU, GeGLU,
 GELU-with-bias, ReLU², fused ``gate_up_proj`` and GPT-2's ``Conv1D`` (``addmm``) without naming any of
 them.  Anything else raises :class:`CantChunk` with the reason, and the graph is left as it was.
+
+A projection may carry low-rank adapters (LoRA): ``base(x) + Σ scale·B(A(x))``, the factors linears or
+matmuls (:class:`~.common.Projection`, :func:`~.common.match_adapted_projection`).  Each such sum is one
+projection, so an MLP with adapters on its up- and down-projections is still one token-wise region;
+the chunk body recomputes the adapters with the rest, so a trainable factor's gradient accumulates over
+the chunks and a frozen base weight gets none.  An adapter factor is never an up-projection candidate.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.fx as fx
 from .common import (
     CantChunk,
     LinearMatch,
+    Projection,
     check_no_side_effects,
     module_path,
     has_side_effects,
@@ -29,7 +36,10 @@ from .common import (
     is_last_dim_getitem,
     is_pointwise,
     is_view,
+    match_adapted_projection,
     match_linear,
+    match_matmul,
+    plain_projection,
     split_dim,
     tensor_of,
     users_outside,
@@ -86,10 +96,10 @@ def _is_token_wise(node: fx.Node) -> bool:
     )
 
 
-def _describe_activation(nodes: list[fx.Node]) -> str:
+def _describe_activation(nodes: list[fx.Node], projection_nodes: set[fx.Node] = frozenset()) -> str:
     names = []
     for n in nodes:
-        if match_linear(n) or is_cast(n) or is_view(n) or is_last_dim_getitem(n):
+        if n in projection_nodes or match_linear(n) or is_cast(n) or is_view(n) or is_last_dim_getitem(n):
             continue
         name = getattr(n.target, "__name__", str(n.target))
         if name not in names:
@@ -97,12 +107,31 @@ def _describe_activation(nodes: list[fx.Node]) -> str:
     return "·".join(names) if names else "identity"
 
 
-def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
+def projections(graph: fx.Graph) -> dict[fx.Node, Projection]:
+    """Every projection of ``graph`` (:class:`Projection`), keyed by each of its nodes: a base linear with
+    the low-rank adapters summed onto it as one unit, every other linear on its own.  A sum is matched
+    from its outermost add, so an adapted projection is never split into smaller ones."""
+    owner: dict[fx.Node, Projection] = {}
+    for node in reversed(graph.nodes):
+        if node in owner:
+            continue
+        proj = match_adapted_projection(node)
+        if proj is not None and not any(n in owner for n in proj.nodes):
+            owner.update(dict.fromkeys(proj.nodes, proj))
+    for node in graph.nodes:
+        if node not in owner:
+            lin = match_linear(node)
+            if lin is not None:
+                owner[node] = plain_projection(lin)
+    return owner
+
+
+def _region_from_up(up: Projection, free: set[fx.Node], owner: dict[fx.Node, Projection]) -> MlpRegion:
     x = up.input
     # 1. forward from the up-projection through token-wise ops to the down-projection (the sink).
-    sinks: set[fx.Node] = set()
+    sinks: dict[fx.Node, Projection] = {}
     seen: set[fx.Node] = set()
-    frontier = [up.node]
+    frontier = [up.output]
     while frontier:
         node = frontier.pop()
         if node in seen:
@@ -113,20 +142,20 @@ def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
                 raise CantChunk(f"{node.name} is a graph output (escapes the MLP)")
             if has_side_effects(user):
                 raise CantChunk(f"{user.name} ({getattr(user.target, '__name__', user.target)}) has side effects (in-place or stateful)")
-            lin = match_linear(user)
-            if lin is not None:
-                if lin.input is not node:
+            proj = owner.get(user)
+            if proj is not None:
+                lin = match_linear(user) or match_matmul(user)
+                if proj.input is not node or (lin is not None and lin.input is not node):
                     raise CantChunk(f"{node.name} feeds {user.name} as a weight")
-                sinks.add(user)
+                sinks[proj.output] = proj
                 continue
             if not _is_token_wise(user):
                 raise CantChunk(f"{user.name} ({getattr(user.target, '__name__', user.target)}) is not a token-wise op")
             frontier.append(user)
     if len(sinks) != 1:
-        raise CantChunk(f"expected one down-projection after {up.node.name}, found {len(sinks)}")
-    sink = sinks.pop()
-    down = match_linear(sink)
-    assert down is not None
+        raise CantChunk(f"expected one down-projection after {up.output.name}, found {len(sinks)}")
+    (down,) = sinks.values()
+    sink = down.output
 
     # 2. the region is everything between x and the sink (backward closure stopping at x / parameters).
     region: set[fx.Node] = set()
@@ -140,20 +169,20 @@ def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
         region.add(node)
         stack.extend(node.all_input_nodes)
 
-    ups: list[LinearMatch] = []
+    ups: dict[fx.Node, Projection] = {}
     for node in region:
-        lin = match_linear(node)
-        if node is sink:
-            continue
-        if lin is not None:
-            if lin.input is not x:
+        proj = owner.get(node)
+        if proj is not None and proj is not down:
+            if proj.input is not x:
                 raise CantChunk(f"{node.name}: a projection inside the MLP that does not read its input")
-            ups.append(lin)
-        elif not _is_token_wise(node):
-            raise CantChunk(f"{node.name} is not a token-wise op")
-        escaped = users_outside(node, region)
-        if escaped:
-            raise CantChunk(f"{node.name} is also used by {escaped[0].name} outside the MLP")
+            ups[proj.output] = proj
+        if proj is None or node not in proj.linear_nodes:
+            if not _is_token_wise(node):
+                raise CantChunk(f"{node.name} is not a token-wise op")
+        if node is not sink:
+            escaped = users_outside(node, region)
+            if escaped:
+                raise CantChunk(f"{node.name} is also used by {escaped[0].name} outside the MLP")
         if node.op != "call_function" and node.op != "call_method":
             raise CantChunk(f"{node.name}: unsupported node kind {node.op}")
     if not ups:
@@ -167,18 +196,21 @@ def _region_from_up(up: LinearMatch, free: set[fx.Node]) -> MlpRegion:
     check_no_side_effects(nodes, sink)
     tokens = math.prod(xv.shape[:-1])
     name = module_path(sink, strip_leaf=True) or sink.name
+    up_projs = sorted(ups.values(), key=lambda p: order[p.output])
+    adapters = sum(len(p.adapters) for p in (*up_projs, down))
     return MlpRegion(
         input=x,
         output=sink,
         nodes=nodes,
-        up_projections=sorted(ups, key=lambda m: order[m.node]),
-        down_projection=down,
+        up_projections=[p.base for p in up_projs],
+        down_projection=down.base,
         hidden=int(xv.shape[-1]),
-        intermediate=max(m.out_features for m in ups),
+        intermediate=max(p.base.out_features for p in up_projs),
         tokens=tokens,
         dtype=xv.dtype,
-        activation=_describe_activation(nodes),
+        activation=_describe_activation(nodes, {n for p in (*up_projs, down) for n in p.nodes}),
         name=name,
+        extra={"adapters": adapters} if adapters else {},
     )
 
 
@@ -247,21 +279,25 @@ def find_mlp_regions(
     experts): never part of an MLP, and a claimed stacked-weight matmul is not reported here.
     """
     free = token_free_nodes(graph, param_nodes)
+    owner = projections(graph)
     regions: list[MlpRegion] = []
     skipped: list[tuple[str, str]] = []
     claimed: set[fx.Node] = set()
     for node in graph.nodes:
-        lin = match_linear(node)
-        if lin is None or node in claimed or node in exclude or lin.input in free:
+        proj = owner.get(node)
+        if proj is None or node is not proj.base.node:
+            continue  # not a linear, or a factor of a low-rank adapter
+        lin = proj.base
+        if node in claimed or node in exclude or proj.input in free:
             continue
         if lin.out_features <= lin.in_features:
             continue  # not an amplifier
         try:
-            region = _region_from_up(lin, free)
+            region = _region_from_up(proj, free, owner)
             if exclude.intersection(region.nodes):
                 raise CantChunk("overlaps a region of another kind")
         except CantChunk as err:
-            skipped.append((module_path(node, strip_leaf=True) or node.name, str(err)))
+            skipped.append((module_path(proj.output, strip_leaf=True) or proj.output.name, str(err)))
             continue
         claimed.update(region.nodes)
         regions.append(region)

@@ -48,7 +48,13 @@ class MlpKind(RegionKind):
 
     def report_fields(self, region, m: int) -> dict:
         return self.fields(region, region.intermediate,
-                           f"{region.activation}, {len(region.up_projections)} up-proj, recompute in backward")
+                           f"{region.activation}, {len(region.up_projections)} up-proj{_adapters(region)}, recompute in backward")
 
 
 KIND = MlpKind()
+
+
+def _adapters(region) -> str:
+    """The report's words for the low-rank adapters on the region's projections (none: nothing)."""
+    n = region.extra.get("adapters", 0)
+    return f", {n} low-rank adapter(s)" if n else ""
