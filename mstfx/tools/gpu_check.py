@@ -79,6 +79,7 @@ def _step(config: dict, seq_len: int, mode: str, batch: int, device: str, dtype,
 
     import mstfx
 
+    from ..compat import with_tracing_settings
     from ..hf_checkpointing import enable_checkpointing
     from .measure import fresh_code
 
@@ -88,7 +89,8 @@ def _step(config: dict, seq_len: int, mode: str, batch: int, device: str, dtype,
     if mode == "mst+ckpt":
         enable_checkpointing(model)
     backend = compiler if mode == "inductor" else mstfx.backend(compiler=compiler)
-    loss = torch.compile(fresh_code(lambda i: model(input_ids=i, labels=i).loss), backend=backend)
+    # Dynamo's settings for checkpointed layers traced whole, scoped to the calls (every mode alike)
+    loss = with_tracing_settings(torch.compile(fresh_code(lambda i: model(input_ids=i, labels=i).loss), backend=backend))
     ids = torch.randint(0, config["vocab_size"], (batch, seq_len), device=device,
                         generator=torch.Generator(device).manual_seed(0))
 
