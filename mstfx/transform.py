@@ -125,7 +125,8 @@ class TransformState:
     def _plan_at(self, seq_len: int, top: int, batch: int, opts: dict) -> Plan:
         longest = self.longest_by_batch.get(batch)
         if longest is None:
-            longest = self.longest_by_batch[batch] = longest_fitting(self.model, self.budget_gb, **{**opts, "batch": batch})
+            longest = longest_fitting(self.model, self.budget_gb, **{**opts, "batch": batch})
+            self.longest_by_batch[batch] = longest
         return _bucket_plan(self.model, seq_len, top, self.budget_gb, {**opts, "batch": batch}, longest)
 
 
