@@ -9,11 +9,20 @@ sequence length S is rounded up to a power-of-two *bucket*; each bucket gets its
 Across buckets M follows S by the plan's rule.  So a run over lengths between 1 and S_max compiles
 at most ⌈log2(S_max / 256)⌉ + 1 times.
 
+The batch B matters as much as S (the activations grow with B·S), so it is bucketed too, read from
+the input (``input_ids.shape[0]``, or ``inputs_embeds``): B rounds up to a power of two, capped at
+transform's ``batch`` when B is at most that (as S is capped at ``seq_len``), and a bucket is the pair
+(batch bucket, length bucket).  A plan made for one batch is never reused for a larger one: an input
+with B = 3 after B = 1 gets a plan of its own, and one whose batch cannot fit raises before it runs.
+Powers of two rather than each exact B: a run whose last batch is smaller recompiles at most
+⌈log2 B⌉ times, not once per distinct size.
+
 What a bucket is planned for: its top (so every S in it fits with one plan).  When the top does not
 fit the budget, the longest length in the bucket that fits, if that covers the input; otherwise the
 input's own length, so an input that fits is never refused because a longer one in its bucket would
-not, and the error, when one is raised, is for the input's real S.  Planning happens when a bucket's
-first input arrives, before anything of it runs.
+not, and the error, when one is raised, is for the input's real S.  The batch likewise: the bucket's
+top batch when some plan for it fits, else the input's own B (an error names that B).  Planning
+happens when a bucket's first input arrives, before anything of it runs.
 
 Without ``seq_len`` nothing is planned for a length no input has: transform checks that some length
 fits, logs the longest that does (``TransformState.longest_seq_len``) and plans each bucket as above.
@@ -51,7 +60,7 @@ log = logging.getLogger("mstfx")
 MIN_BUCKET = 256
 _STATE = "_mstfx_transform"
 
-__all__ = ["transform", "untransform", "bucket_of", "TransformState"]
+__all__ = ["transform", "untransform", "bucket_of", "batch_bucket_of", "TransformState"]
 
 
 def bucket_of(seq_len: int, max_seq_len: int | None = None) -> int:
@@ -62,12 +71,21 @@ def bucket_of(seq_len: int, max_seq_len: int | None = None) -> int:
     return b
 
 
+def batch_bucket_of(batch: int, max_batch: int | None = None) -> int:
+    """The bucket of a batch size: the next power of two ≥ B, capped at ``max_batch`` when B fits it."""
+    b = 1 << max(0, math.ceil(math.log2(max(1, batch))))
+    if max_batch is not None and batch <= max_batch:
+        b = min(b, max_batch)
+    return b
+
+
 @dataclass
 class TransformState:
     """What transform did to a model (``model._mstfx_transform``): plans per bucket, compiles.
 
     ``plan``: the plan for ``seq_len`` when one was given, else None.  ``longest_seq_len``: the longest S
-    any plan fits in the budget.  ``buckets``: bucket → (plan, compiled forward, backend) in use.
+    any plan fits in the budget at transform's ``batch``.  ``buckets``: (batch bucket, length bucket) →
+    (plan, compiled forward, backend) in use.
     """
 
     plan: Plan | None
@@ -77,22 +95,39 @@ class TransformState:
     enabled_checkpointing: bool
     longest_seq_len: int = 0
     model: Any = field(default=None, repr=False)
-    buckets: dict[int, tuple[Plan, Any, Any]] = field(default_factory=dict)
+    buckets: dict[tuple[int, int], tuple[Plan, Any, Any]] = field(default_factory=dict)
     backends: list = field(default_factory=list)
+    #: batch → the longest S any plan fits at that batch (solved once per batch that is planned)
+    longest_by_batch: dict[int, int] = field(default_factory=dict)
 
     @property
     def compiles(self) -> int:
         """Graphs compiled by the mst backends of all buckets so far."""
         return sum(len(backend.reports) for backend in self.backends)
 
-    def plan_for(self, seq_len: int) -> Plan:
-        """The plan an input of length ``seq_len`` gets (raises InfeasibleBudgetError if none fits)."""
+    def plan_for(self, seq_len: int, batch: int | None = None) -> Plan:
+        """The plan an input of ``batch`` × ``seq_len`` tokens gets (batch None: transform's ``batch``);
+        raises InfeasibleBudgetError, for this batch and length, if none fits."""
         opts = {k: v for k, v in self.options.items() if k != "seq_len"}
-        top_len = self.options.get("seq_len")
+        top_len, top_batch = self.options.get("seq_len"), opts["batch"]
+        batch = top_batch if batch is None else batch
         b = bucket_of(seq_len, top_len)
-        if self.plan is not None and b == top_len:
+        bb = batch_bucket_of(batch, top_batch)
+        if self.plan is not None and b == top_len and bb == top_batch:
             return self.plan
-        return _bucket_plan(self.model, seq_len, max(b, seq_len), self.budget_gb, opts, self.longest_seq_len)
+        if bb > batch:  # the bucket's top batch when some plan fits it, else the input's own
+            try:
+                return self._plan_at(seq_len, max(b, seq_len), bb, opts)
+            except InfeasibleBudgetError:
+                pass
+        return self._plan_at(seq_len, max(b, seq_len), batch, opts)
+
+    def _plan_at(self, seq_len: int, top: int, batch: int, opts: dict) -> Plan:
+        longest = self.longest_by_batch.get(batch)
+        if longest is None:
+            longest = longest_fitting(self.model, self.budget_gb, **{**opts, "batch": batch})
+            self.longest_by_batch[batch] = longest
+        return _bucket_plan(self.model, seq_len, top, self.budget_gb, {**opts, "batch": batch}, longest)
 
 
 def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, opts: dict, longest: int) -> Plan:
@@ -108,14 +143,16 @@ def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, opts: dict, lo
     return plan(model, seq_len, budget_gb, **opts)
 
 
-def _seq_len_of(args, kwargs) -> int | None:
+def _shape_of(args, kwargs) -> tuple[int | None, int | None]:
+    """``(batch, seq_len)`` of an input from ``input_ids`` ([B, S] or [S]) or ``inputs_embeds``
+    ([B, S, H] or [S, H]); None where it cannot be read."""
     x = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(x, torch.Tensor) and x.dim() >= 1:
-        return int(x.shape[-1])
+        return (int(x.shape[0]) if x.dim() >= 2 else 1), int(x.shape[-1])
     e = kwargs.get("inputs_embeds")
     if isinstance(e, torch.Tensor) and e.dim() >= 2:
-        return int(e.shape[-2])
-    return None
+        return (int(e.shape[0]) if e.dim() >= 3 else 1), int(e.shape[-2])
+    return None, None
 
 
 def _compiled_forward(forward, name: str, backend):
@@ -151,7 +188,9 @@ def transform(
     ``seq_len``: optional.  Without it each input length is planned when it first arrives (see the
     module doc); the longest S that fits is logged and kept in ``model._mstfx_transform.longest_seq_len``,
     and only an input that cannot fit raises :class:`~mstfx.InfeasibleBudgetError` (before it runs).
-    With it, the plan for ``seq_len`` is made now and must fit.  ``optimizer``, ``mixed_precision`` and
+    With it, the plan for ``seq_len`` is made now and must fit.  ``batch``: the batch size checked (and
+    planned for, with ``seq_len``) now; inputs of another batch size get plans of their own as they
+    arrive (see the module doc).  ``optimizer``, ``mixed_precision`` and
     ``margin`` (headroom on the predicted gradients + activations) and ``host_budget_gb`` (host memory for
     offloaded checkpoints, None = not limited) are as in :func:`mstfx.plan`; other keywords go to
     :class:`~mstfx.MstConfig`.
@@ -164,6 +203,7 @@ def transform(
     check_margin(margin)
     if seq_len is not None:
         seq_len = positive_int("seq_len", seq_len)
+    batch = positive_int("batch", batch)
     if getattr(model, _STATE, None) is not None:
         raise ValueError("model was already transformed; call mstfx.untransform(model) first")
     clash = sorted(set(_PLANNED_OPTIONS) & set(backend_options))
@@ -185,29 +225,32 @@ def transform(
     if top is not None and top.checkpointing and not is_checkpointing(model):
         enable_checkpointing(model)
         enabled = True
-    state = TransformState(top, budget_gb, {**opts, "seq_len": seq_len}, model.forward, enabled, longest, model)
+    state = TransformState(top, budget_gb, {**opts, "seq_len": seq_len}, model.forward, enabled, longest, model,
+                           longest_by_batch={batch: longest})
     original = model.forward
 
     def forward(*args, **kwargs):
-        s = _seq_len_of(args, kwargs) or seq_len
+        n, s = _shape_of(args, kwargs)
+        s, n = s or seq_len, n or batch
         if s is None:
             raise ValueError("mstfx.transform: cannot read the sequence length of this input (no input_ids or "
                              "inputs_embeds); pass seq_len= to transform")
-        b = bucket_of(s, seq_len)
-        entry = state.buckets.get(b)
-        if entry is None or entry[0].seq_len < s:
-            p = state.plan_for(s)  # raises InfeasibleBudgetError for this S before anything runs
+        key = (batch_bucket_of(n, batch), bucket_of(s, seq_len))
+        entry = state.buckets.get(key)
+        if entry is None or entry[0].seq_len < s or entry[0].batch < n:
+            p = state.plan_for(s, n)  # raises InfeasibleBudgetError for this B and S before anything runs
             if p.checkpointing and not is_checkpointing(model):
-                log.warning("mstfx.transform: S = %d needs activation checkpointing within %.3g GiB; enabling it "
-                            "(shorter inputs recompile once and are checkpointed too)", s, budget_gb)
+                log.warning("mstfx.transform: B = %d, S = %d needs activation checkpointing within %.3g GiB; "
+                            "enabling it (smaller inputs recompile once and are checkpointed too)", n, s, budget_gb)
                 enable_checkpointing(model)
                 state.enabled_checkpointing = True
             backend = p.backend(**backend_options)
             state.backends.append(backend)
-            state.buckets[b] = (p, _compiled_forward(original, f"bucket_{b}_s{p.seq_len}", backend), backend)
-            log.info("mstfx: bucket S<=%d planned for S = %d: mode %s, mini_sequences %s", b, p.seq_len,
-                     p.mode, ", ".join(f"{k} {m}" for k, m in p.mini_sequences.items()))
-        return state.buckets[b][1](*args, **kwargs)
+            name = f"bucket_b{key[0]}_{key[1]}_s{p.seq_len}"
+            state.buckets[key] = (p, _compiled_forward(original, name, backend), backend)
+            log.info("mstfx: bucket B<=%d, S<=%d planned for B = %d, S = %d: mode %s, mini_sequences %s", key[0],
+                     key[1], p.batch, p.seq_len, p.mode, ", ".join(f"{k} {m}" for k, m in p.mini_sequences.items()))
+        return state.buckets[key][1](*args, **kwargs)
 
     model.forward = forward
     setattr(model, _STATE, state)

@@ -342,7 +342,7 @@ def test_transform_trains_like_eager_and_drops_logits():
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
     out = _step_matches_eager(model, ref, ids)
     assert out.logits is None
-    assert set(state.buckets) == {512}
+    assert set(state.buckets) == {(1, 512)}  # (batch bucket, length bucket)
     # compiled with dynamic shapes, the S×S mask still goes: the plan's memory assumes it does
     attention = [d for be in state.backends for r in be.reports for d in r.decisions if d.kind == "attention"]
     assert attention and all("is_causal=True" in (d.detail or "") for d in attention), mstfx.explain(state.backends[0])
@@ -575,7 +575,7 @@ def test_transform_without_seq_len_trains_like_eager():
     transform(model, budget_gb=1, optimizer="none", compiler="eager")
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
     _step_matches_eager(model, ref, ids)
-    assert set(model._mstfx_transform.buckets) == {512}
+    assert set(model._mstfx_transform.buckets) == {(1, 512)}
 
 
 def test_transform_without_seq_len_refuses_a_budget_nothing_fits():
