@@ -29,7 +29,7 @@ class MlpKind(RegionKind):
         return chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
 
     def rewrite(self, owner, region: MlpRegion, m: int, ctx) -> str:
-        form, words = chunk_form(ctx.config, ctx.in_checkpoint, ctx.graph)
+        form, words = chunk_form(ctx.config, ctx.in_checkpoint, ctx.changed_autocast(owner, region.nodes))
         if form == "loop":
             if rewrite_mlp_looped(owner, region, m) is not None:
                 return words

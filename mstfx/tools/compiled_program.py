@@ -23,6 +23,7 @@ checked against the profiler's CPU peaks of Inductor-compiled steps (``tests/tes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import operator
@@ -223,11 +224,43 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
     from .measure import fresh_code
 
     step = fresh_code(lambda i: model(input_ids=i, labels=i).loss)
-    loss = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)(ids)
+    with _disabled_meta_autocast_as_cpu() if ids.device.type == "meta" else contextlib.nullcontext():
+        loss = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)(ids)
     loss.backward()
     if "forward" not in got or "backward" not in got:
         raise RuntimeError("AOT autograd produced no forward/backward pair")
     return Program(got["forward"], got["backward"], got.get("report"))
+
+
+@contextlib.contextmanager
+def _disabled_meta_autocast_as_cpu():
+    """While Dynamo traces the step on the meta device, ``torch.autocast("meta", enabled=False)`` is
+    traced as the same context for ``"cpu"``.
+
+    transformers 4.57's rotary embedding forces fp32 with ``torch.autocast(device_type=x.device.type,
+    enabled=False)``; for meta tensors that is ``"meta"``, a device type autocast does not know
+    (``torch.get_autocast_dtype("meta")``: "unsupported scalarType"), so the capture stopped there
+    (transformers 5's ``maybe_autocast`` skips it on meta instead).  Disabling autocast changes nothing
+    for meta tensors, and the graph keeps an autocast context where a real device has one, so the
+    passes decide as they would there.  Scoped to this capture's trace: Dynamo's autocast handling is
+    restored on exit; an enabled autocast on meta is left to fail as before."""
+    from torch._dynamo.variables.ctx_manager import AutocastModeVariable
+
+    create = AutocastModeVariable.__dict__["create"]
+
+    def create_on_cpu(func, args, kwargs):
+        var = create.__func__(func, args, kwargs)
+        values = list(var.target_values)
+        if values[0] == "meta" and values[2] is False:
+            values[0] = "cpu"
+            var.target_values = values
+        return var
+
+    AutocastModeVariable.create = staticmethod(create_on_cpu)
+    try:
+        yield
+    finally:
+        AutocastModeVariable.create = create
 
 
 def _without_rng_wrappers(gm: fx.GraphModule) -> fx.GraphModule:
