@@ -159,12 +159,15 @@ def _private_inplace_add(node: fx.Node) -> Any | None:
     """``operator.add``/``sub`` for ``x += c`` / ``x -= c`` whose ``x`` has no reader but this node, else None.
 
     transformers 4.57 offsets its key range in place (``kv_arange += kv_offset``).  Nothing else reads
-    the tensor written to, so no other node can see the write and it means ``x + c`` (the reader still
-    checks that ``x`` is a range it built itself, i.e. a fresh ``arange``)."""
+    the tensor written to, and it is a new tensor (made by ``arange`` or an out-of-place add, not a view
+    or a no-op ``.to`` of another), so no other node can see the write and it means ``x + c`` (the
+    reader still checks that ``x`` is an index range)."""
     if node.op != "call_function" or node.target not in _INPLACE_ADD or node.kwargs or len(node.args) != 2:
         return None
     dest = node.args[0]
     if not isinstance(dest, fx.Node) or set(dest.users) != {node}:
+        return None
+    if dest.op != "call_function" or dest.target not in (torch.arange, operator.add, operator.sub):
         return None
     return _INPLACE_ADD[node.target]
 
@@ -235,7 +238,6 @@ def _identity_slice_of(node: Any) -> fx.Node | None:
     return base if all(_same(a, b) for a, b in zip(src.shape, out.shape)) else None
 
 
-
 class _MaskReader:
     """Evaluates the mask's construction over :class:`_Range`/:class:`_Index`/:class:`_Lookup`/
     :class:`_Term`.  Any other node is an opaque tensor (an *ingredient*); comparing opaque tensors, or
@@ -274,7 +276,7 @@ class _MaskReader:
             if len(args) == 2 or (len(args) == 3 and args[2] == 1):
                 return _Range(args[1] - args[0], args[0])
             return None
-        if inplace is not None and not isinstance(args[0], (_Range, _Index)):
+        if inplace is not None and not isinstance(args[0], _Range):
             raise NotCausal(f"{node.name} writes in place to a tensor that is not an index range")
         if node.op == "call_function" and target in (operator.add, operator.sub) and len(args) == 2:
             shift = [a for a in args if isinstance(a, (int, torch.SymInt))]
