@@ -89,3 +89,34 @@ def first_line(reason: str) -> str:
 def is_checkpoint_break(reason: str) -> bool:
     """A break :func:`tracing_settings` resolves (a side effect or a logger call in a checkpointed layer)."""
     return any(marker in reason for marker in CHECKPOINT_BREAK_MARKERS)
+
+
+@contextlib.contextmanager
+def meta_autocast_traced_as_cpu():
+    """While Dynamo traces the step on the meta device, ``torch.autocast("meta", enabled=False)`` is
+    traced as the same context for ``"cpu"``.
+
+    transformers 4.57's rotary embedding forces fp32 with ``torch.autocast(device_type=x.device.type,
+    enabled=False)``; for meta tensors that is ``"meta"``, a device type autocast does not know
+    (``torch.get_autocast_dtype("meta")``: "unsupported scalarType"), so the capture stopped there
+    (transformers 5's ``maybe_autocast`` skips it on meta instead).  Disabling autocast changes nothing
+    for meta tensors, and the graph keeps an autocast context where a real device has one, so the
+    passes decide as they would there.  Used only by the compiled-program simulation (mstfx.tools), scoped to its capture's trace: Dynamo's autocast handling is
+    restored on exit; an enabled autocast on meta is left to fail as before."""
+    from torch._dynamo.variables.ctx_manager import AutocastModeVariable
+
+    create = AutocastModeVariable.__dict__["create"]
+
+    def create_on_cpu(func, args, kwargs):
+        var = create.__func__(func, args, kwargs)
+        values = list(var.target_values)
+        if values[0] == "meta" and values[2] is False:
+            values[0] = "cpu"
+            var.target_values = values
+        return var
+
+    AutocastModeVariable.create = staticmethod(create_on_cpu)
+    try:
+        yield
+    finally:
+        AutocastModeVariable.create = create

@@ -122,6 +122,46 @@ def mask_from_caller(q_, k_, v_, am, pos):
     return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=am.bool()[:, None, None, :].expand(B, 1, S, S))
 
 
+def _vmap_bhqkv(mask_fn, b, h, q, kv):
+    """``mask_fn`` over every (batch, head, query, key), the way transformers 4.57 builds its masks
+    (``_vmap_for_bhqkv``: four nested ``torch.vmap``, key innermost)."""
+    for dims in [(None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)]:
+        mask_fn = torch.vmap(mask_fn, in_dims=dims, out_dims=0)
+    return mask_fn(b, h, q, kv)
+
+
+def _vmap_ranges(s=S):
+    kv = torch.arange(s)
+    kv += 0  # transformers 4.57 offsets the key range in place
+    return torch.arange(B), torch.arange(1), torch.arange(0, s), kv
+
+
+def vmapped_causal_and_padding(q_, k_, v_, am, pos):
+    pad = am.bool()
+
+    def element(b, h, q, kv):  # table[b, kv] is aten.index under 4.57's TransformGetItemToIndex
+        return q.new_ones((), dtype=torch.bool) & kv.le(q).to(q.device) & torch.ops.aten.index(pad, [b, kv])
+
+    mask = _vmap_bhqkv(element, *_vmap_ranges())
+    return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask[:, :, :, :S])
+
+
+def vmapped_sliding_window(q_, k_, v_, am, pos):
+    def element(b, h, q, kv):
+        return kv.le(q) & kv.gt(q - 8)
+
+    return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=_vmap_bhqkv(element, *_vmap_ranges()))
+
+
+def vmapped_shared_key_range(q_, k_, v_, am, pos):
+    """The key range is written in place after another reader took it: the write is seen, not private."""
+    kv = torch.arange(S)
+    first = kv * 1
+    kv += 1
+    mask = _vmap_bhqkv(lambda b, h, q, k: k.le(q), torch.arange(B), torch.arange(1), torch.arange(S), kv)
+    return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask) + first.sum()
+
+
 def _qkv(seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, H, S, D, generator=g, requires_grad=True) for _ in range(3)]
@@ -153,7 +193,7 @@ def _compare(fn, am, pos, backend):
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
-@pytest.mark.parametrize("fn", [causal_and_padding, swapped_comparison, positions_and_packing])
+@pytest.mark.parametrize("fn", [causal_and_padding, swapped_comparison, positions_and_packing, vmapped_causal_and_padding])
 def test_causal_mask_rewritten_and_guarded(fn):
     torch._dynamo.reset()
     be = RecordingBackend()
@@ -163,6 +203,8 @@ def test_causal_mask_rewritten_and_guarded(fn):
     sdpa = _sdpa_calls(be.graphs[0])
     assert sdpa and all(n.kwargs.get("attn_mask") is None and n.kwargs.get("is_causal") for n in sdpa)
     assert _square_tensors(be.graphs[0], S) == []
+    assert not [n for n in _all_nodes(be.graphs[0]) if "functorch" in str(getattr(n.target, "__module__", ""))], \
+        "a vmap block is left after its mask died"
     (guarded,) = be.guarded()
     assert guarded.calls == {"causal": 1, "masked": 0}
     # inputs the causal kernel would get wrong: the guard must route them to the graph with the mask
@@ -173,7 +215,8 @@ def test_causal_mask_rewritten_and_guarded(fn):
 
 @pytest.mark.parametrize(
     "fn,why",
-    [(strict_lower, "causal condition"), (sliding_window, "sliding window"), (offset_by_one, "causal condition"), (mask_from_caller, "")],
+    [(strict_lower, "causal condition"), (sliding_window, "sliding window"), (offset_by_one, "causal condition"), (mask_from_caller, ""),
+     (vmapped_sliding_window, "sliding window"), (vmapped_shared_key_range, "side effects")],
 )
 def test_masks_that_are_not_causal_are_left_unchanged(fn, why):
     torch._dynamo.reset()
@@ -202,7 +245,7 @@ def test_constant_positions_need_no_guard():
 # --------------------------------------------------------------------------------------------------
 # A real model: gradient-checkpointed GQA Llama, with and without padding
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("padding", [0, 6])
+@pytest.mark.parametrize("padding", [0, 6, None])  # None: no attention_mask at all
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_llama_attention_rewritten_exactly(checkpointing, padding):
     model = tiny_llama(layers=2)
@@ -211,7 +254,7 @@ def test_llama_attention_rewritten_exactly(checkpointing, padding):
     model.train()
     seq = 40  # no weight or activation of this model is 40×40: an S×S tensor is a mask
     ids = torch.randint(1, 256, (2, seq), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
+    mask = torch.ones_like(ids) if padding is not None else None
     labels = ids.clone()
     if padding:
         mask[1, -padding:] = 0
@@ -235,6 +278,9 @@ def test_llama_attention_rewritten_exactly(checkpointing, padding):
     assert _square_tensors(main, seq) == [], "an S×S tensor is left in the rewritten graph"
     for sdpa in _sdpa_calls(main):
         assert value_of(sdpa.args[1]).shape[1] == 2  # K with its 2 KV heads, not the 4 query heads
+    if padding is None:  # positions made in the graph: checked at compile time, nothing to guard
+        assert not be.guarded()
+        return
     (guarded,) = be.guarded()
     assert guarded.calls == ({"causal": 0, "masked": 1} if padding else {"causal": 1, "masked": 0})
 

@@ -214,3 +214,102 @@ def test_autocast_graphs_keep_the_unrolled_form():
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
     for (name, p), q in zip(ref_model.named_parameters(), got_model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+class _RotaryBesideMlp(torch.nn.Module):
+    """A rotary-like block under ``torch.autocast(enabled=False)`` (as transformers 4.57's rotary
+    embedding) beside a SwiGLU MLP; ``mlp_autocast``: the MLP itself runs under an enabled autocast."""
+
+    def __init__(self, mlp_autocast: bool = False, hidden: int = 32, inter: int = 96):
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, inter, bias=False)
+        self.up = torch.nn.Linear(hidden, inter, bias=False)
+        self.down = torch.nn.Linear(inter, hidden, bias=False)
+        self.register_buffer("freq", torch.linspace(0.1, 1.0, hidden))
+        self.mlp_autocast = mlp_autocast
+
+    def _mlp(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            x = x + (x.float() * self.freq).cos()
+        if self.mlp_autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = self._mlp(x)
+        else:
+            y = self._mlp(x)
+        return y.float().square().mean()
+
+
+def _mlp_details(model, x, ambient_autocast=False):
+    """Loss, grads and the MLP decisions' details of ``model`` compiled by the mst backend (aot_eager),
+    and the same of eager on a copy."""
+    import contextlib
+
+    ref_model, got_model = copy.deepcopy(model), copy.deepcopy(model)
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if ambient_autocast else contextlib.nullcontext
+    with amp():
+        ref = ref_model(x)
+    ref.backward()
+    torch._dynamo.reset()
+    backend = mstfx.backend(MstConfig(mini_sequences=4, compiler="aot_eager"))
+    with amp():
+        got = torch.compile(got_model, backend=backend)(x)
+    got.backward()
+    details = [d.detail for r in backend.reports for d in r.decisions if d.kind == "mlp"]
+    grads = [(p.grad, q.grad) for p, q in zip(ref_model.parameters(), got_model.parameters())]
+    return ref, got, grads, details
+
+
+def test_autocast_beside_the_region_keeps_the_loop_form():
+    """An autocast context that does not enclose the MLP (a rotary embedding's) leaves it the loop form."""
+    x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(0))
+    ref, got, grads, details = _mlp_details(_RotaryBesideMlp(), x)
+    assert len(details) == 1 and "one loop operator" in details[0], details
+    torch.testing.assert_close(got, ref)
+    for a, b in grads:
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("ambient_autocast", [False, True])
+def test_region_under_a_changed_autocast_state_is_unrolled_and_exact(ambient_autocast):
+    """An MLP inside an enabled autocast, or inside ``enabled=False`` while the caller runs under
+    autocast, keeps the unrolled form (its recompute must see the forward's casts) and matches eager."""
+    x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(0))
+    model = _RotaryBesideMlp(mlp_autocast=not ambient_autocast)
+    if ambient_autocast:  # the whole model under enabled=False, called under an enabled autocast
+        inner = model
+
+        class Disabled(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                with torch.autocast("cpu", enabled=False):
+                    return self.inner(x)
+
+        model = Disabled()
+    ref, got, grads, details = _mlp_details(model, x, ambient_autocast)
+    assert len(details) == 1 and "autocast in the graph" in details[0], details
+    tol = dict(rtol=2e-2, atol=5e-3) if not ambient_autocast else dict(rtol=1e-3, atol=1e-4)  # bf16 / fp32 chunk sums
+    torch.testing.assert_close(got, ref, **tol)
+    for a, b in grads:
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_disabled_autocast_without_ambient_autocast_keeps_the_loop_form():
+    """``enabled=False`` around the MLP changes nothing when autocast is off around the graph."""
+    x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(0))
+
+    class Disabled(_RotaryBesideMlp):
+        def forward(self, x):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x)
+
+    ref, got, grads, details = _mlp_details(Disabled(), x)
+    assert len(details) == 1 and "one loop operator" in details[0], details
+    torch.testing.assert_close(got, ref)
+    for a, b in grads:
+        torch.testing.assert_close(b, a)

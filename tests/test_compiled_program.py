@@ -269,3 +269,19 @@ def test_checkpointed_attention_reads_copies_in_the_traced_layout():
             q, k = n.args[1], n.args[2]
             assert q.prev is q.args[0] or q.prev.prev is q.args[0]  # made right after the rotary (k's copy follows q's)
             assert nodes.index(k) < nodes.index(n) - 10
+
+
+def test_meta_capture_of_a_rotary_under_disabled_autocast():
+    """transformers 4.57's rotary embedding enters ``torch.autocast("meta", enabled=False)`` on meta
+    tensors, which autocast rejects; the capture traces it as the cpu context, only while it traces:
+    the program is captured with every region rewritten (the MLPs beside the context in the loop form)
+    and Dynamo's autocast handling is the original again afterwards."""
+    from torch._dynamo.variables.ctx_manager import AutocastModeVariable
+
+    create = AutocastModeVariable.__dict__["create"]
+    torch._dynamo.reset()
+    program = capture_program(_meta_llama(_llama_config(layers=1, hidden=64, inter=256, vocab=500), checkpointing=False),
+                              torch.zeros(1, 256, dtype=torch.long, device="meta"), mstfx.MstConfig(mini_sequences=4))
+    assert AutocastModeVariable.__dict__["create"] is create
+    mlp = [d for d in program.report.decisions if d.kind == "mlp"]
+    assert len(mlp) == 1 and mlp[0].action == "chunked" and "one loop operator" in mlp[0].detail, mlp

@@ -19,6 +19,15 @@ The mask is read symbolically, node by node (:func:`analyse_mask`), into one of 
 * anything else (sliding windows, chunked attention, offsets, a 4-D mask handed in by the caller) is
   left unchanged and the report says why.
 
+transformers 4.57 builds the same mask element by element under four nested ``torch.vmap`` (batch,
+head, query, key: ``_vmap_for_bhqkv``), which Dynamo records as ``_add_batch_dim`` / ``_remove_batch_dim``
+nodes between ``_vmap_increment_nesting`` / ``_vmap_decrement_nesting`` context nodes; its key range is
+``kv = arange(n); kv += offset`` (an in-place add) and the attention interface slices the mask to the
+key length (``mask[:, :, :, :n]``, inside the checkpointed layer when it is one).  The reader accepts
+these by structure (:func:`_vmap_levels`, :func:`_private_inplace_add`, :func:`_identity_slice_of`) and
+removes the whole vmap block once the mask is dead (:func:`_erase_vmap_blocks`); transformers 5 builds
+it from broadcast index tensors, without any of them.
+
 K/V whose heads are repeated for the query heads are replaced by the unexpanded tensors with
 ``enable_gqa=True`` (exact: SDPA broadcasts each K/V head to its group of query heads).  The repeat is
 read by structure (:func:`_repeated_heads`): HF's ``repeat_kv``, ``unsqueeze``/``expand``/``flatten``
@@ -146,13 +155,100 @@ def _compare(kind: str, a: Any, b: Any, node: fx.Node) -> _Term:
     )
 
 
+_INPLACE_ADD = {operator.iadd: operator.add, operator.isub: operator.sub}
+
+
+def _private_inplace_add(node: fx.Node) -> Any | None:
+    """``operator.add``/``sub`` for ``x += c`` / ``x -= c`` whose ``x`` has no reader but this node, else None.
+
+    transformers 4.57 offsets its key range in place (``kv_arange += kv_offset``).  Nothing else reads
+    the tensor written to, and it is a new tensor (made by ``arange`` or an out-of-place add, not a view
+    or a no-op ``.to`` of another), so no other node can see the write and it means ``x + c`` (the
+    reader still checks that ``x`` is an index range)."""
+    if node.op != "call_function" or node.target not in _INPLACE_ADD or node.kwargs or len(node.args) != 2:
+        return None
+    dest = node.args[0]
+    if not isinstance(dest, fx.Node) or set(dest.users) != {node}:
+        return None
+    if dest.op != "call_function" or dest.target not in (torch.arange, operator.add, operator.sub):
+        return None
+    return _INPLACE_ADD[node.target]
+
+
+def _batch_dim_op(node: fx.Node) -> str | None:
+    """``"add"``/``"remove"`` for functorch's ``_add_batch_dim`` / ``_remove_batch_dim`` nodes (vmap under Dynamo)."""
+    if node.op != "call_function":
+        return None
+    name = getattr(node.target, "__name__", "")
+    module = getattr(node.target, "__module__", "") or ""
+    if not module.startswith(("torch._functorch", "torch._C._functorch")):
+        return None
+    return {"_add_batch_dim": "add", "_remove_batch_dim": "remove"}.get(name)
+
+
+_VMAP_BOOKKEEPING = ("_vmap_increment_nesting", "_vmap_decrement_nesting", "lazy_load_decompositions")
+
+
+def _vmap_bookkeeping(node: fx.Node) -> str | None:
+    name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    module = getattr(node.target, "__module__", "") or "" if node.op == "call_function" else ""
+    return name if name in _VMAP_BOOKKEEPING and module.startswith(("torch._functorch", "torch._C._functorch")) else None
+
+
+def _vmap_levels(mask: fx.Node) -> dict[int, int]:
+    """The dim of the 4-D mask each vmap level stands for, read off the chain of ``_remove_batch_dim``
+    nodes that produces the mask (empty unless there is exactly one such chain among its inputs).
+
+    ``vmap`` over batch, head, query and key (levels 1..4, ``out_dims=0``) ends with
+    ``_remove_batch_dim(t, 4, S, 0)`` ... ``_remove_batch_dim(t, 1, B, 0)``: the outermost removal
+    gives dim 0, the next dim 1, and so on."""
+    tops, seen, stack = [], set(), [mask]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _batch_dim_op(node) == "remove" and not any(_batch_dim_op(u) == "remove" and u.args[0] is node for u in node.users):
+            tops.append(node)
+        stack.extend(node.all_input_nodes)
+    if len(tops) != 1:
+        return {}
+    levels: list[int] = []
+    node = tops[0]
+    while isinstance(node, fx.Node) and _batch_dim_op(node) == "remove":
+        if len(node.args) != 4 or node.kwargs or node.args[3] != 0 or not isinstance(node.args[1], int):
+            return {}
+        levels.append(node.args[1])
+        node = node.args[0]
+    if len(levels) != 4 or len(set(levels)) != 4:
+        return {}
+    return {level: dim for dim, level in enumerate(levels)}
+
+
+def _identity_slice_of(node: Any) -> fx.Node | None:
+    """``x`` when ``node`` is ``x[:, :, :, :n]`` (slices from 0, step 1) that keeps every element of ``x``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    base, idx = node.args
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if not isinstance(base, fx.Node) or not idx or not all(
+        isinstance(e, slice) and e.start in (None, 0) and e.step in (None, 1) for e in idx
+    ):
+        return None
+    src, out = tensor_of(base), tensor_of(node)
+    if src is None or out is None or src.dim() != out.dim():
+        return None
+    return base if all(_same(a, b) for a, b in zip(src.shape, out.shape)) else None
+
+
 class _MaskReader:
     """Evaluates the mask's construction over :class:`_Range`/:class:`_Index`/:class:`_Lookup`/
     :class:`_Term`.  Any other node is an opaque tensor (an *ingredient*); comparing opaque tensors, or
     transforming a boolean term in a way this reader does not know, is a :class:`NotCausal`."""
 
-    def __init__(self) -> None:
+    def __init__(self, levels: dict[int, int] | None = None) -> None:
         self.memo: dict[fx.Node, Any] = {}
+        self.levels = levels or {}  # vmap level -> mask dim (see _vmap_levels)
 
     def __call__(self, node: Any) -> Any:
         if not isinstance(node, fx.Node):
@@ -167,9 +263,15 @@ class _MaskReader:
             return size  # a size (under dynamic shapes a symbol such as the sequence length): compared exactly
         if node.op not in ("call_function", "call_method"):
             return None
-        if has_side_effects(node):
-            raise NotCausal(f"{node.name} has side effects")
         target = node.target
+        batch_dim = _batch_dim_op(node)
+        if batch_dim is not None:  # vmap's batch dims: no effect of their own (levels checked by _vmap_levels)
+            return self._batch_dim(node, batch_dim)
+        inplace = _private_inplace_add(node)
+        if inplace is not None:
+            target = inplace
+        elif has_side_effects(node):
+            raise NotCausal(f"{node.name} has side effects")
         args = list(fx.node.map_aggregate(node.args, self))
         if node.op == "call_function" and target is torch.arange:
             if len(args) == 1:
@@ -177,6 +279,8 @@ class _MaskReader:
             if len(args) == 2 or (len(args) == 3 and args[2] == 1):
                 return _Range(args[1] - args[0], args[0])
             return None
+        if inplace is not None and not isinstance(args[0], _Range):
+            raise NotCausal(f"{node.name} writes in place to a tensor that is not an index range")
         if node.op == "call_function" and target in (operator.add, operator.sub) and len(args) == 2:
             shift = [a for a in args if isinstance(a, (int, torch.SymInt))]
             ranged = [a for a in args if isinstance(a, (_Range, _Index))]
@@ -194,6 +298,13 @@ class _MaskReader:
                     return _Lookup(node.args[0], idx[1].dim)
                 if len(idx) == 1 and idx[0].dim in (2, 3):
                     return _Lookup(node.args[0], idx[0].dim)
+            elif isinstance(base, _Term) and _identity_slice_of(node) is not None:
+                return base  # mask[:, :, :, :n] that keeps the whole mask
+        if node.op == "call_function" and target in (torch.ops.aten.index, torch.ops.aten.index.Tensor) and len(args) == 2:
+            base, idx = args  # table[b, i] under vmap (transformers 4.57's TransformGetItemToIndex)
+            if base is None and isinstance(idx, (list, tuple)) and len(idx) == 2 and all(isinstance(i, _Index) for i in idx):
+                if idx[0].dim == 0 and idx[1].dim in (2, 3) and _same(idx[0].offset, 0):
+                    return _Lookup(node.args[0], idx[1].dim)
         kind = _COMPARE.get(target) if node.op == "call_function" else (
             str(target).strip("_") if target in _COMPARE_METHODS else None
         )
@@ -214,6 +325,18 @@ class _MaskReader:
         if any(isinstance(a, _Term) for a in args) or any(isinstance(self(v), _Term) for v in node.kwargs.values()):
             raise NotCausal(f"{node.name} ({getattr(target, '__name__', target)}) transforms the mask in a way not recognised")
         return None  # an opaque tensor (an ingredient, or indices used some other way: not the causal condition)
+
+    def _batch_dim(self, node: fx.Node, op: str) -> Any:
+        """``_add_batch_dim(range, 0, level)`` is the index along the level's dim; ``_remove_batch_dim``
+        of a boolean term is that term over one more dim.  Anything else is not recognised."""
+        args = list(fx.node.map_aggregate(node.args, self))
+        level = args[2] if op == "add" else args[1] if len(args) > 1 else None
+        if level in self.levels and not node.kwargs and len(args) in (3, 4):
+            if op == "add" and isinstance(args[0], _Range) and args[1] == 0:
+                return _Index(self.levels[level], args[0].length, args[0].offset)
+            if op == "remove" and isinstance(args[0], _Term) and args[3] == 0:
+                return args[0]
+        raise NotCausal(f"{node.name} ({op} a vmap batch dim) is not part of a mask built over batch, head, query and key")
 
 
 @dataclass
@@ -269,7 +392,7 @@ def analyse_mask(mask: fx.Node) -> MaskAnalysis:
     """Read how ``mask`` is built; raise :class:`NotCausal` unless it is (conditionally) causal."""
     if mask.op == "placeholder":
         raise NotCausal("the mask is a graph input (built outside the compiled region)")
-    reader = _MaskReader()
+    reader = _MaskReader(_vmap_levels(mask))
     term = reader(mask)
     if not isinstance(term, _Term):
         raise NotCausal(f"{mask.name} is not a mask built from query/key indices")
@@ -482,6 +605,14 @@ def _rewrite_gqa(sdpa: fx.Node) -> tuple[Any, str | None]:
     return k.n_rep, None
 
 
+def _mask_source(mask: Any) -> Any:
+    """``mask`` without identity slices (transformers 4.57's ``mask[:, :, :, :key_len]`` in the attention
+    interface): inside a checkpointed body the slice is taken of the placeholder that brings the mask in."""
+    while (base := _identity_slice_of(mask)) is not None:
+        mask = base
+    return mask
+
+
 def _make_causal(sdpa: fx.Node, analysis: MaskAnalysis) -> None:
     args, kwargs = _sdpa_with(sdpa, attn_mask=None, is_causal=analysis.causal or None)
     sdpa.args, sdpa.kwargs = args, kwargs
@@ -565,14 +696,68 @@ def rewrite_attention(
             phs = [n for n in owner.graph.nodes if n.op == "placeholder"]
             outer_of = dict(zip(phs, hop.args[1:]))
         calls = [n for n in owner.graph.nodes if n.op == "call_function" and n.target in SDPA_FUNCS]
-        released = {_sdpa_arg(n, "attn_mask") for n in calls} - {None}
+        released = {_mask_source(_sdpa_arg(n, "attn_mask")) for n in calls} - {None}
         for sdpa in calls:
             decisions.append(_rewrite_one(main, sdpa, outer_of, analysis_of, assumed if assume_checks else None))
         if hop is not None:
             _drop_unused_operands(owner, hop, released)
     guard = build_guard(main.graph, assumed, main) if assumed else None  # before the ingredients die
-    erase_if_dead(main.graph, [a.mask for a in analyses.values() if isinstance(a, MaskAnalysis)])
+    for analysis in analyses.values():
+        if isinstance(analysis, MaskAnalysis):
+            _erase_dead_mask(main.graph, analysis)
     return decisions, guard
+
+
+def _vmap_block(graph: fx.Graph, inner: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The outermost ``_vmap_increment_nesting`` ... ``_vmap_decrement_nesting`` pair around ``inner``."""
+    depth, start, found = 0, None, False
+    for node in graph.nodes:
+        kind = _vmap_bookkeeping(node)
+        if kind == "_vmap_increment_nesting":
+            if depth == 0:
+                start, found = node, False
+            depth += 1
+        elif kind == "_vmap_decrement_nesting":
+            depth -= 1
+            if depth < 0:
+                return None
+            if depth == 0 and found:
+                return start, node
+        elif node is inner:
+            if depth == 0:
+                return None
+            found = True
+    return None
+
+
+def _erase_dead_mask(graph: fx.Graph, analysis: MaskAnalysis) -> None:
+    """Erase a mask the rewrite left without users: its construction (every node of which the reader
+    accepted: pure, a private in-place add or a vmap batch dim), the ingredients only it read, and a
+    vmap block left with nothing but its own bookkeeping (nesting balanced, nothing inside observes it)."""
+    if analysis.mask.users:
+        return
+    batched = [n for n in analysis.construction if _batch_dim_op(n)]
+    block = _vmap_block(graph, batched[0]) if batched else None
+    for node in reversed(analysis.construction):
+        if not node.users:
+            graph.erase_node(node)
+    erase_if_dead(graph, list(analysis.ingredients))
+    if block is None:
+        return
+    first, last = block
+    if first.prev.op != "root" and _vmap_bookkeeping(first.prev) == "lazy_load_decompositions":
+        first = first.prev
+    span, node = [], first
+    while True:
+        span.append(node)
+        if node is last:
+            break
+        node = node.next
+    if all(_vmap_bookkeeping(n) or (_batch_dim_op(n) and not n.users) for n in span):
+        inputs = [a for n in span for a in n.all_input_nodes if a not in span]
+        for n in reversed(span):
+            graph.erase_node(n)
+        erase_if_dead(graph, inputs)
 
 
 def _rewrite_one(
@@ -590,7 +775,8 @@ def _rewrite_one(
     dropout = _sdpa_arg(sdpa, "dropout_p")
     why_not = None
     if isinstance(mask, fx.Node):
-        outer = outer_of.get(mask, mask)
+        source = _mask_source(mask)
+        outer = outer_of.get(source, source)
         analysis = analysis_of(outer) if isinstance(outer, fx.Node) and outer.graph is main.graph else None
         dropout_check = _zero_dropout_check(dropout, outer_of, main) if isinstance(dropout, fx.Node) else None
         checks = (analysis.checks + [dropout_check]) if isinstance(analysis, MaskAnalysis) and dropout_check else \
@@ -607,6 +793,8 @@ def _rewrite_one(
             why_not = f"mask kept: this is the graph for inputs that fail {_describe(analysis.causal, checks)}"
         else:
             _make_causal(sdpa, analysis)
+            if source is not mask:
+                erase_if_dead(sdpa.graph, [mask])
             if assumed is not None:
                 assumed += [c for c in checks if c not in assumed]
             done.append(_describe(analysis.causal, checks))

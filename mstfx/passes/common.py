@@ -505,12 +505,13 @@ def check_no_side_effects(nodes: list[fx.Node], sink: fx.Node) -> None:
 def erase_if_dead(graph: fx.Graph, roots: list[fx.Node]) -> int:
     """Erase the nodes among ``roots`` (and, transitively, their inputs) that have no users and no side
     effects; returns how many.  Unlike ``graph.eliminate_dead_code()`` it touches only what a rewrite
-    made dead, and never a node whose effect matters more than its (unused) result."""
+    made dead, and never a node whose effect matters more than its (unused) result.  A node reached twice
+    (an input of two erased nodes) is erased once."""
     erased = 0
     stack = list(roots)
     while stack:
         node = stack.pop()
-        if node.graph is not graph or node.users or node.op not in ("call_function", "call_method"):
+        if node._erased or node.graph is not graph or node.users or node.op not in ("call_function", "call_method"):
             continue
         if has_side_effects(node):
             continue

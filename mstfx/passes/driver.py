@@ -114,7 +114,17 @@ class RewriteContext:
     in_checkpoint: bool
     compiled_bodies: dict
     needs_grad: Callable[[fx.Node], bool]
-    graph: fx.Graph | None = None  # the top-level graph (its autocast contexts decide the chunk form)
+    graph: fx.Graph | None = None  # the top-level graph
+    hop: fx.Node | None = None  # the checkpoint call of the body the region lives in (None: the top-level graph)
+
+    def changed_autocast(self, owner: fx.GraphModule, nodes: list[fx.Node]) -> bool:
+        """Whether ``nodes`` (of ``owner``) run under an in-graph autocast context that changes the state:
+        one inside ``owner``, or, for a checkpointed body, one around its call in the top-level graph."""
+        from .rewrite_mlp import under_changed_autocast
+
+        if under_changed_autocast(owner.graph, nodes):
+            return True
+        return self.hop is not None and self.graph is not None and under_changed_autocast(self.graph, [self.hop])
 
     @property
     def eager(self) -> bool:
@@ -177,7 +187,8 @@ def _rewrite(kind, run: _Run) -> None:
             )
             continue
         in_checkpoint = owner is not run.new
-        ctx = RewriteContext(run.config, in_checkpoint, run.compiled_bodies, needs_grad, run.new.graph)
+        hop = next((h for body, _, h in run.bodies if body is owner), None) if in_checkpoint else None
+        ctx = RewriteContext(run.config, in_checkpoint, run.compiled_bodies, needs_grad, run.new.graph, hop)
         fields["detail"] = fields.get("detail", "") + kind.rewrite(owner, region, m, ctx)
         if in_checkpoint:
             owner.recompile()

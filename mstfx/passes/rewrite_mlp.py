@@ -45,18 +45,49 @@ def next_ac_graph_id() -> int:
     return next(_ac_ids)
 
 
-def has_autocast(graph: fx.Graph) -> bool:
-    """Whether ``graph`` enters an autocast context.  A loop operator's backward recomputes its chunks
-    when autograd runs it, under whatever autocast state holds then (usually none), not the state of
-    the forward, so such graphs keep the unrolled form, whose recompute AOT autograd traces with the
-    forward's casts."""
-    return any(n.op == "call_function" and getattr(n.target, "__name__", "") == "_enter_autocast" for n in graph.nodes)
+def _enter_changes_state(enter: fx.Node) -> bool:
+    """Whether the autocast context ``enter`` opens (``_enter_autocast(device_type, dtype, enabled,
+    cache_enabled)``) changes the state its ops would see without it.  Disabling autocast changes
+    nothing when autocast is off for that device around the graph (Dynamo guards on that state, so the
+    backend sees the one the graph runs under); any enabled context counts as a change."""
+    args = list(enter.args) + [None] * (4 - len(enter.args))
+    device = enter.kwargs.get("device_type", args[0])
+    enabled = enter.kwargs.get("enabled", args[2] if len(enter.args) > 2 else True)
+    if enabled is False and isinstance(device, str):
+        try:
+            return bool(torch.is_autocast_enabled(device))
+        except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+            return True
+    return True
 
 
-def chunk_form(config, in_checkpoint: bool, graph: fx.Graph | None = None) -> tuple[str, str]:
+def under_changed_autocast(graph: fx.Graph, nodes) -> bool:
+    """Whether any of ``nodes`` (of ``graph``) runs inside an in-graph autocast context that changes
+    the autocast state (:func:`_enter_changes_state`).
+
+    A loop operator's backward recomputes its chunks when autograd runs it, under whatever autocast
+    state holds then (that of the caller, as for the rest of the graph), not the state of a context
+    inside the graph, so a region under such a context keeps the unrolled form, whose recompute AOT
+    autograd traces with the forward's casts.  Contexts elsewhere in the graph do not matter:
+    transformers 4.57's rotary embedding runs under ``torch.autocast(device_type, enabled=False)``
+    beside every layer, and the MLPs and the LM head outside it keep the loop form."""
+    targets, active = set(nodes), []
+    for node in graph.nodes:
+        if node in targets and any(_enter_changes_state(e) for e in active):
+            return True
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name == "_enter_autocast":
+            active.append(node)
+        elif name == "_exit_autocast" and node.args and node.args[0] in active:
+            active.remove(node.args[0])
+    return False
+
+
+def chunk_form(config, in_checkpoint: bool, changed_autocast: bool = False) -> tuple[str, str]:
     """The form an MLP's chunks take (``config.chunk_form``, see :data:`mstfx.config.CHUNK_FORMS`) and
     the report's words for it.  The ``eager`` compiler runs each chunk under
-    ``torch.utils.checkpoint`` ("unrolled" copies of that call).
+    ``torch.utils.checkpoint`` ("unrolled" copies of that call).  ``changed_autocast``: the region runs
+    under an in-graph autocast context that changes the state (:func:`under_changed_autocast`).
 
     The compiled-once form is experimental because, measured, it is not better: on the reference
     config (S = 4096) its peak is 301 MiB against 269 MiB unrolled, and on the 8-layer tiny Llama at
@@ -67,8 +98,8 @@ def chunk_form(config, in_checkpoint: bool, graph: fx.Graph | None = None) -> tu
     if config.compiler == "eager":
         return "unrolled", ""
     if form == "loop":
-        if graph is not None and has_autocast(graph):
-            return "unrolled", "; unrolled M copies (autocast in the graph)"
+        if changed_autocast:
+            return "unrolled", "; unrolled M copies (autocast in the graph changes its state)"
         return "loop", "; one loop operator"
     if form == "compiled-once":
         if in_checkpoint:

@@ -49,7 +49,8 @@ class LmHeadKind(RegionKind):
         from ..passes.rewrite_lm_head import rewrite_lm_head
         from ..passes.rewrite_mlp import chunk_form
 
-        if chunk_form(ctx.config, ctx.in_checkpoint, ctx.graph)[0] == "loop":
+        nodes = [region.head.node, *region.chain, region.loss]
+        if chunk_form(ctx.config, ctx.in_checkpoint, ctx.changed_autocast(owner, nodes))[0] == "loop":
             head = region.head
             needs = [True, ctx.needs_grad(head.weight), head.bias is not None and ctx.needs_grad(head.bias)]
             rewrite_lm_head(owner.graph, region, m, needs)

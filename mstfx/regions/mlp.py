@@ -35,7 +35,7 @@ class MlpKind(RegionKind):
     def rewrite(self, owner, region, m: int, ctx) -> str:
         from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_compiled_once, rewrite_mlp_looped
 
-        form, words = chunk_form(ctx.config, ctx.in_checkpoint, ctx.graph)
+        form, words = chunk_form(ctx.config, ctx.in_checkpoint, ctx.changed_autocast(owner, region.nodes))
         if form == "loop":
             if rewrite_mlp_looped(owner, region, m) is not None:
                 return words

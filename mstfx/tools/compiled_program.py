@@ -23,6 +23,7 @@ checked against the profiler's CPU peaks of Inductor-compiled steps (``tests/tes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import operator
@@ -225,7 +226,10 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
     step = fresh_code(lambda i: model(input_ids=i, labels=i).loss)
     from ..compat import tracing_settings
 
-    with tracing_settings():  # checkpointed layers traced whole, as mstfx.compile does
+    from ..compat import meta_autocast_traced_as_cpu
+
+    meta_autocast = meta_autocast_traced_as_cpu() if ids.device.type == "meta" else contextlib.nullcontext()
+    with tracing_settings(), meta_autocast:  # checkpointed layers traced whole, as mstfx.compile does
         loss = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)(ids)
     loss.backward()
     if "forward" not in got or "backward" not in got:
