@@ -59,15 +59,10 @@ def body_of(ident: str) -> fx.GraphModule:
 
 
 def _autograd_on():
-    """Autograd inside an operator's kernel.  A custom operator's kernel runs below the Autograd
-    dispatch key (``torch.library`` excludes it for the call); the backward re-enables it for its own
-    recompute so that autograd differentiates each chunk of the body as eager PyTorch would."""
-    import contextlib
+    """Autograd inside the operator's kernel (:func:`mstfx.compat.autograd_inside_operator`)."""
+    from .compat import autograd_inside_operator
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False))
-    stack.enter_context(torch.enable_grad())
-    return stack
+    return autograd_inside_operator()
 
 
 def _bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -85,24 +84,11 @@ def _verify(gm: fx.GraphModule) -> None:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
-@contextlib.contextmanager
 def _private_hop_cache():
-    """Verification traces ``invoke_subgraph`` calls (compiled-once chunk bodies) through their
-    autograd rule, which caches what it learns per body in the compile's tracing context; AOT
-    autograd must not reuse what was cached from verification's detached fake values, so verification
-    gets a cache of its own for its duration."""
-    from torch._guards import HopDispatchSetCache, TracingContext
+    """Verification's own HOP dispatch cache (see :func:`mstfx.compat.private_hop_dispatch_cache`)."""
+    from ..compat import private_hop_dispatch_cache
 
-    ctx = TracingContext.try_get()
-    if ctx is None:
-        yield
-        return
-    saved = ctx.hop_dispatch_set_cache
-    ctx.hop_dispatch_set_cache = HopDispatchSetCache()
-    try:
-        yield
-    finally:
-        ctx.hop_dispatch_set_cache = saved
+    return private_hop_dispatch_cache()
 
 
 @dataclass
