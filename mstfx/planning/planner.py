@@ -299,7 +299,7 @@ class Breakdown:
 
 
 def default_chunks(arch: cm.Arch, tokens: int) -> tuple[int, int]:
-    """M of the backend's default rules (``mstfx.regions.rules``): MLP ⌈t/h⌉, LM head ⌈V/h⌉ (≥256 tokens),
+    """M of the backend's default rules (``mstfx.regions.rules``): MLP ⌈t/h⌉, LM head ⌈V/h⌉ (no chunk under 256 tokens),
     capped at the tokens as the backend does."""
     mlp = min(rules.mlp_rule(tokens, arch.hidden), tokens)
     head = min(rules.lm_head_rule(tokens, arch.hidden, arch.vocab), tokens)
