@@ -44,3 +44,92 @@ def test_fields_set_after_construction_are_normalised_and_cross_checked():
     assert cfg.lm_head_chunks is None
     cfg.chunk_form = "unrolled"  # a good value is taken
     assert cfg.chunk_form == "unrolled"
+
+
+# --- model configs: one check for mstfx plan and mstfx simulate ------------------------------------------
+
+SMALL = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+             vocab_size=300)
+
+
+def _plan_and_simulate_errors(tmp_path, cfg: dict) -> tuple[str, str]:
+    """The errors (stderr) of ``mstfx plan`` and ``mstfx simulate`` on ``cfg``; both must exit 2."""
+    import json
+
+    from mstfx.cli import main
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    errs = []
+    for argv in (["plan", "--config", str(path), "--seq-len", "512", "--budget-gb", "10"],
+                 ["simulate", "--config", str(path), "--gpu-gb", "10", "--no-progress", "--plot", "none"]):
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):
+            code = main(argv)
+        assert code == 2, (argv[0], buf.getvalue())
+        errs.append(buf.getvalue())
+    return errs[0], errs[1]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden_size=65), "hidden_size 65 is not a multiple of num_attention_heads 4"),
+    (dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(model_type="llamaz"), "unknown model_type 'llamaz'"),
+    (dict(vocab_size=0), "'vocab_size' must be a positive integer"),
+])
+def test_plan_and_simulate_refuse_the_same_configs(tmp_path, change, message):
+    plan_err, sim_err = _plan_and_simulate_errors(tmp_path, {**SMALL, **change})
+    assert message in plan_err and message in sim_err, (plan_err, sim_err)
+
+
+def test_explicit_head_dim_lifts_the_divisibility_check():
+    from mstfx.model_configs import source
+
+    source.check({**SMALL, "hidden_size": 65, "head_dim": 16}, "(test)")
+
+
+def test_unknown_model_type_message_is_short_with_close_matches():
+    from mstfx.model_configs import source
+
+    with pytest.raises(source.ConfigError) as info:
+        source.check({**SMALL, "model_type": "lama"}, "my.json")
+    msg = str(info.value)
+    assert len(msg) < 600, msg
+    assert "'llama'" in msg and "model types" in msg and "config" in msg
+    assert "albert" not in msg  # not the whole list
+
+
+def test_simulate_still_requires_model_type_and_plan_names_a_config_without_one(tmp_path):
+    from mstfx.model_configs import source
+    from mstfx.planning import planner as P
+
+    cfg = {k: v for k, v in SMALL.items() if k != "model_type"}
+    with pytest.raises(source.ConfigError, match="model_type"):
+        source.check(cfg, "x.json", require_model_type=True)
+    path = tmp_path / "mymodel" / "config.json"
+    path.parent.mkdir()
+    path.write_text(__import__("json").dumps(cfg))
+    for given in (cfg, str(path)):
+        p = P.plan(given, 512, 10, optimizer="none")
+        assert p.model.strip(), given  # the plan's title names the model
+    assert "mymodel" in P.plan(str(path), 512, 10, optimizer="none").model
+
+
+@pytest.mark.parametrize("architectures, head", [
+    (["LlamaModel"], False), (["LlamaForCausalLM"], True), (["GPT2LMHeadModel"], True),
+    (["T5ForConditionalGeneration"], True), (None, True), ([], True),
+])
+def test_architectures_naming_a_headless_class_gets_no_lm_head(architectures, head):
+    from mstfx.planning import planner as P
+
+    cfg = {**SMALL, "architectures": architectures}
+    assert P.arch_of(cfg).lm_head is head
+    plan = P.plan(cfg, 4096, 10, optimizer="none")
+    assert ("lm_head" in [r.region for r in plan.rows]) is head and ("lm_head" in str(plan)) is head
+    assert (P.predict_peak(cfg, 4096, mode="mst").mini_sequences["lm_head"] > 1) is head
+    # the cost has no vocab-wide logits for a backbone
+    with_head = P.predict_peak({**SMALL, "architectures": ["LlamaForCausalLM"]}, 4096).peak
+    assert (P.predict_peak(cfg, 4096).peak < with_head) is not head

@@ -170,8 +170,9 @@ def _module_structure(module: Any, hidden: int, inter: int, vocab: int, layers: 
     return out
 
 
-def _config_dict(source: Any) -> tuple[dict, int | None]:
-    """A config dict (and the exact parameter count if ``source`` is a module)."""
+def _config_dict(source: Any) -> tuple[dict, int | None, str]:
+    """A config dict (checked by ``mstfx.model_configs.source.check``, as ``mstfx simulate``'s), the exact
+    parameter count if ``source`` is a module, and a name for the model when the config has none."""
     params = None
     if hasattr(source, "parameters") and callable(source.parameters):  # an nn.Module
         seen = {id(p): p.numel() for p in source.parameters()}
@@ -179,14 +180,31 @@ def _config_dict(source: Any) -> tuple[dict, int | None]:
         cfg = getattr(source, "config", None)
         if cfg is None:
             raise TypeError("plan() needs a model with a Hugging Face-style .config (or pass a config)")
+        fallback = type(source).__name__
         source = cfg
-    if hasattr(source, "to_dict"):
-        return config_source.check(source.to_dict(), f"{type(source).__name__}"), params
+    else:
+        fallback = ""
+    if hasattr(source, "to_dict"):  # a config object that exists: its model_type need not be transformers'
+        label = type(source).__name__
+        return config_source.check(source.to_dict(), label, known_model_type=False), params, fallback or label
     if isinstance(source, dict):
-        return config_source.check(dict(source), "(dict)"), params
+        return config_source.check(dict(source), "(dict)"), params, fallback or "model (config dict)"
     if isinstance(source, (str, os.PathLike)):
-        return config_source.load(source)[0], params
+        d, label = config_source.load(source)
+        path = os.fspath(source)
+        stem = os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "config.json" else path
+        return d, params, fallback or os.path.splitext(os.path.basename(stem.rstrip(os.sep)))[0] or label
     raise TypeError(f"expected an nn.Module, a config (dict or HF config) or a path/name, got {type(source).__name__}")
+
+
+def _headless(architectures: Any) -> bool:
+    """Whether a config's ``architectures`` names only classes without a language-model head (a backbone
+    such as ``LlamaModel``, a classifier): none of them a causal/masked LM (``...ForCausalLM``,
+    ``...LMHeadModel``, ``...ForMaskedLM``) or a generator (``...ForConditionalGeneration``).  Read from
+    the config (what the model *is*), never matched against a model's module classes."""
+    if not isinstance(architectures, (list, tuple)) or not architectures:
+        return False
+    return not any("LM" in str(a) or "ConditionalGeneration" in str(a) for a in architectures)
 
 
 def _plain_causal(d: dict) -> bool:
@@ -204,7 +222,7 @@ def arch_of(source: Any) -> cm.Arch:
     """:class:`~mstfx.planning.cost_model.Arch` of a model, HF config, config dict, config path or name."""
     if isinstance(source, cm.Arch):
         return source
-    d, params = _config_dict(source)  # checked: every size field present is a positive integer
+    d, params, fallback_name = _config_dict(source)  # checked: every size field present is a positive integer
 
     def get(*keys, default=None):
         for k in keys:
@@ -224,7 +242,7 @@ def arch_of(source: Any) -> cm.Arch:
     # is read as a causal LM, gated unless its hidden_act / model type says a plain MLP
     structure = _module_structure(source, int(h), int(inter), int(vocab), int(layers)) if params is not None else {}
     gated = structure.get("gated", mtype not in _UNGATED)
-    lm_head = structure.get("lm_head", True)
+    lm_head = structure.get("lm_head", not _headless(d.get("architectures")))
     attn_impl = get("_attn_implementation", "attn_implementation", default="sdpa")
     experts = _int(get("num_local_experts", "num_experts", "n_routed_experts", default=0))
     expert_inter = _int(get("moe_intermediate_size", default=inter))
@@ -239,7 +257,7 @@ def arch_of(source: Any) -> cm.Arch:
         experts=experts,
         experts_per_token=_int(get("num_experts_per_tok", "moe_topk", default=0)),
         expert_intermediate=expert_inter,
-        name=str(get("_name_or_path", default=mtype) or mtype),
+        name=str(get("_name_or_path", default=mtype) or mtype or fallback_name),
         moe_layers=moe_layers, shared_intermediate=shared, shared_gate=shared_gate,
     )
 
@@ -408,7 +426,7 @@ def predict_peak(
     chunked, _ = cm.mode_flags(mode)
     d_mlp, d_head = default_chunks(arch, seq_len * batch)
     m_mlp = (want_mlp or d_mlp) if chunked else 1
-    m_head = (want_head or d_head) if chunked else 1
+    m_head = (want_head or d_head) if chunked and arch.lm_head else 1  # a backbone has no LM head to chunk
     cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program, chunk_form)
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)

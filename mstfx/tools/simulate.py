@@ -97,9 +97,7 @@ def load_config(model: str | None = None, config_path: str | None = None):
     given = model if model is not None else config_path
     try:
         data, label = source.read(given)
-        if "model_type" not in data:
-            raise SimulateError(f"config {label}: field 'model_type' is missing (is it a Hugging Face config.json?)")
-        source.check(data, label)
+        source.check(data, label, require_model_type=True)  # the checks mstfx plan makes, and model_type
     except source.ConfigError as err:
         raise SimulateError(str(err)) from None
     data = dict(data)
@@ -107,7 +105,8 @@ def load_config(model: str | None = None, config_path: str | None = None):
     try:
         cfg = AutoConfig.for_model(model_type, **data)
     except Exception as err:
-        raise SimulateError(f"config {label}: transformers cannot build a {model_type!r} config: {err}") from None
+        text = str(err) if len(str(err)) <= 500 else str(err)[:500] + " ..."
+        raise SimulateError(f"config {label}: transformers cannot build a {model_type!r} config: {text}") from None
     cfg._mstfx_name = MODEL_ALIASES.get(given.lower(), Path(given).stem) if isinstance(given, str) else Path(given).stem
     return cfg
 
