@@ -39,8 +39,11 @@ from .planning.planner import (
     Plan,
     check_budget,
     check_margin,
+    _plan,
+    arch_of,
     longest_fitting,
     plan,
+    warn_past_positions,
 )
 from .hf_checkpointing import can_checkpoint, disable_checkpointing, enable_checkpointing, is_checkpointing
 from .wrappers import without_logits
@@ -100,11 +103,11 @@ def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, opts: dict, lo
     longest S any plan fits), else for ``seq_len`` itself (which raises, with that S, as it cannot fit)."""
     reach = min(top, longest)
     if reach >= seq_len:
-        try:
-            return plan(model, reach, budget_gb, **opts)
+        try:  # (a bucket's top may be past the model's position limit where its inputs are not: no warning)
+            return _plan(model, reach, budget_gb, **opts)
         except InfeasibleBudgetError:  # the solved longest S, rounded, may miss by a token
             pass
-    return plan(model, seq_len, budget_gb, **opts)
+    return _plan(model, seq_len, budget_gb, **opts)
 
 
 def _seq_len_of(args, kwargs) -> int | None:
@@ -150,7 +153,8 @@ def transform(
     ``seq_len``: optional.  Without it each input length is planned when it first arrives (see the
     module doc); the longest S that fits is logged and kept in ``model._mstfx_transform.longest_seq_len``,
     and only an input that cannot fit raises :class:`~mstfx.InfeasibleBudgetError` (before it runs).
-    With it, the plan for ``seq_len`` is made now and must fit.  ``optimizer``, ``mixed_precision`` and
+    With it, the plan for ``seq_len`` is made now and must fit.  A length past the config's
+    ``max_position_embeddings`` (``seq_len``, or an input's) gives a UserWarning.  ``optimizer``, ``mixed_precision`` and
     ``margin`` (headroom on the predicted gradients + activations) and ``host_budget_gb`` (host memory for
     offloaded checkpoints, None = not limited) are as in :func:`mstfx.plan`; other keywords go to
     :class:`~mstfx.MstConfig`.
@@ -174,7 +178,8 @@ def transform(
                 margin=margin, host_budget_gb=host_budget_gb)
     if max_chunks is not None:
         opts["max_chunks"] = max_chunks
-    top = plan(model, seq_len, budget_gb, **opts) if seq_len is not None else None  # raises before any change
+    # raises before any change; warns (from the caller's line) past the model's position limit
+    top = _plan(model, seq_len, budget_gb, **opts, positions_stacklevel=2) if seq_len is not None else None
     longest = longest_fitting(model, budget_gb, **opts)
     if longest < 1:
         plan(model, 1, budget_gb, **opts)  # raises with the numbers (parameters + optimizer state too large)
@@ -196,6 +201,8 @@ def transform(
         entry = state.buckets.get(b)
         if entry is None or entry[0].seq_len < s:
             p = state.plan_for(s)  # raises InfeasibleBudgetError for this S before anything runs
+            if seq_len is None or s > seq_len:  # the input's own length (not its bucket's top) past the limit
+                warn_past_positions(arch_of(model), s)
             if p.checkpointing and not is_checkpointing(model):
                 log.warning("mstfx.transform: S = %d needs activation checkpointing within %.3g GiB; enabling it "
                             "(shorter inputs recompile once and are checkpointed too)", s, budget_gb)

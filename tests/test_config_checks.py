@@ -133,3 +133,34 @@ def test_architectures_naming_a_headless_class_gets_no_lm_head(architectures, he
     # the cost has no vocab-wide logits for a backbone
     with_head = P.predict_peak({**SMALL, "architectures": ["LlamaForCausalLM"]}, 4096).peak
     assert (P.predict_peak(cfg, 4096).peak < with_head) is not head
+
+
+# --- lengths past the model's position limit ---------------------------------------------------------------
+
+
+def test_plan_past_max_position_embeddings_warns_with_the_length_and_the_limit():
+    from mstfx.planning import planner as P
+
+    cfg = {**SMALL, "max_position_embeddings": 2048}
+    with pytest.warns(UserWarning, match=r"S = 4096.*max_position_embeddings = 2048"):
+        P.plan(cfg, 4096, 10, optimizer="none")
+    gpt2 = dict(model_type="gpt2", n_embd=64, n_layer=1, n_head=4, vocab_size=300, n_positions=1024)
+    with pytest.warns(UserWarning, match=r"S = 1025.*n_positions = 1024"):
+        P.plan(gpt2, 1025, 10, optimizer="none")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        P.plan(cfg, 2048, 10, optimizer="none")  # at the limit: no warning
+        P.plan(SMALL, 1 << 20, 1000, optimizer="none")  # no limit given: no warning
+
+
+def test_transform_with_seq_len_past_the_limit_warns_once_from_the_callers_line():
+    from conftest import tiny_llama
+
+    model = tiny_llama(layers=1, max_position_embeddings=512)
+    with pytest.warns(UserWarning, match=r"S = 1024.*max_position_embeddings = 512") as record:
+        mstfx.transform(model, budget_gb=1, seq_len=1024, optimizer="none", compiler="eager")
+    mine = [w for w in record if "max_position_embeddings" in str(w.message)]
+    assert len(mine) == 1 and mine[0].filename == __file__
+    mstfx.untransform(model)

@@ -71,6 +71,7 @@ __all__ = [
     "longest_seq_len",
     "plan",
     "predict_peak",
+    "warn_past_positions",
 ]
 
 
@@ -259,7 +260,37 @@ def arch_of(source: Any) -> cm.Arch:
         expert_intermediate=expert_inter,
         name=str(get("_name_or_path", default=mtype) or mtype or fallback_name),
         moe_layers=moe_layers, shared_intermediate=shared, shared_gate=shared_gate,
+        **_positions(d),
     )
+
+
+#: config fields that give the longest sequence a model's positions cover, in the order read
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def _positions(d: dict) -> dict:
+    """``max_positions`` / ``positions_field`` of :class:`~mstfx.planning.cost_model.Arch` from a config."""
+    for key in POSITION_FIELDS:
+        value = d.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return dict(max_positions=value, positions_field=key)
+    return {}
+
+
+def warn_past_positions(arch: cm.Arch, seq_len: int, stacklevel: int = 2) -> None:
+    """A UserWarning when ``seq_len`` is past the model's position limit (the config's
+    ``max_position_embeddings``): the plan's memory holds, but the model was not made for that length
+    (learned position embeddings have no row for it; RoPE models extrapolate, often badly)."""
+    if arch.max_positions and seq_len > arch.max_positions:
+        import warnings
+
+        warnings.warn(
+            f"mstfx: S = {seq_len} is past the model's {arch.positions_field} = {arch.max_positions} "
+            f"({arch.name or 'the config'}); the plan is for memory only: a model with learned positions fails "
+            "there and RoPE models are untested past it (raise the limit in the config, e.g. with RoPE scaling, "
+            "if that is what you mean)",
+            UserWarning, stacklevel=stacklevel + 1,
+        )
 
 
 def _int(value: Any) -> int:
@@ -678,10 +709,21 @@ def plan(
     kept there (None: not limited); ``allow_offload``: whether checkpoints may go to host memory at
     all (needs ``allow_checkpointing``); ``pcie_gbps``: the bandwidth (GB/s) the plan's transfer time
     is computed with.
+    Warns (UserWarning) when ``seq_len`` is past the config's ``max_position_embeddings``.
     Raises ValueError for a bad budget/length/option, :class:`InfeasibleBudgetError` when even the
     maximal plan does not fit, :class:`InfeasibleHostBudgetError` when only a plan needing more host
     memory than ``host_budget_gb`` fits the GPU.
     """
+    return _plan(model_or_config, seq_len, budget_gb, batch, optimizer, mixed_precision, max_chunks,
+                 allow_checkpointing, margin, host_budget_gb, allow_offload, pcie_gbps, positions_stacklevel=2)
+
+
+def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed_precision=None,
+          max_chunks=MAX_CHUNKS, allow_checkpointing=True, margin=MARGIN, host_budget_gb=None, allow_offload=True,
+          pcie_gbps=offload.DEFAULT_PCIE_GBPS, *, positions_stacklevel: int | None = None) -> Plan:
+    """:func:`plan`; ``positions_stacklevel``: warn past the model's position limit
+    (:func:`warn_past_positions`), attributed as ``warnings.warn(stacklevel=...)`` would be from the
+    caller of this function (2: that caller's caller); None: do not warn."""
     setup = optimizer
     host_budget = None if host_budget_gb is None else check_budget(host_budget_gb)
     pcie_gbps = offload.check_gbps(pcie_gbps)
@@ -694,6 +736,8 @@ def plan(
     mixed_precision = precision_of(model_or_config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     arch = arch_of(model_or_config)
+    if positions_stacklevel is not None:
+        warn_past_positions(arch, seq_len, positions_stacklevel + 1)
     tokens = seq_len * batch
     cap = max(1, min(max_chunks, tokens))
 
