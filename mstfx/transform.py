@@ -158,6 +158,11 @@ def transform(
     ``margin`` (headroom on the predicted gradients + activations) and ``host_budget_gb`` (host memory for
     offloaded checkpoints, None = not limited) are as in :func:`mstfx.plan`; other keywords go to
     :class:`~mstfx.MstConfig`.
+
+    Called with labels, the transformed model returns ``logits=None`` with its loss: the logits are
+    never built (building them is the LM head's memory peak, which chunking removes).  Use
+    :func:`mstfx.chunked_logprobs` for per-token log-probabilities, or call the model without labels
+    (inference keeps its logits).
     """
     from .config import MstConfig, positive_int
 
