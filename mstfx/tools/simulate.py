@@ -754,7 +754,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="mstfx simulate",
         description="Longest sequence that trains on a GPU of a given size: the real HF model run under "
         "FakeTensor + MemTracker (no weights, no GPU), in four modes. Memory is in GiB (2**30 bytes).",
-        epilog="exit status: 0 done, 1 nothing fits in any requested mode, 2 bad input (unknown model, bad config or option)",
+        epilog="exit status: 0 done, 1 nothing fits in any requested mode, 2 bad input (unknown model, bad config or "
+        "option, an output path that cannot be written: checked before the run)",
     )
     src = p.add_mutually_exclusive_group(required=True)
     names = ", ".join(source.names())
@@ -957,7 +958,13 @@ def _compare_cli(args) -> int:
     rows = compare_with_cost_model(config, lens, modes, args.batch)
     if args.json is not None:
         text = json.dumps({"model": config._mstfx_name, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}, indent=2)
-        print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+        if args.json == "-":
+            print(text)
+        else:
+            try:
+                Path(args.json).write_text(text + "\n")
+            except OSError as err:
+                return _write_error("--json", args.json, err)
     if args.json != "-":
         from rich.console import Console
         from rich.table import Table
@@ -971,6 +978,31 @@ def _compare_cli(args) -> int:
     return 0
 
 
+def _check_outputs(args) -> None:
+    """Every file the run will write (``--json``, ``--plot`` or the default plot in the current
+    directory) is writable: a SimulateError (exit 2) now rather than a failure after the run."""
+    import os
+
+    from .output_paths import check_writable
+
+    paths = {"--json": args.json}
+    if not args.compare_cost_model:
+        if args.plot is None:
+            if not os.access(os.getcwd(), os.W_OK):
+                raise SimulateError(f"cannot write the default plot into the current directory {os.getcwd()}: "
+                                    "no permission; give --plot PATH, or --plot none")
+        elif args.plot.lower() != "none":
+            paths["--plot"] = args.plot
+    problem = check_writable(paths)
+    if problem is not None:
+        raise SimulateError(problem)
+
+
+def _write_error(option: str, path: str, err: OSError) -> int:
+    print(f"mstfx simulate: error: cannot write {option} {path}: {err.strerror or err}", file=sys.stderr)
+    return 2
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -978,6 +1010,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed the message; exit code 2 on errors
         return int(e.code or 0)
     try:
+        _check_outputs(args)
         if args.compare_cost_model:
             return _compare_cli(args)
         out = run_cli(args)
@@ -989,7 +1022,10 @@ def cli_main(argv: list[str] | None = None) -> int:
         if args.json == "-":
             print(text)
         else:
-            Path(args.json).write_text(text + "\n")
+            try:
+                Path(args.json).write_text(text + "\n")
+            except OSError as err:  # checked before the run; something changed since
+                return _write_error("--json", args.json, err)
     if args.json != "-":
         _print_table(out)
     plot = args.plot if args.plot is not None else default_plot_name(out)
@@ -998,7 +1034,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     elif not any(r["max_seq_len"] for r in out["modes"].values()):
         print(f"no plot: no mode fits {out['gpu_gib']:g} GiB at any length, nothing to draw", file=sys.stderr)
     else:
-        _plot(out, plot)
+        try:
+            _plot(out, plot)
+        except OSError as err:
+            return _write_error("--plot", plot, err)
         if args.json != "-":
             print(f"plot: {plot}")
     return 0 if any(r["max_seq_len"] for r in out["modes"].values()) else 1  # 1: does not fit
