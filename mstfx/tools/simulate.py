@@ -687,7 +687,8 @@ def find_max_seq_len(
 
 
 def _interpolated_max(all_runs: dict[int, dict[str, Breakdown]], optimizer: str, budget: float) -> int:
-    """Longest S for another optimizer setup from the runs already made (piecewise-linear interpolation)."""
+    """Longest S for another optimizer setup from the runs already made (piecewise-linear interpolation);
+    0 where no run fits it (see :func:`_longest_for_setup` for what is known then)."""
     pts = sorted((s, bd[optimizer].total) for s, bd in all_runs.items())
     fit = [s for s, v in pts if v <= budget]
     if not fit:
@@ -702,6 +703,42 @@ def _interpolated_max(all_runs: dict[int, dict[str, Breakdown]], optimizer: str,
         (s1, v1), (s2, v2) = below[-1], (best, dict(pts)[best])
         return int(s2 + (budget - v2) * (s2 - s1) / (v2 - v1))  # extrapolated
     return best
+
+
+def _fixed_bytes(fm, optimizer: str, gpus: int) -> float:
+    """Bytes of a step of ``optimizer``'s setup that do not grow with S: parameters, every gradient (or
+    the one alive, grads freed as made) and optimizer state, as :func:`_breakdowns` counts them: the
+    peak as S → 0."""
+    state_bpp, grads_kept, _ = OPTIMIZERS[optimizer]
+    extra = fm.largest_module_bytes if gpus > 1 else 0.0
+    params = fm.param_bytes / gpus + 2 * extra
+    grads = fm.param_bytes / gpus + extra if grads_kept else fm.largest_param_bytes / gpus
+    return params + grads + state_bpp * fm.n_params / gpus
+
+
+def _longest_for_setup(all_runs: dict[int, dict[str, Breakdown]], optimizer: str, budget: float, fixed: float,
+                       quantum: int) -> tuple[int | None, str]:
+    """``(longest S, how it is known)`` of a setup that was not searched, from the runs made for another.
+
+    * a run fits it: interpolated between runs (or extrapolated past the longest), as before;
+    * else, its fixed bytes (``fixed``: the peak as S → 0) exceed the budget: 0, nothing fits;
+    * no run fits it, but runs exist: the peak is convex in S, so on [0, shortest run] it lies under the
+      chord from (0, ``fixed``) to the shortest run; where the chord meets the budget is a length that
+      fits (a lower bound, rounded down to ``quantum``);
+    * no run at all (the searched setup could not hold its own weights): not known, None.
+    """
+    pts = sorted((s, bd[optimizer].total) for s, bd in all_runs.items())
+    if any(v <= budget for _, v in pts):
+        best = _interpolated_max(all_runs, optimizer, budget)
+        return best, "extrapolated" if best > pts[-1][0] else "interpolated"
+    if fixed > budget:
+        return 0, "nothing fits: weights + gradients + optimizer state exceed the budget"
+    if not pts:
+        return None, "not run: the searched setup fits no length; rerun with --optimizer " + optimizer
+    s1, v1 = pts[0]
+    bound = int(s1 * (budget - fixed) / (v1 - fixed)) // quantum * quantum if v1 > fixed else 0
+    return bound, (f"at least: a lower bound below the shortest run (S = {s1}); rerun with --optimizer {optimizer} "
+                   "or a smaller --start for the longest S")
 
 
 # --------------------------------------------------------------------------------------------- cost model
@@ -847,6 +884,7 @@ def run_cli(args) -> dict:
         "seconds": round(elapsed, 1),
         "modes": {},
         "by_optimizer": {},
+        "by_optimizer_how": {},
     }
     for mode, r in results.items():
         out["modes"][mode] = {
@@ -858,10 +896,12 @@ def run_cli(args) -> dict:
             # host memory of each run (offloaded checkpoints + optimizer state kept there)
             "host_runs": [[s, round(all_runs[mode][s][args.optimizer].host / GiB, 3)] for s, _ in r.runs if s in all_runs[mode]],
         }
-        out["by_optimizer"][mode] = {
-            opt: (r.max_seq_len if opt == args.optimizer else _interpolated_max(all_runs[mode], opt, budget))
-            for opt in OPTIMIZERS
-        }
+        # the longest S of every other setup from the same runs, and how it is known (``_longest_for_setup``)
+        found = {opt: (r.max_seq_len, "searched") if opt == args.optimizer else
+                 _longest_for_setup(all_runs[mode], opt, budget, _fixed_bytes(fm, opt, args.gpus), args.quantum)
+                 for opt in OPTIMIZERS}
+        out["by_optimizer"][mode] = {opt: v for opt, (v, _) in found.items()}
+        out["by_optimizer_how"][mode] = {opt: how for opt, (_, how) in found.items()}
     std = out["modes"].get("standard", {}).get("max_seq_len")
     for mode in out["modes"]:
         m = out["modes"][mode]["max_seq_len"]
