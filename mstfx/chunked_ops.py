@@ -6,7 +6,10 @@ These are ordinary PyTorch functions.  AOT autograd traces straight through them
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -475,6 +478,12 @@ def linear_logprobs(
     return _LinearLogProbs.apply(h, weight, bias, target, ignore_index, tuple(transforms), chunks)
 
 
+def _finite_positive(value: Any) -> bool:
+    """A real number, finite and > 0; bools are not numbers here (``temperature=True`` is a mistake)."""
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+            and math.isfinite(float(value)) and float(value) > 0)
+
+
 def chunked_logprobs(
     hidden: torch.Tensor,
     lm_head,
@@ -504,6 +513,7 @@ def chunked_logprobs(
         temperature: divide logits by it (GRPO sampling temperature).
         logit_scale: multiply logits by it (Cohere, Granite's ``1/logits_scaling``).
         softcap: final-logit soft-capping ``c·tanh(z/c)`` (Gemma 2).
+        Each of the three is a finite positive number when given (ValueError otherwise; bools refused).
     Order of the transforms, as the models apply them: scale, soft-capping, then temperature.
 
     Exact: values and gradients (w.r.t. ``hidden``, the weight and the bias) equal
@@ -511,9 +521,10 @@ def chunked_logprobs(
     """
     if chunks is not None:
         positive_int("chunked_logprobs: chunks", chunks)
-    for name, value in (("temperature", temperature), ("softcap", softcap)):
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
-            raise ValueError(f"chunked_logprobs: {name} must be a positive number, got {value!r}")
+    for name, value in (("temperature", temperature), ("logit_scale", logit_scale), ("softcap", softcap)):
+        if value is not None and not _finite_positive(value):
+            raise ValueError(f"chunked_logprobs: {name} must be a finite positive number (a Python or NumPy "
+                             f"int/float, not a bool), got {value!r}")
     if isinstance(lm_head, torch.nn.Module):
         weight, bias = lm_head.weight, getattr(lm_head, "bias", None) if bias is None else bias
     else:

@@ -1,4 +1,4 @@
-"""The one options object of mstfx, validated when it is made."""
+"""The one options object of mstfx, validated when it is made and whenever a field is set."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ CHUNK_FORMS = ("loop", "unrolled", "compiled-once")
 
 @dataclass
 class MstConfig:
-    """Options of the ``mst`` backend.
+    """Options of the ``mst`` backend, checked when made and whenever a field is set (a bad value raises
+    ValueError and leaves the config as it was; a dict changed in place is not seen: assign a new one).
 
     Attributes:
         mini_sequences: the chunk knob, M.  An int: M for every chunked region; a dict: M per region
@@ -59,6 +60,31 @@ class MstConfig:
     chunk_form: str = "loop"
 
     def __post_init__(self) -> None:
+        if self.lm_head_chunks is not None:
+            _warn_lm_head_chunks(stacklevel=4)
+        self._check()
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A field set after construction is checked as at construction (and normalised the same way);
+        a bad value raises and leaves the config as it was."""
+        if not self.__dict__.get("_checked") or name not in self.__dataclass_fields__:
+            object.__setattr__(self, name, value)
+            return
+        if name == "lm_head_chunks" and value is not None:
+            _warn_lm_head_chunks(stacklevel=3)
+        before = dict(self.__dict__)
+        object.__setattr__(self, name, value)
+        try:
+            self._check()
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    def _check(self) -> None:
+        """Check every field (and the pairs that must agree); normalise ``mini_sequences`` and
+        ``skip_kinds``.  ValueError naming the field otherwise."""
         for name in ("chunk_mlp", "chunk_lm_head", "rewrite_attention", "offload_checkpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -67,12 +93,14 @@ class MstConfig:
                 f"region_chunks must map region names (e.g. 'model.layers.3.mlp') to M, got {self.region_chunks!r}"
             )
         if self.lm_head_chunks is not None:
-            warnings.warn(
-                "MstConfig(lm_head_chunks=M) is deprecated: use mini_sequences={'lm_head': M} (one chunk knob, "
-                "per region kind)", DeprecationWarning, stacklevel=3,
-            )
             positive_int("lm_head_chunks", self.lm_head_chunks, cap=MAX_USER_CHUNKS)
-        self.mini_sequences = check_mini_sequences(self.mini_sequences)
+        object.__setattr__(self, "mini_sequences", check_mini_sequences(self.mini_sequences))
+        asked = self.mini_sequences.get("lm_head") if isinstance(self.mini_sequences, dict) else None
+        if self.lm_head_chunks is not None and asked is not None and asked != self.lm_head_chunks:
+            raise ValueError(
+                f"lm_head_chunks={self.lm_head_chunks} and mini_sequences['lm_head']={asked} ask for different "
+                "M of the LM head; give it once: mini_sequences={'lm_head': M} (lm_head_chunks is deprecated)"
+            )
         positive_int("min_lm_head_chunk_tokens", self.min_lm_head_chunk_tokens)
         for key, val in self.region_chunks.items():
             positive_int(f"region_chunks[{key!r}]", val, cap=MAX_USER_CHUNKS)
@@ -81,7 +109,7 @@ class MstConfig:
         names = [k.name for k in REGION_KINDS]
         if isinstance(self.skip_kinds, str) or not all(k in names for k in self.skip_kinds):
             raise ValueError(f"skip_kinds must be a tuple of region kind names {names}, got {self.skip_kinds!r}")
-        self.skip_kinds = tuple(str(k) for k in self.skip_kinds)
+        object.__setattr__(self, "skip_kinds", tuple(str(k) for k in self.skip_kinds))
         if self.chunk_form not in CHUNK_FORMS:
             raise ValueError(f"chunk_form must be one of {CHUNK_FORMS}, got {self.chunk_form!r}")
         if self.compiler not in ("inductor", "aot_eager", "eager"):
@@ -115,6 +143,13 @@ class MstConfig:
         warnings.warn("MstConfig.lm_head_chunks_for is deprecated: use mini_sequences_for('lm_head', region)",
                       DeprecationWarning, stacklevel=2)
         return self.mini_sequences_for("lm_head", region)
+
+
+def _warn_lm_head_chunks(stacklevel: int) -> None:
+    warnings.warn(
+        "MstConfig(lm_head_chunks=M) is deprecated: use mini_sequences={'lm_head': M} (one chunk knob, "
+        "per region kind)", DeprecationWarning, stacklevel=stacklevel,
+    )
 
 
 def check_mini_sequences(value: Any, *, cap: int | None = MAX_USER_CHUNKS) -> int | dict[str, int] | None:

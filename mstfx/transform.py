@@ -48,8 +48,11 @@ from .planning.planner import (
     Plan,
     check_budget,
     check_margin,
+    _plan,
+    arch_of,
     longest_fitting,
     plan,
+    warn_past_positions,
 )
 from .compat import with_tracing_settings
 from .hf_checkpointing import can_checkpoint, disable_checkpointing, enable_checkpointing, is_checkpointing
@@ -136,11 +139,11 @@ def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, opts: dict, lo
     longest S any plan fits), else for ``seq_len`` itself (which raises, with that S, as it cannot fit)."""
     reach = min(top, longest)
     if reach >= seq_len:
-        try:
-            return plan(model, reach, budget_gb, **opts)
+        try:  # (a bucket's top may be past the model's position limit where its inputs are not: no warning)
+            return _plan(model, reach, budget_gb, **opts)
         except InfeasibleBudgetError:  # the solved longest S, rounded, may miss by a token
             pass
-    return plan(model, seq_len, budget_gb, **opts)
+    return _plan(model, seq_len, budget_gb, **opts)
 
 
 def _shape_of(args, kwargs) -> tuple[int | None, int | None]:
@@ -190,10 +193,16 @@ def transform(
     and only an input that cannot fit raises :class:`~mstfx.InfeasibleBudgetError` (before it runs).
     With it, the plan for ``seq_len`` is made now and must fit.  ``batch``: the batch size checked (and
     planned for, with ``seq_len``) now; inputs of another batch size get plans of their own as they
-    arrive (see the module doc).  ``optimizer``, ``mixed_precision`` and
+    arrive (see the module doc).  A length past the config's ``max_position_embeddings`` (``seq_len``,
+    or an input's) gives a UserWarning.  ``optimizer``, ``mixed_precision`` and
     ``margin`` (headroom on the predicted gradients + activations) and ``host_budget_gb`` (host memory for
     offloaded checkpoints, None = not limited) are as in :func:`mstfx.plan`; other keywords go to
     :class:`~mstfx.MstConfig`.
+
+    Called with labels, the transformed model returns ``logits=None`` with its loss: the logits are
+    never built (building them is the LM head's memory peak, which chunking removes).  Use
+    :func:`mstfx.chunked_logprobs` for per-token log-probabilities, or call the model without labels
+    (inference keeps its logits).
     """
     from .config import MstConfig, positive_int
 
@@ -215,7 +224,8 @@ def transform(
                 margin=margin, host_budget_gb=host_budget_gb)
     if max_chunks is not None:
         opts["max_chunks"] = max_chunks
-    top = plan(model, seq_len, budget_gb, **opts) if seq_len is not None else None  # raises before any change
+    # raises before any change; warns (from the caller's line) past the model's position limit
+    top = _plan(model, seq_len, budget_gb, **opts, positions_stacklevel=2) if seq_len is not None else None
     longest = longest_fitting(model, budget_gb, **opts)
     if longest < 1:
         plan(model, 1, budget_gb, **opts)  # raises with the numbers (parameters + optimizer state too large)
@@ -239,6 +249,8 @@ def transform(
         entry = state.buckets.get(key)
         if entry is None or entry[0].seq_len < s or entry[0].batch < n:
             p = state.plan_for(s, n)  # raises InfeasibleBudgetError for this B and S before anything runs
+            if seq_len is None or s > seq_len:  # the input's own length (not its bucket's top) past the limit
+                warn_past_positions(arch_of(model), s)
             if p.checkpointing and not is_checkpointing(model):
                 log.warning("mstfx.transform: B = %d, S = %d needs activation checkpointing within %.3g GiB; "
                             "enabling it (smaller inputs recompile once and are checkpointed too)", n, s, budget_gb)

@@ -5,7 +5,8 @@ embedded real-model configs and the small presets), a ``config.json`` path, a mo
 name in the local Hugging Face cache (never downloaded).  A bad one is a :class:`ConfigError` that
 names the file and the field, so both commands report it the same way (exit code 2).
 
-No torch or transformers import here except for the Hugging Face cache lookup (``--help`` stays fast).
+No torch or transformers import here except for the Hugging Face cache lookup and the ``model_type``
+check, both when a config is read (``--help`` stays fast).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ SIZE_FIELDS: list[tuple[tuple[str, ...], bool]] = [
 
 
 class ConfigError(ValueError):
-    """A model config that cannot be used: unknown name, unreadable file, not a JSON object, or a size
-    field that is missing or not a positive integer.  The message names the file and the field."""
+    """A model config that cannot be used: unknown name, unreadable file, not a JSON object, an unknown
+    ``model_type``, a size field that is missing or not a positive integer, or head counts that do not
+    divide.  The message names the file and the field."""
 
 
 def names() -> list[str]:
@@ -103,12 +105,26 @@ def flatten(d: dict) -> dict:
     return d
 
 
-def check(d: dict, label: str) -> dict:
-    """``d`` (flattened) if every size field is a positive integer; else a :class:`ConfigError` that
-    names ``label`` and the field."""
+def check(d: dict, label: str, *, require_model_type: bool = False, known_model_type: bool = True) -> dict:
+    """``d`` (flattened) if it describes a model both ``mstfx plan`` and ``mstfx simulate`` can use; else
+    a :class:`ConfigError` that names ``label`` and the field.  The one check of a model config:
+
+    * ``model_type``: required if ``require_model_type`` (simulate builds the model from it); when
+      given and ``known_model_type``, one transformers knows (a config object already built, e.g. a
+      model's own, is not asked: pass ``known_model_type=False``);
+    * every size field (:data:`SIZE_FIELDS`) a positive integer;
+    * the heads: without ``head_dim``, hidden a multiple of the attention heads; the attention heads a
+      multiple of the key/value heads (grouped-query attention).
+    """
     if not isinstance(d, dict):
         raise ConfigError(f"config {label} is a {type(d).__name__}, not a mapping of fields")
     d = flatten(d)
+    model_type = d.get("model_type")
+    if model_type is None and require_model_type:
+        raise ConfigError(f"config {label}: field 'model_type' is missing (is it a Hugging Face config.json?)")
+    if model_type is not None and known_model_type:
+        _check_model_type(model_type, label)
+    found = {}
     for spellings, required in SIZE_FIELDS:
         present = [k for k in spellings if d.get(k) is not None]
         if not present:
@@ -119,7 +135,42 @@ def check(d: dict, label: str) -> dict:
         value = d[key]
         if not is_positive_int(value):
             raise ConfigError(f"config {label}: field {key!r} must be a positive integer, got {value!r}")
+        found[spellings[0]] = (key, value)
+    (hkey, hidden), (nkey, heads) = found["hidden_size"], found["num_attention_heads"]
+    if "head_dim" not in found and hidden % heads:
+        raise ConfigError(
+            f"config {label}: {hkey} {hidden} is not a multiple of {nkey} {heads}; each head is hidden / heads "
+            "wide unless head_dim says otherwise (fix the sizes, or give head_dim)"
+        )
+    if "num_key_value_heads" in found and heads % found["num_key_value_heads"][1]:
+        raise ConfigError(
+            f"config {label}: {nkey} {heads} is not a multiple of num_key_value_heads "
+            f"{found['num_key_value_heads'][1]} (each key/value head serves a whole group of attention heads)"
+        )
     return d
+
+
+def _check_model_type(model_type: Any, label: str) -> None:
+    """A :class:`ConfigError` unless transformers knows ``model_type`` (its own or a registered one).  The
+    message is short: how many types there are, the close matches, and what to do."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError:  # pragma: no cover - transformers is a dependency; without it nothing is known
+        return
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    import difflib
+
+    import transformers
+
+    known = list(CONFIG_MAPPING.keys())
+    close = difflib.get_close_matches(str(model_type), known, n=5, cutoff=0.6)
+    hint = f"close matches: {', '.join(repr(c) for c in close)}" if close else "no close match"
+    raise ConfigError(
+        f"config {label}: unknown model_type {model_type!r}: transformers {transformers.__version__} knows "
+        f"{len(known)} model types ({hint}); fix model_type, or pass the model's own config.json (--config "
+        "PATH) with a model_type transformers knows"
+    )
 
 
 def load(source: Any) -> tuple[dict, str]:

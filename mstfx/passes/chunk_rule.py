@@ -78,6 +78,8 @@ def lm_head_chunks(
     mini_sequences: int | None = None,
     min_chunk_tokens: int = MIN_LM_HEAD_CHUNK_TOKENS,
 ) -> int:
-    """M of an LM head + loss: ``mini_sequences``, else ⌈vocab / hidden⌉ with chunks of at least
-    ``min_chunk_tokens`` tokens."""
-    return choose(tokens, mini_sequences, lambda n: lm_head_rule(n, hidden, vocab, min_chunk_tokens), "LM head")
+    """M of an LM head + loss: ``mini_sequences``, else ⌈vocab / hidden⌉ with no chunk shorter than
+    ``min_chunk_tokens`` tokens.  A dynamic count is held to the bound at the fewest tokens of its
+    bucket (:func:`_fewest_tokens`): the graph runs every count of the bucket with this M."""
+    fewest = _fewest_tokens(tokens)
+    return choose(tokens, mini_sequences, lambda n: lm_head_rule(fewest, hidden, vocab, min_chunk_tokens), "LM head")

@@ -48,19 +48,32 @@ def value_of(node: Any) -> Any:
     return node.meta.get("val")
 
 
-def module_path(node: fx.Node, *, strip_leaf: bool = False) -> str:
-    """Dotted module path from Dynamo's ``nn_module_stack`` (report only; never used for matching).
+#: Segments of a Dynamo module path that are wrappers, not modules of the user's model: a
+#: ``torch.compile``d module (``_orig_mod``; ``_torchdynamo_inline`` when its forward is inlined into an
+#: enclosing compile, e.g. ``mstfx.transform(torch.compile(model))``) and bound-method hops.
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_torchdynamo_inline", "__self__", "self"})
 
+
+def module_path(node: fx.Node, *, strip_leaf: bool = False) -> str:
+    """Dotted module path from Dynamo's ``nn_module_stack`` (report only; never used for matching),
+    as the user's model names it (``named_modules()``), so it can be given to ``region_chunks``.
+
+    Dynamo's source string is rewritten: the leading ``L['...']``/``G['...']`` goes; a module reached
+    through ``._modules['x']`` or ``.__dict__['_modules']['x']`` (PEFT's forwarding wrappers) is
+    ``.x``; ``[3]`` is ``.3``; wrapper segments (:data:`_WRAPPER_SEGMENTS`) are dropped.
     ``strip_leaf`` drops the innermost module, so a projection inside an MLP names the MLP block
     (``model.layers.0.mlp``)."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
-    path = re.sub(r"^[LG]\['[^']*'\]\.?", "", list(stack.values())[-1][0])
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"^[LG]\['[^']*'\]", "", list(stack.values())[-1][0])
     # a forward wrapped in closures (trainers' autocast wrappers, mstfx.drop_logits) reaches the module
     # through ``wrapper.__closure__[i].cell_contents ... __self__``
-    path = re.sub(r"^(\[\d+\]\.|__self__\.|self\.|_orig_mod\.|(\w+\.)?__closure__\[\d+\]\.cell_contents\.)+", "", path)
+    path = re.sub(r"^\.?((\w+\.)?__closure__\[\d+\]\.cell_contents\.?)+", "", path)
+    path = re.sub(r"^(\[\d+\])+", "", path)  # an element of a list/tuple input
+    path = re.sub(r"(?:__dict__\['_modules'\]|_modules)\['([^']*)'\]", r"\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = ".".join(p for p in path.split(".") if p and p not in _WRAPPER_SEGMENTS)
     return path.rsplit(".", 1)[0] if strip_leaf and "." in path else path
 
 

@@ -194,6 +194,10 @@ class Arch:
     #: expert width), and whether a sigmoid gate (an h → 1 projection) scales its output (Qwen2-MoE)
     shared_intermediate: int = 0
     shared_gate: bool = False
+    #: the longest sequence the config's positions cover (0: not given) and the field that says so
+    #: (``max_position_embeddings``, GPT-2's ``n_positions``); the planner warns past it
+    max_positions: int = 0
+    positions_field: str = "max_position_embeddings"
 
     @property
     def ups(self) -> int:

@@ -70,6 +70,7 @@ __all__ = [
     "longest_seq_len",
     "plan",
     "predict_peak",
+    "warn_past_positions",
 ]
 
 
@@ -169,8 +170,9 @@ def _module_structure(module: Any, hidden: int, inter: int, vocab: int, layers: 
     return out
 
 
-def _config_dict(source: Any) -> tuple[dict, int | None]:
-    """A config dict (and the exact parameter count if ``source`` is a module)."""
+def _config_dict(source: Any) -> tuple[dict, int | None, str]:
+    """A config dict (checked by ``mstfx.model_configs.source.check``, as ``mstfx simulate``'s), the exact
+    parameter count if ``source`` is a module, and a name for the model when the config has none."""
     params = None
     if hasattr(source, "parameters") and callable(source.parameters):  # an nn.Module
         seen = {id(p): p.numel() for p in source.parameters()}
@@ -178,14 +180,31 @@ def _config_dict(source: Any) -> tuple[dict, int | None]:
         cfg = getattr(source, "config", None)
         if cfg is None:
             raise TypeError("plan() needs a model with a Hugging Face-style .config (or pass a config)")
+        fallback = type(source).__name__
         source = cfg
-    if hasattr(source, "to_dict"):
-        return config_source.check(source.to_dict(), f"{type(source).__name__}"), params
+    else:
+        fallback = ""
+    if hasattr(source, "to_dict"):  # a config object that exists: its model_type need not be transformers'
+        label = type(source).__name__
+        return config_source.check(source.to_dict(), label, known_model_type=False), params, fallback or label
     if isinstance(source, dict):
-        return config_source.check(dict(source), "(dict)"), params
+        return config_source.check(dict(source), "(dict)"), params, fallback or "model (config dict)"
     if isinstance(source, (str, os.PathLike)):
-        return config_source.load(source)[0], params
+        d, label = config_source.load(source)
+        path = os.fspath(source)
+        stem = os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "config.json" else path
+        return d, params, fallback or os.path.splitext(os.path.basename(stem.rstrip(os.sep)))[0] or label
     raise TypeError(f"expected an nn.Module, a config (dict or HF config) or a path/name, got {type(source).__name__}")
+
+
+def _headless(architectures: Any) -> bool:
+    """Whether a config's ``architectures`` names only classes without a language-model head (a backbone
+    such as ``LlamaModel``, a classifier): none of them a causal/masked LM (``...ForCausalLM``,
+    ``...LMHeadModel``, ``...ForMaskedLM``) or a generator (``...ForConditionalGeneration``).  Read from
+    the config (what the model *is*), never matched against a model's module classes."""
+    if not isinstance(architectures, (list, tuple)) or not architectures:
+        return False
+    return not any("LM" in str(a) or "ConditionalGeneration" in str(a) for a in architectures)
 
 
 def _plain_causal(d: dict) -> bool:
@@ -203,7 +222,7 @@ def arch_of(source: Any) -> cm.Arch:
     """:class:`~mstfx.planning.cost_model.Arch` of a model, HF config, config dict, config path or name."""
     if isinstance(source, cm.Arch):
         return source
-    d, params = _config_dict(source)  # checked: every size field present is a positive integer
+    d, params, fallback_name = _config_dict(source)  # checked: every size field present is a positive integer
 
     def get(*keys, default=None):
         for k in keys:
@@ -223,7 +242,7 @@ def arch_of(source: Any) -> cm.Arch:
     # is read as a causal LM, gated unless its hidden_act / model type says a plain MLP
     structure = _module_structure(source, int(h), int(inter), int(vocab), int(layers)) if params is not None else {}
     gated = structure.get("gated", mtype not in _UNGATED)
-    lm_head = structure.get("lm_head", True)
+    lm_head = structure.get("lm_head", not _headless(d.get("architectures")))
     attn_impl = get("_attn_implementation", "attn_implementation", default="sdpa")
     experts = _int(get("num_local_experts", "num_experts", "n_routed_experts", default=0))
     expert_inter = _int(get("moe_intermediate_size", default=inter))
@@ -238,9 +257,39 @@ def arch_of(source: Any) -> cm.Arch:
         experts=experts,
         experts_per_token=_int(get("num_experts_per_tok", "moe_topk", default=0)),
         expert_intermediate=expert_inter,
-        name=str(get("_name_or_path", default=mtype) or mtype),
+        name=str(get("_name_or_path", default=mtype) or mtype or fallback_name),
         moe_layers=moe_layers, shared_intermediate=shared, shared_gate=shared_gate,
+        **_positions(d),
     )
+
+
+#: config fields that give the longest sequence a model's positions cover, in the order read
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def _positions(d: dict) -> dict:
+    """``max_positions`` / ``positions_field`` of :class:`~mstfx.planning.cost_model.Arch` from a config."""
+    for key in POSITION_FIELDS:
+        value = d.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return dict(max_positions=value, positions_field=key)
+    return {}
+
+
+def warn_past_positions(arch: cm.Arch, seq_len: int, stacklevel: int = 2) -> None:
+    """A UserWarning when ``seq_len`` is past the model's position limit (the config's
+    ``max_position_embeddings``): the plan's memory holds, but the model was not made for that length
+    (learned position embeddings have no row for it; RoPE models extrapolate, often badly)."""
+    if arch.max_positions and seq_len > arch.max_positions:
+        import warnings
+
+        warnings.warn(
+            f"mstfx: S = {seq_len} is past the model's {arch.positions_field} = {arch.max_positions} "
+            f"({arch.name or 'the config'}); the plan is for memory only: a model with learned positions fails "
+            "there and RoPE models are untested past it (raise the limit in the config, e.g. with RoPE scaling, "
+            "if that is what you mean)",
+            UserWarning, stacklevel=stacklevel + 1,
+        )
 
 
 def _int(value: Any) -> int:
@@ -298,7 +347,7 @@ class Breakdown:
 
 
 def default_chunks(arch: cm.Arch, tokens: int) -> tuple[int, int]:
-    """M of the backend's default rules (``mstfx.regions.rules``): MLP ⌈t/h⌉, LM head ⌈V/h⌉ (≥256 tokens),
+    """M of the backend's default rules (``mstfx.regions.rules``): MLP ⌈t/h⌉, LM head ⌈V/h⌉ (no chunk under 256 tokens),
     capped at the tokens as the backend does."""
     mlp = min(rules.mlp_rule(tokens, arch.hidden), tokens)
     head = min(rules.lm_head_rule(tokens, arch.hidden, arch.vocab), tokens)
@@ -407,7 +456,7 @@ def predict_peak(
     chunked, _ = cm.mode_flags(mode)
     d_mlp, d_head = default_chunks(arch, seq_len * batch)
     m_mlp = (want_mlp or d_mlp) if chunked else 1
-    m_head = (want_head or d_head) if chunked else 1
+    m_head = (want_head or d_head) if chunked and arch.lm_head else 1  # a backbone has no LM head to chunk
     cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program, chunk_form)
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
@@ -657,10 +706,21 @@ def plan(
     kept there (None: not limited); ``allow_offload``: whether checkpoints may go to host memory at
     all (needs ``allow_checkpointing``); ``pcie_gbps``: the bandwidth (GB/s) the plan's transfer time
     is computed with.
+    Warns (UserWarning) when ``seq_len`` is past the config's ``max_position_embeddings``.
     Raises ValueError for a bad budget/length/option, :class:`InfeasibleBudgetError` when even the
     maximal plan does not fit, :class:`InfeasibleHostBudgetError` when only a plan needing more host
     memory than ``host_budget_gb`` fits the GPU.
     """
+    return _plan(model_or_config, seq_len, budget_gb, batch, optimizer, mixed_precision, max_chunks,
+                 allow_checkpointing, margin, host_budget_gb, allow_offload, pcie_gbps, positions_stacklevel=2)
+
+
+def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed_precision=None,
+          max_chunks=MAX_CHUNKS, allow_checkpointing=True, margin=MARGIN, host_budget_gb=None, allow_offload=True,
+          pcie_gbps=offload.DEFAULT_PCIE_GBPS, *, positions_stacklevel: int | None = None) -> Plan:
+    """:func:`plan`; ``positions_stacklevel``: warn past the model's position limit
+    (:func:`warn_past_positions`), attributed as ``warnings.warn(stacklevel=...)`` would be from the
+    caller of this function (2: that caller's caller); None: do not warn."""
     setup = optimizer
     host_budget = None if host_budget_gb is None else check_budget(host_budget_gb)
     pcie_gbps = offload.check_gbps(pcie_gbps)
@@ -673,6 +733,8 @@ def plan(
     mixed_precision = precision_of(model_or_config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     arch = arch_of(model_or_config)
+    if positions_stacklevel is not None:
+        warn_past_positions(arch, seq_len, positions_stacklevel + 1)
     tokens = seq_len * batch
     cap = max(1, min(max_chunks, tokens))
 

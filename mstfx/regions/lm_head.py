@@ -2,7 +2,7 @@
 
 Found by ``mstfx.passes.find_lm_head``, rewritten by ``mstfx.passes.rewrite_lm_head`` into the fused,
 chunked linear cross-entropy (no recompute: each chunk's gradients are made in forward), M by
-⌈vocab / hidden⌉ with chunks of at least 256 tokens; its cost terms are built into the cost model.
+⌈vocab / hidden⌉ with no chunk shorter than 256 tokens; its cost terms are built into the cost model.
 At M = 1 it is still rewritten: the fused loss keeps no logits for backward.
 """
 

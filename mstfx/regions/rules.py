@@ -9,7 +9,7 @@ size, so its tokens×intermediate activations shrink to about hidden×intermedia
 ``M = ⌈tokens / hidden⌉``; the LM head uses ``M = ⌈vocab / hidden⌉`` so that one chunk's logits
 (tokens/M × vocab) are about the size of the hidden states (tokens × hidden).
 
-One refinement for the LM head: a chunk keeps at least :data:`MIN_LM_HEAD_CHUNK_TOKENS` tokens.  Each
+One refinement for the LM head: no chunk is shorter than :data:`MIN_LM_HEAD_CHUNK_TOKENS` tokens.  Each
 LM-head chunk adds one pass over the vocab×hidden weight-gradient accumulator, so tiny chunks cost time
 for no memory gain once the chunk's logits are small next to the rest of the step (measured on the
 reference CPU config: M = 63 and M = 16 give the same peak, M = 16 is faster).  At long sequences the
@@ -31,5 +31,7 @@ def mlp_rule(tokens: int, hidden: int) -> int:
 
 
 def lm_head_rule(tokens: int, hidden: int, vocab: int, min_chunk_tokens: int = MIN_LM_HEAD_CHUNK_TOKENS) -> int:
-    """``⌈vocab / hidden⌉``, but chunks of at least ``min_chunk_tokens`` tokens."""
-    return max(1, min(math.ceil(vocab / hidden), math.ceil(tokens / max(1, min_chunk_tokens))))
+    """``⌈vocab / hidden⌉``, but no chunk shorter than ``min_chunk_tokens`` tokens:
+    ``M ≤ ⌊tokens / min_chunk_tokens⌋`` (513 tokens: 2 chunks of 257 and 256, not 3 of 171), and
+    1 when the tokens are fewer than the minimum."""
+    return max(1, min(math.ceil(vocab / hidden), tokens // max(1, min_chunk_tokens)))

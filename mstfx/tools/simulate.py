@@ -97,9 +97,7 @@ def load_config(model: str | None = None, config_path: str | None = None):
     given = model if model is not None else config_path
     try:
         data, label = source.read(given)
-        if "model_type" not in data:
-            raise SimulateError(f"config {label}: field 'model_type' is missing (is it a Hugging Face config.json?)")
-        source.check(data, label)
+        source.check(data, label, require_model_type=True)  # the checks mstfx plan makes, and model_type
     except source.ConfigError as err:
         raise SimulateError(str(err)) from None
     data = dict(data)
@@ -107,7 +105,8 @@ def load_config(model: str | None = None, config_path: str | None = None):
     try:
         cfg = AutoConfig.for_model(model_type, **data)
     except Exception as err:
-        raise SimulateError(f"config {label}: transformers cannot build a {model_type!r} config: {err}") from None
+        text = str(err) if len(str(err)) <= 500 else str(err)[:500] + " ..."
+        raise SimulateError(f"config {label}: transformers cannot build a {model_type!r} config: {text}") from None
     cfg._mstfx_name = MODEL_ALIASES.get(given.lower(), Path(given).stem) if isinstance(given, str) else Path(given).stem
     return cfg
 
@@ -691,7 +690,8 @@ def find_max_seq_len(
 
 
 def _interpolated_max(all_runs: dict[int, dict[str, Breakdown]], optimizer: str, budget: float) -> int:
-    """Longest S for another optimizer setup from the runs already made (piecewise-linear interpolation)."""
+    """Longest S for another optimizer setup from the runs already made (piecewise-linear interpolation);
+    0 where no run fits it (see :func:`_longest_for_setup` for what is known then)."""
     pts = sorted((s, bd[optimizer].total) for s, bd in all_runs.items())
     fit = [s for s, v in pts if v <= budget]
     if not fit:
@@ -706,6 +706,42 @@ def _interpolated_max(all_runs: dict[int, dict[str, Breakdown]], optimizer: str,
         (s1, v1), (s2, v2) = below[-1], (best, dict(pts)[best])
         return int(s2 + (budget - v2) * (s2 - s1) / (v2 - v1))  # extrapolated
     return best
+
+
+def _fixed_bytes(fm, optimizer: str, gpus: int) -> float:
+    """Bytes of a step of ``optimizer``'s setup that do not grow with S: parameters, every gradient (or
+    the one alive, grads freed as made) and optimizer state, as :func:`_breakdowns` counts them: the
+    peak as S → 0."""
+    state_bpp, grads_kept, _ = OPTIMIZERS[optimizer]
+    extra = fm.largest_module_bytes if gpus > 1 else 0.0
+    params = fm.param_bytes / gpus + 2 * extra
+    grads = fm.param_bytes / gpus + extra if grads_kept else fm.largest_param_bytes / gpus
+    return params + grads + state_bpp * fm.n_params / gpus
+
+
+def _longest_for_setup(all_runs: dict[int, dict[str, Breakdown]], optimizer: str, budget: float, fixed: float,
+                       quantum: int) -> tuple[int | None, str]:
+    """``(longest S, how it is known)`` of a setup that was not searched, from the runs made for another.
+
+    * a run fits it: interpolated between runs (or extrapolated past the longest), as before;
+    * else, its fixed bytes (``fixed``: the peak as S → 0) exceed the budget: 0, nothing fits;
+    * no run fits it, but runs exist: the peak is convex in S, so on [0, shortest run] it lies under the
+      chord from (0, ``fixed``) to the shortest run; where the chord meets the budget is a length that
+      fits (a lower bound, rounded down to ``quantum``);
+    * no run at all (the searched setup could not hold its own weights): not known, None.
+    """
+    pts = sorted((s, bd[optimizer].total) for s, bd in all_runs.items())
+    if any(v <= budget for _, v in pts):
+        best = _interpolated_max(all_runs, optimizer, budget)
+        return best, "extrapolated" if best > pts[-1][0] else "interpolated"
+    if fixed > budget:
+        return 0, "nothing fits: weights + gradients + optimizer state exceed the budget"
+    if not pts:
+        return None, "not run: the searched setup fits no length; rerun with --optimizer " + optimizer
+    s1, v1 = pts[0]
+    bound = int(s1 * (budget - fixed) / (v1 - fixed)) // quantum * quantum if v1 > fixed else 0
+    return bound, (f"at least: a lower bound below the shortest run (S = {s1}); rerun with --optimizer {optimizer} "
+                   "or a smaller --start for the longest S")
 
 
 # --------------------------------------------------------------------------------------------- cost model
@@ -758,7 +794,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="mstfx simulate",
         description="Longest sequence that trains on a GPU of a given size: the real HF model run under "
         "FakeTensor + MemTracker (no weights, no GPU), in four modes. Memory is in GiB (2**30 bytes).",
-        epilog="exit status: 0 done, 1 nothing fits in any requested mode, 2 bad input (unknown model, bad config or option)",
+        epilog="exit status: 0 done, 1 nothing fits in any requested mode, 2 bad input (unknown model, bad config or "
+        "option, an output path that cannot be written: checked before the run)",
     )
     src = p.add_mutually_exclusive_group(required=True)
     names = ", ".join(source.names())
@@ -850,6 +887,7 @@ def run_cli(args) -> dict:
         "seconds": round(elapsed, 1),
         "modes": {},
         "by_optimizer": {},
+        "by_optimizer_how": {},
     }
     for mode, r in results.items():
         out["modes"][mode] = {
@@ -861,10 +899,12 @@ def run_cli(args) -> dict:
             # host memory of each run (offloaded checkpoints + optimizer state kept there)
             "host_runs": [[s, round(all_runs[mode][s][args.optimizer].host / GiB, 3)] for s, _ in r.runs if s in all_runs[mode]],
         }
-        out["by_optimizer"][mode] = {
-            opt: (r.max_seq_len if opt == args.optimizer else _interpolated_max(all_runs[mode], opt, budget))
-            for opt in OPTIMIZERS
-        }
+        # the longest S of every other setup from the same runs, and how it is known (``_longest_for_setup``)
+        found = {opt: (r.max_seq_len, "searched") if opt == args.optimizer else
+                 _longest_for_setup(all_runs[mode], opt, budget, _fixed_bytes(fm, opt, args.gpus), args.quantum)
+                 for opt in OPTIMIZERS}
+        out["by_optimizer"][mode] = {opt: v for opt, (v, _) in found.items()}
+        out["by_optimizer_how"][mode] = {opt: how for opt, (_, how) in found.items()}
     std = out["modes"].get("standard", {}).get("max_seq_len")
     for mode in out["modes"]:
         m = out["modes"][mode]["max_seq_len"]
@@ -961,7 +1001,13 @@ def _compare_cli(args) -> int:
     rows = compare_with_cost_model(config, lens, modes, args.batch)
     if args.json is not None:
         text = json.dumps({"model": config._mstfx_name, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}, indent=2)
-        print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+        if args.json == "-":
+            print(text)
+        else:
+            try:
+                Path(args.json).write_text(text + "\n")
+            except OSError as err:
+                return _write_error("--json", args.json, err)
     if args.json != "-":
         from rich.console import Console
         from rich.table import Table
@@ -975,6 +1021,31 @@ def _compare_cli(args) -> int:
     return 0
 
 
+def _check_outputs(args) -> None:
+    """Every file the run will write (``--json``, ``--plot`` or the default plot in the current
+    directory) is writable: a SimulateError (exit 2) now rather than a failure after the run."""
+    import os
+
+    from .output_paths import check_writable
+
+    paths = {"--json": args.json}
+    if not args.compare_cost_model:
+        if args.plot is None:
+            if not os.access(os.getcwd(), os.W_OK):
+                raise SimulateError(f"cannot write the default plot into the current directory {os.getcwd()}: "
+                                    "no permission; give --plot PATH, or --plot none")
+        elif args.plot.lower() != "none":
+            paths["--plot"] = args.plot
+    problem = check_writable(paths)
+    if problem is not None:
+        raise SimulateError(problem)
+
+
+def _write_error(option: str, path: str, err: OSError) -> int:
+    print(f"mstfx simulate: error: cannot write {option} {path}: {err.strerror or err}", file=sys.stderr)
+    return 2
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -982,6 +1053,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed the message; exit code 2 on errors
         return int(e.code or 0)
     try:
+        _check_outputs(args)
         if args.compare_cost_model:
             return _compare_cli(args)
         out = run_cli(args)
@@ -993,7 +1065,10 @@ def cli_main(argv: list[str] | None = None) -> int:
         if args.json == "-":
             print(text)
         else:
-            Path(args.json).write_text(text + "\n")
+            try:
+                Path(args.json).write_text(text + "\n")
+            except OSError as err:  # checked before the run; something changed since
+                return _write_error("--json", args.json, err)
     if args.json != "-":
         _print_table(out)
     plot = args.plot if args.plot is not None else default_plot_name(out)
@@ -1002,7 +1077,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     elif not any(r["max_seq_len"] for r in out["modes"].values()):
         print(f"no plot: no mode fits {out['gpu_gib']:g} GiB at any length, nothing to draw", file=sys.stderr)
     else:
-        _plot(out, plot)
+        try:
+            _plot(out, plot)
+        except OSError as err:
+            return _write_error("--plot", plot, err)
         if args.json != "-":
             print(f"plot: {plot}")
     return 0 if any(r["max_seq_len"] for r in out["modes"].values()) else 1  # 1: does not fit

@@ -413,6 +413,13 @@ def cli_sweep(args, configs: dict) -> int:
     if args.plot_only and not args.data:
         print("mstfx bench: --plot-only needs --data (the JSON of an earlier sweep)", file=sys.stderr)
         return 2
+    from .output_paths import check_writable
+
+    # checked before measuring (minutes); both writers create missing directories
+    problem = check_writable({"--plot": args.plot, "--data": None if args.plot_only else args.data}, make_dirs=True)
+    if problem is not None:
+        print(f"mstfx bench: {problem}", file=sys.stderr)
+        return 2
     meta = {"config": args.config}
     try:
         if args.plot_only:
