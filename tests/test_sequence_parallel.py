@@ -245,3 +245,9 @@ def test_heads_not_divisible_are_refused():
     with pytest.raises(SequenceParallelError, match="6 query heads are not divisible by the sequence-parallel group size 4"):
         check_heads(6, 2, 4)
     check_heads(8, 2, 4)  # fewer K/V heads per rank than one: repeated at run time, accepted
+
+
+def test_module_reachable_from_the_package():
+    import mstfx
+
+    assert mstfx.sequence_parallel.shard_batch is __import__("mstfx.sequence_parallel").sequence_parallel.shard_batch
