@@ -34,11 +34,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 # --------------------------------------------------------------------------------------------------
 # Process plumbing (as in test_distributed.py; the workers are looked up in this module)
 # --------------------------------------------------------------------------------------------------
-def _entry(rank: int, worker_name: str, port: int, outdir: str, kwargs: dict) -> None:
+def _entry(rank: int, worker_name: str, port: int, outdir: str, kwargs: dict, world: int) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
         try:
             result = globals()[worker_name](rank, **kwargs)
@@ -51,7 +51,7 @@ def _entry(rank: int, worker_name: str, port: int, outdir: str, kwargs: dict) ->
         sys.exit(1)
 
 
-def run_workers(worker_name: str, tmp_path, **kwargs) -> list[dict]:
+def run_workers(worker_name: str, tmp_path, world: int = WORLD, **kwargs) -> list[dict]:
     import torch.multiprocessing as mp
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -60,7 +60,7 @@ def run_workers(worker_name: str, tmp_path, **kwargs) -> list[dict]:
     env_before = os.environ.get("GLOO_SOCKET_IFNAME")
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     try:
-        ctx = mp.start_processes(_entry, args=(worker_name, _free_port(), str(tmp_path), kwargs), nprocs=WORLD,
+        ctx = mp.start_processes(_entry, args=(worker_name, _free_port(), str(tmp_path), kwargs, world), nprocs=world,
                                  join=False, start_method="spawn")
     finally:
         if env_before is None:
@@ -72,7 +72,7 @@ def run_workers(worker_name: str, tmp_path, **kwargs) -> list[dict]:
     try:
         while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
             if time.monotonic() > deadline:
-                problem = f"{worker_name}: 2-process run did not finish in {RUN_TIMEOUT_S:.0f}s"
+                problem = f"{worker_name}: {world}-process run did not finish in {RUN_TIMEOUT_S:.0f}s"
                 break
     except Exception as err:
         problem = f"{worker_name}: {type(err).__name__}: {err}"
@@ -82,7 +82,7 @@ def run_workers(worker_name: str, tmp_path, **kwargs) -> list[dict]:
                 p.kill()
                 p.join(5)
     results, errors = [], []
-    for rank in range(WORLD):
+    for rank in range(world):
         path = tmp_path / f"rank{rank}.pt"
         res = torch.load(path, weights_only=False) if path.exists() else {"error": "wrote no result"}
         if "error" in res:
@@ -136,7 +136,7 @@ def _sp_worker(rank: int, arch: str, checkpointing: bool) -> dict:
     ref_loss = reference(input_ids=ids, labels=labels).loss
     ref_loss.backward()
 
-    group = dist.new_group(list(range(WORLD)))
+    group = dist.new_group(list(range(dist.get_world_size())))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -152,9 +152,9 @@ def _sp_worker(rank: int, arch: str, checkpointing: bool) -> dict:
                       for r in backend_of(model).reports for d in r.decisions],
         "errors": [r.error for r in backend_of(model).reports],
     }
-    if arch == "llama":
+    if arch == "llama" and dist.get_world_size() == WORLD:
         out["gqa_repeat"] = _gqa_repeat_check(rank, group)
-    else:
+    elif arch == "gpt2":
         out["refused"] = {
             "padding": _error(lambda: shard_batch(ids, labels, group, attention_mask=_left_padded(ids))),
             "odd_length": _error(lambda: shard_batch(ids[:, :-1], labels[:, :-1], group)),
@@ -204,7 +204,7 @@ def _odd_heads_model(group) -> None:
 # --------------------------------------------------------------------------------------------------
 # Tests
 # --------------------------------------------------------------------------------------------------
-def _check(results: list[dict]) -> None:
+def _check(results: list[dict], split_as: str = "Ulysses all-to-all, 2 of 4 heads per rank over 32×2 tokens") -> None:
     for res in results:
         torch.testing.assert_close(res["loss"], res["ref_loss"], rtol=1e-5, atol=1e-6)
         assert res["grads"].keys() == res["ref_grads"].keys()
@@ -214,7 +214,7 @@ def _check(results: list[dict]) -> None:
         kinds = {(kind, action) for kind, _, action, _, _ in res["decisions"]}
         assert ("mlp", "chunked") in kinds and ("lm_head", "chunked") in kinds, res["decisions"]
         split = [d for d in res["decisions"] if d[0] == "attention" and d[2] == "rewritten"]
-        assert len(split) == 2 and all("Ulysses all-to-all, 2 of 4 heads per rank over 32×2 tokens" in d[4]
+        assert len(split) == 2 and all(split_as in d[4]
                                        for d in split), res["decisions"]
 
 
@@ -224,6 +224,12 @@ def test_llama_gqa_checkpointed_matches_single_process(tmp_path):
     for res in results:  # the checkpointed layers traced whole (one graph): MLPs and attention in their bodies
         assert len(res["errors"]) == 1, res["decisions"]
     assert all(r["gqa_repeat"] < 1e-5 for r in results), [r["gqa_repeat"] for r in results]
+
+
+def test_four_ranks_repeat_kv_heads(tmp_path):
+    """4 ranks, 2 K/V heads: each K/V head is repeated for its query heads, then split (1 head per rank)."""
+    results = run_workers("_sp_worker", tmp_path, world=4, arch="llama", checkpointing=False)
+    _check(results, "Ulysses all-to-all, 1 of 4 heads per rank over 16×4 tokens (is_causal=True; 2 K/V heads repeated to 4")
 
 
 def test_gpt2_tied_matches_single_process_and_refusals(tmp_path):
