@@ -14,8 +14,9 @@ one more all-to-all brings the output back to ``[B, H, S/N, D]``.  Everything el
 loss, chunked by mst) runs per rank on its own S/N tokens.  Grouped-query K/V are split by their own
 heads when N divides them; otherwise each K/V head is repeated for its query heads first (exact,
 more K/V traffic).  Refused (:class:`SequenceParallelError`): H not divisible by N, an attention that
-keeps a mask (padding, sliding windows, a caller's 4-D mask), and at run time inputs that fail the
-causal check of the attention rewrite (padding).
+keeps a mask (padding, sliding windows, a caller's 4-D mask), attention computed without SDPA (a
+softmax or flex attention in the graph: ``attn_implementation="eager"``), and at run time inputs that
+fail the causal check of the attention rewrite (padding).
 
 **Positions and loss.**  :func:`shard_batch` takes the *full* batch (every rank of the group holds
 it) and returns this rank's slice with the tokens' global ``position_ids`` and labels shifted over

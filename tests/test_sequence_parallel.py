@@ -158,7 +158,8 @@ def _sp_worker(rank: int, arch: str, checkpointing: bool) -> dict:
         out["refused"] = {
             "padding": _error(lambda: shard_batch(ids, labels, group, attention_mask=_left_padded(ids))),
             "odd_length": _error(lambda: shard_batch(ids[:, :-1], labels[:, :-1], group)),
-            "heads": _error(lambda: _odd_heads_model(group)),
+            "heads": _error(lambda: _small_gpt2(group, heads=3)),
+            "eager_attention": _error(lambda: _small_gpt2(group, heads=2, attention="eager")),
             "padding_at_run_time": _error(lambda: model(**batch, attention_mask=_left_padded(batch["input_ids"]))),
         }
     return out
@@ -188,13 +189,13 @@ def _gqa_repeat_check(rank: int, group) -> float:
     return float(diff.detach())
 
 
-def _odd_heads_model(group) -> None:
-    """3 query heads on 2 ranks: refused when the graph is compiled."""
+def _small_gpt2(group, heads: int, attention: str = "sdpa") -> None:
+    """One call of a 1-layer GPT-2 compiled with sequence parallelism (refused cases: compile raises)."""
     import mstfx
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=64, n_embd=24, n_layer=1, n_head=3, n_positions=64, use_cache=False,
-                     attn_implementation="sdpa")
+    cfg = GPT2Config(vocab_size=64, n_embd=24, n_layer=1, n_head=heads, n_positions=64, use_cache=False,
+                     attn_implementation=attention)
     model = GPT2LMHeadModel(cfg)
     model.loss_type = "ForCausalLM"
     mstfx.compile(model, sequence_parallel=group, compiler="aot_eager")
@@ -239,6 +240,7 @@ def test_gpt2_tied_matches_single_process_and_refusals(tmp_path):
     assert "SequenceParallelError" in refused["padding"] and "attention_mask has zeros" in refused["padding"]
     assert "SequenceParallelError" in refused["odd_length"] and "63" in refused["odd_length"]
     assert "3 query heads are not divisible" in refused["heads"] and "size 2" in refused["heads"]
+    assert "splits scaled_dot_product_attention calls only" in refused["eager_attention"], refused["eager_attention"]
     assert "SequenceParallelError" in refused["padding_at_run_time"] and "all-ones" in refused["padding_at_run_time"]
 
 

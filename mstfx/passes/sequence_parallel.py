@@ -63,13 +63,35 @@ def _rewrite_one(sdpa: fx.Node, group_name: str, world: int) -> RegionDecision:
     return RegionDecision("attention", where, "rewritten", "sequence parallel", tokens=f"{tokens}×{world}", detail=detail)
 
 
+_SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
+
+
+def _other_attention(owner: fx.GraphModule) -> fx.Node | None:
+    """A softmax or flex attention call: attention computed without SDPA (e.g. ``attn_implementation="eager"``)."""
+    for n in owner.graph.nodes:
+        if (n.op == "call_function" and (n.target in _SOFTMAX or "flex_attention" in getattr(n.target, "__name__", ""))) \
+                or (n.op == "call_method" and n.target == "softmax"):
+            return n
+    return None
+
+
 def rewrite_sequence_parallel(main: fx.GraphModule, bodies: list[fx.GraphModule], group: Any) -> list[RegionDecision]:
-    """Replace every SDPA call of ``main`` and ``bodies`` by Ulysses attention over ``group``."""
+    """Replace every SDPA call of ``main`` and ``bodies`` by Ulysses attention over ``group``.  A graph
+    without SDPA but with a softmax or flex attention is refused: that attention would see one shard."""
     import torch.distributed as dist
 
     world, group_name = dist.get_world_size(group), group.group_name
+    owners = [main, *bodies]
+    if not any(n.op == "call_function" and n.target in SDPA_FUNCS for o in owners for n in o.graph.nodes):
+        other = next((n for n in map(_other_attention, owners) if n is not None), None)
+        if other is not None:
+            raise SequenceParallelError(
+                f"sequence parallelism splits scaled_dot_product_attention calls only; this graph computes a softmax "
+                f"or flex attention ({module_path(other) or other.name}) without one (load the model with "
+                "attn_implementation='sdpa')"
+            )
     decisions = []
-    for owner in [main, *bodies]:
+    for owner in owners:
         calls = [n for n in owner.graph.nodes if n.op == "call_function" and n.target in SDPA_FUNCS]
         for sdpa in calls:
             decisions.append(_rewrite_one(sdpa, group_name, world))
