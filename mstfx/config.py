@@ -91,7 +91,8 @@ class MstConfig:
         if self.sequence_parallel is not None:
             import torch.distributed as dist
 
-            if not isinstance(self.sequence_parallel, dist.ProcessGroup):
+            group_type = getattr(dist, "ProcessGroup", None)
+            if group_type is None or not isinstance(self.sequence_parallel, group_type):
                 raise ValueError(f"sequence_parallel must be a torch.distributed ProcessGroup or None, got "
                                  f"{self.sequence_parallel!r}")
         if self.compiler not in ("inductor", "aot_eager", "eager"):
