@@ -35,10 +35,14 @@ _EXPORTS = {
     "transform": ".transform",
     "untransform": ".transform",
 }
+#: submodules reachable as attributes without an import of their own (``mstfx.sequence_parallel.shard_batch``)
+_SUBMODULES = ("sequence_parallel",)
 __all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'mstfx' has no attribute {name!r}")

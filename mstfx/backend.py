@@ -193,7 +193,7 @@ class MstBackend:
         try:
             new_gm, report = run_passes(gm, example_inputs, self.config, -1)
         except Exception as err:  # a bug in analysis must not break the user's training
-            if _is_dynamo_control_flow(err):
+            if _is_dynamo_control_flow(err) or self.config.sequence_parallel is not None:
                 raise
             log.warning("mstfx: analysis failed (%s); compiling the graph unchanged", err, exc_info=True)
             new_gm, report = gm, GraphReport(-1, error=f"analysis failed: {type(err).__name__}: {err}")
@@ -206,8 +206,9 @@ class MstBackend:
                 if mask_guard is not None:
                     compiled = GuardedGraph(mask_guard, compiled, compiler, example_inputs)
             except Exception as err:
-                if _is_dynamo_control_flow(err):
-                    raise  # e.g. TensorifyScalarRestartAnalysis: Dynamo re-traces and calls us again
+                if _is_dynamo_control_flow(err) or self.config.sequence_parallel is not None:
+                    raise  # e.g. TensorifyScalarRestartAnalysis: Dynamo re-traces and calls us again; under
+                    # sequence parallelism the unchanged graph would attend within each rank's shard only
                 log.warning("mstfx: compiling the rewritten graph failed (%s); compiling it unchanged", err, exc_info=True)
                 report.roll_back(f"compile of rewritten graph failed: {type(err).__name__}: {err}")
         if compiled is None:

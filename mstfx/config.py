@@ -45,6 +45,9 @@ class MstConfig:
             Inductor fuses (compile work grows with M); ``"compiled-once"`` (experimental, MLPs only)
             one ``invoke_subgraph`` body called M times.  The ``eager`` compiler always runs each
             chunk under ``torch.utils.checkpoint``.
+        sequence_parallel: a ``torch.distributed`` ProcessGroup whose ranks each hold S/N tokens of the
+            sequence: every attention call is split across it (Ulysses all-to-all,
+            ``mstfx.sequence_parallel``), everything else runs per rank; ``None`` (default): off.
     """
 
     mini_sequences: int | dict[str, int] | None = None
@@ -58,6 +61,7 @@ class MstConfig:
     compiler: str = "inductor"
     offload_checkpoints: bool = False
     chunk_form: str = "loop"
+    sequence_parallel: Any = None
 
     def __post_init__(self) -> None:
         if self.lm_head_chunks is not None:
@@ -112,6 +116,13 @@ class MstConfig:
         object.__setattr__(self, "skip_kinds", tuple(str(k) for k in self.skip_kinds))
         if self.chunk_form not in CHUNK_FORMS:
             raise ValueError(f"chunk_form must be one of {CHUNK_FORMS}, got {self.chunk_form!r}")
+        if self.sequence_parallel is not None:
+            import torch.distributed as dist
+
+            group_type = getattr(dist, "ProcessGroup", None)
+            if group_type is None or not isinstance(self.sequence_parallel, group_type):
+                raise ValueError(f"sequence_parallel must be a torch.distributed ProcessGroup or None, got "
+                                 f"{self.sequence_parallel!r}")
         if self.compiler not in ("inductor", "aot_eager", "eager"):
             raise ValueError(f"compiler must be 'inductor', 'aot_eager' or 'eager', got {self.compiler!r}")
         if self.offload_checkpoints and self.compiler != "inductor":

@@ -228,5 +228,5 @@ def test_pass_order_is_the_pipeline_that_runs_and_is_documented():
 
     assert PASS_ORDER == tuple(name for name, _ in pipeline())
     assert PASS_ORDER[: len(REGION_KINDS)] == tuple(f"find_{k.name}" for k in REGION_KINDS)
-    assert PASS_ORDER[-2:] == ("attention", "verify")
+    assert PASS_ORDER[-3:] == ("attention", "sequence_parallel", "verify")
     assert all(f"    {name} " in passes.__doc__ for name in PASS_ORDER)

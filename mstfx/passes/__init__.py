@@ -4,7 +4,7 @@ Level: the torch-level graph, before AOT autograd (the one aten-level pass, whic
 after the partitioner, is :mod:`mstfx.post_grad`).  :func:`run_passes` (:mod:`.driver`) runs
 :func:`pipeline`, whose names are :data:`PASS_ORDER`; ``python -m mstfx.passes`` prints it.  For each region kind of
 :data:`mstfx.regions.registry.REGION_KINDS`, in that order, a ``find_<kind>`` pass, then one
-``chunk_rule`` pass, a ``rewrite_<kind>`` pass per kind, and two graph-wide passes::
+``chunk_rule`` pass, a ``rewrite_<kind>`` pass per kind, and three graph-wide passes::
 
     find_lm_head            analyse: LM head (+ scaling / soft-capping) feeding cross-entropy
     find_routed_experts     analyse: mixture-of-experts expert computation (sorted slots → grouped
@@ -17,10 +17,12 @@ after the partitioner, is :mod:`mstfx.post_grad`).  :func:`run_passes` (:mod:`.d
     rewrite_mlp             chunked loop, tagged for recompute in backward
     attention               SDPA fed HF's in-graph causal mask → is_causal=True (guarded per step when the
                             mask reads a runtime padding mask or position ids); K/V heads repeated (expand+reshape, repeat_interleave) → enable_gqa
+    sequence_parallel       with ``sequence_parallel=group`` only: SDPA → Ulysses attention (all-to-all to
+                            H/N heads over all S tokens and back); a masked attention is refused
     verify                  fake-tensor propagation of the rewritten graph; any failure restores the original
 
 Each region is rewritten whole or not at all; a graph whose rewrite fails verification is returned
-unchanged and the failure is reported.  No pass removes, moves past, or copies a node with side effects
+unchanged and the failure is reported (under sequence parallelism the failure is raised instead).  No pass removes, moves past, or copies a node with side effects
 (:func:`.common.has_side_effects`): a region that contains or crosses one is left unchanged.  The one
 exception is a write into a buffer the region itself created (routed experts' inverse permutation):
 it is part of the region and is copied and removed with it.

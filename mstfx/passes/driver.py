@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -204,6 +206,30 @@ def _attention(run: _Run) -> None:
         run.masked = masked
 
 
+def _sequence_parallel(run: _Run) -> None:
+    """Split every attention call across the sequence-parallel group (Ulysses); refuse the masked twin."""
+    group = getattr(run.config, "sequence_parallel", None)
+    if group is None:
+        return
+    from .sequence_parallel import refusing_graph, rewrite_sequence_parallel
+
+    decisions = rewrite_sequence_parallel(run.new, [body for body, _, _ in run.bodies], group)
+    for d in decisions:  # one line per call: what the attention pass did, then the split
+        earlier = next((e for e in run.report.decisions if e.kind == "attention" and e.where == d.where), None)
+        if earlier is not None:
+            run.report.decisions.remove(earlier)
+            if earlier.action == "rewritten":
+                before = earlier.detail.replace("the masked graph otherwise", "refused otherwise: sequence parallel")
+                d = dataclasses.replace(d, detail=f"{before}; {d.detail}")
+        run.report.decisions.append(d)
+    if decisions:
+        run.changed = True
+    if run.masked is not None:  # inputs failing the causal check would need the mask: refused at run time
+        guard = run.new.meta[GUARD_KEY]
+        run.new.meta[GUARD_KEY] = MaskGuard(guard.guard, refusing_graph(run.new))
+        run.masked = None
+
+
 def _verify_all(run: _Run) -> None:
     """Lint, recompile and fake-propagate the rewritten graph (and its masked twin)."""
     if not run.changed:
@@ -227,7 +253,7 @@ def pipeline(kinds=None) -> list[tuple[str, Callable[[_Run], None]]]:
         [(f"find_{k.name}", functools.partial(_find, k)) for k in kinds]
         + [("chunk_rule", _chunk_rule)]
         + [(f"rewrite_{k.name}", functools.partial(_rewrite, k)) for k in kinds]
-        + [("attention", _attention), ("verify", _verify_all)]
+        + [("attention", _attention), ("sequence_parallel", _sequence_parallel), ("verify", _verify_all)]
     )
 
 
@@ -249,6 +275,8 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: Any, graph_index: int
             try:
                 step(run)
             except Exception as err:  # never hand a half-checked rewrite to the compiler
+                if getattr(config, "sequence_parallel", None) is not None:
+                    raise  # the unchanged graph would attend within each rank's shard only: wrong
                 log.info("mstfx: rewritten graph failed verification (%s); compiling it unchanged", err)
                 report.roll_back(f"verification failed: {type(err).__name__}: {err}")
                 return gm, report
