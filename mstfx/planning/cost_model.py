@@ -785,10 +785,14 @@ def ulysses_attention(attn: RegionCost, arch: Arch, prec: Precision, sequence_pa
     * saved: what the single-GPU block keeps, with K/V at kv_r (the kernel keeps q, k, v, its output
       and log-sum-exp for the whole S on H/N heads: the same bytes as S/N tokens on H heads), plus the
       output after the all-to-all back (the output projection's input: a second q-wide tensor);
-    * backward transient: the single-GPU block's (K/V at kv_r), plus the output gradient on both sides
-      of its all-to-all, plus the all-to-all buffers: ``2·(q + 2·kv_r)`` (send and receive of q, k, v
-      or of their gradients in flight).  FlashAttention-style: nothing S×S, except eager scores
-      (``Arch.eager_attention``) for the whole S on H/N heads.
+    * backward transient: the larger of two moments.  The kernel's backward: the single-GPU block's
+      transient (K/V at kv_r, the workspace for H/N heads over the whole S) plus the output gradient
+      on both sides of its all-to-all.  An all-to-all in flight (dq back to the rank's tokens): the
+      output gradient, dq/dk/dv for the whole S, and the send and receive buffers, ``2·q``.  Eager:
+      exactly so (the simulation's order, where the kernel's moment is the larger); compiled: the
+      fitted single-GPU terms plus the output gradient and one exchange in flight (``3·q``).
+      FlashAttention-style: nothing S×S, except eager scores (``Arch.eager_attention``) for the whole
+      S on H/N heads.
 
     Not modelled: the forward's all-to-all buffers (the peak is in backward), overlap of the
     collectives with compute, NCCL's own workspace, and padding of a sequence N does not divide.
@@ -797,15 +801,17 @@ def ulysses_attention(attn: RegionCost, arch: Arch, prec: Precision, sequence_pa
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     kv_r = n * kv_heads_per_rank(arch, n) * arch.head_dim
     t, nh = B * S, arch.heads
-    a2a = 2 * t * a * (q + 2 * kv_r)
+    a2a = 2 * t * a * (q + 2 * kv_r)  # the forward's exchange of q, k, v: send and receive buffers
     if program == "compiled":
         c = COEF
         saved = t * a * (c["attn_saved_h"] * arch.hidden + c["attn_saved_qkv"] * (q + 2 * kv_r) + q) + t * nh * FP32
-        bwd = t * a * (c["bwd_transient_h"] * arch.hidden + q) + a2a
+        bwd = t * a * (c["bwd_transient_h"] * arch.hidden + 3 * q)
     else:
         saved = t * (norm + a * arch.hidden + a * (q + 2 * kv_r) + 2 * a * q + FP32 * nh + branch_norm)
         gqa = 2 * a * q if kv_heads_per_rank(arch, n) * n != nh else 0
-        bwd = t * (a * arch.hidden + 2 * a * q + a * (q + 2 * kv_r) + FP32 * q + FP32 * nh + gqa) + a2a
+        kernel = t * (a * arch.hidden + 2 * a * q + a * (q + 2 * kv_r) + FP32 * q + FP32 * nh + gqa)
+        exchange = t * (a * arch.hidden + a * q + a * (q + 2 * kv_r) + 2 * a * q)
+        bwd = _larger(kernel, exchange)
     if arch.eager_attention:  # scores for the whole S on H/N heads (N·S: the whole sequence in rank tokens)
         scores = B * sp.Rational(nh, n) * (n * S) ** 2 * a
         saved, bwd = saved + scores, bwd + scores
