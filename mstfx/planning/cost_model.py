@@ -677,8 +677,10 @@ def step_cost(
     layers_saved = kept * layer_saved
     # the causal mask of the attention layers, made once and alive until the first layer's backward
     # (compiled only: eager FlashAttention takes no mask)
-    # (at the whole sequence: written with N·S, S being the rank's tokens until the substitution below)
-    mask = B * (sp_n * S) ** 2 * prec.act_bytes * COEF["mask_s2"] if mask_kept(arch, mode) and compiled else sp.Integer(0)
+    # (none with sequence parallelism: the Ulysses kernel runs causal on the whole S without a mask, and
+    # HF's mask of a rank's own tokens has no reader; the simulation's program drops it alike)
+    mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if mask_kept(arch, mode) and compiled and sp_n == 1 \
+        else sp.Integer(0)
     layers_saved = layers_saved + mask
     # tied weight, head not chunked (measured on GPT-2): the LM head's weight gradient waits to be summed
     # with the embedding's at the end of backward, and the fp32 logits/dlogits buffer lives until then
@@ -790,7 +792,8 @@ def ulysses_attention(attn: RegionCost, arch: Arch, prec: Precision, sequence_pa
       on both sides of its all-to-all.  An all-to-all in flight (dq back to the rank's tokens): the
       output gradient, dq/dk/dv for the whole S, and the send and receive buffers, ``2·q``.  Eager:
       exactly so (the simulation's order, where the kernel's moment is the larger); compiled: the
-      fitted single-GPU terms plus the output gradient and one exchange in flight (``3·q``).
+      fitted single-GPU terms, since compiled code frees each side of an exchange once it is read (the
+      simulated program's peak at S/N tokens is the same with and without the all-to-alls).
       FlashAttention-style: nothing S×S, except eager scores (``Arch.eager_attention``) for the whole
       S on H/N heads.
 
@@ -805,7 +808,7 @@ def ulysses_attention(attn: RegionCost, arch: Arch, prec: Precision, sequence_pa
     if program == "compiled":
         c = COEF
         saved = t * a * (c["attn_saved_h"] * arch.hidden + c["attn_saved_qkv"] * (q + 2 * kv_r) + q) + t * nh * FP32
-        bwd = t * a * (c["bwd_transient_h"] * arch.hidden + 3 * q)
+        bwd = t * a * c["bwd_transient_h"] * arch.hidden
     else:
         saved = t * (norm + a * arch.hidden + a * (q + 2 * kv_r) + 2 * a * q + FP32 * nh + branch_norm)
         gqa = 2 * a * q if kv_heads_per_rank(arch, n) * n != nh else 0
