@@ -89,7 +89,7 @@ def plot(rows: list[dict], path: str, title: str, simulated: list[tuple[str, int
     ax.set_ylabel("longest sequence (tokens)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
