@@ -315,9 +315,13 @@ def kind_costs(arch: "Arch", prec: "Precision", chunked: bool, m_mlp, m_head, pr
 
 
 def regions(
-    arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD, program: str = "compiled"
+    arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD, program: str = "compiled",
+    sequence_parallel: int = 1,
 ) -> list[RegionCost]:
     """Bytes of the attention, MLP and LM-head regions in ``mode`` (M symbolic unless given).
+
+    ``sequence_parallel`` N > 1: the attention block is a rank's under Ulysses (:func:`ulysses_attention`)
+    and S counts a rank's tokens (:func:`step_cost` substitutes the whole sequence).
 
     In the mst modes a region whose M is the number 1 is not chunked (the pass leaves it alone).
     ``program``: "compiled" (the Inductor step, :data:`COEF`) or "eager" (:func:`eager_regions`).
@@ -336,6 +340,10 @@ def regions(
         attn, mlp, mlp_full_saved, head = compiled_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head, mask_kept(arch, mode))
     else:
         attn, mlp, mlp_full_saved, head = eager_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head)
+    if sequence_parallel > 1:
+        norm = norm_saved(arch, prec.act_bytes)
+        attn = ulysses_attention(attn, arch, prec, sequence_parallel, program, norm,
+                                 norm if arch.sandwich_norms else 0)
     if not arch.lm_head:  # a backbone: nothing vocab-wide (count 0: the plan shows no row)
         head = RegionCost("lm_head", 0, "-", sp.Integer(0), sp.Integer(0), sp.Integer(0))
     # a MoE layer's dense part (shared expert, or the block's input alone) and the region kinds' own
@@ -584,8 +592,15 @@ def step_cost(
     m_head=M_HEAD,
     program: str = "compiled",
     chunk_form: str = "loop",
+    sequence_parallel: int = 1,
+    gpus: int = 1,
 ) -> StepCost:
     """The step's bytes: static parts and the activation phases, as expressions of S, B (and M).
+
+    ``sequence_parallel``: the Ulysses degree N (:func:`ulysses_attention`): every token-wise term
+    counts S/N tokens, attention runs on the full S with H/N heads; S stays the *whole* sequence in
+    every expression.  ``gpus``: FSDP (ZeRO-3) over that many GPUs (:func:`fsdp_unsharded`):
+    parameters, gradients and optimizer state divided by it, plus the unsharded modules in flight.
 
     ``program``: "compiled" (the step the mst backend / Inductor runs) or "eager" (op by op, with
     FlashAttention, as ``mstfx simulate`` runs it); see :data:`PROGRAMS`.
@@ -599,14 +614,18 @@ def step_cost(
     # the loop operator runs its chunks op by op inside one extern call: its chunk buffers never enter
     # Inductor's reuse pool, and the LM head's fp32 weight gradient is the operator's own output
     looped = compiled and chunk_form in LOOP_FORMS
-    regs = regions(arch, prec, mode, m_mlp, m_head, program)
+    sp_n = check_sequence_parallel(arch, sequence_parallel, gpus)
+    regs = regions(arch, prec, mode, m_mlp, m_head, program, sp_n)
     by = {r.kind: r for r in regs}
     n = arch.n_params
-    params = sp.Integer(n * prec.param_bytes)
-    grads = sp.Integer(n * prec.param_bytes)
-    opt = sp.Integer(optimizer_bytes(n, optimizer, prec))
-    head_grad = sp.Integer(arch.vocab * arch.hidden * prec.param_bytes * (1 if arch.lm_head else 0))
-    layer_grad = sp.Integer(arch.layer_params * prec.param_bytes)
+    # FSDP: every state divided by the GPUs; the unsharded module gradient (before its reduce-scatter)
+    # is in every backward phase, and two all-gathered modules (current + prefetched) beside the shards
+    gathered, unsharded = fsdp_unsharded(arch, prec, gpus)
+    params = sp.Rational(n * prec.param_bytes, gpus) + 2 * gathered
+    grads = sp.Rational(n * prec.param_bytes, gpus) + unsharded
+    opt = sp.Rational(optimizer_bytes(n, optimizer, prec), gpus)
+    head_grad = sp.Rational(arch.vocab * arch.hidden * prec.param_bytes * (1 if arch.lm_head else 0), gpus)
+    layer_grad = sp.Rational(arch.layer_params * prec.param_bytes, gpus) + unsharded
     attn, mlp, head = by["attention"], by["mlp"], by["lm_head"]
     looped_head = looped and head.chunks != 1  # the LM head + loss is the loop operator
     extra = [r for r in regs if r.kind not in ("attention", "mlp", "lm_head", "checkpointed layer")]
@@ -644,7 +663,10 @@ def step_cost(
     layers_saved = kept * layer_saved
     # the causal mask of the attention layers, made once and alive until the first layer's backward
     # (compiled only: eager FlashAttention takes no mask)
-    mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if mask_kept(arch, mode) and compiled else sp.Integer(0)
+    # (none with sequence parallelism: the Ulysses kernel runs causal on the whole S without a mask, and
+    # HF's mask of a rank's own tokens has no reader; the simulation's program drops it alike)
+    mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if mask_kept(arch, mode) and compiled and sp_n == 1 \
+        else sp.Integer(0)
     layers_saved = layers_saved + mask
     # tied weight, head not chunked (measured on GPT-2): the LM head's weight gradient waits to be summed
     # with the embedding's at the end of backward, and the fp32 logits/dlogits buffer lives until then
@@ -666,7 +688,7 @@ def step_cost(
         # a tied weight's two gradients are summed at the end of backward (the "end" phase), not here;
         # the loop operator's saved fp32 weight gradient becomes the fp32 weight's gradient in place
         "head backward": layers_saved + head.saved + head.bwd_transient
-        + (0 if tied_late or (looped_head and prec.param_bytes == FP32) else head_grad),
+        + (0 if tied_late or (looped_head and prec.param_bytes == FP32) else head_grad) + unsharded,
         # backward of layer k holds the saved activations of layers 1..k and the gradients of layers
         # k..L: linear in k, so the larger of the top layer and the bottom layer is the peak of all
         **{f"top layer backward {k}": layers_saved + v + layer_grad + acc_alive + (head.saved if tied_late else head_grad)
@@ -679,7 +701,111 @@ def step_cost(
         "end": grads + tied_extra * tied_sum_extra + B * S * prec.act_bytes * arch.hidden
         + (head.saved if tied_late else 0) + (first_layer_residue if compiled else 0),
     }
+    if sp_n > 1:  # the expressions above count a rank's tokens as S: S/N of the whole sequence
+        phases = {k: v.subs(S, S / sp_n) for k, v in phases.items()}
+        regs = [_per_rank(r, sp_n) for r in regs]
     return StepCost(params, grads, opt, {k: sp.simplify(v) for k, v in phases.items()}, regs)
+
+
+def _per_rank(r: RegionCost, sp_n: int) -> RegionCost:
+    """``r`` with its rank-token expressions written in the whole sequence S (S → S/N)."""
+    sub = lambda e: sp.sympify(e).subs(S, S / sp_n)  # noqa: E731
+    return replace(r, saved=sub(r.saved), fwd_transient=sub(r.fwd_transient), bwd_transient=sub(r.bwd_transient),
+                   recompute_flops=sub(r.recompute_flops), chunks=sub(r.chunks),
+                   pooled=None if r.pooled is None else sub(r.pooled))
+
+
+#: GPUs that share one host (its memory holds their offloaded checkpoints and optimizer state)
+GPUS_PER_NODE = 8
+
+
+def check_sequence_parallel(arch: Arch, sequence_parallel: int, gpus: int = 1) -> int:
+    """The Ulysses degree N, checked: a positive integer dividing ``gpus`` and the query heads (each rank
+    runs attention on H/N heads); the KV heads must divide among the ranks or N among them (fewer KV
+    heads than ranks: each KV head is replicated on N/Hkv ranks, as DeepSpeed's Ulysses does).
+    ValueError otherwise."""
+    for name, v in (("sequence_parallel", sequence_parallel), ("gpus", gpus)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    n = sequence_parallel
+    if gpus % n:
+        raise ValueError(f"sequence_parallel={n} must divide gpus={gpus} (a mesh of gpus/N data-parallel × N "
+                         f"sequence-parallel ranks)")
+    if arch.heads % n:
+        raise ValueError(f"sequence_parallel={n} must divide the {arch.heads} query heads: Ulysses gives each rank "
+                         f"H/N whole heads")
+    if arch.kv_heads % n and n % arch.kv_heads:
+        raise ValueError(f"sequence_parallel={n} and the {arch.kv_heads} KV heads: one must divide the other "
+                         f"(KV heads are split among the ranks, or each replicated on N/Hkv ranks)")
+    return n
+
+
+def kv_heads_per_rank(arch: Arch, sequence_parallel: int) -> int:
+    """KV heads a rank holds in head-sharded attention: Hkv/N, or 1 (replicated) when Hkv < N."""
+    return max(1, arch.kv_heads // sequence_parallel)
+
+
+def kv_replication(arch: Arch, sequence_parallel: int) -> int:
+    """How many ranks hold each KV head (1: split, no copy; N/Hkv when there are fewer KV heads than ranks)."""
+    return kv_heads_per_rank(arch, sequence_parallel) * sequence_parallel // arch.kv_heads
+
+
+def fsdp_unsharded(arch: Arch, prec: Precision, gpus: int) -> tuple[int, int]:
+    """(one all-gathered module's parameter bytes, one unsharded module gradient's bytes) under FSDP over
+    ``gpus`` (0, 0 on one GPU): the largest module, a decoder layer or the V×h embedding / LM head (as
+    ``mstfx simulate`` counts FSDP)."""
+    if gpus <= 1:
+        return 0, 0
+    largest = max(arch.layer_params, arch.vocab * arch.hidden) * prec.param_bytes
+    return largest, largest
+
+
+def ulysses_attention(attn: RegionCost, arch: Arch, prec: Precision, sequence_parallel: int, program: str,
+                      norm: int = 0, branch_norm: int = 0) -> RegionCost:
+    """The attention block of a rank under Ulysses sequence parallelism of degree N, in bytes of that
+    rank's S/N tokens (``S`` in the expression; :func:`step_cost` substitutes the whole sequence).
+
+    Around the attention kernel an all-to-all turns the rank's S/N tokens × H heads into the whole S ×
+    H/N heads (K/V: max(1, Hkv/N) heads, :func:`kv_heads_per_rank`) and one turns the output back.  Per
+    rank token, with ``a`` the activation bytes and widths q = H·hd, kv_r = N·max(1, Hkv/N)·hd (= Hkv·hd
+    unless KV heads are replicated):
+
+    * saved: what the single-GPU block keeps, with K/V at kv_r (the kernel keeps q, k, v, its output
+      and log-sum-exp for the whole S on H/N heads: the same bytes as S/N tokens on H heads), plus the
+      output after the all-to-all back (the output projection's input: a second q-wide tensor);
+    * backward transient: the larger of two moments.  The kernel's backward: the single-GPU block's
+      transient (K/V at kv_r, the workspace for H/N heads over the whole S) plus the output gradient
+      on both sides of its all-to-all.  An all-to-all in flight (dq back to the rank's tokens): the
+      output gradient, dq/dk/dv for the whole S, and the send and receive buffers, ``2·q``.  Eager:
+      exactly so (the simulation's order, where the kernel's moment is the larger); compiled: the
+      fitted single-GPU terms, since compiled code frees each side of an exchange once it is read (the
+      simulated program's peak at S/N tokens is the same with and without the all-to-alls).
+      FlashAttention-style: nothing S×S, except eager scores (``Arch.eager_attention``) for the whole
+      S on H/N heads.
+
+    Not modelled: the forward's all-to-all buffers (the peak is in backward), overlap of the
+    collectives with compute, NCCL's own workspace, and padding of a sequence N does not divide.
+    """
+    n, a = sequence_parallel, prec.act_bytes
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    kv_r = n * kv_heads_per_rank(arch, n) * arch.head_dim
+    t, nh = B * S, arch.heads
+    a2a = 2 * t * a * (q + 2 * kv_r)  # the forward's exchange of q, k, v: send and receive buffers
+    if program == "compiled":
+        c = COEF
+        saved = t * a * (c["attn_saved_h"] * arch.hidden + c["attn_saved_qkv"] * (q + 2 * kv_r) + q) + t * nh * FP32
+        bwd = t * a * c["bwd_transient_h"] * arch.hidden
+    else:
+        saved = t * (norm + a * arch.hidden + a * (q + 2 * kv_r) + 2 * a * q + FP32 * nh + branch_norm)
+        gqa = 2 * a * q if kv_heads_per_rank(arch, n) * n != nh else 0
+        kernel = t * (a * arch.hidden + 2 * a * q + a * (q + 2 * kv_r) + FP32 * q + FP32 * nh + gqa)
+        exchange = t * (a * arch.hidden + a * q + a * (q + 2 * kv_r) + 2 * a * q)
+        bwd = _larger(kernel, exchange)
+    if arch.eager_attention:  # scores for the whole S on H/N heads (N·S: the whole sequence in rank tokens)
+        scores = B * sp.Rational(nh, n) * (n * S) ** 2 * a
+        saved, bwd = saved + scores, bwd + scores
+    shape = f"{nh // n}×{arch.head_dim} heads per rank (of {nh}), whole S; S/N tokens elsewhere"
+    return replace(attn, shape=shape, saved=saved, fwd_transient=a2a, bwd_transient=bwd)
 
 
 def _roots_le(expr: sp.Expr, budget: float) -> float:

@@ -433,6 +433,8 @@ def predict_peak(
     mini_sequences: int | dict[str, int] | None = None,
     program: str = "compiled",
     chunk_form: str = "loop",
+    gpus: int = 1,
+    sequence_parallel: int = 1,
 ) -> Breakdown:
     """Predicted peak of one fwd+bwd (+ optimizer state) of a compiled training step.
 
@@ -444,6 +446,8 @@ def predict_peak(
     ``program="eager"`` predicts the same step run op by op with FlashAttention (``mstfx simulate``).
     ``chunk_form``: the backend's form of a chunked region (``MstConfig.chunk_form``; plans use the
     default loop form).
+    ``gpus``: FSDP over that many GPUs; ``sequence_parallel``: the Ulysses degree N (dividing ``gpus``
+    and ``seq_len``): the peak is one GPU's, with S/N tokens outside attention (``cost_model.step_cost``).
     Stable signature: ``mstfx simulate`` compares against it.
     """
     seq_len = positive_int("seq_len", seq_len)
@@ -454,10 +458,11 @@ def predict_peak(
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     chunked, _ = cm.mode_flags(mode)
-    d_mlp, d_head = default_chunks(arch, seq_len * batch)
+    par = parallel(arch, gpus, sequence_parallel, seq_len)
+    d_mlp, d_head = default_chunks(arch, seq_len * batch // sequence_parallel)
     m_mlp = (want_mlp or d_mlp) if chunked else 1
     m_head = (want_head or d_head) if chunked and arch.lm_head else 1  # a backbone has no LM head to chunk
-    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program, chunk_form)
+    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program, chunk_form, **par)
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
     params, grads, opt = (float(x) for x in (cost.params, cost.grads, cost.optimizer))
@@ -474,8 +479,14 @@ def longest_seq_len(
     mixed_precision: str | bool | None = None,
     mini_sequences: int | dict[str, int] | None = None,
     margin: float = 0.0,
+    gpus: int = 1,
+    sequence_parallel: int = 1,
+    program: str = "compiled",
 ) -> int:
     """Longest S whose predicted peak fits ``budget_gb`` (solved with sympy; 0 if none fits).
+
+    ``gpus``, ``sequence_parallel``: as :func:`predict_peak`; S is the whole sequence (a multiple of the
+    degree N), each GPU holding S/N of its tokens.  ``program``: as :func:`predict_peak`.
 
     ``margin``: the fraction of headroom kept on gradients + activations (as :func:`plan`; 0 here, so
     the answer is the cost model's own).
@@ -493,18 +504,37 @@ def longest_seq_len(
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     chunked, _ = cm.mode_flags(mode)
-    t = cm.B * cm.S
+    par = parallel(arch, gpus, sequence_parallel)
+    n = par["sequence_parallel"]
+    t = cm.B * cm.S  # the rules count a rank's tokens: step_cost turns S into S/N, in M too
     if not chunked:
-        return cm.longest_s(cm.step_cost(arch, mode, optimizer, prec, 1, 1), budget, batch, margin)
+        return _multiple(cm.longest_s(cm.step_cost(arch, mode, optimizer, prec, 1, 1, program, **par), budget, batch,
+                                      margin), n)
     mlp_options = [want_mlp] if want_mlp else [t / arch.hidden]
     head_options = [want_head] if want_head else [sp.Rational(arch.vocab, arch.hidden), t / MIN_HEAD_CHUNK_TOKENS]
     best = None
     for m_mlp in mlp_options:
         for m_head in head_options:
-            cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head)
+            cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program, **par)
             s = cm.longest_s(cost, budget, batch, margin)
             best = s if best is None else min(best, s)
-    return int(best)
+    return _multiple(int(best), n)
+
+
+def _multiple(s: int, n: int) -> int:
+    """``s`` rounded down to a multiple of ``n`` (a sequence split evenly over N ranks)."""
+    return s if n == 1 or s >= 2**62 else s - s % n
+
+
+def parallel(arch: cm.Arch, gpus: Any = 1, sequence_parallel: Any = 1, seq_len: int | None = None) -> dict:
+    """``gpus`` and ``sequence_parallel`` checked (:func:`cost_model.check_sequence_parallel`; ``seq_len``
+    a multiple of the degree), as the keywords of ``cost_model.step_cost``."""
+    gpus = positive_int("gpus", gpus)
+    n = positive_int("sequence_parallel", sequence_parallel)
+    cm.check_sequence_parallel(arch, n, gpus)
+    if seq_len is not None and seq_len % n:
+        raise ValueError(f"seq_len={seq_len} must be a multiple of sequence_parallel={n} (each rank holds S/N tokens)")
+    return dict(gpus=gpus, sequence_parallel=n)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -549,6 +579,12 @@ class Plan:
     #: seconds a step's checkpoint copies take on PCIe at ``pcie_gbps`` (0 without offload)
     transfer_seconds: float = 0.0
     pcie_gbps: float = offload.DEFAULT_PCIE_GBPS
+    #: FSDP over ``gpus``; Ulysses sequence parallelism of this degree (S/N tokens per GPU)
+    gpus: int = 1
+    sequence_parallel: int = 1
+    #: host memory of one node (``cost_model.GPUS_PER_NODE`` GPUs): its GPUs' ``host_bytes`` together;
+    #: the host budget applies to it
+    host_node_bytes: float = 0.0
 
     @property
     def offload(self) -> bool:
@@ -557,7 +593,7 @@ class Plan:
 
     @property
     def host_fits(self) -> bool:
-        return self.host_budget_bytes is None or self.host_bytes <= self.host_budget_bytes
+        return self.host_budget_bytes is None or max(self.host_bytes, self.host_node_bytes) <= self.host_budget_bytes
 
     @property
     def predicted_peak(self) -> float:
@@ -609,6 +645,10 @@ class Plan:
             f"mstfx plan: {self.model}, S = {self.seq_len}, batch {self.batch}, optimizer {self.optimizer}, "
             f"precision {self.mixed_precision or 'fp32'}, mode {self.mode} (memory in GiB = 2^30 bytes)"
         )
+        if self.gpus > 1 or self.sequence_parallel > 1:
+            title += (f"; per GPU of {self.gpus} (FSDP"
+                      + (f", sequence parallel {self.sequence_parallel}: S/{self.sequence_parallel} tokens per GPU"
+                         if self.sequence_parallel > 1 else "") + ")")
         tab = new_table(title=title, caption=self.reason)
         for col, just in (("region", "left"), ("shape", "left"), ("activations before", "right"),
                           ("after", "right"), ("M", "right"), ("extra FLOPs (recompute)", "right")):
@@ -637,6 +677,10 @@ class Plan:
             tab.add_row("host memory (offloaded checkpoints + optimizer state)", "", "",
                         f"{_fmt_bytes(self.host_bytes)} / {limit}", "fits" if self.host_fits else "DOES NOT FIT", "")
             tab.add_row("  of it pinned (checkpoints)", "", "", _fmt_bytes(self.pinned_bytes), "", "")
+            if self.gpus > 1:
+                per_node = min(self.gpus, cm.GPUS_PER_NODE)
+                tab.add_row(f"host memory per node ({per_node} GPUs)", "", "", f"{_fmt_bytes(self.host_node_bytes)} / {limit}",
+                            "fits" if self.host_fits else "DOES NOT FIT", "")
         if self.offload:
             tab.add_row(f"PCIe copies per step (out + back, at a stated {self.pcie_gbps:g} GB/s)", "", "",
                         f"{self.transfer_seconds:.3g} s", "", "")
@@ -652,7 +696,8 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
 
 
-def _fewest_chunks(cost: cm.StepCost, symbol: sp.Symbol, room: float, seq_len: int, batch: int, cap: int) -> int | None:
+def _fewest_chunks(cost: cm.StepCost, symbol: sp.Symbol, room: float, seq_len: int, batch: int, cap: int,
+                   tokens: int | None = None) -> int | None:
     """Smallest integer M in [2, cap] with every phase that depends on M within ``room`` (None if none),
     rounded up to equal chunks (:func:`_even_chunks`).
 
@@ -671,7 +716,7 @@ def _fewest_chunks(cost: cm.StepCost, symbol: sp.Symbol, room: float, seq_len: i
             continue
         roots = [complex(r).real for r in sp.solve(sp.Eq(e, room), symbol) if abs(complex(r).imag) < 1e-9]
         need = max(need, math.ceil(max(roots) - 1e-9))
-    return _even_chunks(min(need, cap), seq_len * batch, cap)
+    return _even_chunks(min(need, cap), seq_len * batch if tokens is None else tokens, cap)
 
 
 def _even_chunks(m: int, tokens: int, cap: int) -> int:
@@ -697,8 +742,15 @@ def plan(
     host_budget_gb: float | None = None,
     allow_offload: bool = True,
     pcie_gbps: float = offload.DEFAULT_PCIE_GBPS,
+    gpus: int = 1,
+    sequence_parallel: int = 1,
 ) -> Plan:
     """The cheapest plan whose predicted peak fits ``budget_gb`` (see the module doc for the order).
+
+    ``gpus``: FSDP over that many GPUs (parameters, gradients, optimizer state sharded);
+    ``sequence_parallel``: Ulysses degree N dividing ``gpus`` and the query heads (each GPU holds S/N
+    tokens; attention on the whole S with H/N heads); ``budget_gb`` is per GPU, ``host_budget_gb`` per
+    node of ``cost_model.GPUS_PER_NODE`` GPUs.
 
     ``margin``: headroom kept on the predicted gradients + activations (default :data:`MARGIN`, the
     cost model's measured error bound); 0 plans to the cost model's exact prediction.
@@ -712,12 +764,14 @@ def plan(
     memory than ``host_budget_gb`` fits the GPU.
     """
     return _plan(model_or_config, seq_len, budget_gb, batch, optimizer, mixed_precision, max_chunks,
-                 allow_checkpointing, margin, host_budget_gb, allow_offload, pcie_gbps, positions_stacklevel=2)
+                 allow_checkpointing, margin, host_budget_gb, allow_offload, pcie_gbps, gpus, sequence_parallel,
+                 positions_stacklevel=2)
 
 
 def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed_precision=None,
           max_chunks=MAX_CHUNKS, allow_checkpointing=True, margin=MARGIN, host_budget_gb=None, allow_offload=True,
-          pcie_gbps=offload.DEFAULT_PCIE_GBPS, *, positions_stacklevel: int | None = None) -> Plan:
+          pcie_gbps=offload.DEFAULT_PCIE_GBPS, gpus=1, sequence_parallel=1, *,
+          positions_stacklevel: int | None = None) -> Plan:
     """:func:`plan`; ``positions_stacklevel``: warn past the model's position limit
     (:func:`warn_past_positions`), attributed as ``warnings.warn(stacklevel=...)`` would be from the
     caller of this function (2: that caller's caller); None: do not warn."""
@@ -735,7 +789,8 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
     arch = arch_of(model_or_config)
     if positions_stacklevel is not None:
         warn_past_positions(arch, seq_len, positions_stacklevel + 1)
-    tokens = seq_len * batch
+    par = parallel(arch, gpus, sequence_parallel, seq_len)
+    tokens = seq_len * batch // par["sequence_parallel"]  # a rank's: what the backend's chunks divide
     cap = max(1, min(max_chunks, tokens))
 
     short_of_host: list[Plan] = []  # plans that fit the GPU but not the host budget
@@ -743,7 +798,7 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
     def candidate(mode: str, m_mlp: int, m_head: int, reason: str) -> Plan | None:
         p = _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
                        margin, with_longest=False,  # solved below for the plan chosen only (sympy is slow)
-                       setup=setup, host_budget=host_budget, pcie_gbps=pcie_gbps)
+                       setup=setup, host_budget=host_budget, pcie_gbps=pcie_gbps, par=par)
         if p.gpu_fits and not p.host_fits:
             short_of_host.append(p)
         return p if p.fits else None
@@ -754,21 +809,21 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
     found = candidate("standard", 1, 1, "fits without chunking")
     if found is None:
         for mode, _ in steps:
-            cost = cm.step_cost(arch, mode, optimizer, prec, cm.M_MLP, cm.M_HEAD)
+            cost = cm.step_cost(arch, mode, optimizer, prec, cm.M_MLP, cm.M_HEAD, **par)
             room = cm.margin_room(float(cost.params + cost.optimizer), budget, margin)
             ck = (" + activation checkpointing" if "checkpointing" in mode else "") + (
                 " + checkpoints in host memory" if offload.is_offload(mode) else "")
             # LM head alone (no recompute), then the MLPs too
             if arch.lm_head:
-                cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD)
-                m_head = _fewest_chunks(cost_head, cm.M_HEAD, room, seq_len, batch, cap)
+                cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD, **par)
+                m_head = _fewest_chunks(cost_head, cm.M_HEAD, room, seq_len, batch, cap, tokens)
                 if m_head is not None and (found := candidate(mode, 1, m_head, f"LM head chunked{ck}")):
                     break
-                m_head = _fewest_chunks(cost, cm.M_HEAD, room, seq_len, batch, cap)
+                m_head = _fewest_chunks(cost, cm.M_HEAD, room, seq_len, batch, cap, tokens)
             else:
                 m_head = 1  # a backbone: no LM head to chunk
             what = "LM head and MLPs" if arch.lm_head else "MLPs"
-            m_mlp = _fewest_chunks(cost, cm.M_MLP, room, seq_len, batch, cap)
+            m_mlp = _fewest_chunks(cost, cm.M_MLP, room, seq_len, batch, cap, tokens)
             if m_head is not None and m_mlp is not None:
                 if found := candidate(mode, m_mlp, m_head, f"{what} chunked{ck}"):
                     break
@@ -783,12 +838,12 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
         # the most memory-saving plans: everything chunked, and (if allowed) checkpointed as well
         finals = [("mst", cap)] + [(m, cap) for m, ck in steps if ck]
         least = min((_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, mm, cap, "", margin,
-                                with_longest=False) for m, mm in finals), key=lambda p: p.planned_peak)
+                                with_longest=False, par=par) for m, mm in finals), key=lambda p: p.planned_peak)
         longest = longest_fitting(arch, budget / GB, batch, optimizer, mixed_precision, max_chunks, allow_checkpointing,
-                                  margin, allow_offload=allow_offload)
+                                  margin, allow_offload=allow_offload, **par)
         raise InfeasibleBudgetError(budget, least.predicted_peak, seq_len, longest, batch, margin, least.planned_peak)
     found.longest_seq_len = _plan_longest(arch, budget, batch, found.mode, optimizer, mixed_precision,
-                                          found.mini_sequences, margin)
+                                          found.mini_sequences, margin, par)
     return found
 
 
@@ -802,6 +857,8 @@ def longest_fitting(
     allow_checkpointing: bool = True,
     margin: float = MARGIN,
     allow_offload: bool = True,
+    gpus: int = 1,
+    sequence_parallel: int = 1,
     **_ignored: Any,
 ) -> int:
     """Longest S that *some* plan fits in ``budget_gb`` (0 if none): the most memory-saving plans, every
@@ -813,37 +870,42 @@ def longest_fitting(
     arch = arch_of(model_or_config)
     mixed_precision = precision_of(model_or_config, mixed_precision)
     return max(longest_seq_len(arch, budget_gb, batch, m, optimizer, mixed_precision, mini_sequences=max_chunks,
-                               margin=margin) for m in modes)
+                               margin=margin, gpus=gpus, sequence_parallel=sequence_parallel) for m in modes)
 
 
 def _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, mini_sequences: dict[str, int],
-                  margin) -> int:
+                  margin, par: dict | None = None) -> int:
     """Longest S a plan's mode and M per region kind fit in ``budget`` bytes (an M > 1 is held fixed; a
     kind at 1 follows the backend's rule as S grows)."""
     if mode.startswith("mst"):
         fixed = {k: m for k, m in mini_sequences.items() if m > 1}
         return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision,
-                               mini_sequences=fixed or None, margin=margin)
-    return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision, margin=margin)
+                               mini_sequences=fixed or None, margin=margin, **(par or {}))
+    return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision, margin=margin, **(par or {}))
 
 
 def _host_terms(arch: cm.Arch, prec: cm.Precision, mode: str, setup: str | None, seq_len: int, batch: int,
-                host_budget: float | None, pcie_gbps: float) -> dict:
-    """The plan's host-memory fields: pinned checkpoints (offload mode), optimizer state kept on the
-    host (``setup`` ``offload``), the host budget and the PCIe time of the checkpoint copies."""
+                host_budget: float | None, pcie_gbps: float, gpus: int = 1, sequence_parallel: int = 1) -> dict:
+    """The plan's host-memory fields: pinned checkpoints (offload mode; a rank's S/N tokens), optimizer
+    state kept on the host (``setup`` ``offload``; its 1/gpus shard), per GPU and per node (the node's
+    GPUs together), the host budget and the PCIe time of one GPU's checkpoint copies."""
     pinned = 0.0
     if offload.is_offload(mode):
-        pinned = cm.evaluate(offload.checkpoint_bytes(arch.hidden, arch.layers, prec.act_bytes, cm.S, cm.B), seq_len, batch)
-    host = pinned + offload.host_state_bytes(arch.n_params, setup or "")
+        pinned = cm.evaluate(offload.checkpoint_bytes(arch.hidden, arch.layers, prec.act_bytes, cm.S, cm.B),
+                             seq_len // sequence_parallel, batch)
+    host = pinned + offload.host_state_bytes(arch.n_params, setup or "") / gpus
     return dict(host_bytes=host, pinned_bytes=pinned, host_budget_bytes=host_budget,
-                transfer_seconds=offload.transfer_seconds(pinned, pcie_gbps), pcie_gbps=pcie_gbps)
+                transfer_seconds=offload.transfer_seconds(pinned, pcie_gbps), pcie_gbps=pcie_gbps,
+                gpus=gpus, sequence_parallel=sequence_parallel, host_node_bytes=host * min(gpus, cm.GPUS_PER_NODE))
 
 
 def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
                margin: float = 0.0, with_longest: bool = True, setup: str | None = None,
-               host_budget: float | None = None, pcie_gbps: float = offload.DEFAULT_PCIE_GBPS) -> Plan:
-    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head)
-    base = {r.kind: r for r in cm.regions(arch, prec, "standard", 1, 1)}
+               host_budget: float | None = None, pcie_gbps: float = offload.DEFAULT_PCIE_GBPS,
+               par: dict | None = None) -> Plan:
+    par = par or {}
+    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, **par)
+    base = {r.kind: r for r in cm.step_cost(arch, "standard", optimizer, prec, 1, 1, **par).regions}
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
     params, grads, opt = (float(x) for x in (cost.params, cost.grads, cost.optimizer))
@@ -868,11 +930,11 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
         kept = offload.checkpoints_on_gpu(arch.layers, mode, "compiled") / arch.layers
         rows = [replace(r, bytes_after=r.bytes_after * kept, shape=f"{r.shape} (host: the rest)")
                 if r.region == "checkpointed layer" else r for r in rows]
-    longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, br.mini_sequences, margin) \
+    longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, br.mini_sequences, margin, par) \
         if with_longest else 0
     return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, dict(br.mini_sequences),
                 "checkpointing" in mode, br, rows, longest, reason, margin, **_host_terms(arch, prec, mode, setup, seq_len, batch,
-                                                                           host_budget, pcie_gbps))
+                                                                           host_budget, pcie_gbps, **par))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -963,6 +1025,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--pcie-gbps", type=_positive_float_arg, default=offload.DEFAULT_PCIE_GBPS,
                     help=f"host-GPU bandwidth in GB/s for the offload transfer time (default {offload.DEFAULT_PCIE_GBPS:g}, "
                     "an assumption: PCIe 4.0 x16)")
+    ap.add_argument("--gpus", type=_positive_int_arg, default=1,
+                    help="GPUs the step runs on (with --strategy fsdp: parameters, gradients and optimizer state sharded "
+                    "over all of them); --budget-gb is per GPU (default 1)")
+    ap.add_argument("--strategy", default="fsdp", choices=["fsdp"], help="how state is split over --gpus (default fsdp)")
+    ap.add_argument("--sequence-parallel", type=_positive_int_arg, default=1, metavar="N",
+                    help="Ulysses sequence parallelism of degree N (dividing --gpus, the query heads and --seq-len): "
+                    "each GPU holds S/N tokens, attention runs on the whole S with H/N heads (default 1)")
     ap.add_argument("--margin", type=float, default=MARGIN,
                     help=f"headroom kept on predicted grads + activations, in [0, 1) (default {MARGIN}: the cost model's error bound)")
     return ap
@@ -970,19 +1039,26 @@ def parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """``mstfx plan --config NAME_OR_PATH --seq-len 65536 --budget-gb 70``; exit codes: :data:`EXIT_CODES_HELP`."""
+    import sys
+
     ap = parser()
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:  # argparse printed the message to stderr
         return int(e.code or 0)
-    import sys
+    if args.gpus % args.sequence_parallel:
+        ap.print_usage(sys.stderr)
+        print(f"mstfx plan: error: --sequence-parallel {args.sequence_parallel} must divide --gpus {args.gpus}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     from .text_table import render
 
     try:
         p = plan(args.config, args.seq_len, args.budget_gb, args.batch, args.optimizer, args.mixed_precision,
                  args.max_chunks, not args.no_checkpointing, args.margin, host_budget_gb=args.host_gb,
-                 allow_offload=not args.no_offload, pcie_gbps=args.pcie_gbps)
+                 allow_offload=not args.no_offload, pcie_gbps=args.pcie_gbps, gpus=args.gpus,
+                 sequence_parallel=args.sequence_parallel)
     except InfeasibleBudgetError as err:
         print(f"mstfx plan: does not fit: {err}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT

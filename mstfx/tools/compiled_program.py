@@ -78,12 +78,50 @@ def _flash_ops():
     return flash_attention, flash_attention_backward
 
 
-def simulated_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+@functools.lru_cache(maxsize=None)
+def _all_to_all_op():
+    """``mstfx_sim::all_to_all``: Ulysses' exchange of a [B, heads, tokens, hd] tensor for a new
+    [B, heads', tokens', hd] one (shapes only; its backward is the exchange the other way)."""
+    from torch.library import custom_op
+
+    @custom_op("mstfx_sim::all_to_all", mutates_args=())
+    def all_to_all(x: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
+        raise RuntimeError("mstfx_sim::all_to_all only runs on fake/meta tensors (memory simulation)")
+
+    @all_to_all.register_fake
+    def _(x, heads, tokens):
+        return x.new_empty(x.shape[0], heads, tokens, x.shape[3])
+
+    def setup_context(ctx, inputs, output):
+        ctx.back = (inputs[0].shape[1], inputs[0].shape[2])
+
+    def backward(ctx, grad):
+        return all_to_all(grad, *ctx.back), None, None
+
+    all_to_all.register_autograd(backward, setup_context=setup_context)
+    return all_to_all
+
+
+def simulated_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                   sequence_parallel: int = 1):
     """Drop-in for ``F.scaled_dot_product_attention`` in a captured graph (simulation only).
 
     A boolean mask is turned into an additive one first, in the query's dtype, as SDPA itself does
-    before its fused kernels: that S×S tensor is made, and saved for the backward."""
+    before its fused kernels: that S×S tensor is made, and saved for the backward.
+
+    ``sequence_parallel`` N > 1: one Ulysses rank's attention.  The graph holds the rank's S/N tokens
+    on every head; all-to-alls (``mstfx_sim::all_to_all``, whose send buffer is its workspace) make the
+    whole S on H/N query heads and max(1, Hkv/N) KV heads (replicated when Hkv < N), the kernel runs
+    causal there without a mask (a rank's mask is of its own tokens only), and an all-to-all brings
+    the output back."""
     flash_attention, _ = _flash_ops()
+    n = sequence_parallel
+    if n > 1:
+        a2a = _all_to_all_op()
+        _, h, s, _ = query.shape
+        kv = max(1, key.shape[1] // n)
+        out = flash_attention(a2a(query, h // n, s * n), a2a(key, kv, s * n), a2a(value, kv, s * n), None)[0]
+        return a2a(out, h, s)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.where(attn_mask, 0.0, float("-inf")).to(query.dtype)
     return flash_attention(query, key, value, attn_mask)[0]
@@ -118,9 +156,10 @@ def simulated_cross_entropy(input, target, weight=None, size_average=None, ignor
     return torch.ops.aten.nll_loss_forward(logp, target, weight, _REDUCTION[reduction], ignore_index)[0]
 
 
-def use_simulated_ops(gm: fx.GraphModule) -> int:
-    """In ``gm`` and its submodules, call :func:`simulated_sdpa` instead of SDPA and
-    :func:`simulated_cross_entropy` instead of ``F.cross_entropy``; returns how many calls changed."""
+def use_simulated_ops(gm: fx.GraphModule, sequence_parallel: int = 1) -> int:
+    """In ``gm`` and its submodules, call :func:`simulated_sdpa` instead of SDPA (a Ulysses rank's with
+    ``sequence_parallel`` > 1) and :func:`simulated_cross_entropy` instead of ``F.cross_entropy``;
+    returns how many calls changed."""
     from mstfx.passes.attention import SDPA_FUNCS
 
     swaps = {**{f: simulated_sdpa for f in SDPA_FUNCS}, torch.nn.functional.cross_entropy: simulated_cross_entropy}
@@ -131,6 +170,8 @@ def use_simulated_ops(gm: fx.GraphModule) -> int:
         for node in mod.graph.nodes:
             if node.op == "call_function" and node.target in swaps:
                 node.target = swaps[node.target]
+                if node.target is simulated_sdpa and sequence_parallel > 1:
+                    node.kwargs = {**node.kwargs, "sequence_parallel": sequence_parallel}
                 n += 1
         mod.recompile()
     return n
@@ -148,13 +189,16 @@ class Program:
     report: Any = None
 
 
-def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, offload: bool = False) -> Program:
+def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, offload: bool = False,
+                    sequence_parallel: int = 1) -> Program:
     """Build the compiled step of ``model(input_ids=ids, labels=ids).loss`` (``mst_config=None``: plain
     Inductor) and run it once forward and backward on ``ids``' device (``meta``: no maths at all).
 
     ``offload``: the checkpointed layers' inputs go to host memory as the mst backend's offload mode
     does (its joint pass, then AOT autograd's activation offloading); the graphs kept for analysis copy
-    them to the CPU, the ones run here keep them on ``ids``' device (a meta tensor has no data to copy)."""
+    them to the CPU, the ones run here keep them on ``ids``' device (a meta tensor has no data to copy).
+    ``sequence_parallel`` N > 1: ``ids`` are one rank's S/N tokens; its attention is Ulysses'
+    (:func:`simulated_sdpa`)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor import config as inductor_config
@@ -211,7 +255,7 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
                 raise RuntimeError(f"the mst passes left the graph unchanged: {got['report'].error}")
         else:
             gm = copy.copy(gm)
-        use_simulated_ops(gm)
+        use_simulated_ops(gm, sequence_parallel)
         return aot_module_simplified(
             gm,
             example_inputs,
@@ -278,7 +322,9 @@ def _host_copies_on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
 # ---------------------------------------------------------------------------------------- liveness
 
 _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "var_mean", "prod", "any", "all", "argmax", "argmin"}
-_WORKSPACE = {"mstfx_sim.flash_attention_backward.default": _flash_backward_workspace}
+_WORKSPACE = {"mstfx_sim.flash_attention_backward.default": _flash_backward_workspace,
+              # the all-to-all's send buffer (a contiguous copy of its input) while its receive buffer fills
+              "mstfx_sim.all_to_all.default": lambda node: _nbytes(node.args[0].meta.get("val"))}
 
 
 _LOOP_OPS = ("mstfx.chunk_loop.default", "mstfx.chunk_loop_backward.default", "mstfx.linear_cross_entropy_loop.default")
@@ -1003,8 +1049,10 @@ def _meta_model(config, layers: int | None = None):
     return model
 
 
-def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | None = None, device: str = "cuda", mst_config=None) -> StepPeak:
-    """The compiled step's peak for ``config`` with ``layers`` decoder layers (default: all)."""
+def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | None = None, device: str = "cuda", mst_config=None,
+              sequence_parallel: int = 1) -> StepPeak:
+    """The compiled step's peak for ``config`` with ``layers`` decoder layers (default: all);
+    ``sequence_parallel`` N > 1: one Ulysses rank's step on ``seq_len`` (its S/N) tokens."""
     import warnings
 
     mst, ckpt = MODE_FLAGS[mode]
@@ -1022,20 +1070,23 @@ def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | 
         from .offload_sim import lm_head_chunks
 
         mst_config = MstConfig(mini_sequences={"lm_head": lm_head_chunks(config.hidden_size, config.vocab_size, seq_len * batch)})
-    program = capture_program(model, ids, (mst_config or MstConfig()) if mst else None, offload=offload)
+    program = capture_program(model, ids, (mst_config or MstConfig()) if mst else None, offload=offload,
+                              sequence_parallel=sequence_parallel)
     return program_peak(program, device=device)
 
 
-def compiled_peak(config, seq_len: int, mode: str, batch: int = 1, *, device: str = "cuda") -> StepPeak:
+def compiled_peak(config, seq_len: int, mode: str, batch: int = 1, *, device: str = "cuda",
+                  sequence_parallel: int = 1) -> StepPeak:
     """The compiled step's peak for the whole model.  Decoder layers are identical, so the forward's
     peak and the backward's peak are each linear in their number: both are measured with 2 and 3
     layers and extrapolated separately (the step's peak may sit in the backward at 3 layers and in the
     forward at 32), then the larger is taken (exact below 4 layers)."""
     layers = config.num_hidden_layers
+    kw = dict(device=device, sequence_parallel=sequence_parallel)
     if layers <= 3:
-        return step_peak(config, seq_len, mode, batch, device=device)
-    two = step_peak(config, seq_len, mode, batch, layers=2, device=device)
-    three = step_peak(config, seq_len, mode, batch, layers=3, device=device)
+        return step_peak(config, seq_len, mode, batch, **kw)
+    two = step_peak(config, seq_len, mode, batch, layers=2, **kw)
+    three = step_peak(config, seq_len, mode, batch, layers=3, **kw)
     extra = layers - 3
 
     def line(a: int, b: int) -> int:

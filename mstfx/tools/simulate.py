@@ -28,8 +28,11 @@ which cannot read fake position ids, is answered "not packed" as a real single-s
 Optimizer state is added by formula (see :data:`OPTIMIZERS`); "grads freed as made" setups (the MsT
 paper's optimizer-in-backward) use the peak of (memory − gradients) over the step plus the largest
 single gradient.  ``gpus > 1`` models FSDP (ZeRO-3): parameters, gradients and optimizer state are
-divided by N, plus two all-gathered modules and one unsharded gradient module; activations are not
-sharded.
+divided by the GPUs, plus two all-gathered modules and one unsharded gradient module; activations are
+not sharded by FSDP.  ``sequence_parallel = N`` (dividing ``gpus``) adds Ulysses sequence parallelism:
+one rank's step is run, on its S/N tokens, with the attention kernel run as a rank runs it (an
+all-to-all from S/N tokens × H heads to the whole S × H/N heads and back, the send and receive
+buffers allocated; see :func:`_flash_sim_attention` and docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from .. import model_configs
 from ..hf_checkpointing import disable_checkpointing, enable_checkpointing
 
 GiB = 1 << 30
+#: GPUs that share one host (the host memory per node sums theirs; ``planning.cost_model.GPUS_PER_NODE``)
+GPUS_PER_NODE = 8
 
 MODES = ("standard", "ckpt", "mst", "mst+ckpt", "mst+ckpt+offload")
 MODE_LABELS = {
@@ -115,10 +120,17 @@ def load_config(model: str | None = None, config_path: str | None = None):
 
 
 @contextlib.contextmanager
-def _flash_sim_attention():
+def _flash_sim_attention(sequence_parallel: int = 1):
     """An HF attention implementation with FlashAttention-2's memory behaviour (fake tensors only),
     registered in transformers' attention and mask registries for the duration of the block and
-    removed afterwards (only if this block added it)."""
+    removed afterwards (only if this block added it).
+
+    ``sequence_parallel`` N > 1: the attention of one Ulysses rank.  Its q/k/v hold the rank's S/N
+    tokens on every head; an all-to-all (a contiguous send buffer, a receive buffer) makes the whole S
+    on H/N query heads and max(1, Hkv/N) KV heads (replicated when Hkv < N), the kernel runs there and
+    keeps those for backward, and an all-to-all brings the output back to S/N tokens × H heads.  The
+    backward does the same for the output gradient and for dq/dk/dv.  No data moves (fake tensors):
+    only the allocations a rank makes are simulated."""
     import torch
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
@@ -129,21 +141,45 @@ def _flash_sim_attention():
         yield
         return
 
+    n = sequence_parallel
+
+    def all_to_all(x, tokens: int, heads: int):
+        """x [B, s, h, hd] → a new [B, tokens, heads, hd]: its send buffer (a contiguous copy of x)
+        exists while the receive buffer is filled."""
+        send = torch.empty_like(x, memory_format=torch.contiguous_format)
+        recv = x.new_empty(x.shape[0], tokens, heads, x.shape[3])
+        del send
+        return recv
+
     class FlashSim(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):  # [B, S, H, hd], [B, S, Hkv, hd]
+            if n > 1:  # a rank's S/N tokens × all heads → the whole S × its heads
+                s, h, hkv = q.shape[1], q.shape[2], k.shape[2]
+                ctx.local = (s, h, hkv)
+                q, k, v = all_to_all(q, s * n, h // n), all_to_all(k, s * n, max(1, hkv // n)), all_to_all(v, s * n, max(1, hkv // n))
             out = torch.empty_like(q)
             lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
             ctx.save_for_backward(q, k, v, out, lse)
+            if n > 1:  # the output back to the rank's tokens (the kernel's own output stays saved)
+                s, h, _ = ctx.local
+                return all_to_all(out, s, h)
             return out
 
         @staticmethod
         def backward(ctx, grad_out):
             q, k, v, out, lse = ctx.saved_tensors
+            if n > 1:
+                grad_out = all_to_all(grad_out, q.shape[1], q.shape[2])
             b, s, h, hd = q.shape
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
             work = torch.empty(fa2_backward_workspace(b, s, h, hd, k.shape[2], q.element_size()), dtype=torch.uint8, device=q.device)
-            del work
+            del work, grad_out
+            if n > 1:  # the gradients back to the rank's tokens, one at a time
+                s_loc, h_loc, hkv = ctx.local
+                dq = all_to_all(dq, s_loc, h_loc)
+                dk = all_to_all(dk, s_loc, hkv)
+                dv = all_to_all(dv, s_loc, hkv)
             return dq, dk, dv
 
     def flash_sim_forward(module, query, key, value, attention_mask, **kwargs):
@@ -231,13 +267,18 @@ class Breakdown:
     chunks: dict = field(default_factory=dict)  # what the mst backend chunked, M per region kind
     #: host memory (per GPU's process): offloaded checkpoints at their most + optimizer state kept there
     host: float = 0.0
+    #: Ulysses degree: a rank holds ``seq_len / sequence_parallel`` tokens
+    sequence_parallel: int = 1
+    #: host memory of one node: ``host`` of each of its GPUs (``GPUS_PER_NODE`` or fewer)
+    host_node: float = 0.0
 
     @property
     def total(self) -> float:
         return self.params + self.grads + self.optimizer_state + self.activations
 
     def gib(self) -> dict:
-        return {k: round(getattr(self, k) / GiB, 3) for k in ("params", "grads", "optimizer_state", "activations", "total", "host")}
+        return {k: round(getattr(self, k) / GiB, 3)
+                for k in ("params", "grads", "optimizer_state", "activations", "total", "host", "host_node")}
 
 
 def chunks_by_kind(reports) -> dict[str, int]:
@@ -392,8 +433,10 @@ class _FakeModel:
 
     # ---- one step
 
-    def step_peak(self, seq_len: int, batch: int, mode: str, weights: list[tuple[float, float]]):
-        """Run one fwd+bwd in ``mode``; the tracker holds the peaks for each (params, grads) weighting."""
+    def step_peak(self, seq_len: int, batch: int, mode: str, weights: list[tuple[float, float]],
+                  sequence_parallel: int = 1):
+        """Run one fwd+bwd in ``mode``; the tracker holds the peaks for each (params, grads) weighting.
+        ``sequence_parallel`` N > 1: ``seq_len`` is one rank's tokens (S/N), its attention Ulysses'."""
         import torch
 
         from .offload_sim import OFFLOAD_MODES, FakeHostHooks, HostCounter, lm_head_chunks
@@ -419,7 +462,7 @@ class _FakeModel:
         try:
             head_m = lm_head_chunks(self.config.hidden_size, self.config.vocab_size, seq_len * batch) if offload else None
             chunks = self._mst_patches(seq_len, batch, undo, head_m) if mst else {}
-            with _flash_sim_attention(), _no_packed_sequences(), self.fake_mode:
+            with _flash_sim_attention(sequence_parallel), _no_packed_sequences(), self.fake_mode:
                 ids = torch.zeros(batch, seq_len, dtype=torch.long)
                 tracker = PeakTracker(weights)
                 tracker.track_external(model)
@@ -462,16 +505,38 @@ def _sim_config(config):
 # --------------------------------------------------------------------------------------------- peaks
 
 
-def _check_args(seq_len: int, mode: str, batch: int, optimizer: str, gpus: int) -> None:
+def _check_args(seq_len: int, mode: str, batch: int, optimizer: str, gpus: int, sequence_parallel: int = 1) -> None:
     if mode not in MODES:
         raise SimulateError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
     if optimizer not in OPTIMIZERS:
         raise SimulateError(f"unknown optimizer setup {optimizer!r}; one of {', '.join(OPTIMIZERS)}")
     from ..config import is_positive_int
 
-    for name, v in (("seq_len", seq_len), ("batch", batch), ("gpus", gpus)):
+    for name, v in (("seq_len", seq_len), ("batch", batch), ("gpus", gpus), ("sequence_parallel", sequence_parallel)):
         if not is_positive_int(v):
             raise SimulateError(f"{name} must be a positive integer, got {v!r}")
+    if gpus % sequence_parallel:
+        raise SimulateError(f"sequence_parallel={sequence_parallel} must divide gpus={gpus} "
+                            f"(a mesh of gpus/N data-parallel × N sequence-parallel ranks)")
+    if seq_len % sequence_parallel:
+        raise SimulateError(f"seq_len={seq_len} must be a multiple of sequence_parallel={sequence_parallel} "
+                            f"(each rank holds S/N tokens)")
+
+
+def check_heads(config, sequence_parallel: int) -> None:
+    """Ulysses needs whole heads per rank: N divides the query heads, and the KV heads divide among the
+    ranks or each is replicated on N/Hkv of them (SimulateError otherwise)."""
+    if sequence_parallel == 1:
+        return
+    from ..planning import cost_model as cm
+
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    arch = cm.Arch(hidden=1, intermediate=1, layers=1, heads=heads, kv_heads=kv, head_dim=1, vocab=1)
+    try:
+        cm.check_sequence_parallel(arch, sequence_parallel, sequence_parallel)
+    except ValueError as err:
+        raise SimulateError(str(err)) from None
 
 
 _MODEL_CACHE: dict[int, _FakeModel] = {}
@@ -492,9 +557,11 @@ def _weights(gpus: int) -> list[tuple[float, float]]:
     return [(s, s), (s, 0.0)]
 
 
-def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, host: float = 0.0) -> dict[str, Breakdown]:
+def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, host: float = 0.0,
+                sequence_parallel: int = 1) -> dict[str, Breakdown]:
     from .offload_sim import HOST_STATE_BYTES_PER_PARAM
 
+    per_node = min(gpus, GPUS_PER_NODE)
     out = {}
     sharded_extra_p = 2 * fm.largest_module_bytes if gpus > 1 else 0.0  # all-gathered current + prefetched
     sharded_extra_g = fm.largest_module_bytes if gpus > 1 else 0.0  # unsharded grads before reduce-scatter
@@ -514,7 +581,9 @@ def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, hos
             optimizer_state=state_bpp * fm.n_params / gpus,
             activations=acts,
             chunks=dict(chunks),
-            host=host + HOST_STATE_BYTES_PER_PARAM.get(opt, 0.0) * fm.n_params / gpus,
+            host=(h := host + HOST_STATE_BYTES_PER_PARAM.get(opt, 0.0) * fm.n_params / gpus),
+            sequence_parallel=sequence_parallel,
+            host_node=h * per_node,
         )
     return out
 
@@ -524,50 +593,62 @@ def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, hos
 PROGRAMS = ("eager", "compiled")
 
 
-def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch: int, gpus: int) -> dict[str, Breakdown]:
+def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch: int, gpus: int,
+                         sequence_parallel: int = 1) -> dict[str, Breakdown]:
     """Breakdowns of the compiled step: activations and gradients at its peak from the program itself.
 
     Its backward is one graph whose outputs are all the gradients, so they are alive together until it
-    returns, whatever the optimizer setup: "grads freed as made" does not apply to it."""
+    returns, whatever the optimizer setup: "grads freed as made" does not apply to it.  ``gpus > 1``:
+    FSDP's shares as in the eager program (parameters, the gradients at the peak and the optimizer
+    state divided by the GPUs, plus two all-gathered modules and one unsharded module gradient); the
+    whole-model graph is kept (FSDP2 under compile breaks it per layer, which is not simulated).
+    ``sequence_parallel``: ``seq_len`` is the whole sequence; the program captured is one rank's, on
+    its S/N tokens, with Ulysses' all-to-alls around attention (``compiled_program.simulated_sdpa``)."""
     from .compiled_program import compiled_peak
     from .offload_sim import HOST_STATE_BYTES_PER_PARAM
 
-    if gpus > 1:
-        raise SimulateError("--program compiled models one GPU; use --program eager with --gpus")
-    peak = compiled_peak(config, seq_len, mode, batch)
-    return {
-        opt: Breakdown(
-            seq_len=seq_len, mode=mode, optimizer=opt, batch=batch, gpus=1, params=fm.param_bytes,
-            grads=peak.grads, optimizer_state=state_bpp * fm.n_params, activations=peak.activations,
-            host=peak.host + HOST_STATE_BYTES_PER_PARAM.get(opt, 0.0) * fm.n_params,
+    peak = compiled_peak(config, seq_len // sequence_parallel, mode, batch, sequence_parallel=sequence_parallel)
+    extra_p = 2 * fm.largest_module_bytes if gpus > 1 else 0.0
+    extra_g = fm.largest_module_bytes if gpus > 1 else 0.0
+    per_node = min(gpus, GPUS_PER_NODE)
+    out = {}
+    for opt, (state_bpp, _, _) in OPTIMIZERS.items():
+        host = peak.host + HOST_STATE_BYTES_PER_PARAM.get(opt, 0.0) * fm.n_params / gpus
+        out[opt] = Breakdown(
+            seq_len=seq_len, mode=mode, optimizer=opt, batch=batch, gpus=gpus, params=fm.param_bytes / gpus + extra_p,
+            grads=peak.grads / gpus + extra_g, optimizer_state=state_bpp * fm.n_params / gpus,
+            activations=peak.activations, host=host, sequence_parallel=sequence_parallel, host_node=host * per_node,
         )
-        for opt, (state_bpp, _, _) in OPTIMIZERS.items()
-    }
+    return out
 
 
-def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1, program: str = "eager") -> dict[str, Breakdown]:
+def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1, program: str = "eager",
+                 sequence_parallel: int = 1) -> dict[str, Breakdown]:
     """One simulated step; the peak breakdown for every optimizer setup of :data:`OPTIMIZERS`."""
-    _check_args(seq_len, mode, batch, "adamw", gpus)
+    _check_args(seq_len, mode, batch, "adamw", gpus, sequence_parallel)
+    check_heads(config, sequence_parallel)
     if program not in PROGRAMS:
         raise SimulateError(f"unknown program {program!r}; one of {', '.join(PROGRAMS)}")
     fm = _fake_model(config)
     if program == "compiled":
-        return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus)
-    tracker, chunks = fm.step_peak(seq_len, batch, mode, _weights(gpus))
-    return _breakdowns(fm, tracker, seq_len, mode, batch, gpus, chunks, fm.host.peak)
+        return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus, sequence_parallel)
+    tracker, chunks = fm.step_peak(seq_len // sequence_parallel, batch, mode, _weights(gpus), sequence_parallel)
+    return _breakdowns(fm, tracker, seq_len, mode, batch, gpus, chunks, fm.host.peak, sequence_parallel)
 
 
 def simulate_peak(
-    config, seq_len: int, mode: str, batch: int = 1, optimizer: str = "adamw", gpus: int = 1, program: str = "eager"
+    config, seq_len: int, mode: str, batch: int = 1, optimizer: str = "adamw", gpus: int = 1, program: str = "eager",
+    sequence_parallel: int = 1,
 ) -> Breakdown:
     """Simulated per-GPU peak of one training step (fwd + bwd, optimizer state resident).
 
     ``config``: a transformers config (see :func:`load_config`); ``mode``: one of :data:`MODES`;
     ``optimizer``: one of :data:`OPTIMIZERS`; ``gpus > 1``: FSDP, params/grads/optimizer sharded;
-    ``program``: "eager" (op by op) or "compiled" (what ``backend="mst"`` / Inductor builds).
+    ``program``: "eager" (op by op) or "compiled" (what ``backend="mst"`` / Inductor builds);
+    ``sequence_parallel`` N (dividing ``gpus`` and ``seq_len``): Ulysses, one rank's S/N tokens.
     """
-    _check_args(seq_len, mode, batch, optimizer, gpus)
-    return simulate_all(config, seq_len, mode, batch, gpus, program)[optimizer]
+    _check_args(seq_len, mode, batch, optimizer, gpus, sequence_parallel)
+    return simulate_all(config, seq_len, mode, batch, gpus, program, sequence_parallel)[optimizer]
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -662,10 +743,16 @@ def longest_seq_len(
 
 def find_max_seq_len(
     config, gpu_gb: float, mode: str, optimizer: str = "adamw", batch: int = 1, gpus: int = 1, progress=None,
-    program: str = "eager", **search
+    program: str = "eager", sequence_parallel: int = 1, **search
 ) -> tuple[ModeResult, dict[int, dict[str, Breakdown]]]:
-    """Longest S that fits ``gpu_gb`` GiB per GPU in ``mode``; also every run's breakdowns."""
-    _check_args(1, mode, batch, optimizer, gpus)
+    """Longest S that fits ``gpu_gb`` GiB per GPU in ``mode``; also every run's breakdowns.
+    ``sequence_parallel`` N: S is the whole sequence, a multiple of N (the search's quantum and start
+    are multiplied by N)."""
+    _check_args(sequence_parallel, mode, batch, optimizer, gpus, sequence_parallel)
+    check_heads(config, sequence_parallel)
+    n = sequence_parallel
+    search = {**search, "quantum": search.get("quantum", 128) * n, "start": search.get("start", 4096) * n,
+              "max_len": search.get("max_len", 1 << 24) * n}
     budget = gpu_gb * GiB
     all_runs: dict[int, dict[str, Breakdown]] = {}
     fm = _fake_model(config)
@@ -678,7 +765,7 @@ def find_max_seq_len(
         return ModeResult(mode, 0, None, [], True, note), all_runs
 
     def peak(s: int) -> float:
-        bd = simulate_all(config, s, mode, batch, gpus, program)
+        bd = simulate_all(config, s, mode, batch, gpus, program, sequence_parallel)
         all_runs[s] = bd
         if progress is not None:
             progress(mode, s, bd[optimizer].total)
@@ -807,6 +894,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (with --strategy fsdp)")
     p.add_argument("--strategy", default="fsdp", choices=["fsdp"], help="how state is split over --gpus")
+    p.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                   help="Ulysses sequence parallelism of degree N (dividing --gpus and the query heads): each GPU "
+                   "holds S/N tokens, attention runs on the whole S with H/N heads (default 1); S is the whole sequence")
     p.add_argument("--start", type=int, default=4096, help="first sequence length tried")
     p.add_argument("--quantum", type=int, default=128, help="answer granularity in tokens")
     p.add_argument("--plot", "--out", dest="plot", default=None,
@@ -831,8 +921,11 @@ def _parser() -> argparse.ArgumentParser:
 def _validate_cli(args) -> list[str]:
     if not (args.gpu_gb > 0) or math.isinf(args.gpu_gb):
         raise SimulateError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb:g}")
-    if args.batch < 1 or args.gpus < 1 or args.quantum < 1 or args.start < 1:
-        raise SimulateError("--batch, --gpus, --start and --quantum must be positive integers")
+    if args.batch < 1 or args.gpus < 1 or args.quantum < 1 or args.start < 1 or args.sequence_parallel < 1:
+        raise SimulateError("--batch, --gpus, --sequence-parallel, --start and --quantum must be positive integers")
+    if args.gpus % args.sequence_parallel:
+        raise SimulateError(f"--sequence-parallel {args.sequence_parallel} must divide --gpus {args.gpus} "
+                            f"(a mesh of gpus/N data-parallel × N sequence-parallel ranks)")
     if args.optimizer not in OPTIMIZERS:
         raise SimulateError(f"unknown --optimizer {args.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -845,6 +938,7 @@ def _validate_cli(args) -> list[str]:
 def run_cli(args) -> dict:
     modes = _validate_cli(args)
     config = load_config(args.model, args.config)
+    check_heads(config, args.sequence_parallel)
     name = config._mstfx_name
     t0 = time.perf_counter()
     bar = None
@@ -868,7 +962,7 @@ def run_cli(args) -> dict:
         for mode in modes:
             results[mode], all_runs[mode] = find_max_seq_len(
                 config, args.gpu_gb, mode, args.optimizer, args.batch, args.gpus, progress,
-                program=args.program, start=args.start, quantum=args.quantum,
+                program=args.program, sequence_parallel=args.sequence_parallel, start=args.start, quantum=args.quantum,
             )
     finally:
         if bar is not None:
@@ -881,6 +975,8 @@ def run_cli(args) -> dict:
         "gpu_gib": args.gpu_gb,
         "gpus": args.gpus,
         "strategy": args.strategy if args.gpus > 1 else None,
+        "sequence_parallel": args.sequence_parallel,
+        "gpus_per_node": min(args.gpus, GPUS_PER_NODE),
         "batch": args.batch,
         "optimizer": args.optimizer,
         "program": args.program,
@@ -898,6 +994,9 @@ def run_cli(args) -> dict:
             "runs": [[s, round(v / GiB, 3)] for s, v in r.runs],
             # host memory of each run (offloaded checkpoints + optimizer state kept there)
             "host_runs": [[s, round(all_runs[mode][s][args.optimizer].host / GiB, 3)] for s, _ in r.runs if s in all_runs[mode]],
+            # the same runs' host memory of one node (its GPUs' offloaded checkpoints and optimizer state)
+            "host_node_runs": [[s, round(all_runs[mode][s][args.optimizer].host_node / GiB, 3)]
+                               for s, _ in r.runs if s in all_runs[mode]],
         }
         # the longest S of every other setup from the same runs, and how it is known (``_longest_for_setup``)
         found = {opt: (r.max_seq_len, "searched") if opt == args.optimizer else
@@ -921,15 +1020,19 @@ def _print_table(out: dict) -> None:
         + (f"{out['gpus']} × " if out["gpus"] > 1 else "")
         + f"{out['gpu_gib']:g} GiB, batch {out['batch']}, optimizer {out['optimizer']}, {out.get('program', 'eager')} program"
         + (f", {out['strategy']} (per-GPU)" if out["strategy"] else "")
+        + (f", sequence parallel {out['sequence_parallel']} (S/{out['sequence_parallel']} tokens per GPU)"
+           if out.get("sequence_parallel", 1) > 1 else "")
     )
+    node = out["gpus"] > 1
     t = Table(title=title)
-    for col in ("mode", "max S", "× standard", "params", "grads", "optimizer", "activations", "peak GiB", "host GiB",
-                "M (mlp/head)"):
+    cols = ["mode", "max S", "× standard", "params", "grads", "optimizer", "activations", "peak GiB", "host GiB"]
+    cols += [f"host/node GiB ({out.get('gpus_per_node', 1)} GPUs)"] if node else []
+    for col in cols + ["M (mlp/head)"]:
         t.add_column(col, justify="right" if col != "mode" else "left")
     for mode, r in out["modes"].items():
         pk = r["peak_gib"]
         if not pk:
-            t.add_row(MODE_LABELS[mode], "0", "-", "-", "-", "-", "-", "-", "-", r["note"][:60])
+            t.add_row(MODE_LABELS[mode], "0", *["-"] * (len(cols) - 2), r["note"][:60])
             continue
         ch = r["chunks"]
         t.add_row(
@@ -942,6 +1045,7 @@ def _print_table(out: dict) -> None:
             f"{pk['activations']:.2f}",
             f"{pk['total']:.2f}",
             f"{pk.get('host', 0.0):.2f}",
+            *([f"{pk.get('host_node', 0.0):.2f}"] if node else []),
             f"{ch.get('mlp', '-')}/{ch.get('lm_head', '-')}" if ch else "-",
         )
     console = Console(width=max(120, Console().width))
@@ -956,6 +1060,7 @@ def default_plot_name(out: dict) -> str:
     """``simulate-<model>-[<gpus>x]<GiB>gib-<optimizer>[-compiled].png``: runs of one model with another GPU,
     optimizer or program do not overwrite each other's plot."""
     gpus = f"{out['gpus']}x" if out["gpus"] > 1 else ""
+    gpus += f"sp{out['sequence_parallel']}-" if out.get("sequence_parallel", 1) > 1 else ""
     program = f"-{out['program']}" if out.get("program", "eager") != "eager" else ""
     return f"simulate-{out['model']}-{gpus}{out['gpu_gib']:g}gib-{out['optimizer']}{program}.png"
 
