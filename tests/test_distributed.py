@@ -10,12 +10,9 @@ the tests also check *what* was chunked in each graph.  Timing: see docs/distrib
 from __future__ import annotations
 
 import copy
-import datetime
 import os
-import socket
 import sys
 import time
-import traceback
 
 import pytest
 import torch
@@ -26,7 +23,6 @@ SEQ = 64
 BATCH = 2
 # the whole 2-process run, compile included (about 40-50 s on 2 idle cores); a hung collective fails the test
 RUN_TIMEOUT_S = float(os.environ.get("MSTFX_DIST_TIMEOUT", "300"))
-PG_TIMEOUT_S = 120
 MST_CHUNKS = 4  # 128 tokens per rank: 4 mini-sequences of 32 for every MLP and the LM head
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -35,82 +31,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 # --------------------------------------------------------------------------------------------------
 # Process plumbing
 # --------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, worker_name: str, port: int, outdir: str, kwargs: dict) -> None:
-    """Body of each spawned process: join the group, run the worker, save its result, leave the group."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    import torch._inductor.config as inductor_config
-
-    inductor_config.compile_threads = 1  # no compile-worker pool: 2 ranks already share 2 cores
-    result: dict
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
-        )
-        try:
-            result = globals()[worker_name](rank, **kwargs)
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
-        result = {"error": traceback.format_exc()}
-    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    if "error" in result:
-        sys.exit(1)  # the parent's join() then stops the other rank at once (no wait for a collective timeout)
-
-
 def run_workers(worker_name: str, tmp_path, **kwargs) -> list[dict]:
-    """Run ``worker_name(rank, **kwargs)`` in 2 spawned processes; their results, by rank."""
-    import torch.multiprocessing as mp
+    """``worker_name`` of this module in 2 gloo processes (``tests/gloo_workers.py``)."""
+    from gloo_workers import run_workers as run
 
-    env_before = os.environ.get("GLOO_SOCKET_IFNAME")
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # inherited by the spawned children: loopback only
-    try:
-        ctx = mp.start_processes(
-            _entry,
-            args=(worker_name, _free_port(), str(tmp_path), kwargs),
-            nprocs=WORLD,
-            join=False,
-            start_method="spawn",
-        )
-    finally:
-        if env_before is None:
-            os.environ.pop("GLOO_SOCKET_IFNAME", None)
-        else:
-            os.environ["GLOO_SOCKET_IFNAME"] = env_before
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    problem = None
-    try:
-        while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
-            if time.monotonic() > deadline:
-                problem = f"{worker_name}: 2-process run did not finish in {RUN_TIMEOUT_S:.0f}s"
-                break
-    except Exception as err:  # a rank exited non-zero; join() has already stopped the others
-        problem = f"{worker_name}: {type(err).__name__}: {err}"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    results, errors = [], []
-    for rank in range(WORLD):
-        path = tmp_path / f"rank{rank}.pt"
-        res = torch.load(path, weights_only=False) if path.exists() else {"error": "wrote no result"}
-        if "error" in res:
-            errors.append(f"rank {rank} failed:\n{res['error']}")
-        results.append(res)
-    if errors or problem:
-        pytest.fail("\n".join(errors + ([problem] if problem else [])))
-    return results
+    return run("test_distributed", worker_name, tmp_path, WORLD, RUN_TIMEOUT_S, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------

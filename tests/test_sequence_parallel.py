@@ -10,11 +10,8 @@ gradient summed over the group must equal the reference.  The workers also send 
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import sys
-import time
-import traceback
 
 import pytest
 import torch
@@ -26,71 +23,15 @@ from mstfx.sequence_parallel import SequenceParallelError, check_heads
 WORLD = 2
 BATCH, SEQ = 2, 64  # 32 tokens per rank
 RUN_TIMEOUT_S = float(os.environ.get("MSTFX_DIST_TIMEOUT", "600"))
-PG_TIMEOUT_S = 120
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-# --------------------------------------------------------------------------------------------------
-# Process plumbing (as in test_distributed.py; the workers are looked up in this module)
-# --------------------------------------------------------------------------------------------------
-def _entry(rank: int, worker_name: str, port: int, outdir: str, kwargs: dict, world: int) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        try:
-            result = globals()[worker_name](rank, **kwargs)
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
-        result = {"error": traceback.format_exc()}
-    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    if "error" in result:
-        sys.exit(1)
-
-
 def run_workers(worker_name: str, tmp_path, world: int = WORLD, **kwargs) -> list[dict]:
-    import torch.multiprocessing as mp
+    """``worker_name`` of this module in ``world`` gloo processes (``tests/gloo_workers.py``)."""
+    from gloo_workers import run_workers as run
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_distributed import _free_port
-
-    env_before = os.environ.get("GLOO_SOCKET_IFNAME")
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    try:
-        ctx = mp.start_processes(_entry, args=(worker_name, _free_port(), str(tmp_path), kwargs, world), nprocs=world,
-                                 join=False, start_method="spawn")
-    finally:
-        if env_before is None:
-            os.environ.pop("GLOO_SOCKET_IFNAME", None)
-        else:
-            os.environ["GLOO_SOCKET_IFNAME"] = env_before
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    problem = None
-    try:
-        while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
-            if time.monotonic() > deadline:
-                problem = f"{worker_name}: {world}-process run did not finish in {RUN_TIMEOUT_S:.0f}s"
-                break
-    except Exception as err:
-        problem = f"{worker_name}: {type(err).__name__}: {err}"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    results, errors = [], []
-    for rank in range(world):
-        path = tmp_path / f"rank{rank}.pt"
-        res = torch.load(path, weights_only=False) if path.exists() else {"error": "wrote no result"}
-        if "error" in res:
-            errors.append(f"rank {rank} failed:\n{res['error']}")
-        results.append(res)
-    if errors or problem:
-        pytest.fail("\n".join(errors + ([problem] if problem else [])))
-    return results
+    return run("test_sequence_parallel", worker_name, tmp_path, world, RUN_TIMEOUT_S, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
