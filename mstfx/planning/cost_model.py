@@ -144,7 +144,7 @@ COEF = {
     # once and keeps until the last attention backward (measured: 16.8 MB at S = 2048, 67.1 MB at 4096)
     "mask_s2": 1.0,
     # 0: a checkpointed layer's MLP is recomputed chunk by chunk, each chunk just before its gradient
-    # (checked on the captured backward, tests/test_compiled_program.py).  It was 1 (every chunk's
+    # (checked on the captured backward, tests/cost/test_compiled_program.py).  It was 1 (every chunk's
     # up-projections alive together) while mstfx's chunk tags inside checkpoint bodies read as
     # checkpoint boundaries to the partitioner and the last layer's output was recomputed whole
     "ckpt_mlp_whole": 0.0,

@@ -1,7 +1,7 @@
 """Supported Hugging Face causal-LM architectures: tiny builders and the generated support table.
 
 Every entry builds a tiny, randomly initialised model from its config (no download), so the same list
-drives the parametrised test (``tests/test_architectures.py``) and the table in
+drives the parametrised test (``tests/model/test_architectures.py``) and the table in
 ``docs/architectures.md``::
 
     python -m mstfx.tools.architectures            # writes docs/architectures.md

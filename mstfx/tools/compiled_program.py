@@ -18,7 +18,7 @@ the meta device SDPA would fall back to the math kernel and its S×S weights.  P
 readers are all pointwise or reductions are fused by Inductor and make no buffer.  Identical decoder
 layers make the peak linear in the layer count, so models are captured with 2 and 3 layers and the
 peak is extrapolated (:func:`compiled_peak`), which keeps an 8B capture to seconds.  The estimate is
-checked against the profiler's CPU peaks of Inductor-compiled steps (``tests/test_compiled_program.py``).
+checked against the profiler's CPU peaks of Inductor-compiled steps (``tests/cost/test_compiled_program.py``).
 """
 
 from __future__ import annotations

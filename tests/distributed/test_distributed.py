@@ -42,7 +42,7 @@ def run_workers(worker_name: str, tmp_path, **kwargs) -> list[dict]:
 # Worker helpers (run inside the spawned processes)
 # --------------------------------------------------------------------------------------------------
 def _model(**kw):
-    sys.path.insert(0, os.path.dirname(__file__))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/: conftest
     from conftest import tiny_llama
 
     return tiny_llama(**kw)  # seeded: the same weights on every rank

@@ -58,7 +58,7 @@ def test_checkpointed_layers_recompute_one_chunk_at_a_time(layers):
     cfg = _llama_config(layers=layers)
     seq, m = 1024, 8
     program = capture_program(_meta_llama(cfg), torch.zeros(1, seq, dtype=torch.long, device="meta"),
-                              mstfx.MstConfig(mini_sequences=m, chunk_form="unrolled"))  # the loop form: tests/test_chunk_loop.py
+                              mstfx.MstConfig(mini_sequences=m, chunk_form="unrolled"))  # the loop form: tests/model/test_chunk_loop.py
     runs = _recomputed_up_projection_runs(program, seq // m, cfg.intermediate_size)
     assert len(runs) >= layers * m, runs  # every chunk of every layer is recomputed in the backward
     assert max(runs) <= 2, f"chunks recomputed together before their gradients: {runs}"

@@ -148,7 +148,7 @@ def test_s4096_exact_and_peak_below_inductor_by_the_experts_share(name):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     import moe_peak
 
     r = moe_peak.measure(name)

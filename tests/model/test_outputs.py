@@ -15,7 +15,7 @@ from mstfx.tools import simulate as sim
 from mstfx.tools import sweep
 from mstfx.tools.progress import Progress, quiet_profiler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_SIM = dict(model_type="llama", hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1 << 20)
 

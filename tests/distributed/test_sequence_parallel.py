@@ -38,7 +38,7 @@ def run_workers(worker_name: str, tmp_path, world: int = WORLD, **kwargs) -> lis
 # Workers
 # --------------------------------------------------------------------------------------------------
 def _build(arch: str):
-    sys.path.insert(0, os.path.dirname(__file__))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/: conftest
     from conftest import tiny_gpt2, tiny_llama
 
     return tiny_llama() if arch == "llama" else tiny_gpt2()
