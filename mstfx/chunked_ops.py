@@ -43,40 +43,6 @@ def restore_tokens(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y.reshape(*like.shape[:-1], y.shape[-1])
 
 
-@torch.library.custom_op("mstfx::split_copies", mutates_args=())
-def split_copies(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """``x`` split along dim 0 into new tensors (copies, not views)."""
-    return [piece.clone() for piece in torch.split(x, sizes, dim=0)]
-
-
-@split_copies.register_fake
-def _(x, sizes):
-    return [x.new_empty((size, *x.shape[1:])) for size in sizes]
-
-
-class _ConcatChunks(torch.autograd.Function):
-    """``torch.cat`` of the chunk outputs whose backward hands each chunk a gradient of its own.
-
-    ``cat``'s own backward gives views of one gradient at different storage offsets; a compiled-once
-    chunk body (``invoke_subgraph``) gets its backward traced once per distinct gradient layout, the
-    offset included, and a copy kernel per chunk would be generated to undo that.  The copies here are
-    one opaque op (an extern call to Inductor): one backward body, no per-chunk kernels."""
-
-    @staticmethod
-    def forward(ctx, *chunks):
-        ctx.sizes = [c.shape[0] for c in chunks]
-        return torch.cat(chunks)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return tuple(split_copies(grad.contiguous(), ctx.sizes))
-
-
-def concat_chunks(*chunks: torch.Tensor) -> torch.Tensor:
-    """The chunks' outputs joined along dim 0 (see :class:`_ConcatChunks`)."""
-    return _ConcatChunks.apply(*chunks)
-
-
 def checkpointed(body, *args):
     """Run one chunk under ``torch.utils.checkpoint``: save its inputs, recompute it in backward."""
     from torch.utils.checkpoint import checkpoint

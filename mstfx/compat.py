@@ -23,8 +23,7 @@ Checked on torch 2.13 and 2.14 with transformers 4.57.6, 5.24 and 5.25.
 
 This module is also where mstfx keeps the private torch APIs it relies on (each a place a torch release
 can break), with why each is needed: autograd inside a custom operator's kernel
-(:func:`autograd_inside_operator`), verification's own HOP dispatch cache
-(:func:`private_hop_dispatch_cache`) and, for the simulation only, the meta-device autocast trace
+(:func:`autograd_inside_operator`) and, for the simulation only, the meta-device autocast trace
 (:func:`meta_autocast_traced_as_cpu`).
 """
 
@@ -141,23 +140,3 @@ def autograd_inside_operator():
     stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False))
     stack.enter_context(torch.enable_grad())
     return stack
-
-
-@contextlib.contextmanager
-def private_hop_dispatch_cache():
-    """Verification traces ``invoke_subgraph`` calls (compiled-once chunk bodies) through their
-    autograd rule, which caches what it learns per body in the compile's tracing context; AOT
-    autograd must not reuse what was cached from verification's detached fake values, so verification
-    gets a cache of its own for its duration."""
-    from torch._guards import HopDispatchSetCache, TracingContext
-
-    ctx = TracingContext.try_get()
-    if ctx is None:
-        yield
-        return
-    saved = ctx.hop_dispatch_set_cache
-    ctx.hop_dispatch_set_cache = HopDispatchSetCache()
-    try:
-        yield
-    finally:
-        ctx.hop_dispatch_set_cache = saved

@@ -16,7 +16,7 @@ from .validate import is_positive_int, positive_int  # noqa: F401  (re-exported:
 MAX_USER_CHUNKS = 256
 
 #: The forms a chunked region can take in the compiled graph (``MstConfig.chunk_form``).
-CHUNK_FORMS = ("loop", "unrolled", "compiled-once")
+CHUNK_FORMS = ("loop", "unrolled")
 
 
 @dataclass
@@ -42,8 +42,7 @@ class MstConfig:
         chunk_form: how a chunked region appears in the compiled graph (:data:`CHUNK_FORMS`):
             ``"loop"`` one opaque loop operator per region, run op by op inside (compile work does
             not grow with M; ``mstfx/chunk_loop.py``); ``"unrolled"`` M copies of the region that
-            Inductor fuses (compile work grows with M); ``"compiled-once"`` (experimental, MLPs only)
-            one ``invoke_subgraph`` body called M times.  The ``eager`` compiler always runs each
+            Inductor fuses (compile work grows with M).  The ``eager`` compiler always runs each
             chunk under ``torch.utils.checkpoint``.
         sequence_parallel: a ``torch.distributed`` ProcessGroup whose ranks each hold S/N tokens of the
             sequence: every attention call is split across it (Ulysses all-to-all,

@@ -17,7 +17,6 @@ from ..regions import registry
 from .attention import GUARD_KEY, MaskGuard, rewrite_attention
 from .common import ALREADY_REWRITTEN, REWRITTEN_KEY
 from .report import GraphReport, RegionDecision
-from .rewrite_mlp import refresh_fake_values
 
 log = logging.getLogger("mstfx")
 
@@ -30,8 +29,7 @@ def _param_placeholders(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
 
 def _grad_flags(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, bool]:
     """``requires_grad`` of what each placeholder receives.  Dynamo's example values leave it unset;
-    a compiled-once chunk body needs it (a body traced for a frozen weight must not serve a
-    trainable one)."""
+    the loop operators compute only the gradients their inputs need (a frozen weight gets none)."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {ph: bool(getattr(ex, "requires_grad", False)) for ph, ex in zip(phs, example_inputs)}
 
@@ -81,25 +79,17 @@ def _verify(gm: fx.GraphModule) -> None:
     mode = next((v.fake_mode for v in inputs if isinstance(v, FakeTensor)), None)
     if mode is None:
         return  # hand-built graphs in tests carry no fake values; their outputs are checked numerically
-    with torch.enable_grad(), _private_hop_cache():
+    with torch.enable_grad():
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
-
-
-def _private_hop_cache():
-    """Verification's own HOP dispatch cache (see :func:`mstfx.compat.private_hop_dispatch_cache`)."""
-    from ..compat import private_hop_dispatch_cache
-
-    return private_hop_dispatch_cache()
 
 
 @dataclass
 class RewriteContext:
     """What a kind's rewrite needs besides the region: the options, where the region lives (a
-    checkpointed body or the graph itself), and the compiled-once chunk bodies shared across regions."""
+    checkpointed body or the graph itself) and which inputs need a gradient."""
 
     config: Any
     in_checkpoint: bool
-    compiled_bodies: dict
     needs_grad: Callable[[fx.Node], bool]
     graph: fx.Graph | None = None  # the top-level graph
     hop: fx.Node | None = None  # the checkpoint call of the body the region lives in (None: the top-level graph)
@@ -132,7 +122,6 @@ class _Run:
     claimed: set = field(default_factory=set)
     found: list = field(default_factory=list)  # (kind, owner, region)
     chunks: dict = field(default_factory=dict)  # id(region) -> M
-    compiled_bodies: dict = field(default_factory=dict)  # chunk bodies compiled once, shared by structure
     changed: bool = False
     masked: fx.GraphModule | None = None
 
@@ -175,7 +164,7 @@ def _rewrite(kind, run: _Run) -> None:
             continue
         in_checkpoint = owner is not run.new
         hop = next((h for body, _, h in run.bodies if body is owner), None) if in_checkpoint else None
-        ctx = RewriteContext(run.config, in_checkpoint, run.compiled_bodies, needs_grad, run.new.graph, hop)
+        ctx = RewriteContext(run.config, in_checkpoint, needs_grad, run.new.graph, hop)
         fields["detail"] = fields.get("detail", "") + kind.rewrite(owner, region, m, ctx)
         if in_checkpoint:
             owner.recompile()
@@ -241,7 +230,6 @@ def _verify_all(run: _Run) -> None:
         run.masked.recompile()
         _verify(run.masked)
         run.masked.meta[REWRITTEN_KEY] = True
-    refresh_fake_values(run.compiled_bodies)
 
 
 def pipeline(kinds=None) -> list[tuple[str, Callable[[_Run], None]]]:

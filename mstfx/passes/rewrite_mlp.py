@@ -1,6 +1,6 @@
 """Rewrite: an MLP region becomes a loop of M mini-sequences that is recomputed in backward.
 
-The tokens are flattened and split into M pieces, and the chunk outputs are joined.  Three forms
+The tokens are flattened and split into M pieces, and the chunk outputs are joined.  Two forms
 (``MstConfig.chunk_form``, chosen by :func:`chunk_form`):
 
 * **Loop** (:func:`rewrite_mlp_looped`, the default): the region becomes one call of the
@@ -15,12 +15,10 @@ The tokens are flattened and split into M pieces, and the chunk outputs are join
   ``reordering_to_mimic_autograd_engine`` places each chunk's recompute right before that chunk's
   gradient.  The chunks are distinct nodes, so CSE cannot merge them back; Dynamo, AOT and Inductor
   work grows with M.  For the ``eager`` compiler each chunk runs under ``torch.utils.checkpoint``.
-* **Compiled once** (:func:`rewrite_mlp_compiled_once`, experimental): the region becomes one body
-  ``body(x_chunk, *weights) -> (y_chunk,)`` that the graph calls M times through
-  ``torch.ops.higher_order.invoke_subgraph`` (what ``torch.compiler.nested_compile_region`` lowers
-  to).  AOT autograd traces, differentiates and partitions a body once per identifier and Inductor
-  compiles it once.  Measured, it is not better (README "Compile time"): a higher peak on the
-  reference config, and the M call sites still make compile work grow with M.
+A third form, one body compiled once and called M times through ``invoke_subgraph`` (what
+``torch.compiler.nested_compile_region`` lowers to), was measured and removed: a higher peak than the
+unrolled form on the reference config (301 vs 269 MiB) and, with M call sites, compile work still
+growing with M (about 5x plain Inductor's first step at M = 64).
 """
 
 from __future__ import annotations
@@ -87,13 +85,7 @@ def chunk_form(config, in_checkpoint: bool, changed_autocast: bool = False) -> t
     """The form an MLP's chunks take (``config.chunk_form``, see :data:`mstfx.config.CHUNK_FORMS`) and
     the report's words for it.  The ``eager`` compiler runs each chunk under
     ``torch.utils.checkpoint`` ("unrolled" copies of that call).  ``changed_autocast``: the region runs
-    under an in-graph autocast context that changes the state (:func:`under_changed_autocast`).
-
-    The compiled-once form is experimental because, measured, it is not better: on the reference
-    config (S = 4096) its peak is 301 MiB against 269 MiB unrolled, and on the 8-layer tiny Llama at
-    M = 64 its first step was about 5× plain Inductor's (README "Compile time").  Inside a user's
-    checkpointed layer it is never used (AOT autograd's recompute of the layer around a called body
-    measured a higher peak than the unrolled copies)."""
+    under an in-graph autocast context that changes the state (:func:`under_changed_autocast`)."""
     form = getattr(config, "chunk_form", "unrolled")
     if config.compiler == "eager":
         return "unrolled", ""
@@ -101,10 +93,6 @@ def chunk_form(config, in_checkpoint: bool, changed_autocast: bool = False) -> t
         if changed_autocast:
             return "unrolled", "; unrolled M copies (autocast in the graph changes its state)"
         return "loop", "; one loop operator"
-    if form == "compiled-once":
-        if in_checkpoint:
-            return "unrolled", "; unrolled M copies (inside a checkpointed layer)"
-        return "compiled-once", "; one body compiled once, called M times"
     return "unrolled", ""
 
 
@@ -149,129 +137,6 @@ def extract_body(owner: fx.GraphModule, region: MlpRegion) -> tuple[fx.GraphModu
         env[node].meta.pop("val", None)
     graph.output(_flat_output(graph, env[region.output], region.output))
     return fx.GraphModule(owner, graph), externals
-
-
-def _structure_key(body: fx.GraphModule) -> tuple:
-    """What makes two chunk bodies the same program: ops, targets and wiring (not node names), and the
-    shape, stride, dtype and grad flag of each input."""
-    index = {node: i for i, node in enumerate(body.graph.nodes)}
-
-    def norm(a):
-        return fx.node.map_arg(a, lambda n: ("%", index[n]))
-
-    key = []
-    for node in body.graph.nodes:
-        if node.op == "placeholder":
-            v = node.meta.get("val")
-            key.append(("in", None if v is None else (tuple(map(str, v.shape)), tuple(map(str, v.stride())), v.dtype, v.requires_grad)))
-        else:
-            target = node.target if isinstance(node.target, str) else f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', node.target)}"
-            key.append((node.op, target, repr(norm(node.args)), repr(norm(node.kwargs))))
-    return tuple(key)
-
-
-def _fake_like(val: torch.Tensor, shape, requires_grad: bool) -> torch.Tensor:
-    """A fresh fake tensor of ``shape`` with ``val``'s dtype and device and the given grad flag.
-
-    Dynamo's example values do not carry ``requires_grad`` (parameters are lifted without it), but
-    AOT autograd reads it from a body's input and output values to decide which gradients the body's
-    backward computes, so it is set here from what the compiled graph receives."""
-    with val.fake_mode:
-        out = torch.empty(shape, dtype=val.dtype, device=val.device)
-    return out.requires_grad_(requires_grad and out.is_floating_point())
-
-
-_INPUTS_KEY = "mst_body_inputs"
-
-
-def refresh_fake_values(bodies: dict) -> None:
-    """Put the grad-carrying fake values back on the bodies' nodes (a ``FakeTensorProp`` of the
-    graph that calls them, as in verification, leaves detached ones there)."""
-    for _, body in bodies.values():
-        _propagate(body, body.meta[_INPUTS_KEY])
-
-
-def _propagate(body: fx.GraphModule, inputs: list) -> None:
-    """Fake values on every body node, ``requires_grad`` included (AOT autograd reads the output's to
-    know whether the body has a gradient; ``FakeTensorProp`` stores detached values)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    mode = next((v.fake_mode for v in inputs if isinstance(v, FakeTensor)), None)
-    if mode is None:
-        return
-
-    class _Record(fx.Interpreter):
-        def run_node(self, node):
-            out = super().run_node(node)
-            node.meta["val"] = node.meta["example_value"] = out
-            return out
-
-    with mode, torch.enable_grad():
-        _Record(body).run(*inputs)
-
-
-def chunk_body(owner: fx.GraphModule, region: MlpRegion, size, bodies: dict, needs_grad) -> tuple[str, str, list[fx.Node]]:
-    """The attribute and identifier of the compiled-once body of ``region`` for chunks of ``size``
-    tokens: ``body(x_chunk, *externals) -> (y_chunk,)``, every node tagged for recompute so that the
-    body's forward saves only its inputs.  Bodies with the same structure and input metadata (the
-    same MLP in every layer, every equal-sized chunk) share one attribute and one identifier, so
-    AOT autograd traces and partitions it once and Inductor compiles it once.
-    """
-    body, externals = extract_body(owner, region)
-    out = next(n for n in body.graph.nodes if n.op == "output")
-    out.args = ((out.args[0],),)
-    phs = [n for n in body.graph.nodes if n.op == "placeholder"]
-    x = tensor_of(region.input)
-    phs[0].meta["val"] = _fake_like(x, (size, int(x.shape[-1])), needs_grad(region.input))
-    for ph, ext in zip(phs[1:], externals):
-        val = tensor_of(ext)
-        ph.meta["val"] = _fake_like(val, val.shape, needs_grad(ext)) if val is not None else None
-    body.meta[_INPUTS_KEY] = [ph.meta["val"] for ph in phs]
-    _propagate(body, body.meta[_INPUTS_KEY])
-    for node in body.graph.nodes:
-        if node.op in ("call_function", "call_method"):
-            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-            node.meta["ac_graph_id"] = MST_AC_GRAPH_ID_BASE  # an mst id: never read as a user checkpoint
-    body.recompile()
-    key = _structure_key(body)
-    if key not in bodies:
-        ident = f"mst_mlp_body_{len(bodies)}"
-        bodies[key] = (ident, body)
-    ident, shared = bodies[key]
-    attr = ident
-    if getattr(owner, attr, None) is not shared:
-        owner.register_module(attr, shared)
-    return attr, ident, externals
-
-
-def rewrite_mlp_compiled_once(gm: fx.GraphModule, region: MlpRegion, chunks: int, bodies: dict, needs_grad) -> fx.Node:
-    """Replace ``region`` by M calls of one compiled body (``invoke_subgraph``); returns the output node."""
-    graph = gm.graph
-    x, sink = region.input, region.output
-    sizes = chunked_ops.chunk_sizes(region.tokens, chunks)
-    calls = {}
-    for size in sizes:
-        k = str(size)
-        if k not in calls:
-            calls[k] = chunk_body(gm, region, size, bodies, needs_grad)
-    invoke = torch.ops.higher_order.invoke_subgraph
-    with graph.inserting_before(sink):
-        flat = graph.call_function(chunked_ops.flatten_tokens, (x,))
-        pieces = graph.call_function(chunked_ops.split_tokens, (flat, chunks))
-        outs = []
-        for i, size in enumerate(sizes):
-            attr, ident, externals = calls[str(size)]
-            piece = graph.call_function(operator.getitem, (pieces, i))
-            body_node = graph.get_attr(attr)
-            call = graph.call_function(invoke, (body_node, ident, piece, *externals))
-            mst_meta(call).update(region=region.name, chunk=i)
-            outs.append(graph.call_function(operator.getitem, (call, 0)))
-        joined = graph.call_function(chunked_ops.concat_chunks, tuple(outs))  # one backward body for all chunks
-        result = graph.call_function(chunked_ops.restore_tokens, (joined, x))
-    sink.replace_all_uses_with(result)
-    for node in reversed(region.nodes):
-        graph.erase_node(node)
-    return result
 
 
 def loop_body(owner: fx.GraphModule, region: MlpRegion) -> tuple[fx.GraphModule, list[fx.Node]] | None:

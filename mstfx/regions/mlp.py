@@ -33,17 +33,14 @@ class MlpKind(RegionKind):
         return chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
 
     def rewrite(self, owner, region, m: int, ctx) -> str:
-        from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_compiled_once, rewrite_mlp_looped
+        from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_looped
 
         form, words = chunk_form(ctx.config, ctx.in_checkpoint, ctx.changed_autocast(owner, region.nodes))
         if form == "loop":
             if rewrite_mlp_looped(owner, region, m) is not None:
                 return words
             words = "; unrolled M copies (reads a symbolic size or module state, which the loop operator cannot take)"
-        if form == "compiled-once":
-            rewrite_mlp_compiled_once(owner, region, m, ctx.compiled_bodies, ctx.needs_grad)
-        else:
-            rewrite_mlp(owner, region, m, eager=ctx.eager, in_checkpoint=ctx.in_checkpoint)
+        rewrite_mlp(owner, region, m, eager=ctx.eager, in_checkpoint=ctx.in_checkpoint)
         return words
 
     def report_fields(self, region, m: int) -> dict:

@@ -70,7 +70,7 @@ def _child(variant: str, seq_len: int, profile_path: str | None) -> dict:
         compiled = torch.compile(fn)
     else:
         config = mstfx.MstConfig()
-        config.chunk_form = {"mst": "loop", "mst-once": "compiled-once", "mst-unrolled": "unrolled"}[variant]
+        config.chunk_form = {"mst": "loop", "mst-unrolled": "unrolled"}[variant]
         compiled = torch.compile(fn, backend=mstfx.backend(config))
     step = training_step(model, lambda: compiled(ids, ids))
     prof = None
@@ -167,7 +167,7 @@ def markdown(rows: list[CompileTimeRow]) -> str:
     return "\n".join(lines)
 
 
-VARIANTS = ["inductor", "mst", "mst-unrolled", "mst-once"]
+VARIANTS = ["inductor", "mst", "mst-unrolled"]
 
 
 def add_arguments(parser) -> None:
@@ -175,7 +175,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compile-time", action="store_true",
                         help="first-step (compile) time of Inductor and mst in fresh processes with cold caches, "
                              "8-layer tiny Llama at S = 64·M; --variants from " + ",".join(VARIANTS) + " (default inductor,mst; "
-                             "mst-unrolled / mst-once: the other chunk forms)")
+                             "mst-unrolled: the other chunk form)")
     parser.add_argument("--compile-ms", default="8,64", metavar="M1,M2,...",
                         help="compile time: the mini-sequence counts M to measure (S = 64·M; default 8,64)")
     parser.add_argument("--compile-runs", type=int, default=1,

@@ -942,7 +942,7 @@ def graph_peak(
             grads += size[k] * ((k in grad_keys) - (ks in grad_keys))
         work = _WORKSPACE.get(_op_name(n)) if attention_workspace else None
         transient = work(n) if work is not None else 0
-        if n.target is torch.ops.higher_order.invoke_subgraph:  # a compiled-once chunk body: its own peak
+        if n.target is torch.ops.higher_order.invoke_subgraph:  # a called body (nested_compile_region): its own peak
             transient += _body_peak(gm, n, attention_workspace)
         elif _op_name(n) in _LOOP_OPS:
             transient += _loop_workspace(n)

@@ -139,3 +139,22 @@ def test_top_level_help_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
                          env=env).stdout
     assert out.strip().endswith("[]"), out
+
+
+def test_compile_time_table_and_flag_validation(capsys):
+    from mstfx.tools import bench_cli as bench
+    from mstfx.tools.compile_time import CompileTimeRow, markdown, summarise
+
+    rows = [
+        CompileTimeRow("inductor", 8, 512, 100.0, 7.6, {"compile_file": 50.0}),
+        CompileTimeRow("mst", 8, 512, 120.0, 7.6, {"compile_file": 60.0}),
+        CompileTimeRow("mst", 8, 512, 140.0, 7.6, {"compile_file": 70.0}),
+        CompileTimeRow("mst", 8, 512, 130.0, 7.6, {"compile_file": 65.0}),
+    ]
+    summary = {(s["variant"], s["M"]): s for s in summarise(rows)}
+    assert summary[("mst", 8)]["first_step_s"] == 130.0 and summary[("mst", 8)]["runs"] == [120.0, 130.0, 140.0]
+    table = markdown(rows)
+    assert "| mst | 8 | 512 | 130.0 (120, 130, 140) | 1.30 |" in table
+    assert bench.cli_main(["--compile-time", "--compile-ms", "0"]) == 2
+    assert bench.cli_main(["--compile-time", "--variants", "nope"]) == 2
+    assert "--compile-ms" in capsys.readouterr().err
