@@ -142,19 +142,6 @@ class MstConfig:
             return self.mini_sequences.get(str(kind))
         return self.mini_sequences
 
-    def mlp_chunks_for(self, region: Any) -> int | None:
-        """Deprecated: ``mini_sequences_for("mlp", region)``."""
-        warnings.warn("MstConfig.mlp_chunks_for is deprecated: use mini_sequences_for('mlp', region)",
-                      DeprecationWarning, stacklevel=2)
-        return self.mini_sequences_for("mlp", region)
-
-    def lm_head_chunks_for(self, region: Any) -> int | None:
-        """Deprecated: ``mini_sequences_for("lm_head", region)``."""
-        warnings.warn("MstConfig.lm_head_chunks_for is deprecated: use mini_sequences_for('lm_head', region)",
-                      DeprecationWarning, stacklevel=2)
-        return self.mini_sequences_for("lm_head", region)
-
-
 def _warn_lm_head_chunks(stacklevel: int) -> None:
     warnings.warn(
         "MstConfig(lm_head_chunks=M) is deprecated: use mini_sequences={'lm_head': M} (one chunk knob, "

@@ -49,7 +49,7 @@ number, each op's saved tensors by autograd's rules (:func:`eager_regions`).  Mo
                         one layer in backward then saves only its MLP input, chunk by chunk
     mst+checkpointing+offload
                         the same, with the checkpoints in host memory: the GPU holds only the ones
-                        in use (``mstfx/planning/offload.py``, which also counts host bytes and PCIe time)
+                        in use (``mstfx/planning/offload_cost.py``, which also counts host bytes and PCIe time)
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from enum import Enum
 import sympy as sp
 
 from ..config import CHUNK_FORMS
-from . import offload
+from . import offload_cost as offload
 
 from .terms import B, FP32, RegionCost, S  # noqa: F401  (part of this module's vocabulary)
 M_MLP, M_HEAD = sp.symbols("M_mlp M_head", positive=True)
@@ -75,7 +75,7 @@ class Mode(str, Enum):
     CHECKPOINTING = "checkpointing"
     MST = "mst"
     MST_CHECKPOINTING = "mst+checkpointing"
-    #: checkpoints offloaded to host memory (:mod:`mstfx.planning.offload`); tried only when no other mode fits
+    #: checkpoints offloaded to host memory (:mod:`mstfx.planning.offload_cost`); tried only when no other mode fits
     MST_CHECKPOINTING_OFFLOAD = "mst+checkpointing+offload"
 
     def __str__(self) -> str:

@@ -10,7 +10,7 @@ that fits, in this order of cost:
    LM head chunked, then with the MLPs *inside* the checkpointed layers chunked too (the pass rewrites
    the checkpoint bodies, so a layer's recompute in backward runs its MLP chunk by chunk),
 5. the same with the checkpoints in host memory (``mst+checkpointing+offload``: two PCIe copies of each
-   a step, and pinned host memory; ``mstfx/planning/offload.py``), only when nothing above fits.  A
+   a step, and pinned host memory; ``mstfx/planning/offload_cost.py``), only when nothing above fits.  A
    ``host_budget_gb`` bounds the host memory a plan may use (offloaded checkpoints + optimizer state
    kept there); a plan that fits the GPU but not the host raises :class:`InfeasibleBudgetError`.
 
@@ -40,7 +40,7 @@ from ..config import MAX_USER_CHUNKS, check_mini_sequences, is_positive_int, pos
 from ..model_configs import source as config_source
 from ..regions import rules
 from . import cost_model as cm
-from . import offload
+from . import offload_cost as offload
 
 #: The unit of every memory budget and figure in mstfx: GiB (2**30 bytes), MiB below 1 GiB.  Arguments
 #: keep the ``budget_gb`` spelling; they mean GiB, as ``mstfx simulate --gpu-gb`` does.
@@ -135,7 +135,6 @@ class InfeasibleHostBudgetError(InfeasibleBudgetError):
 # model description
 
 
-_PRESETS = config_source.PRESETS
 _UNGATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2", "codegen"}
 #: model types with a norm on each branch output as well (four norms per decoder layer)
 _SANDWICH = {"gemma2", "gemma3", "gemma3_text"}

@@ -19,11 +19,3 @@ REGION_KINDS: tuple[RegionKind, ...] = (
 
 #: The kinds as an enum (``Kind.MLP``, ``Kind.LM_HEAD``, ...); each member equals its name as a string.
 Kind = KindEnum("Kind", [(k.name.upper(), k.name) for k in REGION_KINDS], module=__name__)
-
-
-def kind_of(name: str) -> RegionKind:
-    """The registered kind called ``name`` (KeyError with the known names otherwise)."""
-    for k in REGION_KINDS:
-        if k.name == name:
-            return k
-    raise KeyError(f"no region kind {name!r}; known: {[k.name for k in REGION_KINDS]}")

@@ -7,7 +7,7 @@ import pytest
 
 import mstfx
 from mstfx.planning import cost_model as cm
-from mstfx.planning import offload
+from mstfx.planning import offload_cost as offload
 from mstfx.planning.planner import GiB, InfeasibleHostBudgetError, arch_of, longest_seq_len, plan, predict_peak
 
 MODEL, GPU_GB, OPT = "llama3-8b", 80, "offload"  # optimizer state on the host, bf16 weights and gradients

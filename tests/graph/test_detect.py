@@ -210,8 +210,6 @@ def test_one_chunk_knob_per_kind_and_the_deprecated_alias():
     with pytest.warns(DeprecationWarning, match="mini_sequences"):
         cfg = mstfx.MstConfig(mini_sequences=5, lm_head_chunks=4)
     assert cfg.mini_sequences_for("lm_head", head) == 4 and cfg.mini_sequences_for("mlp", mlp) == 5
-    with pytest.warns(DeprecationWarning):
-        assert cfg.mlp_chunks_for(mlp) == 5 and cfg.lm_head_chunks_for(head) == 4
 
 
 def test_process_wide_reports_are_bounded():
