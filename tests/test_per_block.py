@@ -66,6 +66,8 @@ def test_find_blocks_by_structure():
         find_blocks(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)))
     with pytest.raises(NoRepeatedBlocksError):
         mstfx.compile(torch.nn.Linear(4, 4), per_block=True)
+    with pytest.raises(ValueError, match="per_block"):
+        mstfx.transform(tiny_llama(layers=2), budget_gb=1, per_block=True)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
