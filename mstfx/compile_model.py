@@ -32,7 +32,8 @@ def compile(model: Any, config: MstConfig | None = None, *, dynamic: bool | None
     loss function) is returned compiled.  ``mstfx.explain(model)`` shows what was chunked.
 
     ``per_block``: compile each repeated block (decoder layer) on its own and the model around them
-    (embedding, final norm, LM head + loss) with the same backend (``mstfx.per_block``): each block's
+    (the LM head + loss; the body that runs the blocks stays eager) with the same backend
+    (``mstfx.per_block``): each block's
     gradients are ready, and its post-accumulate-grad hooks run, when its backward ends; identical
     blocks share one compiled graph.  ``fullgraph`` then applies to each block (the model's own trace
     breaks at every block on purpose).

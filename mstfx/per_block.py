@@ -12,10 +12,16 @@ traces and compiles one block instead of N.
 What is compiled: the blocks are found by structure, not by class name (:func:`find_blocks`); each
 block's call runs its own ``torch.compile`` of the block (one backend object shared by all blocks,
 so identical blocks hit one compiled graph), and the model around them is compiled with the same
-backend, so the embedding, final norm and LM head + loss stay one chunked graph.  Dynamo would inline
+backend, so the LM head + loss stays one chunked graph.  Dynamo would inline
 a compiled block into the model's trace; the blocks' compiled calls are therefore wrapped in
 ``torch._dynamo.disable`` (reason :data:`PER_BLOCK_REASON`), a graph break per block in the model's
 trace that the backend recognises as its own and does not warn about (:func:`is_per_block_break`).
+
+The module that runs the blocks (a decoder's body: embedding, attention mask, final norm) runs
+eagerly, outside the model's trace, behind the same kind of call: traced, it would build the full
+B×1×S×S attention mask that Hugging Face's eager code skips for causal attention, and hand it to
+every block graph (S² bytes: 58 GiB at S = 250K).  What stays in the model's own graph is what follows
+the body, the LM head and the loss, chunked there.
 
 Dynamo calls a module's ``forward`` directly, bypassing ``_compiled_call_impl``, when the module has
 no hooks; a no-op forward pre-hook on each block keeps its compiled call in the path (FSDP2's
@@ -103,8 +109,16 @@ def compile_blocks(model: torch.nn.Module, backend: Any, *, dynamic: bool | None
     for block in blocks:
         compiled = torch.compile(block._call_impl, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
         block._compiled_call_impl = _opaque(with_tracing_settings(compiled))
-        if not block._forward_pre_hooks or _keep_compiled_call not in block._forward_pre_hooks.values():
+        if _keep_compiled_call not in block._forward_pre_hooks.values():
             block.register_forward_pre_hook(_keep_compiled_call)
+    owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
+    if owner is not None and owner is not model:
+        # the module that runs the blocks (embedding, mask, final norm) runs eagerly, outside the model's
+        # trace: traced, it would build the full B×1×S×S attention mask that eager Hugging Face code skips
+        # for causal attention, and hand it to every block graph
+        owner._compiled_call_impl = _opaque(owner._call_impl)
+        if _keep_compiled_call not in owner._forward_pre_hooks.values():
+            owner.register_forward_pre_hook(_keep_compiled_call)
     object.__setattr__(model, _BLOCKS_ATTR, (path, blocks))
     log.info("mstfx: per-block compilation of %d blocks at %s (%s)", len(blocks), path or "<model>",
              type(blocks[0]).__name__)
