@@ -522,28 +522,44 @@ def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, hos
 
 #: which program is simulated: the eager step (op by op under MemTracker) or the compiled one (the
 #: graphs the mst backend / Inductor builds, see :mod:`mstfx.tools.compiled_program`)
-PROGRAMS = ("eager", "compiled")
+#: (``compiled-per-block``: ``mstfx.compile(model, per_block=True)``, each decoder layer its own graph)
+PROGRAMS = ("eager", "compiled", "compiled-per-block")
 
 
-def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch: int, gpus: int) -> dict[str, Breakdown]:
+def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch: int, gpus: int,
+                         per_block: bool = False) -> dict[str, Breakdown]:
     """Breakdowns of the compiled step: activations and gradients at its peak from the program itself.
 
     Its backward is one graph whose outputs are all the gradients, so they are alive together until it
-    returns, whatever the optimizer setup: "grads freed as made" does not apply to it."""
+    returns, whatever the optimizer setup: "grads freed as made" does not apply to it.
+
+    ``per_block``: the program of per-block compilation, modelled from the whole one: the same saved
+    tensors and recomputes, but each block's backward is its own graph, so its gradients are handed to
+    autograd (and, in the "grads freed as made" setups, consumed by the optimizer step in backward) when
+    that block's backward ends.  Those setups then peak at the backward's most non-gradient bytes plus
+    one module's gradients (the largest of a block, the embedding and the LM head); the setups that
+    keep gradients until the step hold them all, as the whole program does."""
     from .compiled_program import compiled_peak
     from .offload_sim import HOST_STATE_BYTES_PER_PARAM
 
     if gpus > 1:
         raise SimulateError("--program compiled models one GPU; use --program eager with --gpus")
     peak = compiled_peak(config, seq_len, mode, batch)
-    return {
-        opt: Breakdown(
+
+    def grads_and_activations(grads_kept: bool) -> tuple[float, float]:
+        if not per_block or grads_kept:
+            return peak.grads, peak.activations
+        return fm.largest_module_bytes, max(peak.forward, peak.backward_without_grads)
+
+    out = {}
+    for opt, (state_bpp, grads_kept, _) in OPTIMIZERS.items():
+        grads, acts = grads_and_activations(grads_kept)
+        out[opt] = Breakdown(
             seq_len=seq_len, mode=mode, optimizer=opt, batch=batch, gpus=1, params=fm.param_bytes,
-            grads=peak.grads, optimizer_state=state_bpp * fm.n_params, activations=peak.activations,
+            grads=grads, optimizer_state=state_bpp * fm.n_params, activations=acts,
             host=peak.host + HOST_STATE_BYTES_PER_PARAM.get(opt, 0.0) * fm.n_params,
         )
-        for opt, (state_bpp, _, _) in OPTIMIZERS.items()
-    }
+    return out
 
 
 def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1, program: str = "eager") -> dict[str, Breakdown]:
@@ -552,8 +568,8 @@ def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1,
     if program not in PROGRAMS:
         raise SimulateError(f"unknown program {program!r}; one of {', '.join(PROGRAMS)}")
     fm = _fake_model(config)
-    if program == "compiled":
-        return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus)
+    if program in ("compiled", "compiled-per-block"):
+        return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus, per_block=program == "compiled-per-block")
     tracker, chunks = fm.step_peak(seq_len, batch, mode, _weights(gpus))
     return _breakdowns(fm, tracker, seq_len, mode, batch, gpus, chunks, fm.host.peak)
 
@@ -779,7 +795,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--program", default="eager", choices=PROGRAMS,
         help="eager: the step run op by op (FlashAttention); compiled: the graphs torch.compile(backend='mst') "
-        "builds (plain Inductor for standard/ckpt), their saved tensors and recomputes (default eager)",
+        "builds (plain Inductor for standard/ckpt), their saved tensors and recomputes; compiled-per-block: "
+        "mstfx.compile(model, per_block=True), each block's gradients freed at its backward's end under the "
+        "grads-freed-as-made setups (paper, zero-offload) (default eager)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument(
