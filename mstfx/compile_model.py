@@ -33,10 +33,9 @@ def compile(model: Any, config: MstConfig | None = None, *, dynamic: bool | None
 
     ``per_block``: compile each repeated block (decoder layer) on its own and the model around them
     (the LM head + loss; the body that runs the blocks stays eager) with the same backend
-    (``mstfx.per_block``): each block's
-    gradients are ready, and its post-accumulate-grad hooks run, when its backward ends; identical
-    blocks share one compiled graph.  ``fullgraph`` then applies to each block (the model's own trace
-    breaks at every block on purpose).
+    (``mstfx.per_block``): each block's gradients are ready, and its post-accumulate-grad hooks run,
+    when its backward ends; identical blocks share one compiled graph.  ``fullgraph`` then applies to
+    each block (the model's own trace breaks at every block on purpose).
     """
     backend = MstBackend(config, **options)
     if per_block and not isinstance(model, torch.nn.Module):

@@ -85,7 +85,6 @@ class GraphReport:
             lines.append(f"  graph left unchanged: {self.error}")
         if self.graph_breaks:
             from ..compat import first_line
-
             from ..per_block import is_per_block_break
 
             lines.extend("  block boundary (per_block: the block runs its own compiled graph)" if is_per_block_break(r)
