@@ -96,7 +96,11 @@ def _mark_graph_breaks_seen() -> None:
 
 def _warn_graph_breaks(report) -> None:
     """Each new graph-break reason once, as a warning that names the cause and what to do."""
+    from .per_block import is_per_block_break
+
     for reason in report.graph_breaks:
+        if is_per_block_break(reason):
+            continue  # mstfx's own break before each separately compiled block (per_block=True)
         head = first_line(reason)
         if head in _breaks_warned:
             continue

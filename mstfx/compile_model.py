@@ -24,15 +24,28 @@ _BACKEND_ATTR = "_mstfx_backend"
 
 
 def compile(model: Any, config: MstConfig | None = None, *, dynamic: bool | None = None, fullgraph: bool = False,
-            **options: Any) -> Any:
+            per_block: bool = False, **options: Any) -> Any:
     """Compile ``model`` with the mst backend (``config`` or ``MstConfig`` keyword ``options``).
 
     An ``nn.Module`` is compiled in place, as ``model.compile(...)`` does (same class, same parameters:
     trainers, optimizers and state dicts see the model they know) and returned; any other callable (a
     loss function) is returned compiled.  ``mstfx.explain(model)`` shows what was chunked.
+
+    ``per_block``: compile each repeated block (decoder layer) on its own and the model around them
+    (the LM head + loss; the body that runs the blocks stays eager) with the same backend
+    (``mstfx.per_block``): each block's gradients are ready, and its post-accumulate-grad hooks run,
+    when its backward ends; identical blocks share one compiled graph.  ``fullgraph`` then applies to
+    each block (the model's own trace breaks at every block on purpose).
     """
     backend = MstBackend(config, **options)
+    if per_block and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"mstfx.compile(per_block=True) needs an nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.nn.Module):
+        if per_block:
+            from .per_block import compile_blocks
+
+            compile_blocks(model, backend, dynamic=dynamic, fullgraph=fullgraph)
+            fullgraph = False
         model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
         model._compiled_call_impl = with_tracing_settings(model._compiled_call_impl)
         object.__setattr__(model, _BACKEND_ATTR, backend)

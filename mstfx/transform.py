@@ -215,6 +215,10 @@ def transform(
     batch = positive_int("batch", batch)
     if getattr(model, _STATE, None) is not None:
         raise ValueError("model was already transformed; call mstfx.untransform(model) first")
+    if backend_options.get("per_block"):
+        raise ValueError("transform(per_block=True) is not supported: each length bucket has its own plan and M, and "
+                         "the blocks would need a compile per bucket; use mstfx.compile(model, per_block=True, "
+                         "mini_sequences=...) with the plan's M (mstfx.plan)")
     clash = sorted(set(_PLANNED_OPTIONS) & set(backend_options))
     if clash:
         raise ValueError(f"{clash} are set by the plan; change the budget instead (or use mstfx.backend yourself)")

@@ -85,8 +85,10 @@ class GraphReport:
             lines.append(f"  graph left unchanged: {self.error}")
         if self.graph_breaks:
             from ..compat import first_line
+            from ..per_block import is_per_block_break
 
-            lines.extend(f"  graph break (step split near here): {first_line(r)}" for r in self.graph_breaks)
+            lines.extend("  block boundary (per_block: the block runs its own compiled graph)" if is_per_block_break(r)
+                         else f"  graph break (step split near here): {first_line(r)}" for r in self.graph_breaks)
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if self.logits_escape:

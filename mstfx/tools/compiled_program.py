@@ -784,6 +784,9 @@ class GraphPeak:
     at: str
     grads_at_peak: int = 0
     host: int = 0  # the most bytes held in host memory at once (offloaded checkpoints)
+    #: the most bytes alive that are not gradient outputs (the peak when each gradient is consumed as it
+    #: is made; it may sit at another node than ``peak``)
+    without_grads: int = 0
     live: tuple[tuple[str, int], ...] = ()  # the buffers alive at the peak, largest first (name, bytes)
 
 
@@ -921,7 +924,7 @@ def graph_peak(
     # buffers in host memory (the program runs on another device; offloaded checkpoints are CPU tensors)
     host_keys = {k for n, k in key.items() if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "cpu"}
 
-    live = grads = host = host_peak = 0
+    live = grads = host = host_peak = without_grads = 0
     alive: set[str] = set()
     peak = GraphPeak(0, "start")
     in_place_at: dict[int, list[tuple[str, str]]] = {}
@@ -946,6 +949,7 @@ def graph_peak(
             transient += _body_peak(gm, n, attention_workspace)
         elif _op_name(n) in _LOOP_OPS:
             transient += _loop_workspace(n)
+        without_grads = max(without_grads, live + transient - grads)
         if live + transient > peak.peak:
             peak = GraphPeak(live + transient, n.name, grads)
             peak_alive = set(alive)
@@ -958,7 +962,7 @@ def graph_peak(
             grads -= size[k] if k in grad_keys else 0
     if peak.peak:
         peak = replace(peak, live=tuple(sorted(((k, size[k]) for k in peak_alive), key=lambda kv: -kv[1])))
-    return replace(peak, host=host_peak)
+    return replace(peak, host=host_peak, without_grads=without_grads)
 
 
 def _body_peak(gm: fx.GraphModule, call: fx.Node, attention_workspace: bool) -> int:
@@ -998,6 +1002,8 @@ class StepPeak:
     backward: int = 0
     backward_grads: int = 0
     host: int = 0  # host memory the step holds at most (offloaded checkpoints)
+    #: the backward's peak of bytes that are not gradients (:attr:`GraphPeak.without_grads`)
+    backward_without_grads: int = 0
 
 
 def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
@@ -1012,7 +1018,8 @@ def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
     n_out = len(bw_out) if isinstance(bw_out, (tuple, list)) else 1
     bw = graph_peak(program.backward, inputs_owned=True, grad_outputs=set(range(n_out)), attention_workspace=device != "cpu", input_groups=groups,
                     device=device)
-    phases = dict(forward=fw.peak, backward=bw.peak, backward_grads=bw.grads_at_peak, host=max(fw.host, bw.host))
+    phases = dict(forward=fw.peak, backward=bw.peak, backward_grads=bw.grads_at_peak, host=max(fw.host, bw.host),
+                  backward_without_grads=bw.without_grads)
     if fw.peak >= bw.peak:
         return StepPeak(fw.peak, fw.peak, 0, f"forward at {fw.at}", **phases)
     return StepPeak(bw.peak, bw.peak - bw.grads_at_peak, bw.grads_at_peak, f"backward at {bw.at}", **phases)
@@ -1096,7 +1103,8 @@ def compiled_peak(config, seq_len: int, mode: str, batch: int = 1, *, device: st
     backward = line(two.backward, three.backward)
     grads = line(two.backward_grads, three.backward_grads)
     host = line(two.host, three.host)
+    without_grads = line(two.backward_without_grads, three.backward_without_grads)
     note = "(extrapolated from 2 and 3 layers)"
     if forward >= backward:
-        return StepPeak(forward, forward, 0, f"forward {note}", forward, backward, grads, host)
-    return StepPeak(backward, backward - grads, grads, f"backward {note}", forward, backward, grads, host)
+        return StepPeak(forward, forward, 0, f"forward {note}", forward, backward, grads, host, without_grads)
+    return StepPeak(backward, backward - grads, grads, f"backward {note}", forward, backward, grads, host, without_grads)

@@ -590,11 +590,12 @@ def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, hos
 
 #: which program is simulated: the eager step (op by op under MemTracker) or the compiled one (the
 #: graphs the mst backend / Inductor builds, see :mod:`mstfx.tools.compiled_program`)
-PROGRAMS = ("eager", "compiled")
+#: (``compiled-per-block``: ``mstfx.compile(model, per_block=True)``, each decoder layer its own graph)
+PROGRAMS = ("eager", "compiled", "compiled-per-block")
 
 
 def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch: int, gpus: int,
-                         sequence_parallel: int = 1) -> dict[str, Breakdown]:
+                         sequence_parallel: int = 1, per_block: bool = False) -> dict[str, Breakdown]:
     """Breakdowns of the compiled step: activations and gradients at its peak from the program itself.
 
     Its backward is one graph whose outputs are all the gradients, so they are alive together until it
@@ -603,21 +604,37 @@ def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch:
     state divided by the GPUs, plus two all-gathered modules and one unsharded module gradient); the
     whole-model graph is kept (FSDP2 under compile breaks it per layer, which is not simulated).
     ``sequence_parallel``: ``seq_len`` is the whole sequence; the program captured is one rank's, on
-    its S/N tokens, with Ulysses' all-to-alls around attention (``compiled_program.simulated_sdpa``)."""
+    its S/N tokens, with Ulysses' all-to-alls around attention (``compiled_program.simulated_sdpa``).
+
+    ``per_block``: the program of per-block compilation, modelled from the whole one: the same saved
+    tensors and recomputes, but each block's backward is its own graph, so its gradients are handed to
+    autograd (and, in the "grads freed as made" setups, consumed by the optimizer step in backward) when
+    that block's backward ends.  Those setups then peak at the backward's most non-gradient bytes plus
+    one module's gradients (the largest of a block, the embedding and the LM head); the setups that
+    keep gradients until the step hold them all, as the whole program does."""
     from .compiled_program import compiled_peak
     from .offload_sim import HOST_STATE_BYTES_PER_PARAM
 
+    if per_block and gpus > 1:
+        raise SimulateError("--program compiled-per-block models one GPU; use --program compiled with --gpus")
     peak = compiled_peak(config, seq_len // sequence_parallel, mode, batch, sequence_parallel=sequence_parallel)
     extra_p = 2 * fm.largest_module_bytes if gpus > 1 else 0.0
     extra_g = fm.largest_module_bytes if gpus > 1 else 0.0
     per_node = min(gpus, GPUS_PER_NODE)
+
+    def grads_and_activations(grads_kept: bool) -> tuple[float, float]:
+        if not per_block or grads_kept:
+            return peak.grads / gpus + extra_g, peak.activations
+        return fm.largest_module_bytes, max(peak.forward, peak.backward_without_grads)
+
     out = {}
-    for opt, (state_bpp, _, _) in OPTIMIZERS.items():
+    for opt, (state_bpp, grads_kept, _) in OPTIMIZERS.items():
         host = peak.host + HOST_STATE_BYTES_PER_PARAM.get(opt, 0.0) * fm.n_params / gpus
+        grads, acts = grads_and_activations(grads_kept)
         out[opt] = Breakdown(
             seq_len=seq_len, mode=mode, optimizer=opt, batch=batch, gpus=gpus, params=fm.param_bytes / gpus + extra_p,
-            grads=peak.grads / gpus + extra_g, optimizer_state=state_bpp * fm.n_params / gpus,
-            activations=peak.activations, host=host, sequence_parallel=sequence_parallel, host_node=host * per_node,
+            grads=grads, optimizer_state=state_bpp * fm.n_params / gpus,
+            activations=acts, host=host, sequence_parallel=sequence_parallel, host_node=host * per_node,
         )
     return out
 
@@ -630,8 +647,9 @@ def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1,
     if program not in PROGRAMS:
         raise SimulateError(f"unknown program {program!r}; one of {', '.join(PROGRAMS)}")
     fm = _fake_model(config)
-    if program == "compiled":
-        return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus, sequence_parallel)
+    if program in ("compiled", "compiled-per-block"):
+        return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus, sequence_parallel,
+                                    per_block=program == "compiled-per-block")
     tracker, chunks = fm.step_peak(seq_len // sequence_parallel, batch, mode, _weights(gpus), sequence_parallel)
     return _breakdowns(fm, tracker, seq_len, mode, batch, gpus, chunks, fm.host.peak, sequence_parallel)
 
@@ -906,7 +924,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--program", default="eager", choices=PROGRAMS,
         help="eager: the step run op by op (FlashAttention); compiled: the graphs torch.compile(backend='mst') "
-        "builds (plain Inductor for standard/ckpt), their saved tensors and recomputes (default eager)",
+        "builds (plain Inductor for standard/ckpt), their saved tensors and recomputes; compiled-per-block: "
+        "mstfx.compile(model, per_block=True), each block's gradients freed at its backward's end under the "
+        "grads-freed-as-made setups (paper, zero-offload) (default eager)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument(

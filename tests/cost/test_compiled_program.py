@@ -99,6 +99,22 @@ def test_simulate_peak_compiled_program():
         simulate_peak(cfg, 1024, "mst", program="jit")
 
 
+def test_per_block_program_frees_each_blocks_gradients_under_optimizer_in_backward():
+    """``--program compiled-per-block``: with the optimizer stepped in backward ("paper") one module's
+    gradients are alive, not all; with gradients kept until the step it is the whole program's peak."""
+    from mstfx.tools.simulate import _fake_model, simulate_all
+
+    cfg = _llama_config(layers=3)
+    whole = simulate_all(cfg, 1024, "mst+ckpt", program="compiled")
+    per_block = simulate_all(cfg, 1024, "mst+ckpt", program="compiled-per-block")
+    assert per_block["adamw"] == whole["adamw"]
+    fm = _fake_model(cfg)
+    paper, paper_whole = per_block["paper"], whole["paper"]
+    assert paper.grads == fm.largest_module_bytes < paper_whole.grads
+    assert paper.activations >= paper_whole.activations  # the most non-gradient bytes, wherever they are
+    assert paper.total < paper_whole.total
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["mst", "mst+ckpt"])
 @pytest.mark.parametrize("seq", [2048, 8192])

@@ -131,6 +131,36 @@ def fsdp2_worker(rank: int, compiler: str) -> dict:
     return {"ref": ref, "got": got, "reports": _summary(be), "times": times}
 
 
+def fsdp2_per_block_worker(rank: int, compiler: str) -> dict:
+    """``fully_shard`` per decoder layer and on the root, then ``mstfx.compile(model, per_block=True)``
+    (the usual pairing: each sharded layer its own compiled graph)."""
+    import warnings
+
+    import mstfx
+    from mstfx.compile_model import backend_of
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    base = _model(layers=3)
+
+    def sharded():
+        m = copy.deepcopy(base)
+        for layer in m.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        return m
+
+    ref_model = sharded()
+    ref = _step(ref_model, _loss_fn(ref_model), rank)
+    mst_model = mstfx.compile(sharded(), per_block=True, mini_sequences=MST_CHUNKS, compiler=compiler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _step(mst_model, _loss_fn(mst_model), rank)
+    warned = [str(w.message) for w in caught if issubclass(w.category, (mstfx.MstGraphBreakWarning, mstfx.MstFallbackWarning))]
+    return {"ref": ref, "got": got, "reports": _summary(backend_of(mst_model)), "warned": warned}
+
+
 def ddp_worker(rank: int, scenarios: dict, inter: int) -> dict:
     """One DDP run (default buckets) per scenario ``name -> (whole_graph, compiler)``."""
     import mstfx
@@ -204,6 +234,22 @@ def test_fsdp2_chunks_each_layer_graph_and_matches_eager(tmp_path):
         assert len(mlp_graphs) == 1 and sum(k == "mlp" for _, k, _ in chunked) == 1, text
         assert sum(k == "lm_head" for _, k, _ in chunked) == 1, text
         assert all(d[2] == "chunked" for _, d in _mlp_decisions(reports)), text
+        assert all(d[3] == MST_CHUNKS for r in reports for d in r["decisions"] if d[2] == "chunked"), text
+
+
+def test_fsdp2_per_block_compile_matches_eager_with_one_layer_graph(tmp_path):
+    """Per-block compilation over FSDP2-sharded layers: exact; the three layers share one compiled graph
+    with its MLP chunked, and the LM head is chunked in the root's graph."""
+    results = run_workers("fsdp2_per_block_worker", tmp_path, compiler="aot_eager")
+    _assert_equal(results)
+    for rank, res in enumerate(results):
+        reports = res["reports"]
+        text = f"rank {rank}:\n{_fmt(reports)}\nwarnings: {res['warned']}"
+        assert all(r["error"] is None for r in reports), text
+        chunked = _chunked(reports)
+        mlp_graphs = {g for g, kind, _ in chunked if kind == "mlp"}
+        assert len(mlp_graphs) == 1 and sum(k == "mlp" for _, k, _ in chunked) == 1, text
+        assert sum(k == "lm_head" for _, k, _ in chunked) == 1, text
         assert all(d[3] == MST_CHUNKS for r in reports for d in r["decisions"] if d[2] == "chunked"), text
 
 

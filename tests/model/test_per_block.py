@@ -1,0 +1,201 @@
+"""Per-block compilation (``mstfx.compile(model, per_block=True)``): each repeated block its own graph.
+
+Loss and every gradient equal eager (Llama, GPT-2 with tied embeddings, a Mixtral MoE; with and
+without HF checkpointing; Inductor with checkpoint offload); N identical blocks share one compiled
+graph in which the MLP is chunked, and the LM head + loss stays chunked in the model's own graph.
+With an optimizer step in ``register_post_accumulate_grad_hook`` the gradients of each block are
+consumed and freed when that block's backward ends, where a whole-model compile holds them all.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mstfx
+from conftest import assert_same, tiny_gpt2, tiny_llama
+from mstfx.compile_model import backend_of
+from mstfx.hf_checkpointing import enable_checkpointing
+from mstfx.per_block import NoRepeatedBlocksError, blocks_of, find_blocks, is_per_block_break
+from mstfx.tools.architectures import BY_NAME, loss_and_grads, sample_batch
+
+LAYERS = 3
+M = 3
+
+
+def _build(name: str, checkpointing: bool = False):
+    model = {"llama": lambda: tiny_llama(layers=LAYERS), "gpt2": lambda: tiny_gpt2(layers=LAYERS),
+             "mixtral": BY_NAME["mixtral"].build}[name]()
+    if checkpointing:
+        enable_checkpointing(model)
+    return model.train()
+
+
+def _kinds(report) -> list[str]:
+    return sorted(d.kind for d in report.chunked)
+
+
+def _assert_program(be, layers: int, block_kind: str = "mlp") -> None:
+    """One block graph (reused by every block) with its MLP chunked, the LM head chunked in another
+    graph, nothing left unchanged by a fallback, and no graph break but the blocks' own."""
+    text = mstfx.explain(be)
+    block_graphs = [r for r in be.reports if block_kind in _kinds(r)]
+    assert len(block_graphs) == 1, text
+    assert _kinds(block_graphs[0]).count(block_kind) == 1, text
+    assert sum(_kinds(r).count("lm_head") for r in be.reports) == 1, text
+    assert all(r.error is None for r in be.reports), text
+    assert all(d.chunks == M for r in be.reports for d in r.chunked), text
+    breaks = [b for r in be.reports for b in r.graph_breaks]
+    assert breaks and all(is_per_block_break(b) for b in breaks), text
+    assert "block boundary (per_block" in text
+    # the decoder body runs eagerly: Hugging Face builds no S×S causal mask for the block graphs
+    assert "mask is a graph input" not in text, text
+
+
+def test_find_blocks_by_structure():
+    assert find_blocks(tiny_llama(layers=2))[0] == "model.layers"
+    assert find_blocks(tiny_gpt2(layers=2))[0] == "transformer.h"
+    # a list of identical blocks inside each block (experts, heads) is not the model's blocks
+    inner = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ModuleList(
+        [torch.nn.Linear(4, 4) for _ in range(5)])) for _ in range(2)])
+    assert find_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4), inner))[0] == "1"
+    # children of different shapes are not repeated blocks
+    with pytest.raises(NoRepeatedBlocksError):
+        find_blocks(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)))
+    with pytest.raises(NoRepeatedBlocksError):
+        mstfx.compile(torch.nn.Linear(4, 4), per_block=True)
+    with pytest.raises(ValueError, match="per_block"):
+        mstfx.transform(tiny_llama(layers=2), budget_gb=1, per_block=True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_per_block_is_exact_and_every_region_chunked(name, checkpointing):
+    model = _build(name, checkpointing)
+    ids, labels = sample_batch()
+    ref = loss_and_grads(model, ids, labels)
+    mstfx.compile(model, per_block=True, compiler="aot_eager", mini_sequences=M)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mstfx.MstGraphBreakWarning)
+        warnings.simplefilter("error", mstfx.MstFallbackWarning)
+        for _ in range(2):  # the second step reuses every graph
+            got = loss_and_grads(model, ids, labels)
+    assert_same(ref, got)
+    be = backend_of(model)
+    path, blocks = blocks_of(model)
+    assert len(blocks) == LAYERS
+    n_graphs = len(be.reports)
+    _assert_program(be, LAYERS)
+    loss_and_grads(model, ids, labels)
+    assert len(be.reports) == n_graphs  # nothing recompiled
+
+
+def test_per_block_mixture_of_experts():
+    model = _build("mixtral")
+    assert find_blocks(model)[0] == "model.layers"
+    ids, labels = sample_batch()
+    ref = loss_and_grads(model, ids, labels)
+    mstfx.compile(model, per_block=True, compiler="aot_eager", mini_sequences=M)
+    assert_same(ref, loss_and_grads(model, ids, labels))
+    _assert_program(backend_of(model), 2, block_kind="routed_experts")
+
+
+def test_per_block_inductor_with_checkpoint_offload():
+    model = _build("llama", checkpointing=True)
+    ids, labels = sample_batch()
+    ref = loss_and_grads(model, ids, labels)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        mstfx.compile(model, per_block=True, mini_sequences=M, offload_checkpoints=True)
+        got = loss_and_grads(model, ids, labels)
+    assert_same(ref, got)
+    _assert_program(backend_of(model), LAYERS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients leave per block: optimizer step in backward
+# --------------------------------------------------------------------------------------------------
+class _GradientStorages(TorchDispatchMode):
+    """Every storage an op creates (while the mode is on) in a parameter's shape: the gradients the
+    backward makes, whether they sit in ``.grad`` or still in a compiled backward's outputs."""
+
+    def __init__(self, shapes: set, params: list):
+        super().__init__()
+        self.shapes = shapes
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self.made: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes:
+                s = t.untyped_storage()
+                if s.data_ptr() not in self.param_ptrs:
+                    self.made.setdefault(s.data_ptr(), (StorageWeakRef(s), s.nbytes()))
+        return out
+
+    def live_bytes(self) -> int:
+        return sum(n for ref, n in self.made.values() if not ref.expired())
+
+
+def _optimizer_in_backward(model, lr=0.1):
+    """SGD in ``register_post_accumulate_grad_hook`` (step, then ``p.grad = None``); the hook also
+    records the live gradient bytes (``record[0]`` is the recorder while one is on)."""
+    record: list = [None, []]
+
+    def hook(p):
+        if record[0] is not None:
+            record[1].append(record[0].live_bytes())
+        with torch.no_grad():
+            p.add_(p.grad, alpha=-lr)
+        p.grad = None
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+    return record
+
+
+def _live_gradients_per_hook(model, ids, labels) -> list[int]:
+    record = _optimizer_in_backward(model)
+    model(input_ids=ids, labels=labels).loss.backward()  # compile (and warm up) outside the recorder
+    params = list(model.parameters())
+    record[0] = _GradientStorages({tuple(p.shape) for p in params}, params)
+    loss = model(input_ids=ids, labels=labels).loss
+    with record[0]:
+        loss.backward()
+    assert all(p.grad is None for p in params)
+    return record[1]
+
+
+def _nbytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_gradients_leave_per_block_with_an_optimizer_step_in_backward(clone):
+    base = tiny_llama(layers=4).train()
+    ids, labels = sample_batch()
+    eager = clone(base)
+    _optimizer_in_backward(eager)
+    for _ in range(2):
+        eager(input_ids=ids, labels=labels).loss.backward()
+
+    per_block = mstfx.compile(clone(base), per_block=True, compiler="aot_eager", mini_sequences=M)
+    live = _live_gradients_per_hook(per_block, ids, labels)
+    whole = mstfx.compile(clone(base), compiler="aot_eager", mini_sequences=M)
+    live_whole = _live_gradients_per_hook(whole, ids, labels)
+
+    total = _nbytes(base)
+    one_block = _nbytes(base.model.layers[0])
+    rest = _nbytes(base.lm_head) + _nbytes(base.model.embed_tokens) + _nbytes(base.model.norm)
+    assert len(live) == len(live_whole) == len(list(base.parameters()))
+    # per block: at any hook, at most one block's gradients (and the head's and embedding's) are alive
+    assert max(live) <= one_block + rest, (max(live), one_block, rest)
+    # whole model: the one backward graph returns every gradient at once
+    assert max(live_whole) >= 0.9 * total > one_block + rest, (max(live_whole), total)
+    # and the optimizer in backward did the same steps as eager
+    for (name, p), q, r in zip(eager.named_parameters(), per_block.parameters(), whole.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"per-block {name}: {m}")
+        torch.testing.assert_close(r, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"whole {name}: {m}")
