@@ -183,6 +183,7 @@ def transform(
     max_chunks: int | None = None,
     margin: float = MARGIN,
     host_budget_gb: float | None = None,
+    config: Any = None,
     **backend_options: Any,
 ) -> torch.nn.Module:
     """Make ``model`` train within ``budget_gb`` GiB through the mst backend (in place; returns it).
@@ -198,6 +199,12 @@ def transform(
     ``margin`` (headroom on the predicted gradients + activations) and ``host_budget_gb`` (host memory for
     offloaded checkpoints, None = not limited) are as in :func:`mstfx.plan`; other keywords go to
     :class:`~mstfx.MstConfig`.
+
+    ``config``: the architecture to plan with, for a model without a Hugging Face ``.config`` (a model
+    written by hand): a dict or config object with ``hidden_size``, ``intermediate_size``,
+    ``num_hidden_layers``, ``num_attention_heads`` (``num_key_value_heads``) and ``vocab_size``.  The
+    model's own parameters still give the parameter count and dtype.  Without either, transform refuses
+    (TypeError naming both ways out): a plan it cannot read the shapes for could not hold the budget.
 
     Called with labels, the transformed model returns ``logits=None`` with its loss: the logits are
     never built (building them is the LM head's memory peak, which chunking removes).  Use
@@ -223,23 +230,24 @@ def transform(
     if clash:
         raise ValueError(f"{clash} are set by the plan; change the budget instead (or use mstfx.backend yourself)")
     MstConfig(**backend_options)  # validate the backend options now
+    planned = _planning_view(model, config)
     can_ckpt = can_checkpoint(model)
     opts = dict(batch=batch, optimizer=optimizer, mixed_precision=mixed_precision, allow_checkpointing=can_ckpt,
                 margin=margin, host_budget_gb=host_budget_gb)
     if max_chunks is not None:
         opts["max_chunks"] = max_chunks
     # raises before any change; warns (from the caller's line) past the model's position limit
-    top = _plan(model, seq_len, budget_gb, **opts, positions_stacklevel=2) if seq_len is not None else None
-    longest = longest_fitting(model, budget_gb, **opts)
+    top = _plan(planned, seq_len, budget_gb, **opts, positions_stacklevel=2) if seq_len is not None else None
+    longest = longest_fitting(planned, budget_gb, **opts)
     if longest < 1:
-        plan(model, 1, budget_gb, **opts)  # raises with the numbers (parameters + optimizer state too large)
+        plan(planned, 1, budget_gb, **opts)  # raises with the numbers (parameters + optimizer state too large)
     log.info("mstfx.transform: %.3g GiB (batch %d) fits sequences up to S = %d", budget_gb, batch, longest)
 
     enabled = False
     if top is not None and top.checkpointing and not is_checkpointing(model):
         enable_checkpointing(model)
         enabled = True
-    state = TransformState(top, budget_gb, {**opts, "seq_len": seq_len}, model.forward, enabled, longest, model,
+    state = TransformState(top, budget_gb, {**opts, "seq_len": seq_len}, model.forward, enabled, longest, planned,
                            longest_by_batch={batch: longest})
     original = model.forward
 
@@ -254,7 +262,7 @@ def transform(
         if entry is None or entry[0].seq_len < s or entry[0].batch < n:
             p = state.plan_for(s, n)  # raises InfeasibleBudgetError for this B and S before anything runs
             if seq_len is None or s > seq_len:  # the input's own length (not its bucket's top) past the limit
-                warn_past_positions(arch_of(model), s)
+                warn_past_positions(arch_of(planned), s)
             if p.checkpointing and not is_checkpointing(model):
                 log.warning("mstfx.transform: B = %d, S = %d needs activation checkpointing within %.3g GiB; "
                             "enabling it (smaller inputs recompile once and are checkpointed too)", n, s, budget_gb)
@@ -270,6 +278,44 @@ def transform(
 
     model.forward = forward
     setattr(model, _STATE, state)
+    return model
+
+
+class _PlanningView:
+    """A model as the planner sees it when its architecture comes from a ``config`` hint: the model's own
+    parameters (count, dtype, structure), the hint as its ``.config``."""
+
+    def __init__(self, model: torch.nn.Module, config: Any) -> None:
+        self._model = model
+        self.config = config if hasattr(config, "to_dict") else _DictConfig(dict(config))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class _DictConfig:
+    """A config dict with the ``to_dict`` a config object has (so it is read as a model's own config)."""
+
+    def __init__(self, values: dict) -> None:
+        self.values = values
+
+    def to_dict(self) -> dict:
+        return dict(self.values)
+
+
+def _planning_view(model: torch.nn.Module, config: Any) -> Any:
+    """What transform plans with: the model itself, or the model with ``config`` as its architecture."""
+    if config is not None:
+        if not (isinstance(config, dict) or hasattr(config, "to_dict")):
+            raise TypeError(f"config must be a dict or a config object with to_dict(), got {type(config).__name__}")
+        return _PlanningView(model, config)
+    if getattr(model, "config", None) is None:
+        raise TypeError(
+            f"mstfx.transform cannot read the architecture of this {type(model).__name__}: it has no Hugging Face "
+            "'.config'. Pass config={'hidden_size': ..., 'intermediate_size': ..., 'num_hidden_layers': ..., "
+            "'num_attention_heads': ..., 'num_key_value_heads': ..., 'vocab_size': ...} to plan from it, or choose "
+            "M yourself with mstfx.compile(model, mini_sequences=M) (mstfx.plan(config, seq_len, budget_gb) shows "
+            "what a budget needs)")
     return model
 
 
