@@ -57,14 +57,14 @@ def test_simulate_write_failing_after_the_run_is_an_error_not_a_traceback(tmp_pa
 
 
 def test_bench_sweep_refuses_unwritable_plot_and_data_before_measuring(tmp_path, capsys, monkeypatch):
-    from mstfx.tools import bench, sweep
+    from mstfx.tools import bench_cli, sweep
 
     monkeypatch.setattr(sweep, "run", lambda *a, **k: pytest.fail("the sweep started"))
     a_file = tmp_path / "file"
     a_file.write_text("")
     for option in ("--plot", "--data"):
         bad = str(a_file / "sub" / "x")  # under a file: no directory can be made there
-        assert bench.cli_main(["--sweep", "512", option, bad]) == 2
+        assert bench_cli.cli_main(["--sweep", "512", option, bad]) == 2
         err = capsys.readouterr().err
         assert f"cannot write {option} {bad}" in err and "not a directory" in err
 

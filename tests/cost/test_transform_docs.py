@@ -15,6 +15,6 @@ def test_transform_docstring_says_logits_are_none_with_labels():
 
 def test_readme_transform_section_says_logits_are_none_with_labels():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    start = readme.index("## Memory budgets: `mstfx.plan` and `mstfx.transform`")
+    start = readme.index("## Use it")
     section = readme[start:readme.index("\n## ", start + 1)]
     assert "logits=None" in section and "labels" in section
