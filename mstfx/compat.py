@@ -19,7 +19,9 @@ backend="mst")`` gives a backend no way to set them (``torch.compile`` wraps the
 ``backend_ctx_ctor``): there the backend warns when such a graph break splits the step
 (:func:`graph_breaks_since`) and names ``mstfx.compile`` as the fix.
 
-Checked on torch 2.13 and 2.14 with transformers 4.57.6, 5.24 and 5.25.
+Checked on torch 2.13 with transformers 4.57.6, 5.24 and 5.25.  A side effect of a user's own in a
+checkpointed forward (a counter, a list append) runs once per step under these settings, where eager
+checkpointing runs it again in the recompute.
 
 This module is also where mstfx keeps the private torch APIs it relies on (each a place a torch release
 can break), with why each is needed: autograd inside a custom operator's kernel
@@ -127,7 +129,7 @@ def meta_autocast_traced_as_cpu():
         AutocastModeVariable.create = create
 
 
-# --- private APIs of torch used on the compile path (checked on torch 2.13 and 2.14) -------------------
+# --- private APIs of torch used on the compile path (checked on torch 2.13) ----------------------------
 
 
 def autograd_inside_operator():
