@@ -47,7 +47,7 @@ def compile(model: Any, config: MstConfig | None = None, *, dynamic: bool | None
             compile_blocks(model, backend, dynamic=dynamic, fullgraph=fullgraph)
             fullgraph = False
         model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
-        model._compiled_call_impl = with_tracing_settings(model._compiled_call_impl)
+        model._compiled_call_impl = with_tracing_settings(model._compiled_call_impl, nested_graph_breaks=per_block)
         object.__setattr__(model, _BACKEND_ATTR, backend)
         return model
     if not callable(model):

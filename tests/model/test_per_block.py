@@ -199,3 +199,21 @@ def test_gradients_leave_per_block_with_an_optimizer_step_in_backward(clone):
     for (name, p), q, r in zip(eager.named_parameters(), per_block.parameters(), whole.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"per-block {name}: {m}")
         torch.testing.assert_close(r, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"whole {name}: {m}")
+
+
+def test_per_block_with_drop_logits_builds_no_logits():
+    """The model's trace is broken at the module that runs the blocks; with nested graph breaks the
+    ``drop_logits`` wrapper stays in the LM-head graph, so the logits are not a graph output."""
+    model = tiny_llama(layers=2)
+    ids, labels = sample_batch()
+    ref = loss_and_grads(model, ids, labels)
+    mstfx.drop_logits(model)
+    mstfx.compile(model, per_block=True, compiler="aot_eager", mini_sequences=4)
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    assert_same(ref, (out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    reports = backend_of(model).reports
+    assert not any(r.logits_escape for r in reports), mstfx.explain(model)
+    assert any(d.kind == "lm_head" and d.action == "chunked" for r in reports for d in r.decisions), mstfx.explain(model)
