@@ -193,8 +193,10 @@ def test_gradients_leave_per_block_with_an_optimizer_step_in_backward(clone):
     assert len(live) == len(live_whole) == len(list(base.parameters()))
     # per block: at any hook, at most one block's gradients (and the head's and embedding's) are alive
     assert max(live) <= one_block + rest, (max(live), one_block, rest)
-    # whole model: the one backward graph returns every gradient at once
-    assert max(live_whole) >= 0.9 * total > one_block + rest, (max(live_whole), total)
+    # whole model: the one backward graph returns (nearly) every gradient at once (measured 87-95% of them
+    # alive at the first hook, depending on which the graph's outputs already share), several blocks' worth
+    assert max(live_whole) >= 0.8 * total > one_block + rest, (max(live_whole), total)
+    assert max(live_whole) > 2 * max(live), (max(live_whole), max(live))
     # and the optimizer in backward did the same steps as eager
     for (name, p), q, r in zip(eager.named_parameters(), per_block.parameters(), whole.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"per-block {name}: {m}")
