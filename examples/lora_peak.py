@@ -33,8 +33,7 @@ import torch
 import mstfx
 from mstfx.planning import cost_model as cm
 from mstfx.planning.planner import arch_of
-from mstfx.tools.architectures import loss_and_grads, max_diff, tiny_llama
-from mstfx.tools.measure import fresh_code, peak_bytes, training_step
+from mstfx.tools.architectures import loss_and_grads, tiny_llama, variant_peaks
 
 SEQ = 2048
 M = 8
@@ -71,15 +70,7 @@ def measure(seq: int = SEQ, m: int = M) -> dict:
         "mst, MLPs unchanged": mstfx.backend(mini_sequences=m, skip_kinds=("mlp",)),
         "mst": mstfx.backend(mini_sequences=m),
     }
-    for label, backend in variants.items():
-        fn = torch.compile(fresh_code(lambda i: model(input_ids=i, labels=i).loss), backend=backend)
-        step = training_step(model, lambda: fn(ids))
-        step()  # compile
-        out[label], loss = peak_bytes(step)
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        out[f"{label} max|Δ|"] = max_diff(ref, (torch.tensor(loss, dtype=ref[0].dtype), grads))
-        if label != "inductor":
-            out[f"{label} chunked"] = sorted(str(d.kind) for r in backend.reports for d in r.chunked)
+    out.update(variant_peaks(model, ids, ref, variants))
     return out
 
 

@@ -73,7 +73,6 @@ def with_tracing_settings(fn: Callable, nested_graph_breaks: bool = False) -> Ca
         with tracing_settings(nested_graph_breaks):
             return fn(*args, **kwargs)
 
-    call._mstfx_tracing_settings = True
     return call
 
 

@@ -53,7 +53,7 @@ def compile(model: Any, config: MstConfig | None = None, *, dynamic: bool | None
     if not callable(model):
         raise TypeError(f"mstfx.compile expects an nn.Module or a callable, got {type(model).__name__}")
     compiled = with_tracing_settings(torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph))
-    compiled._mstfx_backend = backend
+    setattr(compiled, _BACKEND_ATTR, backend)
     return compiled
 
 

@@ -66,20 +66,20 @@ _STATE = "_mstfx_transform"
 __all__ = ["transform", "untransform", "bucket_of", "batch_bucket_of", "TransformState"]
 
 
+def _power_of_two_bucket(n: int, cap: int | None, least: int = 1) -> int:
+    """The next power of two ≥ max(n, least), capped at ``cap`` when n fits it."""
+    b = max(least, 1 << max(0, math.ceil(math.log2(max(1, n)))))
+    return min(b, cap) if cap is not None and n <= cap else b
+
+
 def bucket_of(seq_len: int, max_seq_len: int | None = None) -> int:
     """The bucket of a length: the next power of two ≥ max(S, 256), capped at ``max_seq_len`` when S fits it."""
-    b = max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(1, seq_len)))))
-    if max_seq_len is not None and seq_len <= max_seq_len:
-        b = min(b, max_seq_len)
-    return b
+    return _power_of_two_bucket(seq_len, max_seq_len, MIN_BUCKET)
 
 
 def batch_bucket_of(batch: int, max_batch: int | None = None) -> int:
     """The bucket of a batch size: the next power of two ≥ B, capped at ``max_batch`` when B fits it."""
-    b = 1 << max(0, math.ceil(math.log2(max(1, batch))))
-    if max_batch is not None and batch <= max_batch:
-        b = min(b, max_batch)
-    return b
+    return _power_of_two_bucket(batch, max_batch)
 
 
 @dataclass

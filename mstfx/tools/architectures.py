@@ -284,6 +284,26 @@ def loss_and_grads(model, ids, labels, compile_backend=None, attention_mask=None
     return loss.detach(), grads
 
 
+def variant_peaks(model, ids, ref, variants: dict) -> dict:
+    """One compiled training step of ``model`` on ``ids`` per variant (label → torch.compile backend), all
+    in this process: ``out[label]`` the profiler's peak bytes above the step's start, ``out[label + "
+    max|Δ|"]`` the largest difference of the loss and every gradient from ``ref`` (:func:`loss_and_grads`
+    of eager), ``out[label + " chunked"]`` the region kinds an mst backend chunked."""
+    from .measure import fresh_code, peak_bytes, training_step
+
+    out = {}
+    for label, backend in variants.items():
+        fn = torch.compile(fresh_code(lambda i: model(input_ids=i, labels=i).loss), backend=backend)
+        step = training_step(model, lambda: fn(ids))
+        step()  # compile
+        out[label], loss = peak_bytes(step)
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[f"{label} max|Δ|"] = max_diff(ref, (torch.tensor(loss, dtype=ref[0].dtype), grads))
+        if not isinstance(backend, str):
+            out[f"{label} chunked"] = sorted(str(d.kind) for r in backend.reports for d in r.chunked)
+    return out
+
+
 def max_diff(ref, got) -> float:
     (rl, rg), (gl, gg) = ref, got
     if rg.keys() != gg.keys():
