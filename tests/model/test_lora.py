@@ -19,7 +19,7 @@ from mstfx.tools.measure import fresh_code
 
 from conftest import assert_same
 
-peft = pytest.importorskip("peft")
+peft = pytest.importorskip("peft", reason="PEFT is not installed (pip install peft; it is in the test extra)")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
