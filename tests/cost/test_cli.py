@@ -155,6 +155,9 @@ def test_compile_time_table_and_flag_validation(capsys):
     assert summary[("mst", 8)]["first_step_s"] == 130.0 and summary[("mst", 8)]["runs"] == [120.0, 130.0, 140.0]
     table = markdown(rows)
     assert "| mst | 8 | 512 | 130.0 (120, 130, 140) | 1.30 |" in table
+    per_block = markdown(rows + [CompileTimeRow("mst-per-block", 8, 512, 65.0, 7.6, {}, "", 8, 17)])
+    assert "mst-per-block / mst (whole model), 8 layers, M = 8: 0.50" in per_block
+    assert per_block.splitlines()[-2].endswith("| 17 |")
     assert bench.cli_main(["--compile-time", "--compile-ms", "0"]) == 2
     assert bench.cli_main(["--compile-time", "--variants", "nope"]) == 2
     assert "--compile-ms" in capsys.readouterr().err
