@@ -85,15 +85,18 @@ def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       enable_gqa: bool = False) -> torch.Tensor:
     """SDPA over the whole sequence for a rank holding ``[B, H, S/N, D]`` q/k/v (the call the backend
     puts in place of each SDPA; see the module docstring).  K/V with fewer heads than the query
-    (``enable_gqa``) are split by their own heads when ``world`` divides them, else repeated first."""
+    (``enable_gqa``) are split by their own heads when ``world`` divides them, else repeated first, as
+    few times as :func:`kv_heads_split` says."""
     import torch.nn.functional as F
 
     heads, kv_heads = query.shape[1], key.shape[1]
     check_heads(heads, kv_heads, world)
-    if kv_heads != heads and kv_heads % world:
-        rep = heads // kv_heads  # each K/V head next to its group of query heads, as enable_gqa pairs them
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-        kv_heads = heads
+    from .planning.cost_model import kv_heads_split
+
+    split = kv_heads_split(heads, kv_heads, world)
+    if split != kv_heads:  # each K/V head next to its group of query heads, as enable_gqa pairs them
+        key, value = key.repeat_interleave(split // kv_heads, dim=1), value.repeat_interleave(split // kv_heads, dim=1)
+        kv_heads = split
     q, k, v = (_seq_to_heads(t, world, group_name) for t in (query, key, value))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                          enable_gqa=kv_heads != heads)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..planning.cost_model import kv_heads_split
 from ..sequence_parallel import SequenceParallelError, check_heads, ulysses_attention
 from .attention import SDPA_FUNCS, _sdpa_arg, _sdpa_with
 from .common import module_path, tensor_of
@@ -56,8 +57,9 @@ def _rewrite_one(sdpa: fx.Node, group_name: str, world: int) -> RegionDecision:
     sdpa.target = ulysses_attention
     sdpa.args, sdpa.kwargs = (q, k, v), {**kwargs, "group_name": group_name, "world": world}
     tokens = tensor_of(q).shape[-2]
-    kv = (f"K/V split by their {kv_heads} heads" if kv_heads == heads or kv_heads % world == 0
-          else f"{kv_heads} K/V heads repeated to {heads} before the split")
+    split = kv_heads_split(heads, kv_heads, world)
+    kv = (f"K/V split by their {kv_heads} heads" if split == kv_heads
+          else f"{kv_heads} K/V heads repeated to {split} before the split")
     detail = (f"Ulysses all-to-all, {heads // world} of {heads} heads per rank over {tokens}×{world} tokens "
               f"(is_causal={bool(kwargs.get('is_causal'))}; {kv})")
     return RegionDecision("attention", where, "rewritten", "sequence parallel", tokens=f"{tokens}×{world}", detail=detail)

@@ -720,10 +720,9 @@ GPUS_PER_NODE = 8
 
 
 def check_sequence_parallel(arch: Arch, sequence_parallel: int, gpus: int = 1) -> int:
-    """The Ulysses degree N, checked: a positive integer dividing ``gpus`` and the query heads (each rank
-    runs attention on H/N heads); the KV heads must divide among the ranks or N among them (fewer KV
-    heads than ranks: each KV head is replicated on N/Hkv ranks, as DeepSpeed's Ulysses does).
-    ValueError otherwise."""
+    """The Ulysses degree N, checked as the runtime checks it: a positive integer dividing ``gpus`` and
+    the query heads (each rank runs attention on H/N heads); any KV head count dividing the query heads
+    (repeated as :func:`kv_heads_split` says when N does not divide it).  ValueError otherwise."""
     for name, v in (("sequence_parallel", sequence_parallel), ("gpus", gpus)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -734,15 +733,25 @@ def check_sequence_parallel(arch: Arch, sequence_parallel: int, gpus: int = 1) -
     if arch.heads % n:
         raise ValueError(f"sequence_parallel={n} must divide the {arch.heads} query heads: Ulysses gives each rank "
                          f"H/N whole heads")
-    if arch.kv_heads % n and n % arch.kv_heads:
-        raise ValueError(f"sequence_parallel={n} and the {arch.kv_heads} KV heads: one must divide the other "
-                         f"(KV heads are split among the ranks, or each replicated on N/Hkv ranks)")
+    if arch.kv_heads < 1 or arch.heads % arch.kv_heads:
+        raise ValueError(f"{arch.heads} query heads are not a multiple of {arch.kv_heads} KV heads")
     return n
 
 
+def kv_heads_split(heads: int, kv_heads: int, world: int) -> int:
+    """How many K/V heads go into the all-to-all, so that each of ``world`` ranks gets whole K/V heads
+    for its H/N query heads: Hkv when N divides them; else N when Hkv divides N (each rank's query heads
+    share one K/V head, repeated N/Hkv times in all, as DeepSpeed's Ulysses replicates them); else H
+    (every query head its own copy).  The runtime (``mstfx.sequence_parallel.ulysses_attention``) repeats K/V by this rule and the planner
+    counts a rank's K/V bytes by it (:func:`kv_heads_per_rank`)."""
+    if kv_heads % world == 0:
+        return kv_heads
+    return world if world % kv_heads == 0 else heads
+
+
 def kv_heads_per_rank(arch: Arch, sequence_parallel: int) -> int:
-    """KV heads a rank holds in head-sharded attention: Hkv/N, or 1 (replicated) when Hkv < N."""
-    return max(1, arch.kv_heads // sequence_parallel)
+    """KV heads a rank holds in head-sharded attention (:func:`kv_heads_split` / N)."""
+    return kv_heads_split(arch.heads, arch.kv_heads, sequence_parallel) // sequence_parallel
 
 
 def kv_replication(arch: Arch, sequence_parallel: int) -> int:
@@ -766,9 +775,9 @@ def ulysses_attention(attn: RegionCost, arch: Arch, prec: Precision, sequence_pa
     rank's S/N tokens (``S`` in the expression; :func:`step_cost` substitutes the whole sequence).
 
     Around the attention kernel an all-to-all turns the rank's S/N tokens × H heads into the whole S ×
-    H/N heads (K/V: max(1, Hkv/N) heads, :func:`kv_heads_per_rank`) and one turns the output back.  Per
-    rank token, with ``a`` the activation bytes and widths q = H·hd, kv_r = N·max(1, Hkv/N)·hd (= Hkv·hd
-    unless KV heads are replicated):
+    H/N heads (K/V: :func:`kv_heads_per_rank` heads) and one turns the output back.  Per
+    rank token, with ``a`` the activation bytes and widths q = H·hd, kv_r = N·(K/V heads per rank)·hd
+    (= Hkv·hd unless KV heads are repeated):
 
     * saved: what the single-GPU block keeps, with K/V at kv_r (the kernel keeps q, k, v, its output
       and log-sum-exp for the whole S on H/N heads: the same bytes as S/N tokens on H heads), plus the

@@ -111,7 +111,8 @@ def simulated_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
 
     ``sequence_parallel`` N > 1: one Ulysses rank's attention.  The graph holds the rank's S/N tokens
     on every head; all-to-alls (``mstfx_sim::all_to_all``, whose send buffer is its workspace) make the
-    whole S on H/N query heads and max(1, Hkv/N) KV heads (replicated when Hkv < N), the kernel runs
+    whole S on H/N query heads and the KV heads ``cost_model.kv_heads_per_rank`` counts (repeated as
+    the runtime repeats them), the kernel runs
     causal there without a mask (a rank's mask is of its own tokens only), and an all-to-all brings
     the output back."""
     flash_attention, _ = _flash_ops()
@@ -119,7 +120,9 @@ def simulated_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     if n > 1:
         a2a = _all_to_all_op()
         _, h, s, _ = query.shape
-        kv = max(1, key.shape[1] // n)
+        from ..planning.cost_model import kv_heads_split
+
+        kv = kv_heads_split(h, key.shape[1], n) // n
         out = flash_attention(a2a(query, h // n, s * n), a2a(key, kv, s * n), a2a(value, kv, s * n), None)[0]
         return a2a(out, h, s)
     if attn_mask is not None and attn_mask.dtype == torch.bool:

@@ -127,7 +127,7 @@ def _flash_sim_attention(sequence_parallel: int = 1):
 
     ``sequence_parallel`` N > 1: the attention of one Ulysses rank.  Its q/k/v hold the rank's S/N
     tokens on every head; an all-to-all (a contiguous send buffer, a receive buffer) makes the whole S
-    on H/N query heads and max(1, Hkv/N) KV heads (replicated when Hkv < N), the kernel runs there and
+    on H/N query heads and the KV heads ``cost_model.kv_heads_per_rank`` counts, the kernel runs there and
     keeps those for backward, and an all-to-all brings the output back to S/N tokens × H heads.  The
     backward does the same for the output gradient and for dq/dk/dv.  No data moves (fake tensors):
     only the allocations a rank makes are simulated."""
@@ -135,6 +135,7 @@ def _flash_sim_attention(sequence_parallel: int = 1):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
+    from ..planning.cost_model import kv_heads_split
     from .compiled_program import fa2_backward_workspace
 
     if _ATTN_NAME in AttentionInterface._global_mapping:  # an enclosing block registered it
@@ -157,7 +158,8 @@ def _flash_sim_attention(sequence_parallel: int = 1):
             if n > 1:  # a rank's S/N tokens × all heads → the whole S × its heads
                 s, h, hkv = q.shape[1], q.shape[2], k.shape[2]
                 ctx.local = (s, h, hkv)
-                q, k, v = all_to_all(q, s * n, h // n), all_to_all(k, s * n, max(1, hkv // n)), all_to_all(v, s * n, max(1, hkv // n))
+                kv_rank = kv_heads_split(h, hkv, n) // n  # as the runtime repeats them
+                q, k, v = all_to_all(q, s * n, h // n), all_to_all(k, s * n, kv_rank), all_to_all(v, s * n, kv_rank)
             out = torch.empty_like(q)
             lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
             ctx.save_for_backward(q, k, v, out, lse)
@@ -524,8 +526,8 @@ def _check_args(seq_len: int, mode: str, batch: int, optimizer: str, gpus: int, 
 
 
 def check_heads(config, sequence_parallel: int) -> None:
-    """Ulysses needs whole heads per rank: N divides the query heads, and the KV heads divide among the
-    ranks or each is replicated on N/Hkv of them (SimulateError otherwise)."""
+    """Ulysses needs whole heads per rank: N divides the query heads (SimulateError otherwise); K/V heads
+    are repeated as the runtime repeats them (``cost_model.kv_heads_split``)."""
     if sequence_parallel == 1:
         return
     from ..planning import cost_model as cm

@@ -74,14 +74,30 @@ def test_kv_heads_fewer_than_ranks_are_replicated_and_counted():
     assert kv_bytes(8) - kv_bytes(2) == pytest.approx(S * a * 2 * (8 - 2) * hd)
 
 
+def test_planner_accepts_the_kv_heads_the_runtime_accepts():
+    """One rule for planner and runtime: 12 query / 3 KV heads on 2 or 4 ranks (N and Hkv divide neither
+    way) is planned, with K/V repeated to the query heads as the runtime repeats them; 32 / 8 on 16
+    ranks repeats K/V only to 16 heads (one per rank)."""
+    from mstfx.sequence_parallel import check_heads
+
+    odd_kv = cm.Arch(**{**GQA.__dict__, "kv_heads": 3, "heads": 12})
+    for n in (2, 4):
+        check_heads(12, 3, n)
+        assert cm.check_sequence_parallel(odd_kv, n, n) == n
+        assert cm.kv_heads_split(12, 3, n) == 12 and cm.kv_heads_per_rank(odd_kv, n) == 12 // n
+    assert cm.kv_heads_split(32, 8, 16) == 16 and cm.kv_heads_split(32, 8, 4) == 8 and cm.kv_heads_split(8, 2, 8) == 8
+    llama = cm.Arch(**{**GQA.__dict__, "kv_heads": 8, "heads": 32})
+    assert cm.kv_heads_per_rank(llama, 16) == 1 and cm.kv_replication(llama, 16) == 2
+
+
 @pytest.mark.parametrize("n, gpus, message", [(3, 3, "query heads"), (3, 6, "query heads"), (4, 6, "divide gpus"),
                                               (0, 1, "positive integer")])
 def test_bad_degree_is_a_clear_error(n, gpus, message):
     with pytest.raises(ValueError, match=message):
         cm.step_cost(GQA, "mst", sequence_parallel=n, gpus=gpus)
-    odd_kv = cm.Arch(**{**GQA.__dict__, "kv_heads": 3, "heads": 12})
-    with pytest.raises(ValueError, match="KV heads"):
-        cm.check_sequence_parallel(odd_kv, 4, 4)
+    not_grouped = cm.Arch(**{**GQA.__dict__, "kv_heads": 3, "heads": 8})
+    with pytest.raises(ValueError, match="not a multiple of 3 KV heads"):
+        cm.check_sequence_parallel(not_grouped, 4, 4)
     with pytest.raises(ValueError, match="multiple of sequence_parallel"):
         planner.predict_peak(GQA, 1001, sequence_parallel=2, gpus=2)
 

@@ -200,3 +200,27 @@ def test_module_reachable_from_the_package():
     import mstfx
 
     assert mstfx.sequence_parallel.shard_batch is __import__("mstfx.sequence_parallel").sequence_parallel.shard_batch
+
+
+@pytest.mark.parametrize("heads, kv_heads, world", [(8, 2, 4), (8, 2, 8), (8, 4, 2), (12, 3, 4), (12, 3, 2), (32, 8, 16)])
+def test_kv_heads_repeated_as_few_times_as_each_rank_needs(heads, kv_heads, world):
+    """What each rank of the all-to-all holds after ``ulysses_attention`` repeats K/V by
+    ``kv_heads_split`` (head group j of the repeated K/V goes to rank j) pairs every query head of the
+    rank with its own K/V head: attention per rank equals the whole attention on those query heads."""
+    import torch.nn.functional as F
+
+    from mstfx.planning.cost_model import kv_heads_split
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, heads, 6, 4), torch.randn(1, kv_heads, 6, 4), torch.randn(1, kv_heads, 6, 4)
+    whole = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    split = kv_heads_split(heads, kv_heads, world)
+    assert split % world == 0 and split <= heads
+    rk, rv = k.repeat_interleave(split // kv_heads, dim=1), v.repeat_interleave(split // kv_heads, dim=1)
+    qh, kh = heads // world, split // world
+    for rank in range(world):
+        mine = slice(rank * qh, (rank + 1) * qh)
+        theirs = slice(rank * kh, (rank + 1) * kh)
+        out = F.scaled_dot_product_attention(q[:, mine], rk[:, theirs], rv[:, theirs], is_causal=True,
+                                             enable_gqa=kh != qh)
+        torch.testing.assert_close(out, whole[:, mine])
