@@ -39,18 +39,10 @@ from .dynamo import (
 from .errors import CHECKED_ON, MissingTorchAPI
 
 
-def autograd_inside_operator():
-    """:func:`mstfx.compat.functorch.autograd_inside_operator` (kept here for its callers)."""
-    from .functorch import autograd_inside_operator as inside
-
-    return inside()
-
-
 __all__ = [
     "CHECKED_ON",
     "CHECKPOINT_BREAK_MARKERS",
     "MissingTorchAPI",
-    "autograd_inside_operator",
     "first_line",
     "graph_break_counts",
     "graph_breaks_since",

@@ -1,5 +1,5 @@
 """What every compatibility entry shares: the torch versions it was checked on and the error raised
-when a torch release no longer has a private API mstfx needs.
+when a torch release no longer has a private API mstfx needs (checked on torch 2.13.0 and 2.14.1).
 
 Imports nothing from torch at import time, so a torch-free part of mstfx (the planner, the cost model)
 may import it."""
@@ -23,6 +23,7 @@ class MissingTorchAPI(ImportError):
 
 
 def torch_version() -> str:
+    """The installed torch's version, for error messages (never raises, even without torch)."""
     try:
         import torch
 
