@@ -31,5 +31,5 @@ FUNCTORCH_MODULES = ("torch._functorch", "torch._C._functorch")
 
 
 def is_functorch_function(fn) -> bool:
-    """Whether ``fn`` comes from one of :data:`FUNCTORCH_MODULES`."""
+    """Whether ``fn`` (an FX node's target) comes from one of :data:`FUNCTORCH_MODULES`: vmap bookkeeping."""
     return (getattr(fn, "__module__", None) or "").startswith(FUNCTORCH_MODULES)
