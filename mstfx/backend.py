@@ -28,8 +28,8 @@ log = logging.getLogger("mstfx")
 #: Inductor options the mst backend compiles with.  ``reorder_for_peak_memory`` is off: its estimate
 #: moves the chunk recomputes (matmuls whose inputs are all saved tensors) to the start of the
 #: backward, so every layer's chunks are recomputed before the first gradient and chunking's saving
-#: in backward is lost (measured, reference config S = 1024: peak 193 MB with it, 173 MB without; the
-#: partitioner's order already places each chunk's recompute just before its gradient).
+#: in backward is lost (the partitioner's order already places each chunk's recompute just before its
+#: gradient; the measured peaks with and without are in docs/planning.md).
 INDUCTOR_CONFIG_PATCHES = {"reorder_for_peak_memory": False}
 
 

@@ -56,8 +56,8 @@ def tracing_settings(nested_graph_breaks: bool = False) -> Iterator[None]:
     callers in the same trace.  Per-block compilation breaks the model's trace at the module that runs
     the blocks on purpose; without it the model's own ``forward`` frame is cut there and returns its
     logits from the LM-head graph (a graph output, so the tokens×vocab logits are built even under
-    ``mstfx.drop_logits``; measured on the reference config: 1.45-1.61x the whole-model step), with it
-    the wrapper that drops them stays in the graph (1.05x)."""
+    ``mstfx.drop_logits``), with it the wrapper that drops them stays in the graph (the measured peaks
+    of both are in docs/per_block.md)."""
     dynamo_config = private("torch._dynamo.config", used_for="the tracing settings of checkpointed layers")
     ignored = set(dynamo_config.ignore_logging_functions)
     ignored.update(f for f in (getattr(logging.Logger, name, None) for name in _LOGGER_METHODS) if f is not None)
