@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .compat import first_line, graph_break_counts, graph_breaks_since, is_checkpoint_break, tracing_settings
+from .compat.dynamo import current_tracing_context, is_restart_analysis, tracing
 from .config import MstConfig
 from .passes.attention import GUARD_KEY
 
@@ -27,8 +28,8 @@ log = logging.getLogger("mstfx")
 #: Inductor options the mst backend compiles with.  ``reorder_for_peak_memory`` is off: its estimate
 #: moves the chunk recomputes (matmuls whose inputs are all saved tensors) to the start of the
 #: backward, so every layer's chunks are recomputed before the first gradient and chunking's saving
-#: in backward is lost (measured, reference config S = 1024: peak 193 MB with it, 173 MB without; the
-#: partitioner's order already places each chunk's recompute just before its gradient).
+#: in backward is lost (the partitioner's order already places each chunk's recompute just before its
+#: gradient; the measured peaks with and without are in docs/planning.md).
 INDUCTOR_CONFIG_PATCHES = {"reorder_for_peak_memory": False}
 
 
@@ -40,19 +41,19 @@ def inductor_config_patches(offload_checkpoints: bool = False) -> dict:
     and the post-grad passes that add each chunk's partial gradient to the running sum with its chunk
     (``mstfx/post_grad/partial_sum_order.py``), then keep each chunk's bias-gradient reduction with
     its chunk (``mstfx/post_grad/bias_grad_order.py``)."""
-    import torch._inductor.config as inductor_config
-
+    from mstfx.compat.inductor import inductor_config
     from mstfx.post_grad.bias_grad_order import BiasGradOrderPass
     from mstfx.post_grad.checkpoint_outputs import SaveCheckpointOutputsPass
     from mstfx.post_grad.offload_checkpoints import OffloadCheckpointInputsPass
     from mstfx.post_grad.partial_sum_order import PartialSumOrderPass
 
-    user_post = inductor_config.post_grad_custom_post_pass
+    config = inductor_config()
+    user_post = config.post_grad_custom_post_pass
     if isinstance(user_post, PartialSumOrderPass):
         user_post = user_post.then
     if isinstance(user_post, BiasGradOrderPass):
         user_post = user_post.then
-    user_joint = inductor_config.joint_custom_pre_pass
+    user_joint = config.joint_custom_pre_pass
     if isinstance(user_joint, SaveCheckpointOutputsPass):
         user_joint = user_joint.then
     if isinstance(user_joint, OffloadCheckpointInputsPass):
@@ -121,9 +122,10 @@ def _warn_graph_breaks(report) -> None:
 def _count_and_warn(report) -> None:
     """Count the graph's final outcome in ``counters["mstfx"]``; a fallback (analysis, verification or
     compile failure) is also a warning the user sees, not only a report line."""
-    from torch._dynamo.utils import counters
-
+    from .compat.dynamo import dynamo_counters
     from .passes.common import ALREADY_REWRITTEN
+
+    counters = dynamo_counters()
 
     counters["mstfx"]["regions_chunked"] += len(report.chunked)
     counters["mstfx"]["regions_left_unchanged"] += len(report.skipped)
@@ -172,16 +174,16 @@ class MstBackend:
 
     def _compiler(self, example_inputs=()):
         if self.config.compiler == "inductor":
-            from torch._inductor.compile_fx import compile_fx
+            from .compat.inductor import compile_fx
 
             # (compile_fx applies the patches to the backward too, which AOT compiles lazily)
-            compiler = functools.partial(compile_fx, config_patches=inductor_config_patches(self.config.offload_checkpoints))
+            compiler = functools.partial(compile_fx(), config_patches=inductor_config_patches(self.config.offload_checkpoints))
             if self.config.offload_checkpoints:
                 from .offload import offloading_compiler
 
                 compiler = offloading_compiler(compiler, example_inputs)
             return compiler
-        from torch._dynamo.backends.registry import lookup_backend
+        from .compat.dynamo import lookup_backend
 
         return lookup_backend(self.config.compiler)
 
@@ -235,9 +237,9 @@ class MstBackend:
             raise ValueError(f"torch.compile(..., backend='mst', options=...) takes MstConfig fields; {unknown} are "
                              f"not among them ({sorted(fields)})")
         if mode is not None:
-            from torch._inductor import list_mode_options
+            from .compat.inductor import mode_options
 
-            list_mode_options(mode)  # raises on an unknown mode
+            mode_options(mode)  # raises on an unknown mode
         return _ModeBackend(dataclasses.replace(self.config, **(options or {})), mode, self)
 
     def _record(self, report) -> None:
@@ -269,14 +271,12 @@ class _ModeBackend(MstBackend):
         compiler = super()._compiler(example_inputs)
         if self.mode is None or self.config.compiler != "inductor":
             return compiler
-        from torch._inductor import list_mode_options
+        from .compat.inductor import inductor_config, mode_options
 
-        mode_options = list_mode_options(self.mode)
+        options = mode_options(self.mode)
 
         def compile_with_mode(gm, example_inputs):
-            import torch._inductor.config as inductor_config
-
-            with inductor_config.patch(mode_options):
+            with inductor_config().patch(options):
                 return compiler(gm, example_inputs)
 
         return compile_with_mode
@@ -320,7 +320,7 @@ class GuardedGraph:
         # Dynamo's example inputs (fake tensors, symbolic sizes under dynamic shapes): the masked graph is
         # compiled for the same input shapes as the rewritten one, not specialised to the first failing call.
         self.example_inputs = list(example_inputs)
-        self.tracing_context = torch._guards.TracingContext.try_get()
+        self.tracing_context = current_tracing_context()
         self.masked_gm = mask_guard.masked
         self.compiled = compiled
         self.compiler = compiler
@@ -334,16 +334,14 @@ class GuardedGraph:
         self.calls["masked"] += 1
         if self.masked is None:
             log.info("mstfx: inputs fail the attention guard; compiling the graph that keeps the mask")
-            with torch._guards.tracing(self.tracing_context):
+            with tracing(self.tracing_context):
                 self.masked = self.compiler(self.masked_gm, self.example_inputs)
         return self.masked(*args)
 
 
 def _is_dynamo_control_flow(err: BaseException) -> bool:
     """Exceptions Dynamo raises through a backend on purpose (restart the analysis): never swallow them."""
-    from torch._dynamo.exc import RestartAnalysis
-
-    return isinstance(err, RestartAnalysis)
+    return is_restart_analysis(err)
 
 
 def backend(config: MstConfig | None = None, **options: Any) -> MstBackend:

@@ -59,8 +59,8 @@ def body_of(ident: str) -> fx.GraphModule:
 
 
 def _autograd_on():
-    """Autograd inside the operator's kernel (:func:`mstfx.compat.autograd_inside_operator`)."""
-    from .compat import autograd_inside_operator
+    """Autograd inside the operator's kernel (:func:`mstfx.compat.functorch.autograd_inside_operator`)."""
+    from .compat.functorch import autograd_inside_operator
 
     return autograd_inside_operator()
 

@@ -21,8 +21,6 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-import torch
-
 log = logging.getLogger("mstfx")
 
 __all__ = ["ddp_whole_graph", "ddp_split_active"]
@@ -44,7 +42,9 @@ def ddp_whole_graph() -> Iterator[None]:
     Also usable as a decorator: ``@mstfx.distributed.ddp_whole_graph()``.  Equivalent to
     ``torch._dynamo.config.patch(optimize_ddp=False)``; not compatible with compiled autograd.
     """
-    with torch._dynamo.config.patch(optimize_ddp=False):
+    from .compat.distributed import ddp_optimizer_off
+
+    with ddp_optimizer_off():
         yield
 
 
@@ -53,15 +53,9 @@ def ddp_split_active() -> bool:
 
     Only meaningful when called from inside a ``torch.compile`` backend.
     """
-    try:
-        from torch._dynamo.utils import get_optimize_ddp_mode
-        from torch.nn.parallel import DistributedDataParallel
-    except Exception:  # pragma: no cover - torch without distributed
-        return False
-    try:
-        return get_optimize_ddp_mode() == "ddp_optimizer" and DistributedDataParallel._get_active_ddp_module() is not None
-    except Exception:  # pragma: no cover - private API changed
-        return False
+    from .compat.distributed import ddp_optimizer_active
+
+    return ddp_optimizer_active()  # False where torch lacks distributed or the API moved
 
 
 _warned = False

@@ -34,13 +34,9 @@ def offloading_partition(prefetch: bool = False):
 
     ``prefetch``: copy on a separate stream and start each reload early enough to overlap the backward
     (CUDA only; the copies are synchronous otherwise)."""
-    from torch._functorch import config as functorch_config
+    from .compat.functorch import activation_offloading
 
-    with functorch_config.patch(
-        enable_activation_offloading=True,
-        activation_offload_separate_stream=prefetch,
-        activation_reload_prefetch=prefetch,
-    ):
+    with activation_offloading(prefetch):
         yield
 
 

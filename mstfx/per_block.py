@@ -14,7 +14,7 @@ block's call runs its own ``torch.compile`` of the block (one backend object sha
 so identical blocks hit one compiled graph), and the model around them is compiled with the same
 backend, so the LM head + loss stays one chunked graph.  Dynamo would inline
 a compiled block into the model's trace; the blocks' compiled calls are therefore wrapped in
-``torch._dynamo.disable`` (reason :data:`PER_BLOCK_REASON`), a graph break per block in the model's
+``torch.compiler.disable`` (reason :data:`PER_BLOCK_REASON`), a graph break per block in the model's
 trace that the backend recognises as its own and does not warn about (:func:`is_per_block_break`).
 
 The module that runs the blocks (a decoder's body: embedding, attention mask, final norm) runs
@@ -39,7 +39,7 @@ from .compat import with_tracing_settings
 
 log = logging.getLogger("mstfx")
 
-#: The reason given to ``torch._dynamo.disable`` for each block's compiled call; Dynamo's graph-break
+#: The reason given to ``torch.compiler.disable`` for each block's compiled call; Dynamo's graph-break
 #: message quotes it.
 PER_BLOCK_REASON = "mstfx per-block compilation: this block runs its own compiled graph"
 _BLOCKS_ATTR = "_mstfx_blocks"
@@ -97,7 +97,7 @@ def _opaque(fn: Callable) -> Callable:
     def mstfx_per_block_call(*args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
-    return torch._dynamo.disable(mstfx_per_block_call, reason=PER_BLOCK_REASON)
+    return torch.compiler.disable(mstfx_per_block_call, reason=PER_BLOCK_REASON)
 
 
 def compile_blocks(model: torch.nn.Module, backend: Any, *, dynamic: bool | None = None,

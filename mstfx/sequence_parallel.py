@@ -59,8 +59,9 @@ def check_heads(heads: int, kv_heads: int, world: int, where: str = "attention")
 
 def _seq_to_heads(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
     """``[B, H, s, D]`` (s tokens of this rank) → ``[B, H/N, N·s, D]`` (this rank's heads, every token)."""
-    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+    from .compat.distributed import functional_all_to_all
 
+    all_to_all_single_autograd, wait_tensor = functional_all_to_all()
     b, h, s, d = x.shape
     send = x.reshape(b, world, h // world, s, d).permute(1, 0, 2, 3, 4).contiguous()  # head group j → rank j
     got = wait_tensor(all_to_all_single_autograd(send.reshape(world * b, h // world * s * d), None, None, group_name))
@@ -70,8 +71,9 @@ def _seq_to_heads(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
 
 def _heads_to_seq(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
     """``[B, H/N, N·s, D]`` → ``[B, H, s, D]``: the inverse of :func:`_seq_to_heads`."""
-    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+    from .compat.distributed import functional_all_to_all
 
+    all_to_all_single_autograd, wait_tensor = functional_all_to_all()
     b, hl, full, d = x.shape
     s = full // world
     send = x.reshape(b, hl, world, s, d).permute(2, 0, 1, 3, 4).contiguous()  # sequence shard j → rank j

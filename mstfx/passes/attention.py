@@ -44,13 +44,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from .. import attention_ops
+from ..compat.ops import SDPA_FUNCTIONS, is_functorch_function
 from .common import erase_if_dead, has_side_effects, module_path, tensor_of, value_of
 from .report import RegionDecision
 
-SDPA_FUNCS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+SDPA_FUNCS = SDPA_FUNCTIONS  # the public function and its torch._C binding
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 #: Largest ingredient evaluated at compile time to prove a check (elements); larger ones are checked at run time.
@@ -180,8 +180,7 @@ def _batch_dim_op(node: fx.Node) -> str | None:
     if node.op != "call_function":
         return None
     name = getattr(node.target, "__name__", "")
-    module = getattr(node.target, "__module__", "") or ""
-    if not module.startswith(("torch._functorch", "torch._C._functorch")):
+    if not is_functorch_function(node.target):
         return None
     return {"_add_batch_dim": "add", "_remove_batch_dim": "remove"}.get(name)
 
@@ -191,8 +190,7 @@ _VMAP_BOOKKEEPING = ("_vmap_increment_nesting", "_vmap_decrement_nesting", "lazy
 
 def _vmap_bookkeeping(node: fx.Node) -> str | None:
     name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
-    module = getattr(node.target, "__module__", "") or "" if node.op == "call_function" else ""
-    return name if name in _VMAP_BOOKKEEPING and module.startswith(("torch._functorch", "torch._C._functorch")) else None
+    return name if name in _VMAP_BOOKKEEPING and is_functorch_function(node.target) else None
 
 
 def _vmap_levels(mask: fx.Node) -> dict[int, int]:

@@ -19,6 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..compat.ops import FUNCTORCH_MODULES, LINEAR_FUNCTIONS
+
 #: Key under ``node.meta`` where mstfx keeps its per-node facts (see :func:`mst_meta`).
 MST_META_KEY = "mst"
 #: Key under ``gm.meta`` that marks a graph as already rewritten, so it is never chunked twice.
@@ -85,7 +87,7 @@ def tensor_of(node: Any) -> torch.Tensor | None:
 # --------------------------------------------------------------------------------------------------
 # Linear projections
 # --------------------------------------------------------------------------------------------------
-_LINEAR_FUNCS = {torch._C._nn.linear, F.linear}
+_LINEAR_FUNCS = LINEAR_FUNCTIONS  # F.linear and its torch._C binding
 
 
 @dataclass(frozen=True)
@@ -434,7 +436,7 @@ _INPLACE_OPERATORS = {
 }
 #: Modules whose functions change interpreter state (vmap/jvp nesting, dual levels, batch dims):
 #: Dynamo records them as nodes whose return value is often unused (HF 4.57 builds masks with vmap).
-_STATEFUL_MODULES = ("torch._C._functorch", "torch._functorch")
+_STATEFUL_MODULES = FUNCTORCH_MODULES
 #: Name fragments of state-changing functions that fx's own purity table does not list.
 _STATEFUL_NAME_PARTS = ("_set_", "_enter_", "_exit_", "increment_nesting", "decrement_nesting", "_batch_dim")
 

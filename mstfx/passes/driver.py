@@ -72,8 +72,11 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _verify(gm: fx.GraphModule) -> None:
     """Propagate fake tensors through the rewritten graph so every new node has a correct ``meta['val']``."""
-    from torch._subclasses.fake_tensor import FakeTensor
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from ..compat.functorch import fake_tensor
+
+    FakeTensor = fake_tensor()
 
     inputs = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
     mode = next((v.fake_mode for v in inputs if isinstance(v, FakeTensor)), None)

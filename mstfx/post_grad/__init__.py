@@ -12,7 +12,10 @@ import inspect
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from ..compat.inductor import custom_graph_pass_api
+
+CustomGraphPass, get_hash_for_files = custom_graph_pass_api()
 
 _aten = torch.ops.aten
 

@@ -10,11 +10,11 @@ into whichever kernel suits its scheduler, which is not always soon after ``dY``
   into its reduction, then every chunk's reduction into the one kernel of their sum; that kernel can
   only run after the *last* chunk, so every chunk's I-wide gradient buffers were alive together and
   chunking did not shrink the MLP's backward (generated code for GPT-2, S = 4096, M = 8: 17 chunk×I
-  buffers alive at once; 4 with this pass; measured peak 371 → 325 MB).
+  buffers alive at once; 4 with this pass; the measured peaks are in docs/planning.md).
 * **the first layer's q/k/v bias** (tied GPT-2 with checkpointing): Inductor fuses its row sum into
   the step's last kernel, the embedding's backward, so the S × 3h output gradient is alive while the
-  vocab-sized embedding gradient is made, the step's peak (measured peak at S = 4096, loop form:
-  223.5 → 201.2 MB).
+  vocab-sized embedding gradient is made, the step's peak (the measured peaks before and after are in
+  docs/planning.md).
 
 The pass replaces the row sums that are bias gradients — row sums of a 2-D tensor that a matmul also
 reads (the output gradient a linear's input and weight gradients are made from), or that are added

@@ -29,6 +29,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..compat.functorch import is_op_overload
 from . import RESHAPES, ChainedPass, through
 
 aten = torch.ops.aten
@@ -70,7 +71,7 @@ def _is_partial(node) -> bool:
     target = node.target
     if target in _MATMULS:
         return True
-    return isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims")
+    return is_op_overload(target) and target.namespace not in ("aten", "prims")
 
 
 def _is_plain_add(node: fx.Node) -> bool:

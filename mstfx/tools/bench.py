@@ -110,12 +110,12 @@ def _loss_callable(variant: str, model, ids):
     elif variant.startswith("mst-unrolled"):
         compiled = torch.compile(fn, backend=mstfx.backend(mstfx.MstConfig(chunk_form="unrolled")))
     elif variant == "inductor+auto_chunker":
-        from torch._inductor import config as inductor_config
+        from ..compat.inductor import auto_chunker_enabled
 
         inner = torch.compile(fn)
 
         def compiled(i, l):
-            with inductor_config.patch({"auto_chunker.enable": True}):
+            with auto_chunker_enabled():
                 return inner(i, l)
     else:
         compiled = torch.compile(fn)

@@ -95,10 +95,9 @@ def _child(variant: str, seq_len: int, layers: int, profile_path: str | None) ->
     if prof is not None:
         prof.disable()
         prof.dump_stats(profile_path)
-    from torch._dynamo.utils import compile_times
+    from ..compat.dynamo import compile_times
 
-    names, values = compile_times(repr="csv", aggregate=True)
-    phases = {k: float(v) for k, v in zip(names, values)}
+    phases = compile_times()
     report = "" if variant == "inductor" else mstfx.explain(model) if variant == "mst-per-block" else mstfx.explain(last=1)
     return {"first_step_s": first, "loss": loss, "phases": phases, "report": report}
 

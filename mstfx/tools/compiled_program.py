@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..compat.dynamo import detect_fake_mode
+from ..compat.functorch import is_op_overload, op_name
 from ..hf_checkpointing import enable_checkpointing
 
 # ---------------------------------------------------------------------------------------- attention
@@ -202,11 +204,10 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
     them to the CPU, the ones run here keep them on ``ids``' device (a meta tensor has no data to copy).
     ``sequence_parallel`` N > 1: ``ids`` are one rank's S/N tokens; its attention is Ulysses'
     (:func:`simulated_sdpa`)."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor import config as inductor_config
-    from torch._inductor.compile_fx import _recursive_joint_graph_passes
-    from torch._inductor.decomposition import select_decomp_table
+    from ..compat.functorch import aot_autograd_api
+    from ..compat.inductor import decomposition_table, inductor_config, joint_graph_passes
+
+    aot_module_simplified, min_cut_rematerialization_partition, make_boxed_func = aot_autograd_api()
 
     from mstfx.backend import inductor_config_patches
 
@@ -221,12 +222,12 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
 
     def partition(joint, joint_inputs, **kwargs):
         """Inductor's: its joint-graph passes (the mst backend's joint passes first), then its partitioner."""
-        with inductor_config.patch(patches):
+        with inductor_config().patch(patches):
             if mst_config is not None:
                 save_checkpoint_outputs(joint.graph)
                 if offload:
                     mark_checkpoint_inputs(joint.graph)
-            joint = _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True)
+            joint = joint_graph_passes(joint)
             if not offload:
                 return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
             from mstfx.offload import offloading_partition
@@ -238,8 +239,6 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
 
     def keep(name):
         def compiler(gm, example_inputs):
-            from torch._functorch.aot_autograd import make_boxed_func
-
             # of the post-grad passes, the mst backend's (it orders each chunk's bias gradient); Inductor's
             # own ``addmm`` pattern is applied by :func:`with_addmm_fused` (its device decides)
             post = patches.get("post_grad_custom_post_pass")
@@ -265,7 +264,7 @@ def capture_program(model: torch.nn.Module, ids: torch.Tensor, mst_config=None, 
             fw_compiler=keep("forward"),
             bw_compiler=keep("backward"),
             partition_fn=partition,
-            decompositions=select_decomp_table(),
+            decompositions=decomposition_table(),
         )
 
     from .measure import fresh_code
@@ -289,8 +288,7 @@ def _without_rng_wrappers(gm: fx.GraphModule) -> fx.GraphModule:
     ``run_and_save_rng_state`` / ``run_with_rng_state``, a copy that calls the op directly: the graph
     run during capture on the meta device, which has no rng state to save (the state saved is an empty
     tensor).  The graphs kept for analysis keep the wrappers, as Inductor sees them."""
-    from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
-
+    run_and_save_rng_state, run_with_rng_state = _rng_wrappers()
     wrapped = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (run_and_save_rng_state, run_with_rng_state)]
     if not wrapped:
         return gm
@@ -339,10 +337,12 @@ def _loop_workspace(node: fx.Node) -> int:
     holds while it runs beyond its outputs: its chunks run op by op inside one extern call, so one
     chunk's eager working set (plus the running gradient sums).  Measured by running the operator's
     own loop on fake tensors under ``MemTracker``, once per distinct call."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     from mstfx import chunk_loop, chunked_ops
+
+    from ..compat.functorch import fake_tensor_mode
+    from ..compat.memory import mem_tracker_api
+
+    FakeTensorMode, (MemTracker, _) = fake_tensor_mode(), mem_tracker_api()
 
     def spec(a):
         v = a.meta.get("val") if isinstance(a, fx.Node) else None
@@ -427,7 +427,7 @@ def _pointwise(node: fx.Node) -> bool:
     a scalar into a constant fill (its ``scatter_upon_const_tensor`` pass makes that an ``index ==
     iota`` select, e.g. the one-hot of cross-entropy's backward)."""
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+    if node.op != "call_function" or not is_op_overload(target):
         return False
     if torch.Tag.pointwise in target.tags or target in _INDIRECT_POINTWISE:
         return True
@@ -437,9 +437,9 @@ def _pointwise(node: fx.Node) -> bool:
 def _fusible(node: fx.Node) -> bool:
     """Pointwise ops and reductions: Inductor fuses their pointwise producers into their kernel."""
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+    if node.op != "call_function" or not is_op_overload(target):
         return False
-    return _pointwise(node) or target._schema.name.split("::")[-1] in _REDUCTIONS
+    return _pointwise(node) or op_name(target) in _REDUCTIONS
 
 
 def _inlined_into(user: fx.Node) -> bool:
@@ -512,9 +512,9 @@ def with_addmm_fused(gm: fx.GraphModule, device: str) -> fx.GraphModule:
 def _rng_wrappers() -> tuple:
     """The operators AOT autograd wraps a checkpointed layer's seeded op in (its call and its recompute):
     fallbacks in Inductor, with no layout constraint of their own."""
-    from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+    from ..compat.functorch import rng_state_wrappers
 
-    return (run_and_save_rng_state, run_with_rng_state)
+    return rng_state_wrappers()
 
 
 
@@ -537,14 +537,16 @@ def _lowered(node: fx.Node) -> bool:
     """Whether Inductor lowers ``node`` itself (generated kernels, ``out=`` matmuls) rather than calling
     it as a fallback: a fallback or custom op (the flash-attention kernels, mstfx's own ops) makes its
     outputs inside the op, in the layout its inputs give it."""
-    from torch._inductor.lowering import fallbacks, lowerings
+    from ..compat.inductor import lowering_tables
+
+    lowerings, fallbacks = lowering_tables()
 
     if node.op != "call_function":
         return False
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and target in lowerings and target not in fallbacks
+    return is_op_overload(target) and target in lowerings and target not in fallbacks
 
 
 def _wrapped_call(node: fx.Node) -> tuple[Any, tuple, dict] | None:
@@ -556,7 +558,7 @@ def _wrapped_call(node: fx.Node) -> tuple[Any, tuple, dict] | None:
     if target in _rng_wrappers():
         skip = 2 if target is _rng_wrappers()[1] else 1  # run_with_rng_state(state, op, ...), run_and_save_rng_state(op, ...)
         return node.args[skip - 1], node.args[skip:], node.kwargs
-    if isinstance(target, torch._ops.OpOverload) and not _lowered(node) and target not in _MATMULS:
+    if is_op_overload(target) and not _lowered(node) and target not in _MATMULS:
         return target, node.args, node.kwargs
     return None
 
@@ -631,7 +633,7 @@ def _inductor_layouts(gm: fx.GraphModule, outputs: set[fx.Node]) -> dict[fx.Node
             if call is None or not any(isinstance(a, fx.Node) and a in actual for a in call[1]):
                 continue
             op, args, kwargs = call
-            mode = torch._guards.detect_fake_mode([laid(a) for a in args if isinstance(a, fx.Node)])
+            mode = detect_fake_mode([laid(a) for a in args if isinstance(a, fx.Node)])
             if mode is None:
                 continue
             with mode:
@@ -752,16 +754,10 @@ class InlineRule:
 
     @classmethod
     def for_device(cls, device: str) -> "InlineRule":
-        from torch._inductor import config as c
+        from ..compat.inductor import realize_thresholds
 
         cpu = device == "cpu"
-        max_reads = c.realize_acc_reads_threshold
-        if max_reads is None:
-            max_reads = c.realize_cpu_acc_reads_threshold if cpu else c._realize_acc_reads_threshold_default
-        max_ops = c.realize_opcount_threshold
-        if max_ops is None:
-            max_ops = c.realize_cpu_opcount_threshold if cpu else c._realize_opcount_threshold_default
-        return cls(c.realize_reads_threshold, max_reads, max_ops, cpu)
+        return cls(*realize_thresholds(cpu), cpu)
 
     def realised(self, users: int, reads: frozenset, expression: frozenset) -> bool:
         """``reads``: the buffers the inlined expression loads; ``expression``: its FX nodes (about one
@@ -776,7 +772,7 @@ class InlineRule:
 
 def _aten_name(node: fx.Node) -> str:
     target = node.target
-    return target._schema.name.split("::")[-1] if isinstance(target, torch._ops.OpOverload) else ""
+    return op_name(target)
 
 
 @dataclass
@@ -886,7 +882,7 @@ def graph_peak(
         # mutation's (``auto_functionalized``) are its inputs, written in place
         made = n
         if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and (
-                isinstance(n.args[0].target, torch._ops.OpOverload) or n.args[0].target in _rng_wrappers()):
+                is_op_overload(n.args[0].target) or n.args[0].target in _rng_wrappers()):
             made = n.args[0]
         first.setdefault(k, pos[made])
         last_read[k] = max(last_read.get(k, 0), read_until(n))

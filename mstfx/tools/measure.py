@@ -35,10 +35,12 @@ def peak_bytes(step: Callable[[], object]) -> tuple[int, object]:
     one process read 63 MiB low for plain Inductor and 125 MiB for mst at 1024 (old gradients freed at
     the step's start).  Garbage is collected first and the cyclic collector paused during the step, so
     earlier work is not freed in the window either."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    from ..compat.memory import allocation_event_type
     from .progress import quiet_profiler
+
+    allocation = allocation_event_type()
 
     gc.collect()
     was_enabled = gc.isenabled()
@@ -53,7 +55,7 @@ def peak_bytes(step: Callable[[], object]) -> tuple[int, object]:
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
-        if node.typed[0] == _EventType.Allocation:
+        if node.typed[0] == allocation:
             events.append((node.start_time_ns, node.typed[1].ptr, node.typed[1].alloc_size))
         stack.extend(node.children)
     events.sort(key=lambda e: e[0])

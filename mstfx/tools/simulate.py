@@ -215,7 +215,9 @@ def _no_packed_sequences():
 
 
 def _peak_tracker_class():
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from ..compat.memory import mem_tracker_api
+
+    MemTracker, _MemRefType = mem_tracker_api()
 
     total_key = "Total"
 
@@ -301,12 +303,13 @@ class _FakeModel:
 
     def __init__(self, config) -> None:
         import torch
-        from torch._subclasses.fake_tensor import FakeTensorMode
         from transformers import AutoModelForCausalLM
+
+        from ..compat.functorch import fake_tensor_mode
 
         config = _sim_config(config)
         self.config = config
-        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.fake_mode = fake_tensor_mode()(allow_non_fake_inputs=True)
         old = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)  # never .to(dtype) under fake mode
         try:

@@ -110,14 +110,14 @@ def unavailable(variant: str) -> str | None:
         if not hasattr(F, "linear_cross_entropy") or not hasattr(nn, "LinearCrossEntropyOptions"):
             return f"n/a: torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
     if variant == "inductor+auto_chunker":
-        from torch._inductor import config as inductor_config
+        from ..compat.inductor import has_auto_chunker
 
-        if not hasattr(inductor_config, "auto_chunker"):
+        if not has_auto_chunker():
             return f"n/a: torch {torch.__version__} has no Inductor auto_chunker"
     if variant == "inductor+mem_budget":
-        from torch._functorch import config as functorch_config
+        from ..compat.functorch import has_activation_memory_budget
 
-        if not hasattr(functorch_config, "activation_memory_budget"):
+        if not has_activation_memory_budget():
             return f"n/a: torch {torch.__version__} has no activation_memory_budget"
     return None
 
@@ -161,10 +161,10 @@ def prepare(variant: str, base, ids, budget_gib: float, mem_budget: float):
     model = copy.deepcopy(base)
     model.train()
     if variant == "inductor+mem_budget":
-        from torch._functorch import config as functorch_config
+        from ..compat.functorch import activation_memory_budget
 
         inner = torch.compile(lambda i, l: model(input_ids=i, labels=l).loss)
-        call = _patched_calls(inner, lambda: functorch_config.patch(activation_memory_budget=mem_budget))
+        call = _patched_calls(inner, lambda: activation_memory_budget(mem_budget))
         loss = lambda: call(ids, ids)  # noqa: E731
     elif variant == "inductor+linear_ce":
         compiled = _linear_ce_loss(model)
@@ -202,7 +202,7 @@ def measure_length(make_config, seq_len: int, variants: list[str], repeats: int,
 
     from mstfx.planning.planner import InfeasibleBudgetError
 
-    torch._dynamo.reset()  # a fresh cache per length: the recompile limit is per code object
+    torch.compiler.reset()  # a fresh cache per length: the recompile limit is per code object
     torch.manual_seed(seed)
     base = LlamaForCausalLM(make_config(seq_len))
     ids = torch.randint(0, base.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))

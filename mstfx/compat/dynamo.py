@@ -19,14 +19,17 @@ backend="mst")`` gives a backend no way to set them (``torch.compile`` wraps the
 ``backend_ctx_ctor``): there the backend warns when such a graph break splits the step
 (:func:`graph_breaks_since`) and names ``mstfx.compile`` as the fix.
 
-Checked on torch 2.13 with transformers 4.57.6, 5.24 and 5.25.  A side effect of a user's own in a
+Checked on torch 2.13.0 with transformers 4.57.6, 5.24 and 5.25, and on torch 2.14.1 with transformers
+5.25 (``mstfx.compat.CHECKED_ON``).  A side effect of a user's own in a
 checkpointed forward (a counter, a list append) runs once per step under these settings, where eager
 checkpointing runs it again in the recompute.
 
-This module is also where mstfx keeps the private torch APIs it relies on (each a place a torch release
-can break), with why each is needed: autograd inside a custom operator's kernel
-(:func:`autograd_inside_operator`) and, for the simulation only, the meta-device autocast trace
-(:func:`meta_autocast_traced_as_cpu`).
+The rest of this module are the other Dynamo internals mstfx uses, one small entry each: the
+graph-break and ``mstfx`` counters, the compiler registry, the exception that restarts an analysis,
+the tracing context a deferred compile re-enters, the fake mode of a graph's values, the compile-time
+table of the profiling tool and, for the simulation only, the meta-device autocast trace.  Every entry
+imports torch when called, never when this module is imported; a missing one raises
+:class:`mstfx.compat.MissingTorchAPI` unless its docstring names a fallback.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import contextlib
 import functools
 import logging
 from typing import Any, Callable, Iterator
+
+from .errors import private
 
 #: Logging functions a traced step may call inside a layer: dropped from the graph while
 #: :func:`tracing_settings` applies (transformers adds ``warning_once``/``warning_advice`` to
@@ -51,10 +56,9 @@ def tracing_settings(nested_graph_breaks: bool = False) -> Iterator[None]:
     callers in the same trace.  Per-block compilation breaks the model's trace at the module that runs
     the blocks on purpose; without it the model's own ``forward`` frame is cut there and returns its
     logits from the LM-head graph (a graph output, so the tokens×vocab logits are built even under
-    ``mstfx.drop_logits``; measured on the reference config: 1.45-1.61x the whole-model step), with it
-    the wrapper that drops them stays in the graph (1.05x)."""
-    import torch._dynamo.config as dynamo_config
-
+    ``mstfx.drop_logits``), with it the wrapper that drops them stays in the graph (the measured peaks
+    of both are in docs/per_block.md)."""
+    dynamo_config = private("torch._dynamo.config", used_for="the tracing settings of checkpointed layers")
     ignored = set(dynamo_config.ignore_logging_functions)
     ignored.update(f for f in (getattr(logging.Logger, name, None) for name in _LOGGER_METHODS) if f is not None)
     patches = dict(skip_fwd_side_effects_in_bwd_under_checkpoint=True, ignore_logging_functions=ignored)
@@ -83,9 +87,7 @@ CHECKPOINT_BREAK_MARKERS = ("HOP: Unsafe side effect", "logging.Logger method no
 
 def graph_break_counts() -> collections.Counter:
     """A copy of Dynamo's graph-break counter (reason → count), read only."""
-    from torch._dynamo.utils import counters
-
-    return collections.Counter(counters["graph_break"])
+    return collections.Counter(dynamo_counters()["graph_break"])
 
 
 def graph_breaks_since(before: collections.Counter) -> list[str]:
@@ -119,7 +121,8 @@ def meta_autocast_traced_as_cpu():
     for meta tensors, and the graph keeps an autocast context where a real device has one, so the
     passes decide as they would there.  Used only by the compiled-program simulation (mstfx.tools), scoped to its capture's trace: Dynamo's autocast handling is
     restored on exit; an enabled autocast on meta is left to fail as before."""
-    from torch._dynamo.variables.ctx_manager import AutocastModeVariable
+    AutocastModeVariable = private("torch._dynamo.variables.ctx_manager", "AutocastModeVariable",
+                                   used_for="tracing a disabled autocast on the meta device (simulation)")
 
     create = AutocastModeVariable.__dict__["create"]
 
@@ -138,16 +141,53 @@ def meta_autocast_traced_as_cpu():
         AutocastModeVariable.create = create
 
 
-# --- private APIs of torch used on the compile path (checked on torch 2.13) ----------------------------
+def dynamo_counters() -> collections.defaultdict:
+    """Dynamo's process-wide counters (``torch._dynamo.utils.counters``, name → Counter): read for the
+    graph-break reasons, and where the backend keeps its own ``counters["mstfx"]`` beside Dynamo's
+    (``torch._dynamo.utils.counters`` is the table ``torch._dynamo.explain`` and the compile logs read).
+    Checked on torch 2.13.0 and 2.14.1; missing: :class:`MissingTorchAPI`."""
+    return private("torch._dynamo.utils", "counters", used_for="graph-break reasons and the mstfx counters")
 
 
-def autograd_inside_operator():
-    """Autograd inside an operator's kernel.  A custom operator's kernel runs below the Autograd
-    dispatch key (``torch.library`` excludes it for the call); the backward re-enables it for its own
-    recompute so that autograd differentiates each chunk of the body as eager PyTorch would."""
-    import torch
+def lookup_backend(name: str) -> Callable:
+    """The compiler registered under ``name`` with Dynamo (``"aot_eager"``, ``"eager"``, ...): what an
+    ``MstConfig(compiler=...)`` other than Inductor compiles the rewritten graph with.
+    ``torch._dynamo.backends.registry.lookup_backend``; checked on torch 2.13.0 and 2.14.1; missing:
+    :class:`MissingTorchAPI`."""
+    return private("torch._dynamo.backends.registry", "lookup_backend", used_for="compilers other than Inductor")(name)
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False))
-    stack.enter_context(torch.enable_grad())
-    return stack
+
+def is_restart_analysis(err: BaseException) -> bool:
+    """Whether ``err`` is Dynamo's ``RestartAnalysis`` (raised through a backend on purpose: the backend
+    must let it pass, never fall back on it).  Checked on torch 2.13.0 and 2.14.1; missing:
+    :class:`MissingTorchAPI`."""
+    return isinstance(err, private("torch._dynamo.exc", "RestartAnalysis", used_for="letting Dynamo restart an analysis"))
+
+
+def current_tracing_context():
+    """Dynamo's tracing context of the graph being compiled now (``torch._guards.TracingContext.try_get()``,
+    None outside a compile): kept by a backend that compiles a second graph later, on the first call
+    that needs it, so that graph is compiled in the same context (fake mode, guards, shape env).
+    Checked on torch 2.13.0 and 2.14.1; missing: :class:`MissingTorchAPI`."""
+    return private("torch._guards", "TracingContext", used_for="compiling the masked attention graph later").try_get()
+
+
+def tracing(context) -> contextlib.AbstractContextManager:
+    """Re-enter a context from :func:`current_tracing_context` (``torch._guards.tracing``).  Checked on
+    torch 2.13.0 and 2.14.1; missing: :class:`MissingTorchAPI`."""
+    return private("torch._guards", "tracing", used_for="compiling the masked attention graph later")(context)
+
+
+def detect_fake_mode(values) -> Any:
+    """The fake-tensor mode of ``values`` (None when none is fake): ``torch._guards.detect_fake_mode``.
+    Used by the compiled-program simulation to rerun a fallback kernel on its inputs' layouts.
+    Checked on torch 2.13.0 and 2.14.1; missing: :class:`MissingTorchAPI`."""
+    return private("torch._guards", "detect_fake_mode", used_for="the compiled-program simulation")(values)
+
+
+def compile_times() -> dict[str, float]:
+    """Seconds spent per compile phase so far (Dynamo, AOT autograd, partitioner, Inductor, ...), from
+    ``torch._dynamo.utils.compile_times(repr="csv", aggregate=True)``; the compile-time tool reads it.
+    Checked on torch 2.13.0 and 2.14.1; missing: :class:`MissingTorchAPI`."""
+    names, values = private("torch._dynamo.utils", "compile_times", used_for="the compile-time tool")(repr="csv", aggregate=True)
+    return {k: float(v) for k, v in zip(names, values)}
