@@ -289,12 +289,13 @@ def test_per_block_plan_counts_one_blocks_gradients_with_the_optimizer_in_backwa
     where the whole-model program holds all made so far: at 8B that is ~14 GiB, a longer S in 80 GiB."""
     from mstfx.planning import planner as P
 
-    whole = P.predict_peak("llama3-8b", 65536, mode="mst+checkpointing", optimizer="adamw-bf16")
     kept = P.longest_fitting("llama3-8b", 80, optimizer="adamw-bf16", per_block=True)
     freed = P.longest_fitting("llama3-8b", 80, optimizer="adamw-bf16", per_block=True, optimizer_in_backward=True)
     assert freed > 1.1 * kept, (freed, kept)
     assert P.longest_fitting("llama3-8b", 80, optimizer="paper", per_block=True) == freed  # paper = AdamW bf16 in backward
     with pytest.raises(ValueError, match="paper"):  # not modelled for the whole-model program
         P.longest_fitting("llama3-8b", 80, optimizer="paper")
-    p = P.plan("llama3-8b", 65536, 80, optimizer="adamw-bf16", per_block=True, optimizer_in_backward=True)
-    assert p.predicted_peak < whole.peak - 10 * P.GiB, (p.predicted_peak / P.GiB, whole.peak / P.GiB)
+    whole = P.plan("llama3-8b", 8192, 80, optimizer="adamw-bf16")
+    p = P.plan("llama3-8b", 8192, 80, optimizer="adamw-bf16", per_block=True, optimizer_in_backward=True)
+    # gradients alive at the peak: one module's (the embedding's or a layer's), not all 15 GiB
+    assert p.breakdown.grads < P.GiB < 10 * P.GiB < whole.breakdown.grads, (p.breakdown.grads, whole.breakdown.grads)
