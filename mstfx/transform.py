@@ -30,6 +30,11 @@ With ``seq_len`` the plan for it is made at once (it must fit) and decides check
 
 The model is changed in place (its ``forward``; HF gradient checkpointing when a plan needs it) only
 after the checks passed: a bad or infeasible budget raises and leaves the model as it was.
+
+``per_block=True``: the per-block program (``mstfx.compile(model, per_block=True)``), planned as such
+(no S×S mask for the blocks; with ``optimizer_in_backward``, or ``optimizer="paper"``, each block's
+gradients counted only while its backward runs), and each bucket compiles the blocks once with its own
+backend, so the blocks get the bucket's M (:mod:`mstfx.transform_blocks`).
 """
 
 from __future__ import annotations
@@ -102,6 +107,8 @@ class TransformState:
     backends: list = field(default_factory=list)
     #: batch → the longest S any plan fits at that batch (solved once per batch that is planned)
     longest_by_batch: dict[int, int] = field(default_factory=dict)
+    #: ``per_block``: the blocks, compiled per bucket (:class:`mstfx.transform_blocks.BucketedBlocks`)
+    blocks: Any = field(default=None, repr=False)
 
     @property
     def compiles(self) -> int:
@@ -158,15 +165,17 @@ def _shape_of(args, kwargs) -> tuple[int | None, int | None]:
     return None, None
 
 
-def _compiled_forward(forward, name: str, backend):
-    """``forward`` without escaping logits, compiled for one plan (its own code object, its own cache)."""
+def _compiled_forward(forward, name: str, backend, per_block: bool = False):
+    """``forward`` without escaping logits, compiled for one plan (its own code object, its own cache).
+    ``per_block``: its trace breaks at the blocks' owner, so nested graph breaks keep the wrapper that
+    drops the logits in the LM head's graph (as ``mstfx.compile(per_block=True)`` does)."""
 
     def mst_forward(*args, **kwargs):
         return without_logits(forward(*args, **kwargs))  # escaping logits cannot be chunked away
 
     code = mst_forward.__code__.replace(co_name=f"mst_forward_{name}")
     fn = types.FunctionType(code, mst_forward.__globals__, code.co_name, None, mst_forward.__closure__)
-    return with_tracing_settings(torch.compile(fn, backend=backend, dynamic=True))
+    return with_tracing_settings(torch.compile(fn, backend=backend, dynamic=True), nested_graph_breaks=per_block)
 
 
 _PLANNED_OPTIONS = ("mini_sequences", "lm_head_chunks", "chunk_mlp", "chunk_lm_head", "offload_checkpoints")
@@ -184,6 +193,8 @@ def transform(
     margin: float = MARGIN,
     host_budget_gb: float | None = None,
     config: Any = None,
+    per_block: bool = False,
+    optimizer_in_backward: bool = False,
     **backend_options: Any,
 ) -> torch.nn.Module:
     """Make ``model`` train within ``budget_gb`` GiB through the mst backend (in place; returns it).
@@ -210,6 +221,11 @@ def transform(
     never built (building them is the LM head's memory peak, which chunking removes).  Use
     :func:`mstfx.chunked_logprobs` for per-token log-probabilities, or call the model without labels
     (inference keeps its logits).
+
+    ``per_block``: compile each repeated block on its own, as ``mstfx.compile(model, per_block=True)``,
+    once per bucket with the bucket's plan, and plan that program.  ``optimizer_in_backward`` (needs
+    ``per_block``): the optimizer steps in ``register_post_accumulate_grad_hook``, so the budget is checked
+    with each block's gradients alive only during its backward (``optimizer="paper"`` implies it).
     """
     from .config import MstConfig, positive_int
 
@@ -222,10 +238,6 @@ def transform(
     batch = positive_int("batch", batch)
     if getattr(model, _STATE, None) is not None:
         raise ValueError("model was already transformed; call mstfx.untransform(model) first")
-    if backend_options.get("per_block"):
-        raise ValueError("transform(per_block=True) is not supported: each length bucket has its own plan and M, and "
-                         "the blocks would need a compile per bucket; use mstfx.compile(model, per_block=True, "
-                         "mini_sequences=...) with the plan's M (mstfx.plan)")
     clash = sorted(set(_PLANNED_OPTIONS) & set(backend_options))
     if clash:
         raise ValueError(f"{clash} are set by the plan; change the budget instead (or use mstfx.backend yourself)")
@@ -233,7 +245,14 @@ def transform(
     planned = _planning_view(model, config)
     can_ckpt = can_checkpoint(model)
     opts = dict(batch=batch, optimizer=optimizer, mixed_precision=mixed_precision, allow_checkpointing=can_ckpt,
-                margin=margin, host_budget_gb=host_budget_gb)
+                margin=margin, host_budget_gb=host_budget_gb, per_block=bool(per_block),
+                optimizer_in_backward=bool(optimizer_in_backward))
+    blocks = None
+    if per_block:
+        from .transform_blocks import BucketedBlocks
+
+        # finds the blocks now (NoRepeatedBlocksError before any change); installed once the plans fit
+        blocks = BucketedBlocks(model, lambda n, s: (batch_bucket_of(n, batch), bucket_of(s, seq_len)))
     if max_chunks is not None:
         opts["max_chunks"] = max_chunks
     # raises before any change; warns (from the caller's line) past the model's position limit
@@ -244,11 +263,13 @@ def transform(
     log.info("mstfx.transform: %.3g GiB (batch %d) fits sequences up to S = %d", budget_gb, batch, longest)
 
     enabled = False
+    if blocks is not None:
+        blocks.install()
     if top is not None and top.checkpointing and not is_checkpointing(model):
         enable_checkpointing(model)
         enabled = True
     state = TransformState(top, budget_gb, {**opts, "seq_len": seq_len}, model.forward, enabled, longest, planned,
-                           longest_by_batch={batch: longest})
+                           longest_by_batch={batch: longest}, blocks=blocks)
     original = model.forward
 
     def forward(*args, **kwargs):
@@ -271,7 +292,9 @@ def transform(
             backend = p.backend(**backend_options)
             state.backends.append(backend)
             name = f"bucket_b{key[0]}_{key[1]}_s{p.seq_len}"
-            state.buckets[key] = (p, _compiled_forward(original, name, backend), backend)
+            if blocks is not None:
+                blocks.add_bucket(key, name, backend)
+            state.buckets[key] = (p, _compiled_forward(original, name, backend, per_block=blocks is not None), backend)
             log.info("mstfx: bucket B<=%d, S<=%d planned for B = %d, S = %d: mode %s, mini_sequences %s", key[0],
                      key[1], p.batch, p.seq_len, p.mode, ", ".join(f"{k} {m}" for k, m in p.mini_sequences.items()))
         return state.buckets[key][1](*args, **kwargs)
@@ -325,6 +348,8 @@ def untransform(model: torch.nn.Module) -> torch.nn.Module:
     if state is None:
         return model
     model.__dict__.pop("forward", None)
+    if state.blocks is not None:
+        state.blocks.uninstall()
     if state.enabled_checkpointing:
         disable_checkpointing(model)
     setattr(model, _STATE, None)

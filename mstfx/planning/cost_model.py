@@ -594,6 +594,8 @@ def step_cost(
     chunk_form: str = "loop",
     sequence_parallel: int = 1,
     gpus: int = 1,
+    per_block: bool = False,
+    optimizer_in_backward: bool = False,
 ) -> StepCost:
     """The step's bytes: static parts and the activation phases, as expressions of S, B (and M).
 
@@ -606,6 +608,13 @@ def step_cost(
     FlashAttention, as ``mstfx simulate`` runs it); see :data:`PROGRAMS`.
     ``chunk_form``: the compiled step's form of a chunked region (``MstConfig.chunk_form``; see
     :data:`LOOP_FORMS`).
+    ``per_block``: the compiled program of ``mstfx.compile(model, per_block=True)``: each decoder layer
+    its own graph, the decoder body eager (no S×S mask handed to the layers, the embedding's backward
+    not fused into the first layer's), the chunked head's weight-gradient accumulator alive only in the
+    head's backward.  ``optimizer_in_backward`` (with ``per_block``): an optimizer step in
+    ``register_post_accumulate_grad_hook`` frees each gradient once accumulated, so a phase holds the
+    gradients of the module in backward only, not all made so far (a whole-model program returns every
+    gradient from one backward graph, so there it changes nothing).
     """
     if chunk_form not in CHUNK_FORMS:
         raise ValueError(f"chunk_form must be one of {CHUNK_FORMS}, got {chunk_form!r}")
@@ -627,6 +636,8 @@ def step_cost(
     head_grad = sp.Rational(arch.vocab * arch.hidden * prec.param_bytes * (1 if arch.lm_head else 0), gpus)
     layer_grad = sp.Rational(arch.layer_params * prec.param_bytes, gpus) + unsharded
     attn, mlp, head = by["attention"], by["mlp"], by["lm_head"]
+    freed = per_block and optimizer_in_backward
+    emb_grad = sp.Rational(arch.vocab * arch.hidden * prec.param_bytes, gpus)
     looped_head = looped and head.chunks != 1  # the LM head + loss is the loop operator
     extra = [r for r in regs if r.kind not in ("attention", "mlp", "lm_head", "checkpointed layer")]
     # a layer's regions that not every layer has (MoE: a dense MLP, or a shared expert and routed
@@ -636,7 +647,8 @@ def step_cost(
     # a tied weight gets two gradients (LM head, embedding) that are summed: one extra V×h for a while
     tied_extra = head_grad if arch.tied else sp.Integer(0)
     # the chunked head's fp32 dL/dW accumulator is an input of the compiled backward: alive through it
-    acc_alive = sp.Integer(arch.vocab * arch.hidden * FP32) * COEF["acc_alive"] if head.chunks != 1 and "checkpointed layer" not in by else 0
+    acc_alive = sp.Integer(arch.vocab * arch.hidden * FP32) * COEF["acc_alive"] \
+        if head.chunks != 1 and "checkpointed layer" not in by and not per_block else 0
     if "checkpointed layer" in by:
         ck = by["checkpointed layer"]
         layer_saved = ck.saved
@@ -666,7 +678,7 @@ def step_cost(
     # (none with sequence parallelism: the Ulysses kernel runs causal on the whole S without a mask, and
     # HF's mask of a rank's own tokens has no reader; the simulation's program drops it alike)
     mask = B * S * S * prec.act_bytes * COEF["mask_s2"] if mask_kept(arch, mode) and compiled and sp_n == 1 \
-        else sp.Integer(0)
+        and not per_block else sp.Integer(0)
     layers_saved = layers_saved + mask
     # tied weight, head not chunked (measured on GPT-2): the LM head's weight gradient waits to be summed
     # with the embedding's at the end of backward, and the fp32 logits/dlogits buffer lives until then
@@ -676,7 +688,7 @@ def step_cost(
     # gradients are still alive when the V×h buffers are made (read off GPT-2's generated backward,
     # S = 4096; its q/k/v output gradient was too, read by the bias gradient's row sum fused into the
     # same kernel, until ``mstfx/post_grad/bias_grad_order.py`` ran that sum right after the gradient)
-    first_layer_residue = B * S * prec.act_bytes * 2 * arch.hidden
+    first_layer_residue = B * S * prec.act_bytes * 2 * arch.hidden if not per_block else sp.Integer(0)
     # a tied weight's two gradients at the end: the loop operator's fp32 weight gradient (an input of
     # the backward) takes the sum in place (measured in fp32); out of place otherwise
     tied_sum_extra = 1 if (tied_late or (looped_head and prec.param_bytes == FP32)) else 2
@@ -701,6 +713,18 @@ def step_cost(
         "end": grads + tied_extra * tied_sum_extra + B * S * prec.act_bytes * arch.hidden
         + (head.saved if tied_late else 0) + (first_layer_residue if compiled else 0),
     }
+    if freed:
+        # gradients consumed per module: a layer's backward holds its own (and a tied head's, which is
+        # accumulated only with the embedding's, at the end); the end holds the embedding's
+        held_head = head_grad if arch.tied else sp.Integer(0)
+        phases.update({
+            **{f"top layer backward {k}": layers_saved + v + layer_grad + held_head for k, v in tops.items()},
+            **{f"bottom layer backward {k}": layers_saved - (kept - 1) * layer_saved + v + layer_grad + held_head
+               for k, v in tops.items()},
+            "end": emb_grad + tied_extra * tied_sum_extra + B * S * prec.act_bytes * arch.hidden
+            + (head.saved if tied_late else 0),
+        })
+        grads = _larger(_larger(layer_grad, head_grad), emb_grad)  # the most alive at once
     if sp_n > 1:  # the expressions above count a rank's tokens as S: S/N of the whole sequence
         phases = {k: v.subs(S, S / sp_n) for k, v in phases.items()}
         regs = [_per_rank(r, sp_n) for r in regs]

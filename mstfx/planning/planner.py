@@ -481,8 +481,12 @@ def longest_seq_len(
     gpus: int = 1,
     sequence_parallel: int = 1,
     program: str = "compiled",
+    per_block: bool = False,
+    optimizer_in_backward: bool = False,
 ) -> int:
     """Longest S whose predicted peak fits ``budget_gb`` (solved with sympy; 0 if none fits).
+
+    ``per_block``, ``optimizer_in_backward``: the per-block program (:func:`per_block_program`).
 
     ``gpus``, ``sequence_parallel``: as :func:`predict_peak`; S is the whole sequence (a multiple of the
     degree N), each GPU holding S/N of its tokens.  ``program``: as :func:`predict_peak`.
@@ -498,12 +502,13 @@ def longest_seq_len(
     margin = check_margin(margin)
     batch = positive_int("batch", batch)
     want_mlp, want_head = symbol_chunks(mini_sequences)
+    optimizer, program_keys = per_block_program(optimizer, per_block, optimizer_in_backward)
     optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     arch = arch_of(config)
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     chunked, _ = cm.mode_flags(mode)
-    par = parallel(arch, gpus, sequence_parallel)
+    par = {**parallel(arch, gpus, sequence_parallel), **program_keys}
     n = par["sequence_parallel"]
     t = cm.B * cm.S  # the rules count a rank's tokens: step_cost turns S into S/N, in M too
     if not chunked:
@@ -518,6 +523,20 @@ def longest_seq_len(
             s = cm.longest_s(cost, budget, batch, margin)
             best = s if best is None else min(best, s)
     return _multiple(int(best), n)
+
+
+def per_block_program(optimizer: str, per_block: bool, optimizer_in_backward: bool) -> tuple[str, dict]:
+    """The cost model's optimizer and program keywords (``cost_model.step_cost``) for a plan of the
+    per-block program (``mstfx.compile(model, per_block=True)``): ``optimizer_in_backward`` says an
+    optimizer step runs in ``register_post_accumulate_grad_hook``, freeing each block's gradients when
+    its backward ends.  The ``paper`` setup (AdamW, bf16 states, stepped in backward) is modelled for the
+    per-block program only: the whole-model program keeps every gradient until its backward returns."""
+    if optimizer_in_backward and not per_block:
+        raise ValueError("optimizer_in_backward needs per_block=True: the whole-model program's one backward graph "
+                         "returns every gradient at once, so a step in backward frees none earlier")
+    if per_block and optimizer == "paper":
+        return "adamw-bf16", {"per_block": True, "optimizer_in_backward": True}
+    return optimizer, ({"per_block": True, "optimizer_in_backward": bool(optimizer_in_backward)} if per_block else {})
 
 
 def _multiple(s: int, n: int) -> int:
@@ -743,8 +762,14 @@ def plan(
     pcie_gbps: float = offload.DEFAULT_PCIE_GBPS,
     gpus: int = 1,
     sequence_parallel: int = 1,
+    per_block: bool = False,
+    optimizer_in_backward: bool = False,
 ) -> Plan:
     """The cheapest plan whose predicted peak fits ``budget_gb`` (see the module doc for the order).
+
+    ``per_block``: plan the per-block program (``mstfx.compile(model, per_block=True)``);
+    ``optimizer_in_backward``: its optimizer steps in post-accumulate-grad hooks, so each block's
+    gradients leave when its backward ends (:func:`per_block_program`; ``optimizer="paper"`` implies it).
 
     ``gpus``: FSDP over that many GPUs (parameters, gradients, optimizer state sharded);
     ``sequence_parallel``: Ulysses degree N dividing ``gpus`` and the query heads (each GPU holds S/N
@@ -764,13 +789,14 @@ def plan(
     """
     return _plan(model_or_config, seq_len, budget_gb, batch, optimizer, mixed_precision, max_chunks,
                  allow_checkpointing, margin, host_budget_gb, allow_offload, pcie_gbps, gpus, sequence_parallel,
-                 positions_stacklevel=2)
+                 positions_stacklevel=2, per_block=per_block, optimizer_in_backward=optimizer_in_backward)
 
 
 def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed_precision=None,
           max_chunks=MAX_CHUNKS, allow_checkpointing=True, margin=MARGIN, host_budget_gb=None, allow_offload=True,
           pcie_gbps=offload.DEFAULT_PCIE_GBPS, gpus=1, sequence_parallel=1, *,
-          positions_stacklevel: int | None = None) -> Plan:
+          positions_stacklevel: int | None = None, per_block: bool = False,
+          optimizer_in_backward: bool = False) -> Plan:
     """:func:`plan`; ``positions_stacklevel``: warn past the model's position limit
     (:func:`warn_past_positions`), attributed as ``warnings.warn(stacklevel=...)`` would be from the
     caller of this function (2: that caller's caller); None: do not warn."""
@@ -782,13 +808,14 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
     seq_len = positive_int("seq_len", seq_len)
     batch = positive_int("batch", batch)
     max_chunks = positive_int("max_chunks", max_chunks, cap=MAX_USER_CHUNKS)  # the backend's own cap
+    optimizer, program_keys = per_block_program(optimizer, per_block, optimizer_in_backward)
     optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     mixed_precision = precision_of(model_or_config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
     arch = arch_of(model_or_config)
     if positions_stacklevel is not None:
         warn_past_positions(arch, seq_len, positions_stacklevel + 1)
-    par = parallel(arch, gpus, sequence_parallel, seq_len)
+    par = {**parallel(arch, gpus, sequence_parallel, seq_len), **program_keys}
     tokens = seq_len * batch // par["sequence_parallel"]  # a rank's: what the backend's chunks divide
     cap = max(1, min(max_chunks, tokens))
 
@@ -858,6 +885,8 @@ def longest_fitting(
     allow_offload: bool = True,
     gpus: int = 1,
     sequence_parallel: int = 1,
+    per_block: bool = False,
+    optimizer_in_backward: bool = False,
     **_ignored: Any,
 ) -> int:
     """Longest S that *some* plan fits in ``budget_gb`` (0 if none): the most memory-saving plans, every
@@ -869,7 +898,8 @@ def longest_fitting(
     arch = arch_of(model_or_config)
     mixed_precision = precision_of(model_or_config, mixed_precision)
     return max(longest_seq_len(arch, budget_gb, batch, m, optimizer, mixed_precision, mini_sequences=max_chunks,
-                               margin=margin, gpus=gpus, sequence_parallel=sequence_parallel) for m in modes)
+                               margin=margin, gpus=gpus, sequence_parallel=sequence_parallel, per_block=per_block,
+                               optimizer_in_backward=optimizer_in_backward) for m in modes)
 
 
 def _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, mini_sequences: dict[str, int],
@@ -933,7 +963,8 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
         if with_longest else 0
     return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, dict(br.mini_sequences),
                 "checkpointing" in mode, br, rows, longest, reason, margin, **_host_terms(arch, prec, mode, setup, seq_len, batch,
-                                                                           host_budget, pcie_gbps, **par))
+                                                                           host_budget, pcie_gbps, par.get("gpus", 1),
+                                                                           par.get("sequence_parallel", 1)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1107,3 +1107,16 @@ def compiled_peak(config, seq_len: int, mode: str, batch: int = 1, *, device: st
     if forward >= backward:
         return StepPeak(forward, forward, 0, f"forward {note}", forward, backward, grads, host, without_grads)
     return StepPeak(backward, backward - grads, grads, f"backward {note}", forward, backward, grads, host, without_grads)
+
+
+def per_block_peak(whole: StepPeak, largest_module_grads: int, grads_freed: bool) -> int:
+    """The peak of the per-block program (``mstfx.compile(model, per_block=True)``), modelled from the
+    whole-model program ``whole``: the same saved tensors and recomputes, but each block's backward is
+    a graph of its own.  With gradients kept until the optimizer step they accumulate as the whole
+    program's do (its peak); freed as made (an optimizer step in ``register_post_accumulate_grad_hook``)
+    only the module in backward holds gradients: the most non-gradient bytes of the step (forward or
+    backward) plus the largest module's gradients (a block's, the embedding's or the LM head's), as
+    ``mstfx simulate --program compiled-per-block`` counts them."""
+    if not grads_freed:
+        return whole.total
+    return max(whole.forward, whole.backward_without_grads) + largest_module_grads

@@ -148,6 +148,52 @@ def test_estimate_follows_the_profiler(mode, seq):
     assert abs(estimate.total - measured) <= max(0.10 * measured, 10 * 2**20), (estimate, measured)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("freed", [False, True], ids=["grads-kept", "optimizer-in-backward"])
+@pytest.mark.parametrize("mode,seq", [("mst", 2048), ("mst+ckpt", 8192)])
+def test_per_block_estimate_follows_the_profiler(mode, seq, freed):
+    """``--program compiled-per-block``'s peak (:func:`per_block_peak` of the captured program) within 10%
+    (or 10 MiB, as above) of the profiler's peak of a real per-block step (``mstfx.compile(model,
+    per_block=True)``, Inductor, CPU), with gradients kept until the step and with an SGD step in
+    ``register_post_accumulate_grad_hook`` that frees each gradient once accumulated."""
+    from transformers import LlamaForCausalLM
+
+    from mstfx.tools.bench import mlp_heavy_config
+    from mstfx.tools.compiled_program import per_block_peak
+    from mstfx.tools.measure import peak_bytes, training_step
+
+    cfg = mlp_heavy_config(seq)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    checkpointing = mode.endswith("ckpt")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if freed:
+        def sgd_in_backward(p):
+            with torch.no_grad():
+                p.add_(p.grad, alpha=-1e-3)
+            p.grad = None
+
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(sgd_in_backward)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+    torch._dynamo.reset()
+    mstfx.compile(model, per_block=True)
+    step = training_step(model, lambda: model(input_ids=ids, labels=ids).loss)
+    step()
+    measured, _ = peak_bytes(step)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(cfg)
+    if checkpointing:
+        meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    whole = program_peak(capture_program(meta.train(), torch.zeros(1, seq, dtype=torch.long, device="meta"), mstfx.MstConfig()), device="cpu")
+    modules = [*model.model.layers, model.model.embed_tokens, model.lm_head]
+    largest = max(sum(p.numel() * p.element_size() for p in m.parameters()) for m in modules)
+    estimate = per_block_peak(whole, largest, freed)
+    assert abs(estimate - measured) <= max(0.10 * measured, 10 * 2**20), (estimate, measured, whole)
+
+
 @pytest.mark.parametrize("mst", [False, True])
 def test_backward_differentiates_the_loss(mst):
     """The captured backward starts from the loss's gradient: it reads the tangent and computes the

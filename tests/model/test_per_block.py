@@ -68,8 +68,8 @@ def test_find_blocks_by_structure():
         find_blocks(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)))
     with pytest.raises(NoRepeatedBlocksError):
         mstfx.compile(torch.nn.Linear(4, 4), per_block=True)
-    with pytest.raises(ValueError, match="per_block"):
-        mstfx.transform(tiny_llama(layers=2), budget_gb=1, per_block=True)
+    with pytest.raises(ValueError, match="per_block"):  # a step in backward frees nothing early in one graph
+        mstfx.transform(tiny_llama(layers=2), budget_gb=1, optimizer_in_backward=True)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
@@ -219,3 +219,83 @@ def test_per_block_with_drop_logits_builds_no_logits():
     reports = backend_of(model).reports
     assert not any(r.logits_escape for r in reports), mstfx.explain(model)
     assert any(d.kind == "lm_head" and d.action == "chunked" for r in reports for d in r.decisions), mstfx.explain(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# transform(per_block=True): a plan, and a compile of the blocks, per bucket
+# --------------------------------------------------------------------------------------------------
+#: 6 MiB at batch 2: the tiny Llama needs mst with M = 4 at S = 256, mst + checkpointing with M = 8 at 512
+TRANSFORM_BUDGET_GB = 0.006
+LENGTHS = (256, 512)
+
+
+def test_transform_per_block_is_exact_with_each_buckets_plan_in_its_blocks(clone):
+    from mstfx.planning import planner as P
+
+    base = tiny_llama(layers=LAYERS).train()
+    data = {s: sample_batch(batch=2, seq=s) for s in LENGTHS}
+    refs = {s: loss_and_grads(base, *data[s]) for s in LENGTHS}
+    model = mstfx.transform(clone(base), budget_gb=TRANSFORM_BUDGET_GB, batch=2, per_block=True, compiler="aot_eager")
+    state = model._mstfx_transform
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mstfx.MstGraphBreakWarning)
+        warnings.simplefilter("error", mstfx.MstFallbackWarning)
+        # the longer first: its plan turns checkpointing on, which the shorter bucket then compiles with
+        for s in sorted(LENGTHS, reverse=True):
+            assert_same(refs[s], loss_and_grads(model, *data[s]))
+        compiled = state.compiles
+        for s in LENGTHS:
+            assert_same(refs[s], loss_and_grads(model, *data[s]))
+    assert state.compiles == compiled  # each bucket's graphs reused
+    assert set(state.buckets) == {(2, s) for s in LENGTHS}
+    planned = {s: state.buckets[(2, s)][0] for s in LENGTHS}
+    # the premise: the two buckets chunk differently, and the longer one needs checkpointing
+    assert planned[256].mini_sequences["mlp"] != planned[512].mini_sequences["mlp"]
+    assert planned[512].checkpointing and not planned[256].checkpointing
+    for s, p in planned.items():
+        assert p == P.plan(model, s, TRANSFORM_BUDGET_GB, batch=2, per_block=True)  # the per-block program's plan
+        be = state.buckets[(2, s)][2]
+        text = mstfx.explain(be)
+        block_graphs = [r for r in be.reports if "mlp" in _kinds(r)]
+        # the bucket's blocks: one graph for all three, its MLP with the bucket's M (not another bucket's)
+        assert len(block_graphs) == 1 and _kinds(block_graphs[0]) == ["mlp"], text
+        assert [d.chunks for d in block_graphs[0].chunked] == [p.mini_sequences["mlp"]], text
+        assert [d.chunks for r in be.reports for d in r.chunked if d.kind == "lm_head"] == [p.mini_sequences["lm_head"]], text
+        assert all(is_per_block_break(b) for r in be.reports for b in r.graph_breaks), text
+        assert "mask is a graph input" not in text, text
+    mstfx.untransform(model)
+    assert all(b._compiled_call_impl is None and not b._forward_pre_hooks for b in model.model.layers)
+    assert blocks_of(model) is None
+
+
+def test_transform_per_block_refuses_a_budget_below_any_plan_and_leaves_the_model_as_it_was():
+    model = tiny_llama(layers=LAYERS)
+    with pytest.raises(mstfx.InfeasibleBudgetError, match="GiB") as info:
+        mstfx.transform(model, budget_gb=0.001, per_block=True, seq_len=512)
+    assert info.value.seq_len == 512
+    assert "forward" not in model.__dict__ and blocks_of(model) is None
+    assert all(b._compiled_call_impl is None and not b._forward_pre_hooks for b in model.model.layers)
+    # without seq_len: no length at all fits (the parameters and optimizer state alone are past it)
+    with pytest.raises(mstfx.InfeasibleBudgetError, match="no sequence fits"):
+        mstfx.transform(model, budget_gb=0.001, per_block=True)
+    with pytest.raises(NoRepeatedBlocksError):  # nothing to compile per block: refused before any change
+        mstfx.transform(torch.nn.Linear(4, 4), budget_gb=1, per_block=True,
+                        config=dict(hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                    num_key_value_heads=1, vocab_size=4))
+
+
+def test_per_block_plan_counts_one_blocks_gradients_with_the_optimizer_in_backward():
+    """The planner's per-block program with an optimizer step in backward holds one layer's gradients
+    where the whole-model program holds all made so far: at 8B that is ~14 GiB, a longer S in 80 GiB."""
+    from mstfx.planning import planner as P
+
+    kept = P.longest_fitting("llama3-8b", 80, optimizer="adamw-bf16", per_block=True)
+    freed = P.longest_fitting("llama3-8b", 80, optimizer="adamw-bf16", per_block=True, optimizer_in_backward=True)
+    assert freed > 1.1 * kept, (freed, kept)
+    assert P.longest_fitting("llama3-8b", 80, optimizer="paper", per_block=True) == freed  # paper = AdamW bf16 in backward
+    with pytest.raises(ValueError, match="paper"):  # not modelled for the whole-model program
+        P.longest_fitting("llama3-8b", 80, optimizer="paper")
+    whole = P.plan("llama3-8b", 8192, 80, optimizer="adamw-bf16")
+    p = P.plan("llama3-8b", 8192, 80, optimizer="adamw-bf16", per_block=True, optimizer_in_backward=True)
+    # gradients alive at the peak: one module's (the embedding's or a layer's), not all 15 GiB
+    assert p.breakdown.grads < P.GiB < 10 * P.GiB < whole.breakdown.grads, (p.breakdown.grads, whole.breakdown.grads)
