@@ -1,15 +1,15 @@
 """The words mstfx speaks in, as types: what a training setup turns on (:class:`Mode`), which step is
 run or predicted (:class:`Program`), how a chunked region appears in the graph (:class:`ChunkForm`),
-what the report says happened to a region (:class:`Action`), and the region kinds (:data:`Kind`,
-from :mod:`mstfx.regions.registry`).
+what the report says happened to a region (:class:`Action`).  The region kinds are a word of the
+same sort, ``mstfx.regions.registry.Kind`` (a :class:`Word` built from the registry, which lives with
+the kinds: this module imports nothing of mstfx, so every layer may import it without a circle).
 
 Every type is a ``str`` Enum: a member equals its spelling (``Mode.MST == "mst"``), so plans, JSON,
 configs and command lines keep plain strings.  Strings are turned into members once, where they
 enter (the command lines, the public functions: ``Mode.parse``, ``Program.parse``...); inside, code
 asks the member (``mode.chunked``, ``program.per_block``) instead of testing spellings.
 
-No imports beyond the standard library (the cost model and planner use it without torch); :data:`Kind`
-is re-exported lazily, as the registry brings the region kinds' modules with it.
+No imports beyond the standard library: the cost model and planner use it without torch.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from enum import Enum
 from typing import Any
 
 
-class _Word(str, Enum):
-    """A str Enum whose members print as their spelling and parse with an error that lists them."""
+class Word(str, Enum):
+    """A str Enum whose members print as their spelling and parse with an error that lists them (the base
+    of every word here and of ``mstfx.regions.registry.Kind``)."""
 
     def __str__(self) -> str:
         return self.value
@@ -47,7 +48,7 @@ class _Word(str, Enum):
 _PARTS = {"mst": ("mst",), "checkpointing": ("checkpointing", "ckpt"), "offload": ("offload",)}
 
 
-class Mode(_Word):
+class Mode(Word):
     """What a training step does to save memory: mst chunking, activation checkpointing of every
     decoder layer, checkpoints offloaded to host memory.  A member's value is the planner's spelling
     (``mst+checkpointing``); :attr:`short` is ``mstfx simulate``'s (``mst+ckpt``).  :meth:`parse`
@@ -105,7 +106,7 @@ class Mode(_Word):
         return () if self.value == "standard" else tuple(self.value.split("+"))
 
 
-class Program(_Word):
+class Program(Word):
     """Which step is run or predicted: op by op (eager autograd, FlashAttention), the Inductor step the
     mst backend compiles as one graph, or per-block compilation (``mstfx.compile(model, per_block=True)``:
     each decoder layer its own graph)."""
@@ -124,7 +125,7 @@ class Program(_Word):
         return self is Program.COMPILED_PER_BLOCK
 
 
-class ChunkForm(_Word):
+class ChunkForm(Word):
     """How a chunked region appears in the compiled graph (``MstConfig.chunk_form``): one loop
     operator whose body is one chunk (compile work does not grow with M), or M copies of the region."""
 
@@ -136,7 +137,7 @@ class ChunkForm(_Word):
         return "chunk_form"
 
 
-class Action(_Word):
+class Action(Word):
     """What the report says happened to a region: chunked (an LM head at M = 1 is fused, and the report
     says so), rewritten (an attention call), or left unchanged."""
 
@@ -145,12 +146,4 @@ class Action(_Word):
     SKIPPED = "skipped"
 
 
-def __getattr__(name: str):
-    if name == "Kind":  # the registry imports the region kinds' modules: only when asked for
-        from .regions.registry import Kind
-
-        return Kind
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["Action", "ChunkForm", "Kind", "Mode", "Program"]
+__all__ = ["Action", "ChunkForm", "Mode", "Program", "Word"]

@@ -969,6 +969,7 @@ def _validate_cli(args) -> list[Mode]:
 
 def run_cli(args) -> dict:
     modes = _validate_cli(args)
+    program = Program.parse(args.program)  # argparse's choices are its spellings
     config = load_config(args.model, args.config)
     check_heads(config, args.sequence_parallel)
     name = config._mstfx_name
@@ -994,7 +995,7 @@ def run_cli(args) -> dict:
         for mode in modes:
             results[mode], all_runs[mode] = find_max_seq_len(
                 config, args.gpu_gb, mode, args.optimizer, args.batch, args.gpus, progress,
-                program=args.program, sequence_parallel=args.sequence_parallel, start=args.start, quantum=args.quantum,
+                program=program, sequence_parallel=args.sequence_parallel, start=args.start, quantum=args.quantum,
             )
     finally:
         if bar is not None:
@@ -1011,7 +1012,7 @@ def run_cli(args) -> dict:
         "gpus_per_node": min(args.gpus, GPUS_PER_NODE),
         "batch": args.batch,
         "optimizer": args.optimizer,
-        "program": str(Program.parse(args.program)),
+        "program": str(program),
         "seconds": round(elapsed, 1),
         "modes": {},
         "by_optimizer": {},

@@ -71,11 +71,14 @@ def test_chunk_form_error_names_the_option():
         ChunkForm.parse("rolled")
 
 
-def test_kind_is_the_registry_enum():
-    from mstfx.regions.registry import Kind as RegistryKind
-    from mstfx.vocabulary import Kind
+def test_kind_is_a_word_of_the_vocabulary():
+    from mstfx.regions.registry import REGION_KINDS, Kind
+    from mstfx.vocabulary import Word
 
-    assert Kind is RegistryKind and Kind.MLP == "mlp"
+    assert issubclass(Kind, Word) and Kind.spellings() == tuple(k.name for k in REGION_KINDS)
+    assert Kind.parse("mlp") is Kind.MLP and str(Kind.LM_HEAD) == "lm_head"
+    with pytest.raises(ValueError, match="kind must be one of lm_head, .*mlp; got 'mpl'"):
+        Kind.parse("mpl")
 
 
 def test_imports_without_torch():
