@@ -143,10 +143,6 @@ def predict(name: str, mode: str, seq_len: int) -> float:
     return b.grads + b.activations
 
 
-#: mstfx simulate's mode names for this script's modes
-SIM_MODES = {"standard": "standard", "mst": "mst", "mst+checkpointing": "mst+ckpt"}
-
-
 def simulate_compiled(name: str, mode: str, seq_len: int) -> int:
     """The compiled-program simulation's peak (bytes above parameters, gradients included): the model
     built on the meta device, the same passes and AOT partition as the real step, liveness of the
@@ -154,9 +150,10 @@ def simulate_compiled(name: str, mode: str, seq_len: int) -> int:
     import torch
 
     import mstfx
-    from mstfx.tools.compiled_program import MODE_FLAGS, capture_program, program_peak
+    from mstfx.tools.compiled_program import capture_program, program_peak
+    from mstfx.vocabulary import Mode
 
-    mst, ckpt = MODE_FLAGS[SIM_MODES[mode]]
+    mst, ckpt = Mode.parse(mode).chunked, Mode.parse(mode).checkpointed
     with torch.device("meta"):
         model = build(name)
     if ckpt:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..vocabulary import Action
+
 
 @dataclass(frozen=True)
 class RegionDecision:
@@ -11,7 +13,9 @@ class RegionDecision:
 
     kind: str  # a region kind (``mstfx.regions.registry.Kind``, equal to its name) or "attention"
     where: str  # module path or node name, for humans
-    action: str  # "chunked" (an LM head at M = 1: fused, shown so), "rewritten" (attention) or "skipped"
+    #: chunked (an LM head at M = 1: fused, shown so), rewritten (attention) or skipped; a spelling given
+    #: here is parsed into the :class:`~mstfx.vocabulary.Action` (ValueError naming the valid ones)
+    action: Action
     reason: str
     tokens: int | str | None = None
     hidden: int | None = None
@@ -19,6 +23,9 @@ class RegionDecision:
     chunks: int | None = None
     dtype: str | None = None
     detail: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "action", Action.parse(self.action))
 
     @property
     def label(self) -> str:
@@ -31,14 +38,14 @@ class RegionDecision:
     def fused_only(self) -> bool:
         """A region rewritten with one mini-sequence (the LM head: the fused loss, logits not kept for
         backward), but nothing chunked; the report says so instead of "chunked"."""
-        return self.action == "chunked" and self.chunks == 1
+        return self.action is Action.CHUNKED and self.chunks == 1
 
     def row(self) -> list[str]:
         shape = f"{self.tokens}×{self.hidden}→{self.width}" if self.hidden else "-"
         if self.fused_only:
             why = "M = 1: fused loss (logits not kept for backward), not chunked; " + (self.detail or self.reason)
             return [self.label, self.where, "fused (M = 1)", shape, "1", why]
-        return [self.label, self.where, self.action, shape, str(self.chunks or "-"), self.detail or self.reason]
+        return [self.label, self.where, str(self.action), shape, str(self.chunks or "-"), self.detail or self.reason]
 
 
 @dataclass
@@ -58,20 +65,21 @@ class GraphReport:
         "skipped" with ``error``."""
         self.error = error
         self.decisions = [
-            RegionDecision(d.kind, d.where, "skipped", error) if d.action != "skipped" else d for d in self.decisions
+            RegionDecision(d.kind, d.where, Action.SKIPPED, error) if d.action is not Action.SKIPPED else d
+            for d in self.decisions
         ]
 
     @property
     def chunked(self) -> list[RegionDecision]:
-        return [d for d in self.decisions if d.action == "chunked"]
+        return [d for d in self.decisions if d.action is Action.CHUNKED]
 
     @property
     def skipped(self) -> list[RegionDecision]:
-        return [d for d in self.decisions if d.action == "skipped"]
+        return [d for d in self.decisions if d.action is Action.SKIPPED]
 
     @property
     def rewritten(self) -> list[RegionDecision]:
-        return [d for d in self.decisions if d.action == "rewritten"]
+        return [d for d in self.decisions if d.action is Action.REWRITTEN]
 
     def __str__(self) -> str:
         header = ["region", "where", "action", "tokens×in→width", "M", "why"]

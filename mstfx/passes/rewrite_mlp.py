@@ -33,6 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from .. import chunked_ops
 from .common import MST_AC_GRAPH_ID_BASE, is_view, mst_meta, split_dim, tensor_of
 from .find_mlp import MlpRegion
+from ..vocabulary import ChunkForm
 
 _ac_ids = itertools.count(MST_AC_GRAPH_ID_BASE)
 
@@ -81,19 +82,19 @@ def under_changed_autocast(graph: fx.Graph, nodes) -> bool:
     return False
 
 
-def chunk_form(config, in_checkpoint: bool, changed_autocast: bool = False) -> tuple[str, str]:
-    """The form an MLP's chunks take (``config.chunk_form``, see :data:`mstfx.config.CHUNK_FORMS`) and
+def chunk_form(config, in_checkpoint: bool, changed_autocast: bool = False) -> tuple[ChunkForm, str]:
+    """The form an MLP's chunks take (``config.chunk_form``, a :class:`~mstfx.vocabulary.ChunkForm`) and
     the report's words for it.  The ``eager`` compiler runs each chunk under
-    ``torch.utils.checkpoint`` ("unrolled" copies of that call).  ``changed_autocast``: the region runs
+    ``torch.utils.checkpoint`` (unrolled copies of that call).  ``changed_autocast``: the region runs
     under an in-graph autocast context that changes the state (:func:`under_changed_autocast`)."""
-    form = getattr(config, "chunk_form", "unrolled")
+    form = ChunkForm.parse(getattr(config, "chunk_form", ChunkForm.UNROLLED))
     if config.compiler == "eager":
-        return "unrolled", ""
-    if form == "loop":
+        return ChunkForm.UNROLLED, ""
+    if form is ChunkForm.LOOP:
         if changed_autocast:
-            return "unrolled", "; unrolled M copies (autocast in the graph changes its state)"
-        return "loop", "; one loop operator"
-    return "unrolled", ""
+            return ChunkForm.UNROLLED, "; unrolled M copies (autocast in the graph changes its state)"
+        return ChunkForm.LOOP, "; one loop operator"
+    return ChunkForm.UNROLLED, ""
 
 
 def _copy_for_chunk(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:

@@ -56,57 +56,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
 import sympy as sp
 
-from ..config import CHUNK_FORMS
+from ..vocabulary import ChunkForm, Mode, Program
 from . import offload_cost as offload
 
 from .terms import B, FP32, RegionCost, S  # noqa: F401  (part of this module's vocabulary)
 M_MLP, M_HEAD = sp.symbols("M_mlp M_head", positive=True)
 
 
-class Mode(str, Enum):
-    """What a step does to save memory.  Members equal their strings (``Mode.MST == "mst"``), so
-    plans, command lines and JSON keep using the names."""
-
-    STANDARD = "standard"
-    CHECKPOINTING = "checkpointing"
-    MST = "mst"
-    MST_CHECKPOINTING = "mst+checkpointing"
-    #: checkpoints offloaded to host memory (:mod:`mstfx.planning.offload_cost`); tried only when no other mode fits
-    MST_CHECKPOINTING_OFFLOAD = "mst+checkpointing+offload"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def chunked(self) -> bool:
-        """Regions are chunked (the mst backend's rewrite)."""
-        return self.value.startswith("mst")
-
-    @property
-    def checkpointed(self) -> bool:
-        """Every decoder layer is activation-checkpointed."""
-        return "checkpointing" in self.value
-
-    @property
-    def offloaded(self) -> bool:
-        """The checkpoints go to host memory between forward and backward."""
-        return self.value.endswith("offload")
-
-
-MODES = tuple(m.value for m in Mode)
+#: the modes (:class:`mstfx.vocabulary.Mode`, members equal to the planner's spellings)
+MODES = tuple(Mode)
 #: which program's memory is predicted: the Inductor-compiled step (what the mst backend runs, fitted
 #: on CPU, ``COEF``) or the eager autograd step with FlashAttention (what ``mstfx simulate`` runs,
-#: derived from the ops' saved tensors, see :func:`eager_regions`)
-PROGRAMS = ("compiled", "eager")
+#: derived from the ops' saved tensors, see :func:`eager_regions`); per-block compilation is not modelled
+PROGRAMS = (Program.COMPILED, Program.EAGER)
 NORMS = ("rms", "rms_fp32", "layer")
 OPTIMIZERS = ("adamw", "sgd", "none")
 
-#: ``MstConfig.chunk_form`` values whose chunked regions are one loop operator each (``mstfx/chunk_loop.py``)
-LOOP_FORMS = frozenset({"loop"})
 
 #: Per-token element counts of the compiled step (fitted on the reference config, see module doc).
 COEF = {
@@ -289,15 +257,21 @@ def optimizer_bytes(n_params: int, optimizer: str, prec: Precision) -> int:
     return states * state_bytes * n_params + master
 
 
-def mode_flags(mode: str) -> tuple[bool, bool]:
-    """(chunked, checkpointed) of a mode (a :class:`Mode` or its name)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    m = Mode(mode)
+def mode_flags(mode: Mode | str) -> tuple[bool, bool]:
+    """(chunked, checkpointed) of a mode (a :class:`Mode` or a spelling of one)."""
+    m = Mode.parse(mode)
     return m.chunked, m.checkpointed
 
 
-def kind_costs(arch: "Arch", prec: "Precision", chunked: bool, m_mlp, m_head, program: str) -> list["RegionCost"]:
+def cost_program(program: Program | str) -> Program:
+    """``program`` as a :class:`Program` the cost model predicts (:data:`PROGRAMS`); ValueError otherwise."""
+    p = Program.parse(program)
+    if p not in PROGRAMS:
+        raise ValueError(f"program must be one of {', '.join(PROGRAMS)} for the cost model, got {str(p)!r}")
+    return p
+
+
+def kind_costs(arch: "Arch", prec: "Precision", chunked: bool, m_mlp, m_head, program: Program) -> list["RegionCost"]:
     """The per-layer costs of the region kinds that bring their own terms (``RegionKind.cost`` of
     ``mstfx.regions.registry``); the MLP and the LM head are built in (:func:`compiled_regions`,
     :func:`eager_regions`).  A kind's M is the planner's ``M_mlp`` or ``M_head`` (its ``cost_symbol``);
@@ -315,7 +289,7 @@ def kind_costs(arch: "Arch", prec: "Precision", chunked: bool, m_mlp, m_head, pr
 
 
 def regions(
-    arch: Arch, prec: Precision, mode: str, m_mlp=M_MLP, m_head=M_HEAD, program: str = "compiled",
+    arch: Arch, prec: Precision, mode: Mode | str, m_mlp=M_MLP, m_head=M_HEAD, program: Program | str = Program.COMPILED,
     sequence_parallel: int = 1,
 ) -> list[RegionCost]:
     """Bytes of the attention, MLP and LM-head regions in ``mode`` (M symbolic unless given).
@@ -326,9 +300,8 @@ def regions(
     In the mst modes a region whose M is the number 1 is not chunked (the pass leaves it alone).
     ``program``: "compiled" (the Inductor step, :data:`COEF`) or "eager" (:func:`eager_regions`).
     """
-    chunked, ckpt = mode_flags(mode)
-    if program not in PROGRAMS:
-        raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
+    mode, program = Mode.parse(mode), cost_program(program)
+    chunked, ckpt = mode.chunked, mode.checkpointed
     if arch.norm not in NORMS:
         raise ValueError(f"Arch.norm must be one of {NORMS}, got {arch.norm!r}")
     # MLPs inside checkpointed layers are chunked too: the pass rewrites the bodies of Dynamo's
@@ -336,7 +309,7 @@ def regions(
     # recompute makes only the MLP input, and its backward runs chunk by chunk (see "checkpointed layer")
     chunk_mlp = chunked and not (isinstance(m_mlp, (int, sp.Integer)) and int(m_mlp) == 1)
     chunk_head = chunked and arch.lm_head and not (isinstance(m_head, (int, sp.Integer)) and int(m_head) == 1)
-    if program == "compiled":
+    if program is Program.COMPILED:
         attn, mlp, mlp_full_saved, head = compiled_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head, mask_kept(arch, mode))
     else:
         attn, mlp, mlp_full_saved, head = eager_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head)
@@ -354,7 +327,7 @@ def regions(
         # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``), each
         # chunk recomputed just before its gradient (``ckpt_mlp_whole`` = 0; eager: each chunk's own
         # checkpoint)
-        whole = COEF["ckpt_mlp_whole"] if program == "compiled" else 0.0
+        whole = COEF["ckpt_mlp_whole"] if program is Program.COMPILED else 0.0
         h, t, a = arch.hidden, B * S, prec.act_bytes
         def recomputed(region: RegionCost, full_saved) -> sp.Expr:
             return whole * full_saved + (1 - whole) * region.saved if chunk_mlp else region.saved
@@ -387,7 +360,7 @@ def _larger(x: sp.Expr, y: sp.Expr) -> sp.Expr:
     return x if float(sp.sympify(x).subs(at)) >= float(sp.sympify(y).subs(at)) else y
 
 
-def moe_block(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, program: str) -> tuple[RegionCost, sp.Expr] | None:
+def moe_block(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, program: Program) -> tuple[RegionCost, sp.Expr] | None:
     """The dense part of the ``arch.routed_layers`` MoE layers, beside their routed experts (the region
     kind's own terms), and its unchunked saved bytes; ``None`` for a dense model.  A MoE layer has no
     dense MLP of ``arch.intermediate``: it has a shared expert, a dense MLP of
@@ -397,7 +370,7 @@ def moe_block(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, program: str)
     n = arch.routed_layers
     if not n:
         return None
-    make = compiled_mlp if program == "compiled" else eager_mlp
+    make = compiled_mlp if program is Program.COMPILED else eager_mlp
     if arch.shared_intermediate:
         return make(arch, prec, chunk_mlp, m_mlp, arch.shared_intermediate, n, "shared expert")
     region, full = make(arch, prec, False, 1, 0, n, "moe input")
@@ -410,7 +383,7 @@ def mlp_saved_i(arch: Arch) -> float:
     return COEF["mlp_saved_i"] * arch.ups + COEF["mlp_saved_down_in"]
 
 
-def mask_kept(arch: Arch, mode: str) -> bool:
+def mask_kept(arch: Arch, mode: Mode | str) -> bool:
     """Whether the compiled step in ``mode`` still holds HF's S×S mask (and K/V repeated per query head):
     plain Inductor does; the mst backend removes both where attention is plain causal."""
     return arch.causal_mask and not (mode_flags(mode)[0] and arch.plain_causal)
@@ -585,13 +558,13 @@ def eager_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool
 
 def step_cost(
     arch: Arch,
-    mode: str,
+    mode: Mode | str,
     optimizer: str = "none",
     prec: Precision | None = None,
     m_mlp=M_MLP,
     m_head=M_HEAD,
-    program: str = "compiled",
-    chunk_form: str = "loop",
+    program: Program | str = Program.COMPILED,
+    chunk_form: ChunkForm | str = ChunkForm.LOOP,
     sequence_parallel: int = 1,
     gpus: int = 1,
     per_block: bool = False,
@@ -607,7 +580,7 @@ def step_cost(
     ``program``: "compiled" (the step the mst backend / Inductor runs) or "eager" (op by op, with
     FlashAttention, as ``mstfx simulate`` runs it); see :data:`PROGRAMS`.
     ``chunk_form``: the compiled step's form of a chunked region (``MstConfig.chunk_form``; see
-    :data:`LOOP_FORMS`).
+    :class:`~mstfx.vocabulary.ChunkForm`).
     ``per_block``: the compiled program of ``mstfx.compile(model, per_block=True)``: each decoder layer
     its own graph, the decoder body eager (no S×S mask handed to the layers, the embedding's backward
     not fused into the first layer's), the chunked head's weight-gradient accumulator alive only in the
@@ -616,13 +589,12 @@ def step_cost(
     gradients of the module in backward only, not all made so far (a whole-model program returns every
     gradient from one backward graph, so there it changes nothing).
     """
-    if chunk_form not in CHUNK_FORMS:
-        raise ValueError(f"chunk_form must be one of {CHUNK_FORMS}, got {chunk_form!r}")
+    mode, program, chunk_form = Mode.parse(mode), cost_program(program), ChunkForm.parse(chunk_form)
     prec = prec or Precision()
-    compiled = program == "compiled"
+    compiled = program is Program.COMPILED
     # the loop operator runs its chunks op by op inside one extern call: its chunk buffers never enter
     # Inductor's reuse pool, and the LM head's fp32 weight gradient is the operator's own output
-    looped = compiled and chunk_form in LOOP_FORMS
+    looped = compiled and chunk_form is ChunkForm.LOOP
     sp_n = check_sequence_parallel(arch, sequence_parallel, gpus)
     regs = regions(arch, prec, mode, m_mlp, m_head, program, sp_n)
     by = {r.kind: r for r in regs}
@@ -793,7 +765,7 @@ def fsdp_unsharded(arch: Arch, prec: Precision, gpus: int) -> tuple[int, int]:
     return largest, largest
 
 
-def ulysses_attention(attn: RegionCost, arch: Arch, prec: Precision, sequence_parallel: int, program: str,
+def ulysses_attention(attn: RegionCost, arch: Arch, prec: Precision, sequence_parallel: int, program: Program,
                       norm: int = 0, branch_norm: int = 0) -> RegionCost:
     """The attention block of a rank under Ulysses sequence parallelism of degree N, in bytes of that
     rank's S/N tokens (``S`` in the expression; :func:`step_cost` substitutes the whole sequence).
@@ -824,7 +796,7 @@ def ulysses_attention(attn: RegionCost, arch: Arch, prec: Precision, sequence_pa
     kv_r = n * kv_heads_per_rank(arch, n) * arch.head_dim
     t, nh = B * S, arch.heads
     a2a = 2 * t * a * (q + 2 * kv_r)  # the forward's exchange of q, k, v: send and receive buffers
-    if program == "compiled":
+    if program is Program.COMPILED:
         c = COEF
         saved = t * a * (c["attn_saved_h"] * arch.hidden + c["attn_saved_qkv"] * (q + 2 * kv_r) + q) + t * nh * FP32
         bwd = t * a * c["bwd_transient_h"] * arch.hidden

@@ -17,12 +17,14 @@ from typing import Any
 
 import sympy as sp
 
-#: the offload mode's name in the cost model and planner (``mstfx simulate`` says ``mst+ckpt+offload``)
-OFFLOAD_MODE = "mst+checkpointing+offload"
+from ..vocabulary import Mode, Program
+
+#: the offload mode (the planner spells it ``mst+checkpointing+offload``, ``mstfx simulate`` ``mst+ckpt+offload``)
+OFFLOAD_MODE = Mode.MST_CHECKPOINTING_OFFLOAD
 #: checkpoints on the GPU at once in backward, per program: compiled, the one being recomputed and the
 #: next, prefetched (AOT autograd's reload prefetch); eager, the one being recomputed (``save_on_cpu``
 #: reloads a checkpoint when its layer's backward unpacks it)
-RESIDENT_CHECKPOINTS = {"compiled": 2, "eager": 1}
+RESIDENT_CHECKPOINTS = {Program.COMPILED: 2, Program.EAGER: 1}
 #: PCIe bandwidth (GB/s = 1e9 bytes/s, each direction) used when none is given: a stated assumption,
 #: not a measurement (PCIe 4.0 x16 is 32 GB/s raw per direction; pinned copies reach about 25)
 DEFAULT_PCIE_GBPS = 25.0
@@ -32,13 +34,13 @@ DEFAULT_PCIE_GBPS = 25.0
 HOST_STATE_BYTES_PER_PARAM = {"offload": 12, "zero-offload": 16}
 
 
-def is_offload(mode: str) -> bool:
-    return mode == OFFLOAD_MODE
+def is_offload(mode: Mode | str) -> bool:
+    return Mode.parse(mode).offloaded
 
 
-def checkpoints_on_gpu(layers: int, mode: str, program: str = "compiled") -> int:
+def checkpoints_on_gpu(layers: int, mode: Mode | str, program: Program | str = Program.COMPILED) -> int:
     """Checkpoints the GPU holds at once: every layer's, or with offload the resident ones only."""
-    return min(layers, RESIDENT_CHECKPOINTS[program]) if is_offload(mode) else layers
+    return min(layers, RESIDENT_CHECKPOINTS[Program.parse(program)]) if is_offload(mode) else layers
 
 
 def checkpoint_bytes(hidden: int, layers: int, act_bytes: int, S: sp.Symbol, B: sp.Symbol) -> sp.Expr:

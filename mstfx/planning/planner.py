@@ -39,6 +39,7 @@ from .. import model_configs
 from ..config import MAX_USER_CHUNKS, check_mini_sequences, is_positive_int, positive_int
 from ..model_configs import source as config_source
 from ..regions import rules
+from ..vocabulary import ChunkForm, Mode, Program
 from . import cost_model as cm
 from . import offload_cost as offload
 
@@ -110,7 +111,7 @@ class InfeasibleHostBudgetError(InfeasibleBudgetError):
     page-locked) and ``mode``."""
 
     def __init__(self, budget_bytes: float, host_budget_bytes: float, host_needed_bytes: float, pinned_bytes: float,
-                 seq_len: int, mode: str, gpu_peak_bytes: float, batch: int = 1):
+                 seq_len: int, mode: Mode, gpu_peak_bytes: float, batch: int = 1):
         self.host_budget_bytes = host_budget_bytes
         self.host_needed_bytes = host_needed_bytes
         self.pinned_bytes = pinned_bytes
@@ -339,7 +340,7 @@ class Breakdown:
     activations: float
     peak: float
     phase: str
-    mode: str
+    mode: Mode
     #: M per region kind (``mstfx.regions.registry.REGION_KINDS``) the prediction used; 1 = not chunked
     mini_sequences: dict[str, int]
     phases: dict = field(default_factory=dict)
@@ -426,19 +427,20 @@ def predict_peak(
     config: Any,
     seq_len: int,
     batch: int = 1,
-    mode: str = "standard",
+    mode: Mode | str = Mode.STANDARD,
     optimizer: str = "none",
     mixed_precision: str | bool | None = None,
     mini_sequences: int | dict[str, int] | None = None,
-    program: str = "compiled",
-    chunk_form: str = "loop",
+    program: Program | str = Program.COMPILED,
+    chunk_form: ChunkForm | str = ChunkForm.LOOP,
     gpus: int = 1,
     sequence_parallel: int = 1,
 ) -> Breakdown:
     """Predicted peak of one fwd+bwd (+ optimizer state) of a compiled training step.
 
     ``config``: an nn.Module, an HF config, a config dict, a config.json path or a preset name.
-    ``mode``: "standard", "checkpointing", "mst", "mst+checkpointing".  In the mst modes M defaults to the
+    ``mode``: a :class:`~mstfx.vocabulary.Mode` or its spelling ("standard", "checkpointing", "mst",
+    "mst+checkpointing", "mst+checkpointing+offload"; ``mstfx simulate``'s "ckpt" too).  In the mst modes M defaults to the
     backend's rule; ``mini_sequences`` sets it as ``MstConfig`` does: an int for every chunked region, or
     a dict per region kind (``{"mlp": 8, "lm_head": 16}``; kinds left out follow the rule; 1 = not
     chunked), e.g. a plan's ``mini_sequences``.
@@ -451,12 +453,13 @@ def predict_peak(
     """
     seq_len = positive_int("seq_len", seq_len)
     batch = positive_int("batch", batch)
+    mode, program, chunk_form = Mode.parse(mode), cm.cost_program(program), ChunkForm.parse(chunk_form)
     want_mlp, want_head = symbol_chunks(mini_sequences)
     optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     arch = arch_of(config)
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
-    chunked, _ = cm.mode_flags(mode)
+    chunked = mode.chunked
     par = parallel(arch, gpus, sequence_parallel, seq_len)
     d_mlp, d_head = default_chunks(arch, seq_len * batch // sequence_parallel)
     m_mlp = (want_mlp or d_mlp) if chunked else 1
@@ -473,14 +476,14 @@ def longest_seq_len(
     config: Any,
     budget_gb: float,
     batch: int = 1,
-    mode: str = "mst",
+    mode: Mode | str = Mode.MST,
     optimizer: str = "none",
     mixed_precision: str | bool | None = None,
     mini_sequences: int | dict[str, int] | None = None,
     margin: float = 0.0,
     gpus: int = 1,
     sequence_parallel: int = 1,
-    program: str = "compiled",
+    program: Program | str = Program.COMPILED,
     per_block: bool = False,
     optimizer_in_backward: bool = False,
 ) -> int:
@@ -501,13 +504,14 @@ def longest_seq_len(
     budget = check_budget(budget_gb)
     margin = check_margin(margin)
     batch = positive_int("batch", batch)
+    mode, program = Mode.parse(mode), cm.cost_program(program)
     want_mlp, want_head = symbol_chunks(mini_sequences)
     optimizer, program_keys = per_block_program(optimizer, per_block, optimizer_in_backward)
     optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     arch = arch_of(config)
     mixed_precision = precision_of(config, mixed_precision)
     prec = cm.Precision.of(mixed_precision)
-    chunked, _ = cm.mode_flags(mode)
+    chunked = mode.chunked
     par = {**parallel(arch, gpus, sequence_parallel), **program_keys}
     n = par["sequence_parallel"]
     t = cm.B * cm.S  # the rules count a rank's tokens: step_cost turns S into S/N, in M too
@@ -580,7 +584,7 @@ class Plan:
     budget_bytes: float
     optimizer: str
     mixed_precision: Any
-    mode: str
+    mode: Mode
     #: M per region kind (``mstfx.regions.registry.REGION_KINDS``, e.g. ``{"mlp": 2, "lm_head": 4, ...}``);
     #: 1 = not chunked
     mini_sequences: dict[str, int]
@@ -637,7 +641,7 @@ class Plan:
 
         from ..regions.registry import REGION_KINDS
 
-        chunked = self.mode.startswith("mst")
+        chunked = Mode.parse(self.mode).chunked
         planned: dict[str, Any] = dict(mini_sequences=dict(self.mini_sequences) if chunked else None)
         # a kind with a switch of its own (chunk_mlp, chunk_lm_head) is on where the plan chunks it
         for k in REGION_KINDS:
@@ -821,7 +825,7 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
 
     short_of_host: list[Plan] = []  # plans that fit the GPU but not the host budget
 
-    def candidate(mode: str, m_mlp: int, m_head: int, reason: str) -> Plan | None:
+    def candidate(mode: Mode, m_mlp: int, m_head: int, reason: str) -> Plan | None:
         p = _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
                        margin, with_longest=False,  # solved below for the plan chosen only (sympy is slow)
                        setup=setup, host_budget=host_budget, pcie_gbps=pcie_gbps, par=par)
@@ -829,16 +833,16 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
             short_of_host.append(p)
         return p if p.fits else None
 
-    steps = [("mst", False), ("mst+checkpointing", True)] if allow_checkpointing else [("mst", False)]
+    steps = [Mode.MST] + ([Mode.MST_CHECKPOINTING] if allow_checkpointing else [])
     if allow_checkpointing and allow_offload:
-        steps.append((offload.OFFLOAD_MODE, True))
-    found = candidate("standard", 1, 1, "fits without chunking")
+        steps.append(Mode.MST_CHECKPOINTING_OFFLOAD)
+    found = candidate(Mode.STANDARD, 1, 1, "fits without chunking")
     if found is None:
-        for mode, _ in steps:
+        for mode in steps:
             cost = cm.step_cost(arch, mode, optimizer, prec, cm.M_MLP, cm.M_HEAD, **par)
             room = cm.margin_room(float(cost.params + cost.optimizer), budget, margin)
-            ck = (" + activation checkpointing" if "checkpointing" in mode else "") + (
-                " + checkpoints in host memory" if offload.is_offload(mode) else "")
+            ck = (" + activation checkpointing" if mode.checkpointed else "") + (
+                " + checkpoints in host memory" if mode.offloaded else "")
             # LM head alone (no recompute), then the MLPs too
             if arch.lm_head:
                 cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD, **par)
@@ -862,9 +866,9 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
                                         p.predicted_peak, batch)
     if found is None:
         # the most memory-saving plans: everything chunked, and (if allowed) checkpointed as well
-        finals = [("mst", cap)] + [(m, cap) for m, ck in steps if ck]
-        least = min((_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, mm, cap, "", margin,
-                                with_longest=False, par=par) for m, mm in finals), key=lambda p: p.planned_peak)
+        finals = [Mode.MST] + [m for m in steps if m.checkpointed]
+        least = min((_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, cap, cap, "", margin,
+                                with_longest=False, par=par) for m in finals), key=lambda p: p.planned_peak)
         longest = longest_fitting(arch, budget / GB, batch, optimizer, mixed_precision, max_chunks, allow_checkpointing,
                                   margin, allow_offload=allow_offload, **par)
         raise InfeasibleBudgetError(budget, least.predicted_peak, seq_len, longest, batch, margin, least.planned_peak)
@@ -887,14 +891,19 @@ def longest_fitting(
     sequence_parallel: int = 1,
     per_block: bool = False,
     optimizer_in_backward: bool = False,
-    **_ignored: Any,
+    host_budget_gb: float | None = None,
+    pcie_gbps: float = offload.DEFAULT_PCIE_GBPS,
 ) -> int:
     """Longest S that *some* plan fits in ``budget_gb`` (0 if none): the most memory-saving plans, every
     region with ``max_chunks`` mini-sequences, with and (if allowed) without activation checkpointing,
-    and with the checkpoints in host memory (if allowed; the host budget is not solved for here).
-    Other keywords of :func:`plan` (``host_budget_gb``, ``pcie_gbps``) are accepted and ignored."""
-    modes = ["mst"] + (["mst+checkpointing"] if allow_checkpointing else [])
-    modes += [offload.OFFLOAD_MODE] if allow_checkpointing and allow_offload else []
+    and with the checkpoints in host memory (if allowed).  It takes :func:`plan`'s keywords, so one set
+    of options serves both; ``host_budget_gb`` and ``pcie_gbps`` are checked but do not change the
+    answer (the host budget is not solved for here, the bandwidth is a time, not memory)."""
+    if host_budget_gb is not None:
+        check_budget(host_budget_gb)
+    offload.check_gbps(pcie_gbps)
+    modes = [Mode.MST] + ([Mode.MST_CHECKPOINTING] if allow_checkpointing else [])
+    modes += [Mode.MST_CHECKPOINTING_OFFLOAD] if allow_checkpointing and allow_offload else []
     arch = arch_of(model_or_config)
     mixed_precision = precision_of(model_or_config, mixed_precision)
     return max(longest_seq_len(arch, budget_gb, batch, m, optimizer, mixed_precision, mini_sequences=max_chunks,
@@ -906,20 +915,20 @@ def _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, mini_se
                   margin, par: dict | None = None) -> int:
     """Longest S a plan's mode and M per region kind fit in ``budget`` bytes (an M > 1 is held fixed; a
     kind at 1 follows the backend's rule as S grows)."""
-    if mode.startswith("mst"):
+    if mode.chunked:
         fixed = {k: m for k, m in mini_sequences.items() if m > 1}
         return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision,
                                mini_sequences=fixed or None, margin=margin, **(par or {}))
     return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision, margin=margin, **(par or {}))
 
 
-def _host_terms(arch: cm.Arch, prec: cm.Precision, mode: str, setup: str | None, seq_len: int, batch: int,
+def _host_terms(arch: cm.Arch, prec: cm.Precision, mode: Mode, setup: str | None, seq_len: int, batch: int,
                 host_budget: float | None, pcie_gbps: float, gpus: int = 1, sequence_parallel: int = 1) -> dict:
     """The plan's host-memory fields: pinned checkpoints (offload mode; a rank's S/N tokens), optimizer
     state kept on the host (``setup`` ``offload``; its 1/gpus shard), per GPU and per node (the node's
     GPUs together), the host budget and the PCIe time of one GPU's checkpoint copies."""
     pinned = 0.0
-    if offload.is_offload(mode):
+    if mode.offloaded:
         pinned = cm.evaluate(offload.checkpoint_bytes(arch.hidden, arch.layers, prec.act_bytes, cm.S, cm.B),
                              seq_len // sequence_parallel, batch)
     host = pinned + offload.host_state_bytes(arch.n_params, setup or "") / gpus
@@ -933,8 +942,9 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
                host_budget: float | None = None, pcie_gbps: float = offload.DEFAULT_PCIE_GBPS,
                par: dict | None = None) -> Plan:
     par = par or {}
+    mode = Mode.parse(mode)
     cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, **par)
-    base = {r.kind: r for r in cm.step_cost(arch, "standard", optimizer, prec, 1, 1, **par).regions}
+    base = {r.kind: r for r in cm.step_cost(arch, Mode.STANDARD, optimizer, prec, 1, 1, **par).regions}
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
     params, grads, opt = (float(x) for x in (cost.params, cost.grads, cost.optimizer))
@@ -953,16 +963,16 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
             ev(before.saved) if before is not None else layers_before,
             ev(r.saved), int(cm.evaluate(r.chunks, seq_len, batch, m_mlp, m_head)), ev(r.recompute_flops),
         ))
-    if "checkpointing" in mode:  # a layer's regions' saved bytes are inside the checkpointed layer
+    if mode.checkpointed:  # a layer's regions' saved bytes are inside the checkpointed layer
         rows = [replace(r, bytes_after=0.0) if r.region not in ("checkpointed layer", "lm_head") else r for r in rows]
-    if offload.is_offload(mode):  # the GPU keeps only the checkpoints in use; the rest are in host memory
-        kept = offload.checkpoints_on_gpu(arch.layers, mode, "compiled") / arch.layers
+    if mode.offloaded:  # the GPU keeps only the checkpoints in use; the rest are in host memory
+        kept = offload.checkpoints_on_gpu(arch.layers, mode, Program.COMPILED) / arch.layers
         rows = [replace(r, bytes_after=r.bytes_after * kept, shape=f"{r.shape} (host: the rest)")
                 if r.region == "checkpointed layer" else r for r in rows]
     longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, br.mini_sequences, margin, par) \
         if with_longest else 0
     return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, dict(br.mini_sequences),
-                "checkpointing" in mode, br, rows, longest, reason, margin, **_host_terms(arch, prec, mode, setup, seq_len, batch,
+                mode.checkpointed, br, rows, longest, reason, margin, **_host_terms(arch, prec, mode, setup, seq_len, batch,
                                                                            host_budget, pcie_gbps, par.get("gpus", 1),
                                                                            par.get("sequence_parallel", 1)))
 

@@ -10,16 +10,14 @@ that list, so a new kind touches nothing else.
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, ClassVar
 
+from ..vocabulary import Word
 
-class KindEnum(str, Enum):
+
+class KindEnum(Word):
     """Base of :data:`mstfx.regions.Kind`: members compare equal to their name (``Kind.MLP == "mlp"``),
-    so configs, JSON and command lines keep using plain strings."""
-
-    def __str__(self) -> str:
-        return self.value
+    so configs, JSON and command lines keep using plain strings (a word of :mod:`mstfx.vocabulary`)."""
 
 
 class RegionKind:

@@ -48,9 +48,10 @@ class LmHeadKind(RegionKind):
     def rewrite(self, owner, region, m: int, ctx) -> str:
         from ..passes.rewrite_lm_head import rewrite_lm_head
         from ..passes.rewrite_mlp import chunk_form
+        from ..vocabulary import ChunkForm
 
         nodes = [region.head.node, *region.chain, region.loss]
-        if chunk_form(ctx.config, ctx.in_checkpoint, ctx.changed_autocast(owner, nodes))[0] == "loop":
+        if chunk_form(ctx.config, ctx.in_checkpoint, ctx.changed_autocast(owner, nodes))[0] is ChunkForm.LOOP:
             head = region.head
             needs = [True, ctx.needs_grad(head.weight), head.bias is not None and ctx.needs_grad(head.bias)]
             rewrite_lm_head(owner.graph, region, m, needs)

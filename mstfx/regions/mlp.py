@@ -34,9 +34,10 @@ class MlpKind(RegionKind):
 
     def rewrite(self, owner, region, m: int, ctx) -> str:
         from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_looped
+        from ..vocabulary import ChunkForm
 
         form, words = chunk_form(ctx.config, ctx.in_checkpoint, ctx.changed_autocast(owner, region.nodes))
-        if form == "loop":
+        if form is ChunkForm.LOOP:
             if rewrite_mlp_looped(owner, region, m) is not None:
                 return words
             words = "; unrolled M copies (reads a symbolic size or module state, which the loop operator cannot take)"

@@ -44,7 +44,7 @@ def _common(**kw) -> dict:
 
 
 @dataclass(frozen=True)
-class Arch:
+class Architecture:
     """One architecture: how to build it tiny, and what mstfx is expected to do with it."""
 
     name: str
@@ -91,34 +91,34 @@ def _moe_post(model):
     model.config.output_router_logits = False
 
 
-ARCHITECTURES: list[Arch] = [
-    Arch("llama", "SwiGLU, untied head", tiny_llama, {"mlp": 2, "lm_head": 1}),
-    Arch("llama-tied", "SwiGLU, tied embeddings", lambda: tiny_llama(tie=True), {"mlp": 2, "lm_head": 1}),
-    Arch(
+ARCHITECTURES: list[Architecture] = [
+    Architecture("llama", "SwiGLU, untied head", tiny_llama, {"mlp": 2, "lm_head": 1}),
+    Architecture("llama-tied", "SwiGLU, tied embeddings", lambda: tiny_llama(tie=True), {"mlp": 2, "lm_head": 1}),
+    Architecture(
         "mistral",
         "SwiGLU, sliding window",
         _hf("MistralConfig", "MistralForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, sliding_window=16)),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "qwen2",
         "SwiGLU, qkv bias",
         _hf("Qwen2Config", "Qwen2ForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2)),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "qwen3",
         "SwiGLU, q/k norm",
         _hf("Qwen3Config", "Qwen3ForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, head_dim=16)),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "gemma",
         "GeGLU (tanh GELU), tied, scaled embeddings",
         _hf("GemmaConfig", "GemmaForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, head_dim=16)),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "gemma2",
         "GeGLU, final-logit soft-capping c·tanh(z/c), tied",
         _hf(
@@ -128,13 +128,13 @@ ARCHITECTURES: list[Arch] = [
         ),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "phi3",
         "fused gate_up projection (chunk on last dim)",
         _hf("Phi3Config", "Phi3ForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, pad_token_id=0)),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "gpt2",
         "Conv1D (addmm), GELU with bias, tied",
         _hf(
@@ -155,7 +155,7 @@ ARCHITECTURES: list[Arch] = [
         {"mlp": 2, "lm_head": 1},
         note="needs `model.loss_type = \"ForCausalLM\"` (else HF's warning breaks the graph before the loss)",
     ),
-    Arch(
+    Architecture(
         "gpt-neox",
         "GELU with bias, parallel residual, untied",
         _hf(
@@ -165,19 +165,19 @@ ARCHITECTURES: list[Arch] = [
         ),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "olmo2",
         "SwiGLU, post-norm, q/k norm",
         _hf("Olmo2Config", "Olmo2ForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, pad_token_id=0)),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "cohere",
         "SwiGLU, parallel block, logit scale, tied",
         _hf("CohereConfig", "CohereForCausalLM", **_common(intermediate_size=176, num_key_value_heads=2, logit_scale=0.25, pad_token_id=0)),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "starcoder2",
         "GELU with bias (c_fc/c_proj), untied",
         _hf(
@@ -187,7 +187,7 @@ ARCHITECTURES: list[Arch] = [
         ),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "granite",
         "SwiGLU, logits divided by logits_scaling, residual multiplier",
         _hf(
@@ -197,7 +197,7 @@ ARCHITECTURES: list[Arch] = [
         ),
         {"mlp": 2, "lm_head": 1},
     ),
-    Arch(
+    Architecture(
         "mixtral",
         "sparse MoE (top-2 of 4 experts)",
         _hf(
@@ -208,7 +208,7 @@ ARCHITECTURES: list[Arch] = [
         ),
         {"lm_head": 1, "routed_experts": 2},
     ),
-    Arch(
+    Architecture(
         "qwen2-moe",
         "sparse MoE + shared expert",
         _hf(
@@ -227,7 +227,7 @@ ARCHITECTURES: list[Arch] = [
         {"mlp": 2, "lm_head": 1, "routed_experts": 2},
         note="the shared expert is an MLP region; the routed experts are their own",
     ),
-    Arch(
+    Architecture(
         "deepseek-v3",
         "MLA attention (low-rank q/kv), routed + shared experts, dense first layer",
         _hf(
@@ -314,7 +314,7 @@ def max_diff(ref, got) -> float:
     return d
 
 
-def run_arch(arch: Arch, compiler: str = "aot_eager", mini_sequences: int = MINI_SEQUENCES, padding: int = 0, **options):
+def run_arch(arch: Architecture, compiler: str = "aot_eager", mini_sequences: int = MINI_SEQUENCES, padding: int = 0, **options):
     """Eager reference and one mst step on the same weights: ``(ref, got, backend)``.
 
     The batch carries an ``attention_mask``, as every data collator's does: all ones, or with the

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..hf_checkpointing import enable_checkpointing
+from ..vocabulary import ChunkForm
 from .measure import peak_bytes, step_seconds, training_step
 from .progress import Progress, quiet_library_warnings
 
@@ -108,7 +109,7 @@ def _loss_callable(variant: str, model, ids):
     if variant in ("mst", "mst+ckpt"):
         compiled = torch.compile(fn, backend=mstfx.backend())
     elif variant.startswith("mst-unrolled"):
-        compiled = torch.compile(fn, backend=mstfx.backend(mstfx.MstConfig(chunk_form="unrolled")))
+        compiled = torch.compile(fn, backend=mstfx.backend(mstfx.MstConfig(chunk_form=ChunkForm.UNROLLED)))
     elif variant == "inductor+auto_chunker":
         from ..compat.inductor import auto_chunker_enabled
 

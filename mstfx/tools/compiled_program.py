@@ -36,6 +36,7 @@ import torch.fx as fx
 from ..compat.dynamo import detect_fake_mode
 from ..compat.functorch import is_op_overload, op_name
 from ..hf_checkpointing import enable_checkpointing
+from ..vocabulary import Mode
 
 # ---------------------------------------------------------------------------------------- attention
 
@@ -1026,10 +1027,6 @@ def program_peak(program: Program, *, device: str = "cuda") -> StepPeak:
 
 # ---------------------------------------------------------------------------------------- whole models
 
-#: simulate's modes → (mst passes, gradient checkpointing)
-MODE_FLAGS = {"standard": (False, False), "ckpt": (False, True), "mst": (True, False), "mst+ckpt": (True, True),
-              "mst+ckpt+offload": (True, True)}
-from .offload_sim import OFFLOAD_MODES  # noqa: E402  (modes whose checkpoints are in host memory)
 
 
 def _meta_model(config, layers: int | None = None):
@@ -1055,13 +1052,15 @@ def _meta_model(config, layers: int | None = None):
     return model
 
 
-def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | None = None, device: str = "cuda", mst_config=None,
-              sequence_parallel: int = 1) -> StepPeak:
-    """The compiled step's peak for ``config`` with ``layers`` decoder layers (default: all);
-    ``sequence_parallel`` N > 1: one Ulysses rank's step on ``seq_len`` (its S/N) tokens."""
+def step_peak(config, seq_len: int, mode: Mode | str, batch: int = 1, *, layers: int | None = None, device: str = "cuda",
+              mst_config=None, sequence_parallel: int = 1) -> StepPeak:
+    """The compiled step's peak for ``config`` with ``layers`` decoder layers (default: all) in ``mode``
+    (a :class:`~mstfx.vocabulary.Mode` or a spelling of one); ``sequence_parallel`` N > 1: one Ulysses
+    rank's step on ``seq_len`` (its S/N) tokens."""
     import warnings
 
-    mst, ckpt = MODE_FLAGS[mode]
+    mode = Mode.parse(mode)
+    mst, ckpt = mode.chunked, mode.checkpointed
     model = _meta_model(config, layers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -1071,7 +1070,7 @@ def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | 
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     from mstfx.config import MstConfig
 
-    offload = mode in OFFLOAD_MODES
+    offload = mode.offloaded
     if mst and mst_config is None and offload:  # the offload mode's LM-head chunks (``offload_sim.lm_head_chunks``)
         from .offload_sim import lm_head_chunks
 
@@ -1081,7 +1080,7 @@ def step_peak(config, seq_len: int, mode: str, batch: int = 1, *, layers: int | 
     return program_peak(program, device=device)
 
 
-def compiled_peak(config, seq_len: int, mode: str, batch: int = 1, *, device: str = "cuda",
+def compiled_peak(config, seq_len: int, mode: Mode | str, batch: int = 1, *, device: str = "cuda",
                   sequence_parallel: int = 1) -> StepPeak:
     """The compiled step's peak for the whole model.  Decoder layers are identical, so the forward's
     peak and the backward's peak are each linear in their number: both are measured with 2 and 3

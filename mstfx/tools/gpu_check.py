@@ -25,12 +25,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..vocabulary import Mode
+
 #: ~1.1B Llama (TinyLlama's shape at 16 layers): GQA 32 query / 4 KV heads
 DEFAULT_CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=4, vocab_size=32000)
 DEFAULT_SEQ_LENS = (4096, 16384, 32768)
-#: gpu_check's modes → the compiled simulation's (``compiled_program.MODE_FLAGS``)
-MODES = {"inductor": "standard", "mst": "mst", "mst+ckpt": "mst+ckpt"}
+#: gpu_check's modes (its command line and JSON) → what the compiled simulation runs
+MODES = {"inductor": Mode.STANDARD, "mst": Mode.MST, "mst+ckpt": Mode.MST_CHECKPOINTING}
 GiB = 2**30
 
 

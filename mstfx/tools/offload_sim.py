@@ -14,9 +14,6 @@ import math
 
 import torch
 
-#: simulate's modes whose checkpoints live in host memory
-OFFLOAD_MODES = frozenset({"mst+ckpt+offload"})
-
 from mstfx.planning.offload_cost import HOST_STATE_BYTES_PER_PARAM  # noqa: F401  (bytes per parameter on the host, per setup)
 
 

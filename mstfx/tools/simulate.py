@@ -50,18 +50,21 @@ from typing import Any, Callable
 
 from .. import model_configs
 from ..hf_checkpointing import disable_checkpointing, enable_checkpointing
+from ..vocabulary import Action, Mode, Program
 
 GiB = 1 << 30
 #: GPUs that share one host (the host memory per node sums theirs; ``planning.cost_model.GPUS_PER_NODE``)
 GPUS_PER_NODE = 8
 
-MODES = ("standard", "ckpt", "mst", "mst+ckpt", "mst+ckpt+offload")
+#: the modes as this tool spells them (its ``--modes``, tables and JSON: ``Mode.short``); every function
+#: here also takes a :class:`~mstfx.vocabulary.Mode` or the planner's spelling
+MODES = tuple(m.short for m in Mode)
 MODE_LABELS = {
-    "standard": "standard",
-    "ckpt": "activation checkpointing",
-    "mst": "MsT",
-    "mst+ckpt": "MsT + checkpointing",
-    "mst+ckpt+offload": "MsT + checkpointing + offload",
+    Mode.STANDARD: "standard",
+    Mode.CHECKPOINTING: "activation checkpointing",
+    Mode.MST: "MsT",
+    Mode.MST_CHECKPOINTING: "MsT + checkpointing",
+    Mode.MST_CHECKPOINTING_OFFLOAD: "MsT + checkpointing + offload",
 }
 
 #: name -> (bytes per parameter of optimizer state (+ fp32 master weights) on the GPU,
@@ -256,11 +259,11 @@ def _peak_tracker_class():
 
 
 @dataclass
-class Breakdown:
+class SimulatedBreakdown:
     """Peak memory of one training step (bytes, per GPU), split by what holds it."""
 
     seq_len: int
-    mode: str
+    mode: Mode
     optimizer: str
     batch: int
     gpus: int
@@ -275,6 +278,9 @@ class Breakdown:
     sequence_parallel: int = 1
     #: host memory of one node: ``host`` of each of its GPUs (``GPUS_PER_NODE`` or fewer)
     host_node: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.mode = Mode.parse(self.mode)
 
     @property
     def total(self) -> float:
@@ -294,7 +300,7 @@ def chunks_by_kind(reports) -> dict[str, int]:
     for kind in REGION_KINDS:
         decided = [d for r in reports for d in r.decisions if d.kind == kind.name]
         if decided:
-            out[kind.name] = max((d.chunks or 1 for d in decided if d.action == "chunked"), default=1)
+            out[kind.name] = max((d.chunks or 1 for d in decided if d.action is Action.CHUNKED), default=1)
     return out
 
 
@@ -438,19 +444,17 @@ class _FakeModel:
 
     # ---- one step
 
-    def step_peak(self, seq_len: int, batch: int, mode: str, weights: list[tuple[float, float]],
+    def step_peak(self, seq_len: int, batch: int, mode: Mode, weights: list[tuple[float, float]],
                   sequence_parallel: int = 1):
         """Run one fwd+bwd in ``mode``; the tracker holds the peaks for each (params, grads) weighting.
         ``sequence_parallel`` N > 1: ``seq_len`` is one rank's tokens (S/N), its attention Ulysses'."""
         import torch
 
-        from .offload_sim import OFFLOAD_MODES, FakeHostHooks, HostCounter, lm_head_chunks
+        from .offload_sim import FakeHostHooks, HostCounter, lm_head_chunks
 
         PeakTracker = _peak_tracker_class()
         model = self.model
-        offload = mode in OFFLOAD_MODES
-        ckpt = mode in ("ckpt", "mst+ckpt") or offload
-        mst = mode in ("mst", "mst+ckpt") or offload
+        offload, ckpt, mst = mode.offloaded, mode.checkpointed, mode.chunked
         self.host = HostCounter()
         with warnings.catch_warnings():  # transformers 5 renames these; the old names still work
             warnings.simplefilter("ignore", FutureWarning)
@@ -510,9 +514,13 @@ def _sim_config(config):
 # --------------------------------------------------------------------------------------------- peaks
 
 
-def _check_args(seq_len: int, mode: str, batch: int, optimizer: str, gpus: int, sequence_parallel: int = 1) -> None:
-    if mode not in MODES:
-        raise SimulateError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+def _check_args(seq_len: int, mode: Mode | str, batch: int, optimizer: str, gpus: int, sequence_parallel: int = 1) -> Mode:
+    """The arguments checked (SimulateError naming the bad one); ``mode`` as a :class:`Mode`."""
+    try:
+        mode = Mode.parse(mode)
+    except ValueError:
+        raise SimulateError(f"unknown mode {mode!r}; one of {', '.join(MODES)} (or the planner's spelling "
+                            "with 'checkpointing')") from None
     if optimizer not in OPTIMIZERS:
         raise SimulateError(f"unknown optimizer setup {optimizer!r}; one of {', '.join(OPTIMIZERS)}")
     from ..config import is_positive_int
@@ -526,6 +534,14 @@ def _check_args(seq_len: int, mode: str, batch: int, optimizer: str, gpus: int, 
     if seq_len % sequence_parallel:
         raise SimulateError(f"seq_len={seq_len} must be a multiple of sequence_parallel={sequence_parallel} "
                             f"(each rank holds S/N tokens)")
+    return mode
+
+
+def _check_program(program: Program | str) -> Program:
+    try:
+        return Program.parse(program)
+    except ValueError:
+        raise SimulateError(f"unknown program {program!r}; one of {', '.join(PROGRAMS)}") from None
 
 
 def check_heads(config, sequence_parallel: int) -> None:
@@ -563,7 +579,7 @@ def _weights(gpus: int) -> list[tuple[float, float]]:
 
 
 def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, host: float = 0.0,
-                sequence_parallel: int = 1) -> dict[str, Breakdown]:
+                sequence_parallel: int = 1) -> dict[str, SimulatedBreakdown]:
     from .offload_sim import HOST_STATE_BYTES_PER_PARAM
 
     per_node = min(gpus, GPUS_PER_NODE)
@@ -575,7 +591,7 @@ def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, hos
         p, g, acts = tracker.split(i)
         if not grads_kept:
             g = fm.largest_param_bytes / gpus  # the one gradient alive while its Adam steps
-        out[opt] = Breakdown(
+        out[opt] = SimulatedBreakdown(
             seq_len=seq_len,
             mode=mode,
             optimizer=opt,
@@ -596,11 +612,11 @@ def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, hos
 #: which program is simulated: the eager step (op by op under MemTracker) or the compiled one (the
 #: graphs the mst backend / Inductor builds, see :mod:`mstfx.tools.compiled_program`)
 #: (``compiled-per-block``: ``mstfx.compile(model, per_block=True)``, each decoder layer its own graph)
-PROGRAMS = ("eager", "compiled", "compiled-per-block")
+PROGRAMS = Program.spellings()
 
 
-def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch: int, gpus: int,
-                         sequence_parallel: int = 1, per_block: bool = False) -> dict[str, Breakdown]:
+def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: Mode, batch: int, gpus: int,
+                         sequence_parallel: int = 1, per_block: bool = False) -> dict[str, SimulatedBreakdown]:
     """Breakdowns of the compiled step: activations and gradients at its peak from the program itself.
 
     Its backward is one graph whose outputs are all the gradients, so they are alive together until it
@@ -636,7 +652,7 @@ def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch:
     for opt, (state_bpp, grads_kept, _) in OPTIMIZERS.items():
         host = peak.host + HOST_STATE_BYTES_PER_PARAM.get(opt, 0.0) * fm.n_params / gpus
         grads, acts = grads_and_activations(grads_kept)
-        out[opt] = Breakdown(
+        out[opt] = SimulatedBreakdown(
             seq_len=seq_len, mode=mode, optimizer=opt, batch=batch, gpus=gpus, params=fm.param_bytes / gpus + extra_p,
             grads=grads, optimizer_state=state_bpp * fm.n_params / gpus,
             activations=acts, host=host, sequence_parallel=sequence_parallel, host_node=host * per_node,
@@ -644,33 +660,33 @@ def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: str, batch:
     return out
 
 
-def simulate_all(config, seq_len: int, mode: str, batch: int = 1, gpus: int = 1, program: str = "eager",
-                 sequence_parallel: int = 1) -> dict[str, Breakdown]:
+def simulate_all(config, seq_len: int, mode: Mode | str, batch: int = 1, gpus: int = 1,
+                 program: Program | str = Program.EAGER, sequence_parallel: int = 1) -> dict[str, SimulatedBreakdown]:
     """One simulated step; the peak breakdown for every optimizer setup of :data:`OPTIMIZERS`."""
-    _check_args(seq_len, mode, batch, "adamw", gpus, sequence_parallel)
+    mode = _check_args(seq_len, mode, batch, "adamw", gpus, sequence_parallel)
     check_heads(config, sequence_parallel)
-    if program not in PROGRAMS:
-        raise SimulateError(f"unknown program {program!r}; one of {', '.join(PROGRAMS)}")
+    program = _check_program(program)
     fm = _fake_model(config)
-    if program in ("compiled", "compiled-per-block"):
+    if program.compiled:
         return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus, sequence_parallel,
-                                    per_block=program == "compiled-per-block")
+                                    per_block=program.per_block)
     tracker, chunks = fm.step_peak(seq_len // sequence_parallel, batch, mode, _weights(gpus), sequence_parallel)
     return _breakdowns(fm, tracker, seq_len, mode, batch, gpus, chunks, fm.host.peak, sequence_parallel)
 
 
 def simulate_peak(
-    config, seq_len: int, mode: str, batch: int = 1, optimizer: str = "adamw", gpus: int = 1, program: str = "eager",
-    sequence_parallel: int = 1,
-) -> Breakdown:
+    config, seq_len: int, mode: Mode | str, batch: int = 1, optimizer: str = "adamw", gpus: int = 1,
+    program: Program | str = Program.EAGER, sequence_parallel: int = 1,
+) -> SimulatedBreakdown:
     """Simulated per-GPU peak of one training step (fwd + bwd, optimizer state resident).
 
-    ``config``: a transformers config (see :func:`load_config`); ``mode``: one of :data:`MODES`;
+    ``config``: a transformers config (see :func:`load_config`); ``mode``: a :class:`Mode` or one of :data:`MODES`;
     ``optimizer``: one of :data:`OPTIMIZERS`; ``gpus > 1``: FSDP, params/grads/optimizer sharded;
-    ``program``: "eager" (op by op) or "compiled" (what ``backend="mst"`` / Inductor builds);
+    ``program``: a :class:`Program`: eager (op by op), compiled (what ``backend="mst"`` / Inductor
+    builds) or compiled-per-block;
     ``sequence_parallel`` N (dividing ``gpus`` and ``seq_len``): Ulysses, one rank's S/N tokens.
     """
-    _check_args(seq_len, mode, batch, optimizer, gpus, sequence_parallel)
+    mode = _check_args(seq_len, mode, batch, optimizer, gpus, sequence_parallel)
     return simulate_all(config, seq_len, mode, batch, gpus, program, sequence_parallel)[optimizer]
 
 
@@ -679,9 +695,9 @@ def simulate_peak(
 
 @dataclass
 class ModeResult:
-    mode: str
+    mode: Mode
     max_seq_len: int  # 0: nothing fits
-    at_max: Breakdown | None
+    at_max: SimulatedBreakdown | None
     runs: list[tuple[int, float]]  # (S, total bytes) of every run, for the plot
     confirmed: bool
     note: str = ""
@@ -691,7 +707,7 @@ def _round(s: float, q: int) -> int:
     return max(q, int(s // q) * q)
 
 
-def longest_seq_len(
+def search_longest(
     peak_fn: Callable[[int], float],
     budget: float,
     *,
@@ -765,19 +781,20 @@ def longest_seq_len(
 
 
 def find_max_seq_len(
-    config, gpu_gb: float, mode: str, optimizer: str = "adamw", batch: int = 1, gpus: int = 1, progress=None,
-    program: str = "eager", sequence_parallel: int = 1, **search
-) -> tuple[ModeResult, dict[int, dict[str, Breakdown]]]:
+    config, gpu_gb: float, mode: Mode | str, optimizer: str = "adamw", batch: int = 1, gpus: int = 1, progress=None,
+    program: Program | str = Program.EAGER, sequence_parallel: int = 1, **search
+) -> tuple[ModeResult, dict[int, dict[str, SimulatedBreakdown]]]:
     """Longest S that fits ``gpu_gb`` GiB per GPU in ``mode``; also every run's breakdowns.
     ``sequence_parallel`` N: S is the whole sequence, a multiple of N (the search's quantum and start
     are multiplied by N)."""
-    _check_args(sequence_parallel, mode, batch, optimizer, gpus, sequence_parallel)
+    mode = _check_args(sequence_parallel, mode, batch, optimizer, gpus, sequence_parallel)
+    program = _check_program(program)
     check_heads(config, sequence_parallel)
     n = sequence_parallel
     search = {**search, "quantum": search.get("quantum", 128) * n, "start": search.get("start", 4096) * n,
               "max_len": search.get("max_len", 1 << 24) * n}
     budget = gpu_gb * GiB
-    all_runs: dict[int, dict[str, Breakdown]] = {}
+    all_runs: dict[int, dict[str, SimulatedBreakdown]] = {}
     fm = _fake_model(config)
     fixed = OPTIMIZERS[optimizer][0] * fm.n_params / gpus + fm.param_bytes / gpus
     if fixed > budget:
@@ -794,12 +811,12 @@ def find_max_seq_len(
             progress(mode, s, bd[optimizer].total)
         return bd[optimizer].total
 
-    best, runs = longest_seq_len(peak, budget, **search)
+    best, runs = search_longest(peak, budget, **search)
     note = "" if best else f"nothing fits: even {search.get('quantum', 128)} tokens exceed {gpu_gb:g} GiB"
     return ModeResult(mode, best, all_runs.get(best, {}).get(optimizer), runs, best > 0, note), all_runs
 
 
-def _interpolated_max(all_runs: dict[int, dict[str, Breakdown]], optimizer: str, budget: float) -> int:
+def _interpolated_max(all_runs: dict[int, dict[str, SimulatedBreakdown]], optimizer: str, budget: float) -> int:
     """Longest S for another optimizer setup from the runs already made (piecewise-linear interpolation);
     0 where no run fits it (see :func:`_longest_for_setup` for what is known then)."""
     pts = sorted((s, bd[optimizer].total) for s, bd in all_runs.items())
@@ -829,7 +846,7 @@ def _fixed_bytes(fm, optimizer: str, gpus: int) -> float:
     return params + grads + state_bpp * fm.n_params / gpus
 
 
-def _longest_for_setup(all_runs: dict[int, dict[str, Breakdown]], optimizer: str, budget: float, fixed: float,
+def _longest_for_setup(all_runs: dict[int, dict[str, SimulatedBreakdown]], optimizer: str, budget: float, fixed: float,
                        quantum: int) -> tuple[int | None, str]:
     """``(longest S, how it is known)`` of a setup that was not searched, from the runs made for another.
 
@@ -856,11 +873,6 @@ def _longest_for_setup(all_runs: dict[int, dict[str, Breakdown]], optimizer: str
 
 # --------------------------------------------------------------------------------------------- cost model
 
-#: our mode names -> the cost model's (``mstfx.planning.planner.predict_peak``)
-COST_MODEL_MODES = {"standard": "standard", "ckpt": "checkpointing", "mst": "mst", "mst+ckpt": "mst+checkpointing",
-                    "mst+ckpt+offload": "mst+checkpointing+offload"}
-
-
 def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> list[dict]:
     """Simulated vs predicted peak (bf16 weights, grads kept, no optimizer state) at each length and mode.
 
@@ -871,18 +883,18 @@ def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> li
     # the simulation runs FlashAttention whatever the config asks for (no S × S scores)
     arch = replace(arch_of(config), eager_attention=False)
     rows = []
-    for mode in modes:
+    for mode in map(Mode.parse, modes):
         for s in seq_lens:
             simd = simulate_peak(config, int(s), mode, batch, optimizer="offload")
             # the offload mode's LM head follows its own rule (``offload_sim.lm_head_chunks``): predict with the M run
-            ms = simd.chunks if mode == "mst+ckpt+offload" else {}
+            ms = simd.chunks if mode.offloaded else {}
             pred = predict_peak(
-                arch, int(s), batch, COST_MODEL_MODES[mode], optimizer="none", mixed_precision="bf16", program="eager",
+                arch, int(s), batch, mode, optimizer="none", mixed_precision="bf16", program=Program.EAGER,
                 mini_sequences=dict(ms) or None,
             )
             rows.append(
                 dict(
-                    mode=mode,
+                    mode=mode.short,
                     seq_len=int(s),
                     simulated_gib=round(simd.total / GiB, 3),
                     predicted_gib=round(pred.peak / GiB, 3),
@@ -943,7 +955,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _validate_cli(args) -> list[str]:
+def _validate_cli(args) -> list[Mode]:
     if not (args.gpu_gb > 0) or math.isinf(args.gpu_gb):
         raise SimulateError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb:g}")
     if args.batch < 1 or args.gpus < 1 or args.quantum < 1 or args.start < 1 or args.sequence_parallel < 1:
@@ -953,15 +965,16 @@ def _validate_cli(args) -> list[str]:
                             f"(a mesh of gpus/N data-parallel × N sequence-parallel ranks)")
     if args.optimizer not in OPTIMIZERS:
         raise SimulateError(f"unknown --optimizer {args.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
+    given = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in given if m not in Mode.spellings()]
+    if bad or not given:
         raise SimulateError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
-    return modes
+    return list(dict.fromkeys(map(Mode.parse, given)))
 
 
 def run_cli(args) -> dict:
     modes = _validate_cli(args)
+    program = Program.parse(args.program)  # argparse's choices are its spellings
     config = load_config(args.model, args.config)
     check_heads(config, args.sequence_parallel)
     name = config._mstfx_name
@@ -977,17 +990,17 @@ def run_cli(args) -> dict:
             if bar.n >= bar.total:
                 bar.total += 2
             bar.update(1)
-            bar.set_postfix_str(f"{mode} S={s} peak={total / GiB:.1f} GiB")
+            bar.set_postfix_str(f"{mode.short} S={s} peak={total / GiB:.1f} GiB")
 
-    results: dict[str, ModeResult] = {}
-    all_runs: dict[str, dict[int, dict[str, Breakdown]]] = {}
+    results: dict[Mode, ModeResult] = {}
+    all_runs: dict[Mode, dict[int, dict[str, SimulatedBreakdown]]] = {}
     fm = None
     try:
         fm = _fake_model(config)
         for mode in modes:
             results[mode], all_runs[mode] = find_max_seq_len(
                 config, args.gpu_gb, mode, args.optimizer, args.batch, args.gpus, progress,
-                program=args.program, sequence_parallel=args.sequence_parallel, start=args.start, quantum=args.quantum,
+                program=program, sequence_parallel=args.sequence_parallel, start=args.start, quantum=args.quantum,
             )
     finally:
         if bar is not None:
@@ -1004,14 +1017,14 @@ def run_cli(args) -> dict:
         "gpus_per_node": min(args.gpus, GPUS_PER_NODE),
         "batch": args.batch,
         "optimizer": args.optimizer,
-        "program": args.program,
+        "program": str(program),
         "seconds": round(elapsed, 1),
         "modes": {},
         "by_optimizer": {},
         "by_optimizer_how": {},
     }
-    for mode, r in results.items():
-        out["modes"][mode] = {
+    for mode, r in results.items():  # keyed by this tool's spelling (``Mode.short``) in the JSON
+        out["modes"][mode.short] = {
             "max_seq_len": r.max_seq_len,
             "note": r.note,
             "peak_gib": r.at_max.gib() if r.at_max else None,
@@ -1027,8 +1040,8 @@ def run_cli(args) -> dict:
         found = {opt: (r.max_seq_len, "searched") if opt == args.optimizer else
                  _longest_for_setup(all_runs[mode], opt, budget, _fixed_bytes(fm, opt, args.gpus), args.quantum)
                  for opt in OPTIMIZERS}
-        out["by_optimizer"][mode] = {opt: v for opt, (v, _) in found.items()}
-        out["by_optimizer_how"][mode] = {opt: how for opt, (_, how) in found.items()}
+        out["by_optimizer"][mode.short] = {opt: v for opt, (v, _) in found.items()}
+        out["by_optimizer_how"][mode.short] = {opt: how for opt, (_, how) in found.items()}
     std = out["modes"].get("standard", {}).get("max_seq_len")
     for mode in out["modes"]:
         m = out["modes"][mode]["max_seq_len"]
@@ -1057,11 +1070,11 @@ def _print_table(out: dict) -> None:
     for mode, r in out["modes"].items():
         pk = r["peak_gib"]
         if not pk:
-            t.add_row(MODE_LABELS[mode], "0", *["-"] * (len(cols) - 2), r["note"][:60])
+            t.add_row(MODE_LABELS[Mode.parse(mode)], "0", *["-"] * (len(cols) - 2), r["note"][:60])
             continue
         ch = r["chunks"]
         t.add_row(
-            MODE_LABELS[mode],
+            MODE_LABELS[Mode.parse(mode)],
             f"{r['max_seq_len']:,}",
             f"{r['vs_standard']:.2f}" if r["vs_standard"] else "-",
             f"{pk['params']:.2f}",
@@ -1100,11 +1113,11 @@ def _plot(out: dict, path: str) -> None:
     for mode, r in out["modes"].items():
         if r["runs"]:
             s, v = zip(*r["runs"])
-            line, = ax.plot(s, v, marker="o", label=f"{MODE_LABELS[mode]} (max {r['max_seq_len']:,})")
+            line, = ax.plot(s, v, marker="o", label=f"{MODE_LABELS[Mode.parse(mode)]} (max {r['max_seq_len']:,})")
             host = [(hs, hv) for hs, hv in r.get("host_runs", []) if hv > 0]
             if host:  # host memory of the same runs, dashed, in the mode's colour
                 hs, hv = zip(*host)
-                ax.plot(hs, hv, marker="x", linestyle=":", color=line.get_color(), label=f"{MODE_LABELS[mode]}: host memory")
+                ax.plot(hs, hv, marker="x", linestyle=":", color=line.get_color(), label=f"{MODE_LABELS[Mode.parse(mode)]}: host memory")
     ax.axhline(out["gpu_gib"], color="k", linestyle="--", label=f"GPU {out['gpu_gib']:g} GiB")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length S (tokens)")
@@ -1146,7 +1159,7 @@ def _compare_cli(args) -> int:
         for col in ("mode", "S", "simulated GiB", "cost model GiB", "difference"):
             t.add_column(col, justify="left" if col == "mode" else "right")
         for r in rows:
-            t.add_row(MODE_LABELS[r["mode"]], f"{r['seq_len']:,}", f"{r['simulated_gib']:.2f}", f"{r['predicted_gib']:.2f}", f"{r['rel']:+.1%}")
+            t.add_row(MODE_LABELS[Mode.parse(r["mode"])], f"{r['seq_len']:,}", f"{r['simulated_gib']:.2f}", f"{r['predicted_gib']:.2f}", f"{r['rel']:+.1%}")
         Console().print(t)
     return 0
 
@@ -1217,13 +1230,13 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "Breakdown",
+    "SimulatedBreakdown",
     "MODES",
     "OPTIMIZERS",
     "SimulateError",
     "find_max_seq_len",
     "load_config",
-    "longest_seq_len",
+    "search_longest",
     "simulate_all",
     "simulate_peak",
     "cli_main",

@@ -287,7 +287,7 @@ def _by(points):
     return lengths, variants, {(p.seq_len, p.variant): p for p in points}
 
 
-def longest_fitting(points, variant: str, budget_gib: float) -> int | None:
+def longest_measured(points, variant: str, budget_gib: float) -> int | None:
     """The longest measured S at which ``variant`` is within the budget, every shorter S fitting too."""
     lengths, _, at = _by(points)
     best = None
@@ -324,7 +324,7 @@ def markdown(points, budget_gib: float) -> str:
                 ref = at.get((s, "inductor"))
                 ratio = f" ({p.step_s / ref.step_s:.2f}×)" if ref and ref.step_s and p.step_s else ""
                 cells_t.append(f"{p.step_s:.2f}{ratio}" if p.step_s is not None else "-")
-        fit = longest_fitting(points, v, budget_gib)
+        fit = longest_measured(points, v, budget_gib)
         mem.append(f"| {v} | " + " | ".join(cells_m) + f" | {fit if fit else '-'} |")
         tim.append(f"| {v} | " + " | ".join(cells_t) + " |")
     notes = sorted({p.note for p in points if p.note and p.note.startswith(("n/a", "error"))})
@@ -349,7 +349,7 @@ def plot(points, budget_gib: float, path: str, title: str) -> None:
         if not pts:
             continue
         xs = [p.seq_len for p in pts]
-        fit = longest_fitting(points, v, budget_gib)
+        fit = longest_measured(points, v, budget_gib)
         label = f"{v} (fits up to S={fit})" if fit else f"{v} (over the budget)"
         line, = ax_m.plot(xs, [p.step_mib for p in pts], marker=markers[i % len(markers)], label=label, alpha=0.85)
         over = [p for p in pts if p.step_mib > budget_gib * 1024]

@@ -591,3 +591,22 @@ def test_transform_takes_simulate_setups_too():
     state = model._mstfx_transform
     assert state.longest_seq_len > 0 and state.plan_for(300).mixed_precision == "bf16"
     untransform(model)
+
+
+def test_longest_fitting_refuses_unknown_keywords_and_takes_plans():
+    opts = dict(optimizer="none", host_budget_gb=64.0, pcie_gbps=20.0)
+    assert P.longest_fitting(REF_CFG, 1.5, **opts) == P.longest_fitting(REF_CFG, 1.5, optimizer="none") > 0
+    with pytest.raises(TypeError, match="max_chunk"):
+        P.longest_fitting(REF_CFG, 1.5, max_chunk=8)  # a misspelt max_chunks is not ignored
+
+
+def test_plans_and_predictions_carry_typed_modes_with_their_spellings():
+    from mstfx.vocabulary import Mode
+
+    p = P.plan(REF_CFG, 4096, 1.5, optimizer="none")
+    assert isinstance(p.mode, Mode) and isinstance(p.breakdown.mode, Mode)
+    assert P.predict_peak(REF_CFG, 4096, mode="mst+ckpt").peak == P.predict_peak(REF_CFG, 4096, mode=Mode.MST_CHECKPOINTING).peak
+    with pytest.raises(ValueError, match="mode must be one of standard, checkpointing"):
+        P.predict_peak(REF_CFG, 4096, mode="mst+chekpointing")
+    with pytest.raises(ValueError, match="program must be one of compiled, eager"):
+        P.predict_peak(REF_CFG, 4096, program="compiled-per-block")

@@ -84,7 +84,7 @@ def test_longest_seq_len_piecewise_linear(budget, expect):
     def peak_convex(s):  # a plateau, then two lines of growing slope
         return 10_000 + 3 * s if s < 50_000 else 10_000 + 3 * 50_000 + 5 * (s - 50_000)
 
-    got, runs = sim.longest_seq_len(peak_convex, budget, start=4096, quantum=128)
+    got, runs = sim.search_longest(peak_convex, budget, start=4096, quantum=128)
     if expect == 0:
         assert got == 0
         return
@@ -207,7 +207,7 @@ def test_longest_seq_len_through_a_flat_stretch():
     def peak(s):
         return max(60_000.0, 50_000 + 0.1 * s)
 
-    got, runs = sim.longest_seq_len(peak, 80_000, start=4096, quantum=128)
+    got, runs = sim.search_longest(peak, 80_000, start=4096, quantum=128)
     truth = max(s for s in range(128, 400_000, 128) if peak(s) <= 80_000)
     assert truth - max(128, 0.005 * truth) <= got <= truth
     assert len(runs) <= 12

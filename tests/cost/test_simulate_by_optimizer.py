@@ -23,7 +23,7 @@ def _fixed(opt: str) -> float:
 def _breakdowns(s: int) -> dict:
     out = {}
     for opt, (bpp, kept, _) in sim.OPTIMIZERS.items():
-        out[opt] = sim.Breakdown(seq_len=s, mode="mst", optimizer=opt, batch=1, gpus=1, params=PARAM_BYTES,
+        out[opt] = sim.SimulatedBreakdown(seq_len=s, mode="mst", optimizer=opt, batch=1, gpus=1, params=PARAM_BYTES,
                                  grads=PARAM_BYTES if kept else LARGEST, optimizer_state=bpp * N_PARAMS,
                                  activations=ACT_PER_TOKEN * s)
     return out
