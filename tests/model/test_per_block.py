@@ -299,3 +299,24 @@ def test_per_block_plan_counts_one_blocks_gradients_with_the_optimizer_in_backwa
     p = P.plan("llama3-8b", 8192, 80, optimizer="adamw-bf16", per_block=True, optimizer_in_backward=True)
     # gradients alive at the peak: one module's (the embedding's or a layer's), not all 15 GiB
     assert p.breakdown.grads < P.GiB < 10 * P.GiB < whole.breakdown.grads, (p.breakdown.grads, whole.breakdown.grads)
+
+
+def test_transform_compiles_per_block_by_default_only_when_the_optimizer_steps_in_backward():
+    """transform's default program: per block with an optimizer in backward (``optimizer_in_backward`` or
+    the ``paper`` setup), where the blocks' gradients leave with their backward; the whole model
+    otherwise; an explicit ``per_block`` wins."""
+    from mstfx.transform import default_per_block
+
+    assert default_per_block("adamw", False) is False and default_per_block("paper", False) is True
+    assert default_per_block("adamw-bf16", True) is True
+    for kwargs, blocks in ((dict(), False), (dict(optimizer="paper"), True), (dict(optimizer_in_backward=True), True),
+                           (dict(optimizer="paper", per_block=False), None)):
+        model = tiny_llama(layers=LAYERS)
+        if blocks is None:  # the paper setup frees nothing early in a whole-model program: refused, as planned
+            with pytest.raises(ValueError, match="paper"):
+                mstfx.transform(model, budget_gb=1, **kwargs)
+            continue
+        mstfx.transform(model, budget_gb=1, **kwargs)
+        assert (model._mstfx_transform.blocks is not None) is blocks, kwargs
+        assert all((b._compiled_call_impl is not None) is blocks for b in model.model.layers), kwargs
+        mstfx.untransform(model)
