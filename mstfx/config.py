@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .regions.rules import MIN_LM_HEAD_CHUNK_TOKENS
+from .vocabulary import ChunkForm
 from .validate import is_positive_int, positive_int  # noqa: F401  (re-exported: mstfx.config.positive_int)
 
 #: Largest M a user may ask for.  With the default loop form compile work does not depend on M; past
@@ -15,8 +16,9 @@ from .validate import is_positive_int, positive_int  # noqa: F401  (re-exported:
 #: (``chunk_form="unrolled"``) compiles one copy of the region per mini-sequence.
 MAX_USER_CHUNKS = 256
 
-#: The forms a chunked region can take in the compiled graph (``MstConfig.chunk_form``).
-CHUNK_FORMS = ("loop", "unrolled")
+#: The forms a chunked region can take in the compiled graph (``MstConfig.chunk_form``): the spellings
+#: of :class:`mstfx.vocabulary.ChunkForm`.
+CHUNK_FORMS = ChunkForm.spellings()
 
 
 @dataclass

@@ -257,12 +257,6 @@ def optimizer_bytes(n_params: int, optimizer: str, prec: Precision) -> int:
     return states * state_bytes * n_params + master
 
 
-def mode_flags(mode: Mode | str) -> tuple[bool, bool]:
-    """(chunked, checkpointed) of a mode (a :class:`Mode` or a spelling of one)."""
-    m = Mode.parse(mode)
-    return m.chunked, m.checkpointed
-
-
 def cost_program(program: Program | str) -> Program:
     """``program`` as a :class:`Program` the cost model predicts (:data:`PROGRAMS`); ValueError otherwise."""
     p = Program.parse(program)
@@ -386,7 +380,7 @@ def mlp_saved_i(arch: Arch) -> float:
 def mask_kept(arch: Arch, mode: Mode | str) -> bool:
     """Whether the compiled step in ``mode`` still holds HF's S×S mask (and K/V repeated per query head):
     plain Inductor does; the mst backend removes both where attention is plain causal."""
-    return arch.causal_mask and not (mode_flags(mode)[0] and arch.plain_causal)
+    return arch.causal_mask and not (Mode.parse(mode).chunked and arch.plain_causal)
 
 
 def compiled_mlp(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, width: int, count: int,

@@ -96,7 +96,10 @@ def test_bad_bandwidth_is_refused():
 
 
 def test_offload_mode_flags():
-    assert cm.mode_flags(offload.OFFLOAD_MODE) == (True, True)
+    from mstfx.vocabulary import Mode
+
+    mode = Mode.parse(offload.OFFLOAD_MODE)
+    assert mode.chunked and mode.checkpointed and mode.offloaded
     assert offload.checkpoints_on_gpu(32, "mst+checkpointing") == 32
     assert offload.checkpoints_on_gpu(32, offload.OFFLOAD_MODE) == 2  # compiled: one recomputed, one prefetched
     assert offload.checkpoints_on_gpu(32, offload.OFFLOAD_MODE, "eager") == 1
