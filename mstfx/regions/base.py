@@ -71,7 +71,7 @@ class RegionKind:
 
     def mini_sequences(self, region, config: Any) -> int:
         """M for ``region``: the user's or plan's number (``config.mini_sequences_for``), else the
-        kind's default rule (:mod:`mstfx.regions.rules`), through ``mstfx.passes.chunk_rule``."""
+        kind's default rule (:mod:`mstfx.regions.rules`: ``mlp_chunks``, ``lm_head_chunks``)."""
         raise NotImplementedError
 
     def rewrite(self, owner, region, m: int, ctx) -> str:
@@ -88,9 +88,9 @@ class RegionKind:
     def fields(region, width: Any, detail: str) -> dict:
         """:meth:`report_fields` of a region with ``name``, ``tokens``, ``hidden`` and ``dtype``: only the
         width its amplifier reaches and the detail differ between kinds."""
-        from ..passes import chunk_rule
+        from .rules import token_str
 
-        return dict(where=region.name, tokens=chunk_rule.token_str(region.tokens), hidden=region.hidden, width=width,
+        return dict(where=region.name, tokens=token_str(region.tokens), hidden=region.hidden, width=width,
                     dtype=str(region.dtype).replace("torch.", ""), detail=detail)
 
     # ---- cost side (pure sympy: ``mstfx.planning.cost_model``)
