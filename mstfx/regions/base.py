@@ -96,8 +96,10 @@ class RegionKind:
     # ---- cost side (pure sympy: ``mstfx.planning.cost_model``)
 
     def cost(self, arch, prec, chunked: bool, m, program: str):
-        """This kind's :class:`~mstfx.planning.cost_model.RegionCost` per decoder layer, or ``None`` when
-        the cost model has the kind's terms built in (the MLP and the LM head, whose terms share fitted
-        coefficients with the attention block).  A kind with its own terms adds its saved bytes to
-        every layer and its backward transient as a phase of its own."""
+        """This kind's :class:`~mstfx.planning.terms.RegionCost` (pure sympy, no torch: the kind's
+        ``cost`` module), or ``None`` when the model has no such region.  The cost model
+        (``mstfx.planning.cost_model``) asks every kind of the registry; a kind adds its saved bytes to
+        every layer it has (its ``count``) and its backward transient as a phase of its own.  The MLP
+        and the LM head have phases beyond that (a checkpointed layer's recompute, the head's weight
+        gradient), which the cost model's ``step_cost`` writes for them."""
         return None

@@ -58,6 +58,11 @@ class LmHeadKind(RegionKind):
         rewrite_lm_head(owner.graph, region, m)
         return ""
 
+    def cost(self, arch, prec, chunked, m, program):
+        from .cost import cost
+
+        return cost(self.name, arch, prec, chunked, m, program)
+
     def report_fields(self, region, m: int) -> dict:
         tied = any(u is not region.head.node and u.op != "output" for u in region.head.weight.users)
         bits = [t[0] if t[0] != "scale" else f"scale {t[1]:.4g}" for t in region.transforms if t[0] != "cast"]

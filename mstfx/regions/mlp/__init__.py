@@ -45,6 +45,11 @@ class MlpKind(RegionKind):
         rewrite_mlp(owner, region, m, eager=ctx.eager, in_checkpoint=ctx.in_checkpoint)
         return words
 
+    def cost(self, arch, prec, chunked, m, program):
+        from .cost import cost
+
+        return cost(self.name, arch, prec, chunked, m, program)
+
     def report_fields(self, region, m: int) -> dict:
         return self.fields(region, region.intermediate,
                            f"{region.activation}, {len(region.up_projections)} up-proj{_adapters(region)}, recompute in backward")
