@@ -33,6 +33,7 @@ import torch
 import mstfx
 from mstfx.planning import cost_model as cm
 from mstfx.planning.planner import arch_of
+from mstfx.regions.mlp import cost as mlp_cost
 from mstfx.tools.architectures import loss_and_grads, tiny_llama, variant_peaks
 
 SEQ = 2048
@@ -54,8 +55,8 @@ def lora_llama():
 def predicted_share(base, seq: int, m: int) -> float:
     """Bytes the cost model says chunking the MLPs saves (saved for backward, all layers)."""
     arch, prec = arch_of(base), cm.Precision()
-    full, _ = cm.compiled_mlp(arch, prec, False, 1, arch.intermediate, arch.dense_layers)
-    chunked, _ = cm.compiled_mlp(arch, prec, True, m, arch.intermediate, arch.dense_layers)
+    full, _ = mlp_cost.compiled(arch, prec, False, 1, arch.intermediate, arch.dense_layers)
+    chunked, _ = mlp_cost.compiled(arch, prec, True, m, arch.intermediate, arch.dense_layers)
     return full.count * (cm.evaluate(full.saved, seq) - cm.evaluate(chunked.saved, seq, m_mlp=m))
 
 

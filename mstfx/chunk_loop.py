@@ -23,7 +23,9 @@ from .chunked_ops import chunk_sizes
 
 #: Chunk bodies by content hash.  The hash covers the body's ops and wiring, so an identifier names one
 #: program in every process (a cached compiled graph that calls it finds the same body again, since
-#: the backend's passes register it before Inductor's cache is consulted).
+#: the backend's passes register it before Inductor's cache is consulted).  It holds one entry per
+#: distinct body structure, not per graph or step, and stays strong: compiled code names a body only by
+#: its identifier, so an entry that went with its graph would leave that code unable to run.
 _BODIES: dict[str, fx.GraphModule] = {}
 
 

@@ -1,5 +1,9 @@
 """The mstfx torch-level graph passes: analyse and rewrite the FX graph Dynamo hands to the backend.
 
+The pipeline sits above the region kinds (:mod:`mstfx.regions`: each kind's package owns its finder and
+rewrite) and the graph vocabulary they share sits below them (:mod:`.common`: matching ops and
+projections, side effects; :mod:`.recompute`: the chunk form and recompute-tag ids).
+
 Level: the torch-level graph, before AOT autograd (the one aten-level pass, which runs inside Inductor
 after the partitioner, is :mod:`mstfx.post_grad`).  :func:`run_passes` (:mod:`.driver`) runs
 :func:`pipeline`, whose names are :data:`PASS_ORDER`; ``python -m mstfx.passes`` prints it.  For each region kind of
@@ -31,8 +35,7 @@ it is part of the region and is copied and removed with it.
 from __future__ import annotations
 
 from .common import CantChunk
-from .find_lm_head import LmHeadRegion, find_lm_head_regions
-from .find_mlp import MlpRegion, find_mlp_regions
+from .driver import PASS_ORDER, RewriteContext, pipeline, run_passes
 from .report import GraphReport, RegionDecision
 
 __all__ = [
@@ -40,22 +43,7 @@ __all__ = [
     "CantChunk",
     "GraphReport",
     "RegionDecision",
-    "MlpRegion",
-    "LmHeadRegion",
-    "find_mlp_regions",
-    "find_lm_head_regions",
+    "RewriteContext",
     "pipeline",
     "run_passes",
 ]
-
-#: names defined by :mod:`.driver`, which imports the region kinds (and they import these passes):
-#: loaded on first use so that a kind's module can import a pass module
-_PIPELINE_NAMES = ("PASS_ORDER", "RewriteContext", "pipeline", "run_passes")
-
-
-def __getattr__(name: str):
-    if name in _PIPELINE_NAMES:
-        from . import driver
-
-        return getattr(driver, name)
-    raise AttributeError(f"module 'mstfx.passes' has no attribute {name!r}")

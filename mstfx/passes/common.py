@@ -535,3 +535,28 @@ def erase_if_dead(graph: fx.Graph, roots: list[fx.Node]) -> int:
         erased += 1
         stack.extend(inputs)
     return erased
+
+
+def token_free_nodes(graph: fx.Graph, param_nodes: set[fx.Node]) -> set[fx.Node]:
+    """Nodes whose value does not depend on any token input (parameters and ops on parameters only)."""
+    free: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr" or node in param_nodes:
+            free.add(node)
+        elif node.op in ("call_function", "call_method") and node.all_input_nodes:
+            if all(a in free for a in node.all_input_nodes):
+                free.add(node)
+    return free
+
+
+def stacked_weight(node: fx.Node, param_nodes: set[fx.Node]) -> fx.Node | None:
+    """``node`` if it is a parameter of rank >= 3 (one weight per expert) or a transpose/view of one."""
+    while isinstance(node, fx.Node) and node not in param_nodes:
+        if node.op == "call_method" and node.target in ("transpose", "t", "permute", "contiguous", "view", "reshape"):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in (torch.transpose, torch.permute):
+            node = node.args[0]
+        else:
+            return None
+    val = tensor_of(node)
+    return node if val is not None and val.dim() >= 3 else None

@@ -100,7 +100,7 @@ class RewriteContext:
     def changed_autocast(self, owner: fx.GraphModule, nodes: list[fx.Node]) -> bool:
         """Whether ``nodes`` (of ``owner``) run under an in-graph autocast context that changes the state:
         one inside ``owner``, or, for a checkpointed body, one around its call in the top-level graph."""
-        from .rewrite_mlp import under_changed_autocast
+        from .recompute import under_changed_autocast
 
         if under_changed_autocast(owner.graph, nodes):
             return True

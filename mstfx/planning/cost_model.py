@@ -39,7 +39,7 @@ Two terms are not per token: the compiled HF SDPA path (transformers 5, Llama an
 a B×S×S additive causal mask (``Arch.causal_mask``), and a tied, unchunked LM head (GPT-2) keeps its
 logits buffer and defers its weight gradient to the end of backward.
 ``eager``, the same step run op by op with FlashAttention (what ``mstfx simulate`` runs): no fitted
-number, each op's saved tensors by autograd's rules (:func:`eager_regions`).  Modes:
+number, each op's saved tensors by autograd's rules (:func:`eager_attention`, the kinds' ``eager`` terms).  Modes:
 
     standard            nothing chunked, nothing checkpointed
     checkpointing       every decoder layer checkpointed (HF ``gradient_checkpointing_enable``)
@@ -62,7 +62,12 @@ import sympy as sp
 from ..vocabulary import ChunkForm, Mode, Program
 from . import offload_cost as offload
 
-from .terms import B, FP32, RegionCost, S  # noqa: F401  (part of this module's vocabulary)
+from ..regions.mlp import cost as mlp_cost
+from ..regions.registry import Kind
+from .terms import B, COEF, FP32, RegionCost, S, norm_saved  # noqa: F401  (part of this module's vocabulary)
+
+#: I-wide tensors an unchunked compiled MLP saves per token (the MLP kind's cost side)
+mlp_saved_i = mlp_cost.saved_i
 M_MLP, M_HEAD = sp.symbols("M_mlp M_head", positive=True)
 
 
@@ -70,53 +75,10 @@ M_MLP, M_HEAD = sp.symbols("M_mlp M_head", positive=True)
 MODES = tuple(Mode)
 #: which program's memory is predicted: the Inductor-compiled step (what the mst backend runs, fitted
 #: on CPU, ``COEF``) or the eager autograd step with FlashAttention (what ``mstfx simulate`` runs,
-#: derived from the ops' saved tensors, see :func:`eager_regions`); per-block compilation is not modelled
+#: derived from the ops' saved tensors, see :func:`eager_attention` and the kinds' cost sides)
 PROGRAMS = (Program.COMPILED, Program.EAGER)
 NORMS = ("rms", "rms_fp32", "layer")
 OPTIMIZERS = ("adamw", "sgd", "none")
-
-
-#: Per-token element counts of the compiled step (fitted on the reference config, see module doc).
-COEF = {
-    # saved for backward by one decoder layer, not chunked: attention block
-    "attn_saved_h": 3.0,  # layer input, attention output (and its contiguous copy), residual, norm output
-    "attn_saved_qkv": 1.0,  # q, k, v after rotary (× their widths)
-    # MLP, not chunked: input + (gate, up) or (up) pre-activations
-    "mlp_saved_h": 2.0,  # the residual entering the MLP's norm and the norm's output
-    "mlp_saved_i": 1.0,  # × number of up-projections: each pre-activation
-    "mlp_saved_down_in": 1.0,  # + the down-projection's input (activation, times the up-projection if gated)
-    # transient of one layer's backward (gradients of the widest intermediates)
-    "bwd_transient_i": 2.0,  # × number of up-projections, per token of the region
-    "bwd_transient_h": 4.0,
-    # LM head + loss, not chunked: saved and backward transient, in units of V × the activation dtype
-    # (HF upcasts the logits to fp32 for the loss, but Inductor fuses the upcast into the loss kernels and
-    # saves the logits as the lm_head made them: measured in bf16, 262 MB = S·V·2 B at S = 4096)
-    "head_saved_v": 1.0,
-    "head_bwd_v": 0.0,  # Inductor writes dlogits in place of the saved logits
-    # LM head + loss chunked: per chunk token, in units of V (the fp32 logits chunk: Inductor fuses
-    # the softmax and dlogits into it); the forward transient is the larger of that and the V×h fp32
-    # weight-gradient buffer made when the accumulator is finished (measured at S = 2048, 4096)
-    "head_chunk_v": 1.0,
-    # chunked MLP: saved per token in units of h (its input and its output, the residual sum)
-    "mlp_chunked_saved_h": 2.0,
-    # 1 if the chunked LM head's fp32 weight-gradient accumulator outlives the head's backward
-    # (measured 0: it is finished into the weight gradient in forward, see step_cost)
-    "acc_alive": 0.0,
-    # 1: the chunk buffers of a chunked MLP's backward stay in Inductor's reuse pool (alive) through the
-    # attention backward that follows, until the next layer's MLP backward reuses them (measured: 6 of a
-    # SwiGLU chunk's 7 I-wide buffers at M = 4; 9 at M = 3, whose uneven chunks pool two sizes)
-    "mlp_chunk_pool": 1.0,
-    # checkpointed layer keeps only its input (and the rotary tables)
-    "ckpt_saved_h": 1.0,
-    # the additive causal mask (B × S × S, activation dtype) the compiled HF SDPA path materialises
-    # once and keeps until the last attention backward (measured: 16.8 MB at S = 2048, 67.1 MB at 4096)
-    "mask_s2": 1.0,
-    # 0: a checkpointed layer's MLP is recomputed chunk by chunk, each chunk just before its gradient
-    # (checked on the captured backward, tests/cost/test_compiled_program.py).  It was 1 (every chunk's
-    # up-projections alive together) while mstfx's chunk tags inside checkpoint bodies read as
-    # checkpoint boundaries to the partitioner and the last layer's output was recomputed whole
-    "ckpt_mlp_whole": 0.0,
-}
 
 
 @dataclass(frozen=True)
@@ -265,20 +227,20 @@ def cost_program(program: Program | str) -> Program:
     return p
 
 
-def kind_costs(arch: "Arch", prec: "Precision", chunked: bool, m_mlp, m_head, program: Program) -> list["RegionCost"]:
-    """The per-layer costs of the region kinds that bring their own terms (``RegionKind.cost`` of
-    ``mstfx.regions.registry``); the MLP and the LM head are built in (:func:`compiled_regions`,
-    :func:`eager_regions`).  A kind's M is the planner's ``M_mlp`` or ``M_head`` (its ``cost_symbol``);
-    an M that is the number 1 means not chunked."""
-    from mstfx.regions.registry import REGION_KINDS  # the kinds' modules bring the graph side too
+def kind_costs(arch: "Arch", prec: "Precision", chunked: bool, m_mlp, m_head, program: Program) -> dict[str, "RegionCost"]:
+    """Each region kind's cost per decoder layer (``RegionKind.cost`` of every kind in
+    ``mstfx.regions.registry.REGION_KINDS``, in that order), by kind name; a kind whose model has no
+    such region (``None``) is left out.  A kind's M is the planner's ``M_mlp`` or ``M_head`` (its
+    ``cost_symbol``); an M that is the number 1 means not chunked."""
+    from mstfx.regions import registry  # the list as it is now (a test may add a kind)
 
-    out = []
-    for kind in REGION_KINDS:
+    out = {}
+    for kind in registry.REGION_KINDS:
         m = m_head if kind.cost_symbol == "M_head" else m_mlp
         one = isinstance(m, (int, sp.Integer)) and int(m) == 1
         cost = kind.cost(arch, prec, chunked and not one, m, program)
         if cost is not None:
-            out.append(cost)
+            out[kind.name] = cost
     return out
 
 
@@ -292,7 +254,8 @@ def regions(
     and S counts a rank's tokens (:func:`step_cost` substitutes the whole sequence).
 
     In the mst modes a region whose M is the number 1 is not chunked (the pass leaves it alone).
-    ``program``: "compiled" (the Inductor step, :data:`COEF`) or "eager" (:func:`eager_regions`).
+    ``program``: "compiled" (the Inductor step, :data:`COEF`) or "eager" (:func:`eager_attention` and the
+    kinds' ``eager`` terms).
     """
     mode, program = Mode.parse(mode), cost_program(program)
     chunked, ckpt = mode.chunked, mode.checkpointed
@@ -302,21 +265,22 @@ def regions(
     # ``tag_activation_checkpoint`` (HF ``gradient_checkpointing_enable``), so a checkpointed layer's
     # recompute makes only the MLP input, and its backward runs chunk by chunk (see "checkpointed layer")
     chunk_mlp = chunked and not (isinstance(m_mlp, (int, sp.Integer)) and int(m_mlp) == 1)
-    chunk_head = chunked and arch.lm_head and not (isinstance(m_head, (int, sp.Integer)) and int(m_head) == 1)
     if program is Program.COMPILED:
-        attn, mlp, mlp_full_saved, head = compiled_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head, mask_kept(arch, mode))
+        attn = compiled_attention(arch, prec, mask_kept(arch, mode))
     else:
-        attn, mlp, mlp_full_saved, head = eager_regions(arch, prec, chunk_mlp, chunk_head, m_mlp, m_head)
+        attn = eager_attention(arch, prec)
     if sequence_parallel > 1:
         norm = norm_saved(arch, prec.act_bytes)
         attn = ulysses_attention(attn, arch, prec, sequence_parallel, program, norm,
                                  norm if arch.sandwich_norms else 0)
-    if not arch.lm_head:  # a backbone: nothing vocab-wide (count 0: the plan shows no row)
-        head = RegionCost("lm_head", 0, "-", sp.Integer(0), sp.Integer(0), sp.Integer(0))
-    # a MoE layer's dense part (shared expert, or the block's input alone) and the region kinds' own
-    # terms (routed experts), each with its count of layers
+    # every region kind's terms; the dense MLP and the LM head have phases of their own in step_cost
+    # (the MLP's recompute in a checkpointed layer and its pooled chunk buffers, the head's weight
+    # gradient), the other kinds (routed experts) are each a layer term with its count of layers
+    kinds = kind_costs(arch, prec, chunked, m_mlp, m_head, program)
+    mlp, head = kinds.pop(Kind.MLP), kinds.pop(Kind.LM_HEAD)
+    # a MoE layer's dense part (shared expert, or the block's input alone)
     block = moe_block(arch, prec, chunk_mlp, m_mlp, program)
-    extra = ([block[0]] if block else []) + kind_costs(arch, prec, chunked, m_mlp, m_head, program)
+    extra = ([block[0]] if block else []) + list(kinds.values())
     if ckpt:  # a checkpointed layer keeps its input; its activations come back one layer at a time
         # with the MLP chunked, its backward runs one chunk at a time (``mlp.bwd_transient``), each
         # chunk recomputed just before its gradient (``ckpt_mlp_whole`` = 0; eager: each chunk's own
@@ -326,6 +290,8 @@ def regions(
         def recomputed(region: RegionCost, full_saved) -> sp.Expr:
             return whole * full_saved + (1 - whole) * region.saved if chunk_mlp else region.saved
 
+        # the dense MLP's unchunked saved bytes: its terms with M = 1
+        mlp_full_saved = mlp_cost.dense(arch, prec, False, 1, arch.intermediate, arch.dense_layers, program)[1]
         dense_saved = recomputed(mlp, mlp_full_saved)
         kinds_saved = sum((e.saved for e in extra[1 if block else 0:]), sp.Integer(0))
         if not arch.routed_layers:
@@ -334,9 +300,7 @@ def regions(
             moe_saved = recomputed(*block) + kinds_saved
             layer_saved = attn.saved + (_larger(dense_saved, moe_saved) if arch.dense_layers else moe_saved)
         if chunk_mlp and whole:  # a chunk's up-projections are already in the whole recompute: only its gradients are new
-            per_chunk = t / m_mlp
-            mlp = replace(mlp, bwd_transient=per_chunk * a * ((1 - whole) * mlp_saved_i(arch)
-                                                              + COEF["bwd_transient_i"] * arch.ups) * arch.intermediate)
+            mlp = mlp_cost.whole_recompute(mlp, arch, prec, m_mlp, whole)
         present = [r for r in (mlp, *extra) if r.count]
         ckpt_region = RegionCost(
             "checkpointed layer", arch.layers, f"{h}", t * a * COEF["ckpt_saved_h"] * h, layer_saved,
@@ -364,17 +328,10 @@ def moe_block(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, program: Prog
     n = arch.routed_layers
     if not n:
         return None
-    make = compiled_mlp if program is Program.COMPILED else eager_mlp
     if arch.shared_intermediate:
-        return make(arch, prec, chunk_mlp, m_mlp, arch.shared_intermediate, n, "shared expert")
-    region, full = make(arch, prec, False, 1, 0, n, "moe input")
+        return mlp_cost.dense(arch, prec, chunk_mlp, m_mlp, arch.shared_intermediate, n, program, "shared expert")
+    region, full = mlp_cost.dense(arch, prec, False, 1, 0, n, program, "moe input")
     return replace(region, shape=f"{arch.hidden}", bwd_transient=0 * S), full
-
-
-def mlp_saved_i(arch: Arch) -> float:
-    """I-wide tensors an unchunked compiled MLP saves per token: each up-projection's output and the
-    down-projection's input (SwiGLU: gate, up, silu(gate)·up = 3; GELU: pre-activation, GELU = 2)."""
-    return COEF["mlp_saved_i"] * arch.ups + COEF["mlp_saved_down_in"]
 
 
 def mask_kept(arch: Arch, mode: Mode | str) -> bool:
@@ -383,36 +340,13 @@ def mask_kept(arch: Arch, mode: Mode | str) -> bool:
     return arch.causal_mask and not (Mode.parse(mode).chunked and arch.plain_causal)
 
 
-def compiled_mlp(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, width: int, count: int,
-                 kind: str = "mlp") -> tuple[RegionCost, sp.Expr]:
-    """A dense MLP of ``width`` in ``count`` layers (the compiled step, :data:`COEF`), and its unchunked
-    saved bytes: the dense MLP of a layer, or a MoE layer's shared expert."""
-    c, a, h, i, t = COEF, prec.act_bytes, arch.hidden, width, B * S
-    saved_i = mlp_saved_i(arch)
-    mlp_full_saved = t * a * (c["mlp_saved_h"] * h + saved_i * i)
-    mlp_full_bwd = t * a * c["bwd_transient_i"] * arch.ups * i
-    if chunk_mlp:
-        per_chunk = t / m_mlp
-        mlp = RegionCost(
-            kind, count, f"{h}→{i}→{h}",
-            saved=t * a * h * c["mlp_chunked_saved_h"],
-            fwd_transient=per_chunk * a * arch.ups * i,
-            bwd_transient=per_chunk * a * (saved_i + c["bwd_transient_i"] * arch.ups) * i,
-            # each chunk's up-projections and activation run again in backward
-            recompute_flops=2 * t * h * i * arch.ups,
-            chunks=m_mlp,
-        )
-    else:
-        mlp = RegionCost(kind, count, f"{h}→{i}→{h}", mlp_full_saved, 0 * S, mlp_full_bwd)
-    return mlp, mlp_full_saved
-
-
-def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool, m_mlp, m_head, mask: bool | None = None):
-    """(attention, MLP, unchunked MLP's saved bytes, LM head) of the Inductor-compiled step (:data:`COEF`).
+def compiled_attention(arch: Arch, prec: Precision, mask: bool | None = None) -> RegionCost:
+    """The attention block of the Inductor-compiled step (:data:`COEF`); the MLP and the LM head are
+    their kinds' terms (``mstfx/regions/<kind>/cost.py``).
 
     ``mask``: the step holds HF's mask and repeated K/V (default ``arch.causal_mask``; see :func:`mask_kept`)."""
     c, a = COEF, prec.act_bytes
-    h, i, v, nh = arch.hidden, arch.intermediate, arch.vocab, arch.heads
+    h, nh = arch.hidden, arch.heads
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     if arch.causal_mask if mask is None else mask:  # with a mask HF's SDPA path repeats K and V to every query head (repeat_kv)
         kv = q
@@ -423,94 +357,21 @@ def compiled_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: b
     if arch.eager_attention:  # softmax probabilities saved, their gradient transient
         attn_saved += B * nh * S * S * a
         attn_bwd += B * nh * S * S * a
-    attn = RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
-
-    mlp, mlp_full_saved = compiled_mlp(arch, prec, chunk_mlp, m_mlp, i, arch.dense_layers)
-
-    if chunk_head:
-        per_chunk = t / m_head
-        head = RegionCost(
-            "lm_head", 1, f"{h}→{v}",
-            # dL/dh (t×h) and the fp32 dL/dW accumulator (V×h) are made in forward, kept for backward
-            saved=t * a * h + v * h * FP32,
-            # (the V×h fp32 weight-gradient buffer made when the accumulator is finished is its own
-            # phase in step_cost: phases stay free of Max so sympy can solve them)
-            # in bf16/fp16 the chunk's logits gradient (activation dtype) is upcast to fp32 for the fp32
-            # accumulator, and both exist for that matmul (measured in bf16: V×chunk×2 + V×chunk×4)
-            fwd_transient=per_chunk * v * (FP32 * c["head_chunk_v"] + (a if a < FP32 else 0)) + t * a * h,
-            # backward scales the accumulator into the weight gradient (counted with the grads)
-            bwd_transient=t * a * h,
-            chunks=m_head,
-        )
-    else:
-        head = RegionCost(
-            "lm_head", 1, f"{h}→{v}",
-            saved=t * v * a * c["head_saved_v"],
-            fwd_transient=0 * S,  # the loss is reduced from the saved logits, no second copy
-            bwd_transient=t * v * a * c["head_bwd_v"] + t * a * h,
-        )
-    return attn, mlp, mlp_full_saved, head
+    return RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
 
 
-def norm_saved(arch: Arch, a: int) -> int:
-    """Bytes per token one norm keeps for backward in eager PyTorch, without its output.
-
-    HF Llama's RMSNorm upcasts (``x.to(float32)``: 4·h, kept by ``pow`` and ``mul``), keeps ``rsqrt``
-    (4) and the normalised input cast back (a·h, kept by ``weight *``); Gemma's multiplies by
-    ``1 + weight`` in fp32, so it keeps the fp32 normalised input (4·h) instead; ``native_layer_norm``
-    keeps its input, mean and rstd.
-    """
-    h = arch.hidden
-    return {"rms": 4 * h + 4 + a * h, "rms_fp32": 8 * h + 4, "layer": a * h + 8}[arch.norm]
-
-
-def eager_mlp(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, width: int, count: int,
-              kind: str = "mlp") -> tuple[RegionCost, sp.Expr]:
-    """A dense MLP of ``width`` in ``count`` layers (the eager step, see :func:`eager_regions`), and its
-    unchunked saved bytes: the dense MLP of a layer, or a MoE layer's shared expert (with the block's
-    norm; width 0: the norm alone, see :func:`moe_block`)."""
-    a, h, i, t = prec.act_bytes, arch.hidden, width, B * S
-    kept_i, grad_i = (4, 3) if arch.gated else (2, 2)
-    branch_norm = norm_saved(arch, a) if arch.sandwich_norms else 0
-    mlp_in = t * (norm_saved(arch, a) + a * h + branch_norm)
-    mlp_full_saved = mlp_in + t * a * kept_i * i
-    if chunk_mlp:
-        per_chunk = t / m_mlp
-        mlp = RegionCost(
-            kind, count, f"{h}→{i}→{h}", saved=mlp_in,
-            fwd_transient=per_chunk * a * (kept_i - 1) * i,
-            bwd_transient=per_chunk * a * (kept_i + grad_i) * i + t * a * h,
-            recompute_flops=2 * t * h * i * arch.ups, chunks=m_mlp,
-        )
-    else:
-        mlp = RegionCost(kind, count, f"{h}→{i}→{h}", mlp_full_saved, 0 * S, t * a * (grad_i * i + h))
-    return mlp, mlp_full_saved
-
-
-def eager_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool, m_mlp, m_head):
-    """(attention, MLP, unchunked MLP's saved bytes, LM head) of the *eager* step with FlashAttention-2.
+def eager_attention(arch: Arch, prec: Precision) -> RegionCost:
+    """The attention block of the *eager* step with FlashAttention-2; the MLP and the LM head are their
+    kinds' terms (``mstfx/regions/<kind>/cost.py``, ``eager``).
 
     Derived, not fitted: each op's saved tensors (autograd's rules), per token (``a`` = activation
-    bytes, fp32 = 4), as ``mstfx simulate`` runs the step:
-
-    * attention: the input norm and its output (kept by the q/k/v projections), q and k after rotary
-      and v (kept by flash attention, K/V at their own head count), its output (kept by the output
-      projection) and its fp32 log-sum-exp; backward: the output's gradient, dq/dk/dv, FA2's fp32 dq
-      accumulator and, with GQA, dk/dv expanded to all heads.
-    * MLP: the norm and its output, then gate, act(gate), up and their product (gated: 4·I; plain:
-      the up-projection and its activation, 2·I); backward: about 3·I (2·I plain) of gradients.
-    * LM head (unchunked, HF's loss): the final norm and its output; the fp32 ``log_softmax`` output is
-      saved, the activation-dtype logits and their fp32 copy are alive while the loss runs; backward
-      makes ``nll_loss``'s and ``log_softmax``'s fp32 gradients (8·V).
-    * chunked MLP (each chunk under ``torch.utils.checkpoint``): only the input is kept; backward
-      recomputes one chunk (4·I) beside its gradients (3·I).
-    * chunked LM head (``chunked_ops.linear_cross_entropy``): dL/dh and the fp32 V×h accumulator are
-      kept; at most three fp32 chunk×V tensors and a one-hot mask are alive at once (13 bytes per vocab
-      entry: the loop drops each dead chunk tensor); backward scales the accumulator in fp32 before
-      the cast.
+    bytes, fp32 = 4), as ``mstfx simulate`` runs the step: the input norm and its output (kept by the
+    q/k/v projections), q and k after rotary and v (kept by flash attention, K/V at their own head
+    count), its output (kept by the output projection) and its fp32 log-sum-exp; backward: the
+    output's gradient, dq/dk/dv, FA2's fp32 dq accumulator and, with GQA, dk/dv expanded to all heads.
     """
     a = prec.act_bytes
-    h, i, v, nh = arch.hidden, arch.intermediate, arch.vocab, arch.heads
+    h, nh = arch.hidden, arch.heads
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     t = B * S
     norm = norm_saved(arch, a)
@@ -522,32 +383,7 @@ def eager_regions(arch: Arch, prec: Precision, chunk_mlp: bool, chunk_head: bool
     if arch.eager_attention:  # softmax probabilities saved, their gradient transient
         attn_saved += B * nh * S * S * a
         attn_bwd += B * nh * S * S * a
-    attn = RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
-
-    mlp, mlp_full_saved = eager_mlp(arch, prec, chunk_mlp, m_mlp, i, arch.dense_layers)
-
-    final_norm = t * (norm + a * h)
-    cap = t * a * v if arch.logit_softcap else 0  # tanh's output, kept for its backward
-    if chunk_head:
-        per_chunk = t / m_head
-        head = RegionCost(
-            "lm_head", 1, f"{h}→{v}",
-            saved=final_norm + t * a * h + v * h * FP32,
-            # one chunk's vocab-wide tensors at once: three fp32 ones (logits, softmax, its gradient) and
-            # the one-hot mask; soft-capping: the saved tanh output and its chain-rule temporary instead
-            fwd_transient=per_chunk * v * (3 * FP32 + (2 * a if arch.logit_softcap else 1)) + t * a * h,
-            bwd_transient=t * a * h + (v * h * FP32 if prec.param_bytes < FP32 else 0),
-            chunks=m_head,
-        )
-    else:
-        upcast = FP32 if a < FP32 else 0  # ``logits.float()`` is a copy only below fp32
-        head = RegionCost(
-            "lm_head", 1, f"{h}→{v}",
-            saved=final_norm + t * v * FP32 + cap,
-            fwd_transient=t * v * (a + upcast) + cap,
-            bwd_transient=t * v * 2 * FP32 + t * a * h,
-        )
-    return attn, mlp, mlp_full_saved, head
+    return RegionCost("attention", arch.layers, f"{nh}×{arch.head_dim} heads", attn_saved, 0 * S, attn_bwd)
 
 
 def step_cost(
@@ -601,11 +437,11 @@ def step_cost(
     opt = sp.Rational(optimizer_bytes(n, optimizer, prec), gpus)
     head_grad = sp.Rational(arch.vocab * arch.hidden * prec.param_bytes * (1 if arch.lm_head else 0), gpus)
     layer_grad = sp.Rational(arch.layer_params * prec.param_bytes, gpus) + unsharded
-    attn, mlp, head = by["attention"], by["mlp"], by["lm_head"]
+    attn, mlp, head = by["attention"], by[Kind.MLP], by[Kind.LM_HEAD]
     freed = per_block and optimizer_in_backward
     emb_grad = sp.Rational(arch.vocab * arch.hidden * prec.param_bytes, gpus)
     looped_head = looped and head.chunks != 1  # the LM head + loss is the loop operator
-    extra = [r for r in regs if r.kind not in ("attention", "mlp", "lm_head", "checkpointed layer")]
+    extra = [r for r in regs if r.kind not in ("attention", Kind.MLP, Kind.LM_HEAD, "checkpointed layer")]
     # a layer's regions that not every layer has (MoE: a dense MLP, or a shared expert and routed
     # experts) count by their share of the layers; every region of a dense model has share 1
     share = lambda r: 1 if r.count == arch.layers else sp.Rational(r.count, max(1, arch.layers))  # noqa: E731
@@ -629,7 +465,7 @@ def step_cost(
         # between (measured, reference Llama, M = 3 and 4; COEF["mlp_chunk_pool"]); MoE: the larger
         # of the dense MLP's and the shared expert's, and beside it a chunked region kind's own pooled
         # buffers (routed experts: one run's, measured on the tiny Qwen2-MoE alongside the shared expert's)
-        mlps = [r for r in (mlp, *present) if r.kind in ("mlp", "shared expert") and r.count and r.chunks != 1]
+        mlps = [r for r in (mlp, *present) if r.kind in (Kind.MLP, "shared expert") and r.count and r.chunks != 1]
         pooled = mlps[0].bwd_transient if len(mlps) == 1 else _larger(*(r.bwd_transient for r in mlps)) if mlps else 0
         pooled = pooled + sum((r.pooled for r in present if r.pooled is not None and r.chunks != 1), sp.Integer(0))
         pool = pooled * COEF["mlp_chunk_pool"] if compiled and not looped else 0

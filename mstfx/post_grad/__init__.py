@@ -23,6 +23,12 @@ _aten = torch.ops.aten
 RESHAPES = frozenset({_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.squeeze.dim,
                       _aten.squeeze.dims})
 
+#: matmuls of a 2-D weight (a linear and its gradients)
+DENSE_MATMULS = frozenset({_aten.mm.default, _aten.addmm.default})
+#: matmuls of stacked weights (one per batch entry or expert): batched and grouped
+BATCHED_MATMULS = frozenset({_aten.bmm.default, _aten.baddbmm.default}
+                            | {getattr(_aten, n).default for n in ("_grouped_mm", "_scaled_grouped_mm") if hasattr(_aten, n)})
+
 
 def through(node, targets) -> object:
     """``node`` with every producer among ``targets`` (view ops) skipped: the tensor it is a view of."""

@@ -30,7 +30,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from . import RESHAPES, ChainedPass, through
+from . import DENSE_MATMULS, RESHAPES, ChainedPass, through
 
 aten = torch.ops.aten
 
@@ -58,7 +58,6 @@ def _is_row_sum(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 2 and dims in ([0], [-2]) and len(node.args) <= 3
 
 
-_MATMULS = frozenset({aten.mm.default, aten.addmm.default})
 #: ops between a gradient and the matmul that reads it: reshapes and the weight gradient's transpose
 _TO_MATMUL = RESHAPES | {aten.t.default, aten.permute.default}
 
@@ -72,7 +71,7 @@ def _read_by_matmul(x: fx.Node) -> bool:
             if user in seen:
                 continue
             seen.add(user)
-            if user.op == "call_function" and user.target in _MATMULS:
+            if user.op == "call_function" and user.target in DENSE_MATMULS:
                 return True
             if user.op == "call_function" and user.target in _TO_MATMUL:
                 todo.append(user)

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from ..compat.functorch import is_op_overload
-from . import RESHAPES, ChainedPass, through
+from . import BATCHED_MATMULS, RESHAPES, ChainedPass, through
 
 aten = torch.ops.aten
 
@@ -54,10 +54,8 @@ _VIEWS = RESHAPES | {aten.unsqueeze.default}
 #: ``mm`` / ``addmm`` are not among them: Inductor's own ``addmm`` pattern already sums a chain of
 #: them one matmul at a time (a dense weight's gradient), and where it leaves one (the attention's
 #: q/k/v input gradient, three terms) the fused sum reads each term once and costs nothing extra
-_MATMULS = {aten.bmm.default, aten.baddbmm.default, aten.convolution.default, aten.convolution_backward.default}
-for _name in ("_grouped_mm", "_scaled_grouped_mm", "_scaled_mm"):
-    if hasattr(aten, _name):
-        _MATMULS.add(getattr(aten, _name).default)
+_EXTERN_PRODUCERS = (BATCHED_MATMULS | {aten.convolution.default, aten.convolution_backward.default}
+                     | ({aten._scaled_mm.default} if hasattr(aten, "_scaled_mm") else set()))
 
 
 def _is_partial(node) -> bool:
@@ -69,7 +67,7 @@ def _is_partial(node) -> bool:
         if not isinstance(node, fx.Node) or node.op != "call_function":
             return False
     target = node.target
-    if target in _MATMULS:
+    if target in _EXTERN_PRODUCERS:
         return True
     return is_op_overload(target) and target.namespace not in ("aten", "prims")
 

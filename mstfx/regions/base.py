@@ -69,7 +69,7 @@ class RegionKind:
 
     def mini_sequences(self, region, config: Any) -> int:
         """M for ``region``: the user's or plan's number (``config.mini_sequences_for``), else the
-        kind's default rule (:mod:`mstfx.regions.rules`), through ``mstfx.passes.chunk_rule``."""
+        kind's default rule (:mod:`mstfx.regions.rules`: ``mlp_chunks``, ``lm_head_chunks``)."""
         raise NotImplementedError
 
     def rewrite(self, owner, region, m: int, ctx) -> str:
@@ -86,16 +86,18 @@ class RegionKind:
     def fields(region, width: Any, detail: str) -> dict:
         """:meth:`report_fields` of a region with ``name``, ``tokens``, ``hidden`` and ``dtype``: only the
         width its amplifier reaches and the detail differ between kinds."""
-        from ..passes import chunk_rule
+        from .rules import token_str
 
-        return dict(where=region.name, tokens=chunk_rule.token_str(region.tokens), hidden=region.hidden, width=width,
+        return dict(where=region.name, tokens=token_str(region.tokens), hidden=region.hidden, width=width,
                     dtype=str(region.dtype).replace("torch.", ""), detail=detail)
 
     # ---- cost side (pure sympy: ``mstfx.planning.cost_model``)
 
     def cost(self, arch, prec, chunked: bool, m, program: str):
-        """This kind's :class:`~mstfx.planning.cost_model.RegionCost` per decoder layer, or ``None`` when
-        the cost model has the kind's terms built in (the MLP and the LM head, whose terms share fitted
-        coefficients with the attention block).  A kind with its own terms adds its saved bytes to
-        every layer and its backward transient as a phase of its own."""
+        """This kind's :class:`~mstfx.planning.terms.RegionCost` (pure sympy, no torch: the kind's
+        ``cost`` module), or ``None`` when the model has no such region.  The cost model
+        (``mstfx.planning.cost_model``) asks every kind of the registry; a kind adds its saved bytes to
+        every layer it has (its ``count``) and its backward transient as a phase of its own.  The MLP
+        and the LM head have phases beyond that (a checkpointed layer's recompute, the head's weight
+        gradient), which the cost model's ``step_cost`` writes for them."""
         return None

@@ -70,12 +70,12 @@ def hand_written_mst(model, ids):
     from torch.utils.checkpoint import checkpoint
 
     from mstfx import linear_cross_entropy
-    from mstfx.passes import chunk_rule
+    from mstfx.regions import rules
 
     cfg = model.config
     tokens = ids.numel()
-    m_mlp = chunk_rule.mlp_chunks(tokens, cfg.hidden_size, None)
-    m_head = chunk_rule.lm_head_chunks(tokens, cfg.hidden_size, cfg.vocab_size)
+    m_mlp = rules.mlp_chunks(tokens, cfg.hidden_size, None)
+    m_head = rules.lm_head_chunks(tokens, cfg.hidden_size, cfg.vocab_size)
     for layer in model.model.layers:
         mlp, plain = layer.mlp, type(layer.mlp).forward
 

@@ -36,6 +36,7 @@ import torch.fx as fx
 from ..compat.dynamo import detect_fake_mode
 from ..compat.functorch import is_op_overload, op_name
 from ..hf_checkpointing import enable_checkpointing
+from ..post_grad import DENSE_MATMULS
 from ..vocabulary import Mode
 
 # ---------------------------------------------------------------------------------------- attention
@@ -411,7 +412,8 @@ _SCATTER_INTO = {
 }
 
 
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+#: matmuls Inductor runs as extern kernels whose output buffer a later kernel may reuse
+_MATMUL_KERNELS = DENSE_MATMULS | {torch.ops.aten.bmm.default}
 
 
 def _reusable(buf: fx.Node) -> bool:
@@ -420,7 +422,7 @@ def _reusable(buf: fx.Node) -> bool:
     mutation (a scatter into a copy, a custom op that accumulates in place) is not."""
     if buf.op == "placeholder":
         return True
-    return buf.op == "call_function" and (buf.target in _MATMULS or (_fusible(buf) and buf.target not in _SCATTER_INTO))
+    return buf.op == "call_function" and (buf.target in _MATMUL_KERNELS or (_fusible(buf) and buf.target not in _SCATTER_INTO))
 
 
 def _pointwise(node: fx.Node) -> bool:
@@ -559,7 +561,7 @@ def _wrapped_call(node: fx.Node) -> tuple[Any, tuple, dict] | None:
     if target in _rng_wrappers():
         skip = 2 if target is _rng_wrappers()[1] else 1  # run_with_rng_state(state, op, ...), run_and_save_rng_state(op, ...)
         return node.args[skip - 1], node.args[skip:], node.kwargs
-    if is_op_overload(target) and not _lowered(node) and target not in _MATMULS:
+    if is_op_overload(target) and not _lowered(node) and target not in _MATMUL_KERNELS:
         return target, node.args, node.kwargs
     return None
 
@@ -661,7 +663,7 @@ def with_layout_copies(gm: fx.GraphModule) -> fx.GraphModule:
     copies: dict[fx.Node, fx.Node] = {}
     for reader in list(graph.nodes):
         constrained = _op_name(reader) in _STRIDE_CONSTRAINED
-        if not (constrained or reader.target in _MATMULS):
+        if not (constrained or reader.target in _MATMUL_KERNELS):
             continue
         for arg in dict.fromkeys(a for a in reader.all_input_nodes):
             val = arg.meta.get("val")

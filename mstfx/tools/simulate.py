@@ -15,7 +15,7 @@ The MsT rewrite is the mst backend's own: for each sequence length the MLP modul
 layer's) and the LM-head + loss function are captured by Dynamo and handed to
 ``mstfx.backend(compiler="eager")``, which runs the pass pipeline and returns the eager form of the
 rewritten graph (each MLP chunk under ``torch.utils.checkpoint``, the LM head through
-``chunked_ops.linear_cross_entropy``, M from ``mstfx/passes/chunk_rule.py``).  Every decoder layer then runs
+``chunked_ops.linear_cross_entropy``, M from ``mstfx/regions/rules.py``).  Every decoder layer then runs
 that graph with its own weights.  (Dynamo refuses to run while a dispatch mode such as FakeTensorMode
 or MemTracker is active, so the whole model cannot be captured inside the simulation; the regions
 are captured outside it, with the same fake parameters, and replayed inside.)

@@ -7,9 +7,9 @@ import pytest
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from mstfx.passes import chunk_rule
 from mstfx.planning import cost_model as cm
 from mstfx.planning.planner import default_chunks
+from mstfx.regions import rules
 from mstfx.regions.rules import MIN_LM_HEAD_CHUNK_TOKENS, lm_head_rule
 
 HIDDEN, VOCAB = 64, 50_000  # ⌈V/h⌉ = 782: the shortest-chunk bound decides below
@@ -21,7 +21,7 @@ def test_no_lm_head_chunk_shorter_than_the_minimum(tokens):
     assert m == max(1, tokens // MIN_LM_HEAD_CHUNK_TOKENS)
     if m > 1:  # the shortest of M near-equal chunks has ⌊tokens/M⌋ tokens
         assert tokens // m >= MIN_LM_HEAD_CHUNK_TOKENS
-    assert chunk_rule.lm_head_chunks(tokens, HIDDEN, VOCAB) == m
+    assert rules.lm_head_chunks(tokens, HIDDEN, VOCAB) == m
     arch = cm.Arch(hidden=HIDDEN, intermediate=128, layers=1, heads=4, kv_heads=4, head_dim=16, vocab=VOCAB)
     assert default_chunks(arch, tokens)[1] == m  # what the planner predicts the backend does
 
@@ -37,6 +37,6 @@ def test_dynamic_token_count_keeps_the_minimum_over_its_whole_bucket():
     tokens decide the bound (512..1023 tokens: M = 2, never 3)."""
     env = ShapeEnv()
     sym = env.create_symintnode(env.create_symbol(1000, source=ConstantSource("tokens")), hint=1000)
-    m = chunk_rule.lm_head_chunks(sym, HIDDEN, VOCAB)
+    m = rules.lm_head_chunks(sym, HIDDEN, VOCAB)
     assert m == 2
     assert 512 // m >= MIN_LM_HEAD_CHUNK_TOKENS

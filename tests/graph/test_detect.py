@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import mstfx
-from mstfx.passes import find_lm_head_regions, find_mlp_regions, run_passes
+from mstfx.passes import run_passes
+from mstfx.regions.lm_head.graph import find_lm_head_regions
+from mstfx.regions.mlp.graph import find_mlp_regions
 from mstfx.passes.common import CantChunk
 
 D, I, V = 16, 48, 40

@@ -1,16 +1,18 @@
-"""The shape of the package: no import circle (lazy imports count), and a new region kind takes one module
-and one registry entry (a toy kind, added here, is found, chunked, reported and costed)."""
+"""The shape of the package: no import circle (lazy imports count), and a new region kind takes one package
+and one registry entry (a toy kind, written here as a package of its own, is found, chunked, reported
+and costed)."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import pathlib
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import mstfx
-from mstfx.regions.base import RegionKind
 
 PACKAGE = pathlib.Path(mstfx.__file__).parent
 
@@ -83,13 +85,12 @@ def test_the_walk_finds_a_circle_when_there_is_one():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
 
 
-# -- a toy region kind: a GELU applied to tokens×features, outside any MLP, chunked over the tokens ------
-class _GeluRegion:
-    def __init__(self, node):
-        self.node, self.nodes = node, [node]
-        val = node.args[0].meta["example_value"]
-        self.tokens, self.hidden, self.dtype = val.shape[-2], val.shape[-1], val.dtype
-        self.name = f"gelu@{node.name}"
+# -- a toy region kind, as a package of its own: a GELU applied to tokens×features, outside any MLP,
+# chunked over the tokens.  The test writes it to a temporary folder, so nothing of mstfx is edited.
+TOY_KIND = {
+    "__init__.py": '''
+"""Region kind: a GELU on tokens×features, chunked over the tokens (a test kind)."""
+from mstfx.regions.base import RegionKind
 
 
 class ToyGeluKind(RegionKind):
@@ -98,38 +99,84 @@ class ToyGeluKind(RegionKind):
     amplifier = "a test kind"
 
     def find(self, graph, params, claimed):
-        found = [_GeluRegion(n) for n in graph.nodes
-                 if n.op == "call_function" and n.target is F.gelu and n not in claimed]
-        return found, []
+        from .graph import find_regions
+
+        return find_regions(graph, claimed)
 
     def mini_sequences(self, region, config):
         return config.mini_sequences_for(self.name, region) or 2
 
     def rewrite(self, owner, region, m, ctx):
-        graph, node = owner.graph, region.node
-        with graph.inserting_before(node):
-            parts = graph.call_function(torch.chunk, (node.args[0], m, -2))
-            outs = [graph.call_function(F.gelu, (graph.call_function(lambda p, i: p[i], (parts, i)),)) for i in range(m)]
-            joined = graph.call_function(torch.cat, (outs, -2))
-        node.replace_all_uses_with(joined)
-        graph.erase_node(node)
-        return f"; {m} chunks"
+        from .graph import rewrite
+
+        return rewrite(owner, region, m)
 
     def report_fields(self, region, m):
         return self.fields(region, region.hidden, "gelu per chunk")
 
     def cost(self, arch, prec, chunked, m, program):
-        from mstfx.planning.terms import B, RegionCost, S
+        from .cost import cost
 
-        width = arch.hidden * prec.act_bytes
-        return RegionCost(self.name, 1, f"{arch.hidden}", saved=B * S * width,
-                          fwd_transient=B * S * width / (m if chunked else 1), bwd_transient=B * S * width)
+        return cost(self.name, arch, prec, chunked, m)
 
 
-def test_a_new_kind_is_one_module_and_one_registry_entry(monkeypatch):
+KIND = ToyGeluKind()
+''',
+    "graph.py": '''
+import torch
+import torch.nn.functional as F
+
+
+class GeluRegion:
+    def __init__(self, node):
+        self.node, self.nodes = node, [node]
+        val = node.args[0].meta["example_value"]
+        self.tokens, self.hidden, self.dtype = val.shape[-2], val.shape[-1], val.dtype
+        self.name = f"gelu@{node.name}"
+
+
+def _part(parts, i):
+    return parts[i]
+
+
+def find_regions(graph, claimed):
+    found = [GeluRegion(n) for n in graph.nodes
+             if n.op == "call_function" and n.target is F.gelu and n not in claimed]
+    return found, []
+
+
+def rewrite(owner, region, m):
+    graph, node = owner.graph, region.node
+    with graph.inserting_before(node):
+        parts = graph.call_function(torch.chunk, (node.args[0], m, -2))
+        outs = [graph.call_function(F.gelu, (graph.call_function(_part, (parts, i)),)) for i in range(m)]
+        joined = graph.call_function(torch.cat, (outs, -2))
+    node.replace_all_uses_with(joined)
+    graph.erase_node(node)
+    return f"; {m} chunks"
+''',
+    "cost.py": '''
+from mstfx.planning.terms import B, RegionCost, S
+
+
+def cost(name, arch, prec, chunked, m):
+    width = arch.hidden * prec.act_bytes
+    return RegionCost(name, 1, f"{arch.hidden}", saved=B * S * width,
+                      fwd_transient=B * S * width / (m if chunked else 1), bwd_transient=B * S * width)
+''',
+}
+
+
+def test_a_new_kind_is_one_package_and_one_registry_entry(monkeypatch, tmp_path):
     from mstfx.regions import registry
 
-    kind = ToyGeluKind()
+    package = tmp_path / "toy_gelu"
+    package.mkdir()
+    for file, text in TOY_KIND.items():
+        (package / file).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    kind = importlib.import_module("toy_gelu").KIND  # the one package
+    assert "toy_gelu.graph" not in sys.modules and "toy_gelu.cost" not in sys.modules  # loaded when used
     monkeypatch.setattr(registry, "REGION_KINDS", (*registry.REGION_KINDS, kind))  # the one registry line
 
     class Net(torch.nn.Module):

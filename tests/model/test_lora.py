@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mstfx
-from mstfx.passes import find_mlp_regions
+from mstfx.regions.mlp.graph import find_mlp_regions
 from mstfx.tools.architectures import loss_and_grads, sample_batch, tiny_llama
 from mstfx.tools.measure import fresh_code
 

@@ -40,9 +40,9 @@ class RoutedExpertsKind(RegionKind):
         return find_regions(graph, params, claimed)
 
     def mini_sequences(self, region, config) -> int:
-        from ...passes import chunk_rule
+        from ..rules import mlp_chunks
 
-        return chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
+        return mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
 
     def rewrite(self, owner, region, m: int, ctx) -> str:
         from .graph import rewrite

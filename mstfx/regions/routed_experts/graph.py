@@ -22,10 +22,11 @@ from ...passes.common import (
     mst_meta,
     side_effect_between,
     split_dim,
+    stacked_weight,
     tensor_of,
+    token_free_nodes,
 )
-from ...passes.find_mlp import stacked_weight, token_free_nodes
-from ...passes.rewrite_mlp import next_ac_graph_id
+from ...passes.recompute import next_ac_graph_id
 
 #: functions that make a fresh buffer: a write into one made inside the region is the region's own
 _FACTORIES = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty, torch.zeros,
@@ -308,7 +309,7 @@ def rewrite(owner, region: ExpertsRegion, m: int, ctx) -> str:
             # partitioner can then neither save nor recompute the split
             env = {x: graph.call_function(torch.narrow, (x, 0, start, run)) for x in region.inputs}
             start += run
-            ac_id = next_ac_graph_id()
+            ac_id = next_ac_graph_id(graph)
             for node in region.nodes:
                 new = _copy_for_run(graph, node, env, region.tokens, run)
                 new.meta.pop("example_value", None)

@@ -1,13 +1,14 @@
 """Region kind: the token-wise MLP (up-projection → activation → down-projection).
 
-Found by ``mstfx.passes.find_mlp``, chunked by ``mstfx.passes.rewrite_mlp`` (each chunk recomputed in
-backward), M by the paper's rule ⌈tokens / hidden⌉; its cost terms are built into the cost model
-(they share fitted coefficients with the attention block).
+Found by :mod:`.graph`, chunked by :mod:`.rewrite` (each chunk recomputed in backward), M by the
+paper's rule ⌈tokens / hidden⌉ (:mod:`mstfx.regions.rules`), its bytes in :mod:`.cost` (per-token
+formulas; the fitted coefficients they share with the attention block stay in
+:data:`mstfx.planning.terms.COEF`).
 """
 
 from __future__ import annotations
 
-from .base import RegionKind
+from ..base import RegionKind
 
 # The graph side (torch, FX) is imported inside the methods that run on a graph, so that the planner
 # reads this kind's name, label and cost symbol without torch.
@@ -22,19 +23,20 @@ class MlpKind(RegionKind):
     cost_symbol = "M_mlp"
 
     def find(self, graph, params, claimed):
-        from ..passes.find_mlp import find_mlp_regions
+        from .graph import find_mlp_regions
 
         regions, skipped = find_mlp_regions(graph, params, claimed)
         return regions, [(where, f"not an MLP: {why}") for where, why in skipped]
 
     def mini_sequences(self, region, config) -> int:
-        from ..passes import chunk_rule
+        from ..rules import mlp_chunks
 
-        return chunk_rule.mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
+        return mlp_chunks(region.tokens, region.hidden, config.mini_sequences_for(self.name, region))
 
     def rewrite(self, owner, region, m: int, ctx) -> str:
-        from ..passes.rewrite_mlp import chunk_form, rewrite_mlp, rewrite_mlp_looped
-        from ..vocabulary import ChunkForm
+        from ...passes.recompute import chunk_form
+        from .rewrite import rewrite_mlp, rewrite_mlp_looped
+        from ...vocabulary import ChunkForm
 
         form, words = chunk_form(ctx.config, ctx.in_checkpoint, ctx.changed_autocast(owner, region.nodes))
         if form is ChunkForm.LOOP:
@@ -43,6 +45,11 @@ class MlpKind(RegionKind):
             words = "; unrolled M copies (reads a symbolic size or module state, which the loop operator cannot take)"
         rewrite_mlp(owner, region, m, eager=ctx.eager, in_checkpoint=ctx.in_checkpoint)
         return words
+
+    def cost(self, arch, prec, chunked, m, program):
+        from .cost import cost
+
+        return cost(self.name, arch, prec, chunked, m, program)
 
     def report_fields(self, region, m: int) -> dict:
         return self.fields(region, region.intermediate,

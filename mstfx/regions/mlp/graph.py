@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .common import (
+from ...passes.common import (
+    stacked_weight,
+    token_free_nodes,
+
     CantChunk,
     LinearMatch,
     Projection,
@@ -68,18 +71,6 @@ class MlpRegion:
         return len(self.up_projections) > 1 or any(
             split_dim(n) is not None for n in self.nodes
         )
-
-
-def token_free_nodes(graph: fx.Graph, param_nodes: set[fx.Node]) -> set[fx.Node]:
-    """Nodes whose value does not depend on any token input (parameters and ops on parameters only)."""
-    free: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "get_attr" or node in param_nodes:
-            free.add(node)
-        elif node.op in ("call_function", "call_method") and node.all_input_nodes:
-            if all(a in free for a in node.all_input_nodes):
-                free.add(node)
-    return free
 
 
 def _is_token_wise(node: fx.Node) -> bool:
@@ -212,19 +203,6 @@ def _region_from_up(up: Projection, free: set[fx.Node], owner: dict[fx.Node, Pro
         name=name,
         extra={"adapters": adapters} if adapters else {},
     )
-
-
-def stacked_weight(node: fx.Node, param_nodes: set[fx.Node]) -> fx.Node | None:
-    """``node`` if it is a parameter of rank >= 3 (one weight per expert) or a transpose/view of one."""
-    while isinstance(node, fx.Node) and node not in param_nodes:
-        if node.op == "call_method" and node.target in ("transpose", "t", "permute", "contiguous", "view", "reshape"):
-            node = node.args[0]
-        elif node.op == "call_function" and node.target in (torch.transpose, torch.permute):
-            node = node.args[0]
-        else:
-            return None
-    val = tensor_of(node)
-    return node if val is not None and val.dim() >= 3 else None
 
 
 def routed_expert_matmuls(graph: fx.Graph, param_nodes: set[fx.Node], free: set[fx.Node]) -> list[fx.Node]:

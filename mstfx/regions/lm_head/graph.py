@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import (
+from ...passes.common import (
     CantChunk,
     LinearMatch,
     check_no_side_effects,

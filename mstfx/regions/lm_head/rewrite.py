@@ -15,9 +15,9 @@ import operator
 import torch
 import torch.fx as fx
 
-from .. import chunked_ops
-from .common import erase_if_dead, mst_meta
-from .find_lm_head import LmHeadRegion
+from ... import chunked_ops
+from ...passes.common import erase_if_dead, mst_meta
+from .graph import LmHeadRegion
 
 
 def rewrite_lm_head(graph: fx.Graph, region: LmHeadRegion, chunks: int, needs: list[bool] | None = None) -> fx.Node:

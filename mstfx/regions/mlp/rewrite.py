@@ -1,7 +1,7 @@
 """Rewrite: an MLP region becomes a loop of M mini-sequences that is recomputed in backward.
 
 The tokens are flattened and split into M pieces, and the chunk outputs are joined.  Two forms
-(``MstConfig.chunk_form``, chosen by :func:`chunk_form`):
+(``MstConfig.chunk_form``, chosen by :func:`mstfx.passes.recompute.chunk_form`):
 
 * **Loop** (:func:`rewrite_mlp_looped`, the default): the region becomes one call of the
   ``mstfx::chunk_loop`` operator (:mod:`mstfx.chunk_loop`) on a registered chunk body; its forward
@@ -23,79 +23,16 @@ growing with M (about 5x plain Inductor's first step at M = 64).
 
 from __future__ import annotations
 
-import itertools
 import operator
 
 import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .. import chunked_ops
-from .common import MST_AC_GRAPH_ID_BASE, is_view, mst_meta, split_dim, tensor_of
-from .find_mlp import MlpRegion
-from ..vocabulary import ChunkForm
-
-_ac_ids = itertools.count(MST_AC_GRAPH_ID_BASE)
-
-
-def next_ac_graph_id() -> int:
-    """A fresh ``ac_graph_id`` for one chunk's recompute tags (every region kind draws from this one
-    counter, so no two chunks of a graph share an id)."""
-    return next(_ac_ids)
-
-
-def _enter_changes_state(enter: fx.Node) -> bool:
-    """Whether the autocast context ``enter`` opens (``_enter_autocast(device_type, dtype, enabled,
-    cache_enabled)``) changes the state its ops would see without it.  Disabling autocast changes
-    nothing when autocast is off for that device around the graph (Dynamo guards on that state, so the
-    backend sees the one the graph runs under); any enabled context counts as a change."""
-    args = list(enter.args) + [None] * (4 - len(enter.args))
-    device = enter.kwargs.get("device_type", args[0])
-    enabled = enter.kwargs.get("enabled", args[2] if len(enter.args) > 2 else True)
-    if enabled is False and isinstance(device, str):
-        try:
-            return bool(torch.is_autocast_enabled(device))
-        except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
-            return True
-    return True
-
-
-def under_changed_autocast(graph: fx.Graph, nodes) -> bool:
-    """Whether any of ``nodes`` (of ``graph``) runs inside an in-graph autocast context that changes
-    the autocast state (:func:`_enter_changes_state`).
-
-    A loop operator's backward recomputes its chunks when autograd runs it, under whatever autocast
-    state holds then (that of the caller, as for the rest of the graph), not the state of a context
-    inside the graph, so a region under such a context keeps the unrolled form, whose recompute AOT
-    autograd traces with the forward's casts.  Contexts elsewhere in the graph do not matter:
-    transformers 4.57's rotary embedding runs under ``torch.autocast(device_type, enabled=False)``
-    beside every layer, and the MLPs and the LM head outside it keep the loop form."""
-    targets, active = set(nodes), []
-    for node in graph.nodes:
-        if node in targets and any(_enter_changes_state(e) for e in active):
-            return True
-        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
-        if name == "_enter_autocast":
-            active.append(node)
-        elif name == "_exit_autocast" and node.args and node.args[0] in active:
-            active.remove(node.args[0])
-    return False
-
-
-def chunk_form(config, in_checkpoint: bool, changed_autocast: bool = False) -> tuple[ChunkForm, str]:
-    """The form an MLP's chunks take (``config.chunk_form``, a :class:`~mstfx.vocabulary.ChunkForm`) and
-    the report's words for it.  The ``eager`` compiler runs each chunk under
-    ``torch.utils.checkpoint`` (unrolled copies of that call).  ``changed_autocast``: the region runs
-    under an in-graph autocast context that changes the state (:func:`under_changed_autocast`)."""
-    form = ChunkForm.parse(getattr(config, "chunk_form", ChunkForm.UNROLLED))
-    if config.compiler == "eager":
-        return ChunkForm.UNROLLED, ""
-    if form is ChunkForm.LOOP:
-        if changed_autocast:
-            return ChunkForm.UNROLLED, "; unrolled M copies (autocast in the graph changes its state)"
-        return ChunkForm.LOOP, "; one loop operator"
-    return ChunkForm.UNROLLED, ""
-
+from ... import chunked_ops
+from ...passes.common import is_view, mst_meta, split_dim, tensor_of
+from ...passes.recompute import next_ac_graph_id
+from .graph import MlpRegion
 
 def _copy_for_chunk(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
     """Copy ``node`` so that it works on a [chunk_tokens, k] slice instead of the full tensor."""
@@ -159,7 +96,7 @@ def loop_body(owner: fx.GraphModule, region: MlpRegion) -> tuple[fx.GraphModule,
 def rewrite_mlp_looped(gm: fx.GraphModule, region: MlpRegion, chunks: int) -> fx.Node | None:
     """Replace ``region`` by one ``mstfx::chunk_loop`` call (its body registered once); ``None`` (graph
     unchanged) when the region cannot become a loop body."""
-    from .. import chunk_loop
+    from ... import chunk_loop
 
     found = loop_body(gm, region)
     if found is None:
@@ -191,7 +128,7 @@ def rewrite_mlp(gm: fx.GraphModule, region: MlpRegion, chunks: int, *, eager: bo
     body_attr = None
     if eager:
         body, externals = extract_body(gm, region)
-        body_attr = f"mst_mlp_body_{next_ac_graph_id()}"
+        body_attr = f"mst_mlp_body_{next_ac_graph_id(gm.graph)}"
         gm.add_submodule(body_attr, body)
     with graph.inserting_before(sink):
         flat = graph.call_function(chunked_ops.flatten_tokens, (x,))
@@ -204,7 +141,7 @@ def rewrite_mlp(gm: fx.GraphModule, region: MlpRegion, chunks: int, *, eager: bo
                 outs.append(graph.call_function(chunked_ops.checkpointed, (body_node, piece, *externals)))
                 continue
             env = {x: piece}
-            ac_id = next_ac_graph_id()
+            ac_id = next_ac_graph_id(graph)
             for node in region.nodes:
                 new = _copy_for_chunk(graph, node, env)
                 new.meta.pop("example_value", None)

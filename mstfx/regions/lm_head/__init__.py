@@ -1,14 +1,14 @@
 """Region kind: the LM head (+ logit scaling / soft-capping) feeding cross-entropy.
 
-Found by ``mstfx.passes.find_lm_head``, rewritten by ``mstfx.passes.rewrite_lm_head`` into the fused,
-chunked linear cross-entropy (no recompute: each chunk's gradients are made in forward), M by
-⌈vocab / hidden⌉ with no chunk shorter than 256 tokens; its cost terms are built into the cost model.
+Found by :mod:`.graph`, rewritten by :mod:`.rewrite` into the fused, chunked linear cross-entropy (no
+recompute: each chunk's gradients are made in forward), M by ⌈vocab / hidden⌉ with no chunk shorter
+than 256 tokens (:mod:`mstfx.regions.rules`), its bytes in :mod:`.cost`.
 At M = 1 it is still rewritten: the fused loss keeps no logits for backward.
 """
 
 from __future__ import annotations
 
-from .base import RegionKind
+from ..base import RegionKind
 
 # The graph side (torch, FX) is imported inside the methods that run on a graph, so that the planner
 # reads this kind's name, label and cost symbol without torch.
@@ -26,7 +26,7 @@ class LmHeadKind(RegionKind):
     def find(self, graph, params, claimed):
         import torch
 
-        from ..passes.find_lm_head import find_escaping_logits, find_lm_head_regions
+        from .graph import find_escaping_logits, find_lm_head_regions
 
         regions, skipped = find_lm_head_regions(graph)
         if not regions and not skipped and torch.is_grad_enabled():
@@ -38,17 +38,17 @@ class LmHeadKind(RegionKind):
         return {region.head.node}
 
     def mini_sequences(self, region, config) -> int:
-        from ..passes import chunk_rule
+        from ..rules import lm_head_chunks
 
-        return chunk_rule.lm_head_chunks(
+        return lm_head_chunks(
             region.tokens, region.hidden, region.vocab, config.mini_sequences_for(self.name, region),
             config.min_lm_head_chunk_tokens,
         )
 
     def rewrite(self, owner, region, m: int, ctx) -> str:
-        from ..passes.rewrite_lm_head import rewrite_lm_head
-        from ..passes.rewrite_mlp import chunk_form
-        from ..vocabulary import ChunkForm
+        from ...passes.recompute import chunk_form
+        from .rewrite import rewrite_lm_head
+        from ...vocabulary import ChunkForm
 
         nodes = [region.head.node, *region.chain, region.loss]
         if chunk_form(ctx.config, ctx.in_checkpoint, ctx.changed_autocast(owner, nodes))[0] is ChunkForm.LOOP:
@@ -58,6 +58,11 @@ class LmHeadKind(RegionKind):
             return "; one loop operator"
         rewrite_lm_head(owner.graph, region, m)
         return ""
+
+    def cost(self, arch, prec, chunked, m, program):
+        from .cost import cost
+
+        return cost(self.name, arch, prec, chunked, m, program)
 
     def report_fields(self, region, m: int) -> dict:
         tied = any(u is not region.head.node and u.op != "output" for u in region.head.weight.users)
