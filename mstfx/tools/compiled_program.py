@@ -1110,14 +1110,78 @@ def compiled_peak(config, seq_len: int, mode: Mode | str, batch: int = 1, *, dev
     return StepPeak(backward, backward - grads, grads, f"backward {note}", forward, backward, grads, host, without_grads)
 
 
-def per_block_peak(whole: StepPeak, largest_module_grads: int, grads_freed: bool) -> int:
-    """The peak of the per-block program (``mstfx.compile(model, per_block=True)``), modelled from the
-    whole-model program ``whole``: the same saved tensors and recomputes, but each block's backward is
-    a graph of its own.  With gradients kept until the optimizer step they accumulate as the whole
-    program's do (its peak); freed as made (an optimizer step in ``register_post_accumulate_grad_hook``)
-    only the module in backward holds gradients: the most non-gradient bytes of the step (forward or
-    backward) plus the largest module's gradients (a block's, the embedding's or the LM head's), as
-    ``mstfx simulate --program compiled-per-block`` counts them."""
-    if not grads_freed:
-        return whole.total
-    return max(whole.forward, whole.backward_without_grads) + largest_module_grads
+def eager_body_extra(model: torch.nn.Module, batch: int, seq_len: int) -> int:
+    """Bytes the per-block program's eager decoder body holds beyond what the whole-model compiled
+    program holds at the same point: what autograd saves for the modules after the blocks (the final
+    norm), less the norm's input, which the compiled program keeps for its norm's backward.
+
+    Per block, the module that runs the blocks runs eagerly (:mod:`mstfx.per_block`), so its final norm
+    is Hugging Face's eager code: an RMSNorm in bf16 saves an fp32 copy of its input and the bf16
+    normalised value (6 bytes per element, where the compiled norm keeps the 2-byte input and recomputes
+    the rest); in fp32 the copy is the input itself and one normalised value is added.  These are alive
+    from the norm's forward (the end of the forward) to the norm's backward, which follows the LM head's
+    backward at once.  Counted from the saved tensors of the norm run once on a meta tensor of the
+    hidden states' shape and dtype (parameters excluded, each storage once).  The embedding's output
+    (the first block's input) and the rotary cos/sin (computed once, saved by every block graph) are
+    held by both programs and not counted."""
+    from ..per_block import find_blocks
+
+    path, container = find_blocks(model)
+    owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    embedding = model.get_input_embeddings()
+    hidden = embedding.weight.shape[-1]
+    dtype = embedding.weight.dtype
+    after = [m for m in owner.children()
+             if m is not container and m is not embedding and any(True for _ in m.parameters())]
+    extra = 0
+    for module in after:
+        params = {p.untyped_storage()._cdata for p in module.parameters()}
+        h = torch.empty(batch, seq_len, hidden, device="meta", dtype=dtype, requires_grad=True)
+        saved: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(h)
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in saved}
+        held = sum(n for key, n in storages.items() if key not in params)
+        extra += max(held - h.untyped_storage().nbytes(), 0)
+    return extra
+
+
+def eager_body_extra_of(config, seq_len: int, batch: int = 1) -> int:
+    """:func:`eager_body_extra` of ``config``'s model as the simulator builds it (bf16; two layers, the
+    fewest that make a list of repeated blocks)."""
+    return eager_body_extra(_meta_model(config, layers=2), batch, seq_len)
+
+
+def per_block_peak(whole: StepPeak, largest_module_grads: int, grads_freed: bool, body_extra: int = 0) -> StepPeak:
+    """The peak of the per-block program (``mstfx.compile(model, per_block=True)``), composed from the
+    whole-model program ``whole`` and the eager decoder body's extra bytes ``body_extra``
+    (:func:`eager_body_extra`); ``mstfx simulate --program compiled-per-block`` counts it so.
+
+    Why this composition: a block graph saves, and its backward recomputes, what the same layer does in
+    the whole program (its inputs are the residual stream the whole program saves too), and the LM-head
+    graph saves what the whole program's head does, so the blocks' and the head's bytes are the whole
+    program's.  What differs: (1) the final norm runs in eager, and its autograd saves ``body_extra``
+    from the end of the forward to its backward, which runs right after the head's backward: added to
+    the forward's peak (it sits at the head's chunked loop, the forward's end).  The head's backward
+    adds none to it (the chunked head makes its gradients in its forward; the backward scales them);
+    a block's backward comes after the norm's and holds none of it.  (2) Each block's backward is a
+    graph of its own: with gradients kept until the optimizer step they accumulate as the whole
+    program's do; freed as made (an optimizer step in ``register_post_accumulate_grad_hook``) only the
+    module in backward holds gradients: the most non-gradient bytes plus the largest module's gradients
+    (a block's, the embedding's or the LM head's).  Checked against the profiler's peaks of real
+    per-block steps (``tests/cost/test_compiled_program.py``, slow)."""
+    forward = whole.forward + body_extra
+    if grads_freed:
+        activations = max(forward, whole.backward_without_grads)
+        return StepPeak(activations + largest_module_grads, activations, largest_module_grads,
+                        "forward (per block)" if forward >= whole.backward_without_grads else f"{whole.where} (per block)",
+                        forward, whole.backward, largest_module_grads, whole.host, whole.backward_without_grads)
+    if forward >= whole.backward:
+        return StepPeak(forward, forward, 0, "forward (per block)", forward, whole.backward, whole.backward_grads,
+                        whole.host, whole.backward_without_grads)
+    return replace(whole, forward=forward)

@@ -627,13 +627,12 @@ def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: Mode, batch
     ``sequence_parallel``: ``seq_len`` is the whole sequence; the program captured is one rank's, on
     its S/N tokens, with Ulysses' all-to-alls around attention (``compiled_program.simulated_sdpa``).
 
-    ``per_block``: the program of per-block compilation, modelled from the whole one: the same saved
-    tensors and recomputes, but each block's backward is its own graph, so its gradients are handed to
-    autograd (and, in the "grads freed as made" setups, consumed by the optimizer step in backward) when
-    that block's backward ends.  Those setups then peak at the backward's most non-gradient bytes plus
-    one module's gradients (the largest of a block, the embedding and the LM head); the setups that
-    keep gradients until the step hold them all, as the whole program does."""
-    from .compiled_program import compiled_peak
+    ``per_block``: the program of per-block compilation, composed from the whole one and the eager
+    decoder body by :func:`~mstfx.tools.compiled_program.per_block_peak`: the same saved tensors and
+    recomputes, the eager final norm's saved tensors at the forward's end, and each block's backward
+    its own graph, so its gradients are handed to autograd (and, in the "grads freed as made" setups,
+    consumed by the optimizer step in backward) when that block's backward ends."""
+    from .compiled_program import compiled_peak, eager_body_extra_of, per_block_peak
     from .offload_sim import HOST_STATE_BYTES_PER_PARAM
 
     if per_block and gpus > 1:
@@ -643,10 +642,13 @@ def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: Mode, batch
     extra_g = fm.largest_module_bytes if gpus > 1 else 0.0
     per_node = min(gpus, GPUS_PER_NODE)
 
+    body_extra = eager_body_extra_of(config, seq_len // sequence_parallel, batch) if per_block else 0
+
     def grads_and_activations(grads_kept: bool) -> tuple[float, float]:
-        if not per_block or grads_kept:
+        if not per_block:
             return peak.grads / gpus + extra_g, peak.activations
-        return fm.largest_module_bytes, max(peak.forward, peak.backward_without_grads)
+        step = per_block_peak(peak, fm.largest_module_bytes, not grads_kept, body_extra)
+        return step.grads, step.activations
 
     out = {}
     for opt, (state_bpp, grads_kept, _) in OPTIMIZERS.items():
