@@ -108,13 +108,16 @@ def measure(name: str, mode: str, seq_len: int) -> int:
     import torch
 
     import mstfx
+    from mstfx.compat import with_tracing_settings
 
     torch._dynamo.reset()
     model = build(name).train()
     if mode.endswith("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backend = "inductor" if mode in ("standard", "checkpointing") else mstfx.backend(chunk_form=CHUNK_FORM)
-    fn = torch.compile(lambda i, l: model(input_ids=i, labels=l).loss, backend=backend)
+    # under the Dynamo settings mstfx.compile applies: without them, transformers >= 5.25 breaks the graph
+    # in every checkpointed layer and nothing in it is chunked
+    fn = with_tracing_settings(torch.compile(lambda i, l: model(input_ids=i, labels=l).loss, backend=backend))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
 
