@@ -837,11 +837,16 @@ def _interpolated_max(all_runs: dict[int, dict[str, SimulatedBreakdown]], optimi
     return best
 
 
-def _fixed_bytes(fm, optimizer: str, gpus: int) -> float:
+def _fixed_bytes(fm, optimizer: str, gpus: int, program: Program | str = Program.EAGER) -> float:
     """Bytes of a step of ``optimizer``'s setup that do not grow with S: parameters, every gradient (or
-    the one alive, grads freed as made) and optimizer state, as :func:`_breakdowns` counts them: the
-    peak as S → 0."""
+    the one alive, grads freed as made) and optimizer state, as :func:`_breakdowns` and
+    :func:`_compiled_breakdowns` count them: the peak as S → 0.  The whole-model compiled program keeps
+    every gradient whatever the setup (its one backward graph returns them together), so there a setup
+    that frees gradients as made still holds all of them; counting one would put the chord of
+    :func:`_longest_for_setup` under the true peak and its "lower bound" above the longest S."""
     state_bpp, grads_kept, _ = OPTIMIZERS[optimizer]
+    program = Program.parse(program)
+    grads_kept = grads_kept or (program.compiled and not program.per_block)
     extra = fm.largest_module_bytes if gpus > 1 else 0.0
     params = fm.param_bytes / gpus + 2 * extra
     grads = fm.param_bytes / gpus + extra if grads_kept else fm.largest_param_bytes / gpus
@@ -1040,7 +1045,8 @@ def run_cli(args) -> dict:
         }
         # the longest S of every other setup from the same runs, and how it is known (``_longest_for_setup``)
         found = {opt: (r.max_seq_len, "searched") if opt == args.optimizer else
-                 _longest_for_setup(all_runs[mode], opt, budget, _fixed_bytes(fm, opt, args.gpus), args.quantum)
+                 _longest_for_setup(all_runs[mode], opt, budget, _fixed_bytes(fm, opt, args.gpus, program),
+                                    args.quantum)
                  for opt in OPTIMIZERS}
         out["by_optimizer"][mode.short] = {opt: v for opt, (v, _) in found.items()}
         out["by_optimizer_how"][mode.short] = {opt: how for opt, (_, how) in found.items()}

@@ -74,3 +74,34 @@ def test_setups_when_the_searched_one_cannot_even_hold_its_weights(stand_ins):
     assert _fixed("adamw-master") > 50 * GiB and got["adamw-master"] == 0
     assert _fixed("offload") < 50 * GiB and got["offload"] is None
     assert "not run" in out["by_optimizer_how"]["mst"]["offload"]
+
+
+def test_the_compiled_programs_bound_counts_the_gradients_its_backward_keeps(stand_ins, monkeypatch):
+    """The whole-model compiled program keeps every gradient whatever the setup (one backward graph
+    returns them together): a setup that frees gradients as made (``paper``) holds them all there, so
+    the bound below the shortest run must start from all gradients, or it lies above the true longest S.
+    Per block, the setup's own rule holds (one module's gradients)."""
+    def compiled_breakdowns(s: int) -> dict:
+        out = {}
+        for opt, (bpp, kept, _) in sim.OPTIMIZERS.items():  # every gradient alive, as the compiled program
+            out[opt] = sim.SimulatedBreakdown(seq_len=s, mode="mst", optimizer=opt, batch=1, gpus=1, params=PARAM_BYTES,
+                                              grads=PARAM_BYTES, optimizer_state=bpp * N_PARAMS,
+                                              activations=ACT_PER_TOKEN * s)
+        return out
+
+    runs = {s: compiled_breakdowns(s) for s in (40960, 49152)}
+
+    def search(config, gpu_gb, mode, optimizer, *a, **k):
+        return sim.ModeResult(mode, 49152, runs[49152][optimizer], sorted((s, bd[optimizer].total) for s, bd in runs.items()),
+                              True), dict(runs)
+
+    monkeypatch.setattr(sim, "find_max_seq_len", search)
+    out = _run(["--gpu-gb", "80", "--optimizer", "offload", "--program", "compiled"])
+    truth = int((80 * GiB - 2 * PARAM_BYTES - sim.OPTIMIZERS["paper"][0] * N_PARAMS) / ACT_PER_TOKEN)
+    assert runs[40960]["paper"].total > 80 * GiB  # no run fits the paper setup: it is bounded from below
+    assert 0 < out["by_optimizer"]["mst"]["paper"] <= truth
+    fm = SimpleNamespace(n_params=N_PARAMS, param_bytes=PARAM_BYTES, largest_param_bytes=LARGEST, largest_module_bytes=LARGEST)
+    assert sim._fixed_bytes(fm, "paper", 1, "compiled") == sim._fixed_bytes(fm, "adamw-bf16", 1, "compiled") \
+        - sim.OPTIMIZERS["adamw-bf16"][0] * N_PARAMS + sim.OPTIMIZERS["paper"][0] * N_PARAMS
+    assert sim._fixed_bytes(fm, "paper", 1, "compiled-per-block") == sim._fixed_bytes(fm, "paper", 1, "eager") \
+        == PARAM_BYTES + LARGEST + sim.OPTIMIZERS["paper"][0] * N_PARAMS
