@@ -3,7 +3,7 @@ same run without mst.  Draws both loss curves (``--out``, default ``trainer_loss
 directory) and prints the max difference.
 
     pip install -e ".[examples]"
-    python examples/trainer_finetune.py                  # timing: see the README
+    python examples/trainer_finetune.py                  # timing: see docs/training_loops.md
     python examples/trainer_finetune.py --out /tmp/loss.png
     python examples/trainer_finetune.py --update-docs    # redraw the committed docs/trainer_loss.png
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 VOCAB, SEQ = 256, 64
-#: The figure the README shows; only ``--update-docs`` writes it.
+#: The figure docs/training_loops.md shows; only ``--update-docs`` writes it.
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "trainer_loss.png"
 
 
