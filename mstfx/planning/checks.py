@@ -95,7 +95,7 @@ def parallel(arch: cm.Arch, gpus: Any = 1, sequence_parallel: Any = 1, seq_len: 
 
 
 #: ``mstfx simulate``'s optimizer setups, as this cost model's (optimizer, mixed precision); the same
-#: bytes per parameter (simulate: ``mstfx/tools/simulate.py`` OPTIMIZERS)
+#: bytes per parameter (simulate: ``mstfx/tools/simulate/options.py`` OPTIMIZERS)
 SETUPS = {
     "adamw-master": ("adamw", "amp", "AdamW, fp32 states + fp32 master weights, bf16 weights and grads (12 B/param)"),
     "adamw-bf16": ("adamw", "bf16", "AdamW, bf16 states, bf16 weights and grads (4 B/param)"),
