@@ -15,7 +15,7 @@ NEEDS = {"bench": ("rich", "tqdm", "matplotlib", "transformers"), "simulate": ("
 
 COMMANDS = {
     "bench": ("mstfx.tools.bench_cli", "peak memory and step time: eager, checkpointing, Inductor, auto_chunker, mst"),
-    "plan": ("mstfx.planning.planner", "what mst would chunk for a model, sequence length and memory budget"),
+    "plan": ("mstfx.planning.cli", "what mst would chunk for a model, sequence length and memory budget"),
     "simulate": ("mstfx.tools.simulate", "longest sequence that trains on a GPU of a given size (FakeTensor, no GPU)"),
 }
 

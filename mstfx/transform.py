@@ -47,18 +47,11 @@ from typing import Any
 
 import torch
 
-from .planning.planner import (
-    MARGIN,
-    InfeasibleBudgetError,
-    Plan,
-    check_budget,
-    check_margin,
-    _plan,
-    arch_of,
-    longest_fitting,
-    plan,
-    warn_past_positions,
-)
+from .planning.checks import check_budget, check_margin
+from .planning.errors import InfeasibleBudgetError
+from .planning.hf_config import arch_of, warn_past_positions
+from .planning.plan_table import Plan
+from .planning.planner import MARGIN, _plan, longest_fitting, plan
 from .compat import with_tracing_settings
 from .hf_checkpointing import can_checkpoint, disable_checkpointing, enable_checkpointing, is_checkpointing
 from .wrappers import without_logits

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from mstfx.tools import simulate as sim
+from mstfx.tools.simulate import cli as sim_cli
 
 BASE = ["--model", "llama3-8b", "--gpu-gb", "80", "--no-progress"]
 
@@ -17,8 +18,8 @@ def no_run(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the run started before the output paths were checked")
 
-    monkeypatch.setattr(sim, "run_cli", refuse)
-    monkeypatch.setattr(sim, "compare_with_cost_model", refuse)
+    monkeypatch.setattr(sim_cli, "run_cli", refuse)
+    monkeypatch.setattr(sim_cli, "compare_with_cost_model", refuse)
 
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])
@@ -38,7 +39,7 @@ def test_simulate_refuses_a_directory_as_output_and_checks_the_comparison_json(t
 
 
 def test_simulate_json_to_stdout_and_no_plot_need_no_path(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sim, "run_cli", lambda args: _fake_out())
+    monkeypatch.setattr(sim_cli, "run_cli", lambda args: _fake_out())
     assert sim.cli_main(BASE + ["--json", "-", "--plot", "none"]) == 0
     assert '"max_seq_len": 4096' in capsys.readouterr().out
 
@@ -51,7 +52,7 @@ def test_simulate_write_failing_after_the_run_is_an_error_not_a_traceback(tmp_pa
         out_dir.rmdir()  # gone while the run went on
         return _fake_out()
 
-    monkeypatch.setattr(sim, "run_cli", run_then_lose_the_directory)
+    monkeypatch.setattr(sim_cli, "run_cli", run_then_lose_the_directory)
     assert sim.cli_main(BASE + ["--json", str(out_dir / "r.json"), "--plot", "none"]) == 2
     assert "cannot write --json" in capsys.readouterr().err
 

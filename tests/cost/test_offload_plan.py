@@ -77,7 +77,7 @@ def test_host_budget_too_small_is_refused_with_the_numbers(reach):
 
 
 def test_plan_cli_host_budget_exit_codes(reach, capsys):
-    from mstfx.planning.planner import EXIT_DOES_NOT_FIT, EXIT_OK, cli_main
+    from mstfx.planning.cli import EXIT_DOES_NOT_FIT, EXIT_OK, cli_main
 
     s = str(int(reach["mst+checkpointing"] * 1.2))
     base = ["--model", MODEL, "--seq-len", s, "--budget-gb", str(GPU_GB), "--optimizer", OPT, "--margin", "0"]

@@ -146,7 +146,7 @@ def test_margin_keeps_headroom_on_gradients_and_activations():
     s0, s1 = (P.longest_seq_len(REF_CFG, 1.5, mode="standard", margin=m) for m in (0.0, 0.1))
     assert s1 < s0
     at = P.predict_peak(REF_CFG, s1, mode="standard")
-    assert P.with_margin(at.params + at.optimizer, at.peak, 0.1) <= 1.5 * P.GiB < P.predict_peak(REF_CFG, s0 + 1, mode="standard").peak
+    assert cm.with_margin(at.params + at.optimizer, at.peak, 0.1) <= 1.5 * P.GiB < P.predict_peak(REF_CFG, s0 + 1, mode="standard").peak
     for bad in (-0.1, 1.0, float("nan"), "10%", True):
         with pytest.raises(ValueError, match="margin"):
             P.plan(REF_CFG, 4096, 10, margin=bad)

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from mstfx.tools import simulate as sim
+from mstfx.tools.simulate import cli as sim_cli
+from mstfx.tools.simulate import search as sim_search
 
 GiB = sim.GiB
 N_PARAMS, PARAM_BYTES, LARGEST = 4e9, 8e9, 1e9  # a 4B bf16 model
@@ -35,9 +37,11 @@ def _true_max(opt: str, budget_gib: float, quantum: int = 128) -> int:
 
 @pytest.fixture
 def stand_ins(monkeypatch):
-    monkeypatch.setattr(sim, "load_config", lambda model, path: SimpleNamespace(_mstfx_name="m"))
-    monkeypatch.setattr(sim, "_fake_model", lambda config: SimpleNamespace(
-        n_params=N_PARAMS, param_bytes=PARAM_BYTES, largest_param_bytes=LARGEST, largest_module_bytes=LARGEST))
+    monkeypatch.setattr(sim_cli, "load_config", lambda model, path: SimpleNamespace(_mstfx_name="m"))
+    fake = lambda config: SimpleNamespace(  # noqa: E731
+        n_params=N_PARAMS, param_bytes=PARAM_BYTES, largest_param_bytes=LARGEST, largest_module_bytes=LARGEST)
+    for module in (sim_cli, sim_search):  # the command and the search each build the model
+        monkeypatch.setattr(module, "_fake_model", fake)
 
 
 def _run(argv):
@@ -54,7 +58,7 @@ def test_a_setup_that_fits_only_below_the_shortest_run_is_not_reported_as_zero(s
         return sim.ModeResult(mode, best, runs[best][optimizer], sorted((s, bd[optimizer].total) for s, bd in runs.items()),
                               True), dict(runs)
 
-    monkeypatch.setattr(sim, "find_max_seq_len", search)
+    monkeypatch.setattr(sim_cli, "find_max_seq_len", search)
     out = _run(["--gpu-gb", "80", "--optimizer", "offload"])
     got = out["by_optimizer"]["mst"]
     assert runs[4096]["adamw-master"].total > 80 * GiB  # no run fits it
@@ -95,13 +99,13 @@ def test_the_compiled_programs_bound_counts_the_gradients_its_backward_keeps(sta
         return sim.ModeResult(mode, 49152, runs[49152][optimizer], sorted((s, bd[optimizer].total) for s, bd in runs.items()),
                               True), dict(runs)
 
-    monkeypatch.setattr(sim, "find_max_seq_len", search)
+    monkeypatch.setattr(sim_cli, "find_max_seq_len", search)
     out = _run(["--gpu-gb", "80", "--optimizer", "offload", "--program", "compiled"])
     truth = int((80 * GiB - 2 * PARAM_BYTES - sim.OPTIMIZERS["paper"][0] * N_PARAMS) / ACT_PER_TOKEN)
     assert runs[40960]["paper"].total > 80 * GiB  # no run fits the paper setup: it is bounded from below
     assert 0 < out["by_optimizer"]["mst"]["paper"] <= truth
     fm = SimpleNamespace(n_params=N_PARAMS, param_bytes=PARAM_BYTES, largest_param_bytes=LARGEST, largest_module_bytes=LARGEST)
-    assert sim._fixed_bytes(fm, "paper", 1, "compiled") == sim._fixed_bytes(fm, "adamw-bf16", 1, "compiled") \
+    assert sim_search._fixed_bytes(fm, "paper", 1, "compiled") == sim_search._fixed_bytes(fm, "adamw-bf16", 1, "compiled") \
         - sim.OPTIMIZERS["adamw-bf16"][0] * N_PARAMS + sim.OPTIMIZERS["paper"][0] * N_PARAMS
-    assert sim._fixed_bytes(fm, "paper", 1, "compiled-per-block") == sim._fixed_bytes(fm, "paper", 1, "eager") \
+    assert sim_search._fixed_bytes(fm, "paper", 1, "compiled-per-block") == sim_search._fixed_bytes(fm, "paper", 1, "eager") \
         == PARAM_BYTES + LARGEST + sim.OPTIMIZERS["paper"][0] * N_PARAMS
