@@ -503,7 +503,7 @@ def step_cost(
         tops = {"(attention)": attn.bwd_transient + pool,
                 **({"(mlp)": mlp.bwd_transient} if mlp.count else {}),
                 **{f"({e.kind})": e.bwd_transient for e in present}}
-        if looped and "shared expert" in by and by["shared expert"].chunks != 1:
+        if looped and "(shared expert)" in tops and by["shared expert"].chunks != 1:
             tops["(shared expert)"] += shared_expert_backlog(present, head, arch, prec)
     # with offload only the checkpoints in use are on the GPU (``offload.checkpoints_on_gpu``)
     kept = offload.checkpoints_on_gpu(arch.layers, mode, program)
