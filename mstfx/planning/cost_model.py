@@ -311,6 +311,26 @@ def regions(
     return [attn, mlp, head, *extra]
 
 
+def shared_expert_backlog(present: list[RegionCost], head: RegionCost, arch: Arch, prec: Precision) -> sp.Expr:
+    """Bytes beside a chunked shared expert's own in its backward, compiled in the loop form (its loop
+    operator is one extern call in the Inductor backward of the MoE block, after the routed experts'):
+
+    * the routed experts' backward buffers (their region's ``bwd_transient``: one run's slots, the
+      weights' partial sums, every token's input gradient): Inductor frees or reuses them only after
+      the extern call, so all are still alive while the loop runs;
+    * the block's output gradient, which the routed experts and the shared expert both read (t·h), and
+      the loop operator's input gradient, one t×h buffer it fills chunk by chunk (the MLP kind's terms
+      count a chunk's buffers only);
+    * the chunked LM head's saved tensors (its hidden gradient and fp32 weight gradient, ``head.saved``),
+      still held by the step's backward.
+
+    Read off the profiler's live set at the peak of the tiny Qwen2-MoE (S = 4096, M = 8, fp32: the
+    top layer's shared-expert loop backward; routed experts' buffers 4.44 MiB against their term's
+    4.60)."""
+    routed = sum((r.bwd_transient for r in present if r.kind == Kind.ROUTED_EXPERTS and r.chunks != 1), sp.Integer(0))
+    return routed + 2 * B * S * prec.act_bytes * arch.hidden + (head.saved if head.chunks != 1 else 0)
+
+
 def _larger(x: sp.Expr, y: sp.Expr) -> sp.Expr:
     """The larger of two byte counts of the same form (each a multiple of the tokens B·S, M alike), told
     apart at one point so that the phases stay free of ``Max`` (sympy solves them for S)."""
@@ -329,7 +349,13 @@ def moe_block(arch: Arch, prec: Precision, chunk_mlp: bool, m_mlp, program: Prog
     if not n:
         return None
     if arch.shared_intermediate:
-        return mlp_cost.dense(arch, prec, chunk_mlp, m_mlp, arch.shared_intermediate, n, program, "shared expert")
+        region, full = mlp_cost.dense(arch, prec, chunk_mlp, m_mlp, arch.shared_intermediate, n, program, "shared expert")
+        if arch.shared_gate and chunk_mlp and program is Program.COMPILED:
+            # the sigmoid gate multiplies the shared expert's output, and the product's backward reads it:
+            # the loop operator's t×h output is saved (read off the tiny Qwen2-MoE's live set, S = 4096, M = 8)
+            gated_out = B * S * prec.act_bytes * arch.hidden
+            region = replace(region, saved=region.saved + gated_out)
+        return region, full
     region, full = mlp_cost.dense(arch, prec, False, 1, 0, n, program, "moe input")
     return replace(region, shape=f"{arch.hidden}", bwd_transient=0 * S), full
 
@@ -467,11 +493,18 @@ def step_cost(
         # buffers (routed experts: one run's, measured on the tiny Qwen2-MoE alongside the shared expert's)
         mlps = [r for r in (mlp, *present) if r.kind in (Kind.MLP, "shared expert") and r.count and r.chunks != 1]
         pooled = mlps[0].bwd_transient if len(mlps) == 1 else _larger(*(r.bwd_transient for r in mlps)) if mlps else 0
-        pooled = pooled + sum((r.pooled for r in present if r.pooled is not None and r.chunks != 1), sp.Integer(0))
-        pool = pooled * COEF["mlp_chunk_pool"] if compiled and not looped else 0
+        # the loop form runs a chunked MLP as one extern operator whose chunk buffers never enter the pool,
+        # but a region kind that is not a loop operator (routed experts: unrolled, Inductor's own kernels)
+        # still leaves its run's buffers there (measured, tiny Mixtral in the loop form, S = 4096, M = 8:
+        # one run's slots alive in the top layer's attention backward)
+        kinds_pooled = sum((r.pooled for r in present if r.pooled is not None and r.chunks != 1), sp.Integer(0))
+        pool = (pooled + kinds_pooled) * COEF["mlp_chunk_pool"] if compiled and not looped \
+            else kinds_pooled * COEF["mlp_chunk_pool"] if compiled else 0
         tops = {"(attention)": attn.bwd_transient + pool,
                 **({"(mlp)": mlp.bwd_transient} if mlp.count else {}),
                 **{f"({e.kind})": e.bwd_transient for e in present}}
+        if looped and "(shared expert)" in tops and by["shared expert"].chunks != 1:
+            tops["(shared expert)"] += shared_expert_backlog(present, head, arch, prec)
     # with offload only the checkpoints in use are on the GPU (``offload.checkpoints_on_gpu``)
     kept = offload.checkpoints_on_gpu(arch.layers, mode, program)
     layers_saved = kept * layer_saved
