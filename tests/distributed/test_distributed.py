@@ -103,27 +103,30 @@ def _loss_fn(model):
 # --------------------------------------------------------------------------------------------------
 # Workers
 # --------------------------------------------------------------------------------------------------
+def _fully_sharded_copy(base, mesh):
+    """A copy of ``base`` with ``fully_shard`` on each decoder layer and on the root (the usual FSDP2 wrap)."""
+    from torch.distributed.fsdp import fully_shard
+
+    m = copy.deepcopy(base)
+    for layer in m.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    return m
+
+
 def fsdp2_worker(rank: int, compiler: str) -> dict:
     """``fully_shard`` per decoder layer and on the root, then ``torch.compile`` of the loss."""
     import mstfx
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     t0 = time.perf_counter()
     mesh = init_device_mesh("cpu", (WORLD,))
     base = _model()
 
-    def sharded():
-        m = copy.deepcopy(base)
-        for layer in m.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(m, mesh=mesh)
-        return m
-
-    ref_model = sharded()
+    ref_model = _fully_sharded_copy(base, mesh)
     ref = _step(ref_model, _loss_fn(ref_model), rank)
     t1 = time.perf_counter()
-    mst_model = sharded()
+    mst_model = _fully_sharded_copy(base, mesh)
     be = mstfx.backend(mini_sequences=MST_CHUNKS, compiler=compiler)
     got = _step(mst_model, torch.compile(_loss_fn(mst_model), backend=be), rank)
     t2 = time.perf_counter()
@@ -139,21 +142,13 @@ def fsdp2_per_block_worker(rank: int, compiler: str) -> dict:
     import mstfx
     from mstfx.compile_model import backend_of
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD,))
     base = _model(layers=3)
 
-    def sharded():
-        m = copy.deepcopy(base)
-        for layer in m.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(m, mesh=mesh)
-        return m
-
-    ref_model = sharded()
+    ref_model = _fully_sharded_copy(base, mesh)
     ref = _step(ref_model, _loss_fn(ref_model), rank)
-    mst_model = mstfx.compile(sharded(), per_block=True, mini_sequences=MST_CHUNKS, compiler=compiler)
+    mst_model = mstfx.compile(_fully_sharded_copy(base, mesh), per_block=True, mini_sequences=MST_CHUNKS, compiler=compiler)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = _step(mst_model, _loss_fn(mst_model), rank)
