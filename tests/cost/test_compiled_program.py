@@ -35,6 +35,30 @@ def _meta_llama(cfg, checkpointing=True):
     return model.train()
 
 
+def _profiled_llama(seq: int, checkpointing: bool):
+    """The profiler checks' real model (HF Llama, hidden 256, intermediate 1024, 4 layers, vocab 2000,
+    fp32; ``mlp_heavy_config``), its config and input ids, with Dynamo's caches reset."""
+    from transformers import LlamaForCausalLM
+
+    from mstfx.tools.bench import mlp_heavy_config
+
+    cfg = mlp_heavy_config(seq)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+    torch._dynamo.reset()
+    return model, cfg, ids
+
+
+def _captured_peak(meta, seq: int):
+    """The simulated peak of ``meta``'s whole-model compiled program (default MstConfig)."""
+    return program_peak(capture_program(meta, torch.zeros(1, seq, dtype=torch.long, device="meta"), mstfx.MstConfig()),
+                        device="cpu")
+
+
 def _recomputed_up_projection_runs(program, chunk_tokens, inter):
     """Lengths of the runs of consecutive recomputed up-projections (chunk×I matmuls of a checkpointed
     layer) in the backward, with no gradient matmul between them."""
@@ -144,30 +168,16 @@ def test_estimate_follows_the_profiler(mode, seq):
     """The simulated peak of the compiled program within 10% (or 10 MiB, for peaks of a few tens of MiB
     where Inductor's buffer reuse dominates) of the profiler's peak of the real CPU step (HF Llama,
     hidden 256, intermediate 1024, 4 layers, vocab 2000, fp32)."""
-    from transformers import LlamaForCausalLM
-
-    from mstfx.tools.bench import mlp_heavy_config
     from mstfx.tools.measure import peak_bytes, training_step
 
-    cfg = mlp_heavy_config(seq)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
     checkpointing = mode.endswith("ckpt")
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    ids = torch.randint(0, cfg.vocab_size, (1, seq))
-    torch._dynamo.reset()
+    model, cfg, ids = _profiled_llama(seq, checkpointing)
     # traced as mstfx.compile traces (HF's checkpointed layers whole on transformers >= 5.25)
     compiled = with_tracing_settings(torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend=mstfx.backend()))
     step = training_step(model, lambda: compiled(ids))
     step()
     measured, _ = peak_bytes(step)
-    with torch.device("meta"):
-        meta = LlamaForCausalLM(cfg)
-    if checkpointing:
-        meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    estimate = program_peak(capture_program(meta.train(), torch.zeros(1, seq, dtype=torch.long, device="meta"), mstfx.MstConfig()), device="cpu")
+    estimate = _captured_peak(_meta_llama(cfg, checkpointing), seq)
     assert abs(estimate.total - measured) <= max(0.10 * measured, 10 * 2**20), (estimate, measured)
 
 
@@ -183,19 +193,11 @@ def test_per_block_estimate_follows_the_profiler(mode, seq, freed):
     model's LM-head graph would return the tokens×vocab logits as well (15.6 MiB alive through the
     forward's end at S = 2048, 62.5 MiB at 8192), which the whole-model check above leaves dead by
     reading ``.loss`` inside the compiled function."""
-    from transformers import LlamaForCausalLM
-
-    from mstfx.tools.bench import mlp_heavy_config
     from mstfx.tools.compiled_program import eager_body_extra, per_block_peak
     from mstfx.tools.measure import peak_bytes, training_step
 
-    cfg = mlp_heavy_config(seq)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
     checkpointing = mode.endswith("ckpt")
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    model, cfg, ids = _profiled_llama(seq, checkpointing)
     if freed:
         def sgd_in_backward(p):
             with torch.no_grad():
@@ -204,18 +206,13 @@ def test_per_block_estimate_follows_the_profiler(mode, seq, freed):
 
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(sgd_in_backward)
-    ids = torch.randint(0, cfg.vocab_size, (1, seq))
-    torch._dynamo.reset()
     mstfx.compile(model, per_block=True)
     mstfx.drop_logits(model)
     step = training_step(model, lambda: model(input_ids=ids, labels=ids).loss)
     step()
     measured, _ = peak_bytes(step)
-    with torch.device("meta"):
-        meta = LlamaForCausalLM(cfg)
-    if checkpointing:
-        meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    whole = program_peak(capture_program(meta.train(), torch.zeros(1, seq, dtype=torch.long, device="meta"), mstfx.MstConfig()), device="cpu")
+    meta = _meta_llama(cfg, checkpointing)
+    whole = _captured_peak(meta, seq)
     modules = [*model.model.layers, model.model.embed_tokens, model.lm_head]
     largest = max(sum(p.numel() * p.element_size() for p in m.parameters()) for m in modules)
     estimate = per_block_peak(whole, largest, freed, eager_body_extra(meta, 1, seq)).total
