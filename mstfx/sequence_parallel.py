@@ -35,6 +35,8 @@ from typing import Any, Iterable
 
 import torch
 
+from .planning.cost_model import kv_heads_split
+
 
 class SequenceParallelError(ValueError):
     """A model or batch the Ulysses rewrite cannot run exactly; the message says why."""
@@ -93,8 +95,6 @@ def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     heads, kv_heads = query.shape[1], key.shape[1]
     check_heads(heads, kv_heads, world)
-    from .planning.cost_model import kv_heads_split
-
     split = kv_heads_split(heads, kv_heads, world)
     if split != kv_heads:  # each K/V head next to its group of query heads, as enable_gqa pairs them
         key, value = key.repeat_interleave(split // kv_heads, dim=1), value.repeat_interleave(split // kv_heads, dim=1)
