@@ -220,7 +220,7 @@ def test_mixtral_layers_have_no_dense_mlp():
     from mstfx.planning import cost_model as cm
     from mstfx.planning.planner import arch_of
 
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (it is in the test extra)")
     cfg = transformers.MixtralConfig(**_SMALL, intermediate_size=512, num_hidden_layers=4, num_local_experts=8,
                                      num_experts_per_tok=2)
     arch = arch_of(cfg)
@@ -252,7 +252,7 @@ def test_qwen2_moe_shared_expert_width_and_dense_layers_from_config():
     dense MLP of ``intermediate_size`` and no experts.  Qwen3-MoE: no shared expert."""
     from mstfx.planning.planner import arch_of
 
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (it is in the test extra)")
     cfg = transformers.Qwen2MoeConfig(**_SMALL, intermediate_size=1024, moe_intermediate_size=64,
                                       shared_expert_intermediate_size=320, num_hidden_layers=4, num_experts=8,
                                       num_experts_per_tok=2, mlp_only_layers=[1])
@@ -285,7 +285,7 @@ def test_deepseek_first_k_dense_layers_and_shared_experts():
     from mstfx.planning import cost_model as cm
     from mstfx.planning.planner import arch_of, longest_seq_len
 
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (it is in the test extra)")
     if not hasattr(transformers, "DeepseekV3Config"):
         pytest.skip("no DeepseekV3Config in this transformers")
     cfg = transformers.DeepseekV3Config(**{**_SMALL, "num_key_value_heads": 4}, intermediate_size=1024,
