@@ -21,6 +21,9 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+from .regions.registry import Kind
+from .vocabulary import Action
+
 log = logging.getLogger("mstfx")
 
 __all__ = ["ddp_whole_graph", "ddp_split_active"]
@@ -66,7 +69,7 @@ def warn_if_ddp_split(report) -> None:
     global _warned
     if _warned or not ddp_split_active():
         return
-    if any(d.kind == "mlp" and d.action != "chunked" for d in report.decisions):
+    if any(d.kind == Kind.MLP and d.action is not Action.CHUNKED for d in report.decisions):
         _warned = True
         log.warning(
             "mstfx: DDP's graph splitting (torch._dynamo.config.optimize_ddp) cut an MLP at a gradient-bucket "

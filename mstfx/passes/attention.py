@@ -48,7 +48,8 @@ import torch.fx as fx
 from .. import attention_ops
 from ..compat.ops import SDPA_FUNCTIONS, is_functorch_function
 from .common import erase_if_dead, has_side_effects, module_path, tensor_of, value_of
-from .report import RegionDecision
+from ..vocabulary import Action
+from .report import ATTENTION, RegionDecision
 
 SDPA_FUNCS = SDPA_FUNCTIONS  # the public function and its torch._C binding
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -798,9 +799,9 @@ def _rewrite_one(
             done.append(_describe(analysis.causal, checks))
     why_not = "; ".join(r for r in (gqa_why_not, why_not) if r) or None
     if not done:
-        return RegionDecision("attention", where, "skipped", why_not or "no mask and no expanded K/V: nothing to do", tokens=tokens)
+        return RegionDecision(ATTENTION, where, Action.SKIPPED, why_not or "no mask and no expanded K/V: nothing to do", tokens=tokens)
     detail = "; ".join(done) + (f"; {why_not}" if why_not else "")
-    return RegionDecision("attention", where, "rewritten", "S×S mask / expanded K/V", tokens=tokens, detail=detail)
+    return RegionDecision(ATTENTION, where, Action.REWRITTEN, "S×S mask / expanded K/V", tokens=tokens, detail=detail)
 
 
 def _drop_unused_operands(body: fx.GraphModule, hop: fx.Node, released: set[fx.Node]) -> None:

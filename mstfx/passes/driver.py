@@ -16,7 +16,8 @@ import torch.fx as fx
 from ..regions import registry
 from .attention import GUARD_KEY, MaskGuard, rewrite_attention
 from .common import ALREADY_REWRITTEN, REWRITTEN_KEY
-from .report import GraphReport, RegionDecision
+from ..vocabulary import Action
+from .report import ATTENTION, GraphReport, RegionDecision
 
 log = logging.getLogger("mstfx")
 
@@ -142,7 +143,7 @@ def _find(kind, run: _Run) -> None:
             run.claimed |= kind.claims(region)
             run.found.append((kind, owner, region))
         for where, why in skipped:
-            run.report.decisions.append(RegionDecision(kind.kind, where, "skipped", why))
+            run.report.decisions.append(RegionDecision(kind.kind, where, Action.SKIPPED, why))
 
 
 def _chunk_rule(run: _Run) -> None:
@@ -162,7 +163,7 @@ def _rewrite(kind, run: _Run) -> None:
         if m < 2 and not kind.rewrite_at_one:
             fields.pop("detail", None)
             run.report.decisions.append(
-                RegionDecision(kind.kind, action="skipped", reason="one mini-sequence: nothing to save", chunks=1, **fields)
+                RegionDecision(kind.kind, action=Action.SKIPPED, reason="one mini-sequence: nothing to save", chunks=1, **fields)
             )
             continue
         in_checkpoint = owner is not run.new
@@ -173,7 +174,7 @@ def _rewrite(kind, run: _Run) -> None:
             owner.recompile()
         run.changed = True
         run.report.logits_escape |= bool(getattr(region, "logits_escape", False))
-        run.report.decisions.append(RegionDecision(kind.kind, action="chunked", reason=kind.amplifier, chunks=m, **fields))
+        run.report.decisions.append(RegionDecision(kind.kind, action=Action.CHUNKED, reason=kind.amplifier, chunks=m, **fields))
 
 
 def _attention(run: _Run) -> None:
@@ -185,7 +186,7 @@ def _attention(run: _Run) -> None:
     masked_bodies = [(body, hop) for body, _, hop in _checkpoint_bodies(masked, set())]
     decisions, guard = rewrite_attention(new, [(body, hop) for body, _, hop in bodies], assume_checks=True)
     run.report.decisions += decisions
-    if any(d.action == "rewritten" for d in decisions):
+    if any(d.action is Action.REWRITTEN for d in decisions):
         run.changed = True
         for body, _, _ in bodies:
             body.recompile()
@@ -206,10 +207,10 @@ def _sequence_parallel(run: _Run) -> None:
 
     decisions = rewrite_sequence_parallel(run.new, [body for body, _, _ in run.bodies], group)
     for d in decisions:  # one line per call: what the attention pass did, then the split
-        earlier = next((e for e in run.report.decisions if e.kind == "attention" and e.where == d.where), None)
+        earlier = next((e for e in run.report.decisions if e.kind == ATTENTION and e.where == d.where), None)
         if earlier is not None:
             run.report.decisions.remove(earlier)
-            if earlier.action == "rewritten":
+            if earlier.action is Action.REWRITTEN:
                 before = earlier.detail.replace("the masked graph otherwise", "refused otherwise: sequence parallel")
                 d = dataclasses.replace(d, detail=f"{before}; {d.detail}")
         run.report.decisions.append(d)

@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 from ..vocabulary import Action
 
 
+#: the report's kind for an attention call (SDPA rewrites, sequence parallelism): not a region kind
+ATTENTION = "attention"
+
+
 @dataclass(frozen=True)
 class RegionDecision:
     """One region found (or rejected) in one graph."""
 
-    kind: str  # a region kind (``mstfx.regions.registry.Kind``, equal to its name) or "attention"
+    kind: str  # a region kind (``mstfx.regions.registry.Kind``, equal to its name) or ATTENTION
     where: str  # module path or node name, for humans
-    #: chunked (an LM head at M = 1: fused, shown so), rewritten (attention) or skipped; a spelling given
-    #: here is parsed into the :class:`~mstfx.vocabulary.Action` (ValueError naming the valid ones)
+    #: chunked (an LM head at M = 1: fused, shown so), rewritten (attention) or skipped
     action: Action
     reason: str
     tokens: int | str | None = None
@@ -25,7 +28,9 @@ class RegionDecision:
     detail: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "action", Action.parse(self.action))
+        # passes hand the member; a spelling here would be a pass skipping the vocabulary
+        if not isinstance(self.action, Action):
+            raise TypeError(f"RegionDecision.action must be an Action member, got {self.action!r}")
 
     @property
     def label(self) -> str:

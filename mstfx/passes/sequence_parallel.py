@@ -22,7 +22,8 @@ from ..planning.cost_model import kv_heads_split
 from ..sequence_parallel import SequenceParallelError, check_heads, ulysses_attention
 from .attention import SDPA_FUNCS, _sdpa_arg, _sdpa_with
 from .common import module_path, tensor_of
-from .report import RegionDecision
+from ..vocabulary import Action
+from .report import ATTENTION, RegionDecision
 
 log = logging.getLogger("mstfx")
 
@@ -62,7 +63,7 @@ def _rewrite_one(sdpa: fx.Node, group_name: str, world: int) -> RegionDecision:
           else f"{kv_heads} K/V heads repeated to {split} before the split")
     detail = (f"Ulysses all-to-all, {heads // world} of {heads} heads per rank over {tokens}×{world} tokens "
               f"(is_causal={bool(kwargs.get('is_causal'))}; {kv})")
-    return RegionDecision("attention", where, "rewritten", "sequence parallel", tokens=f"{tokens}×{world}", detail=detail)
+    return RegionDecision(ATTENTION, where, Action.REWRITTEN, "sequence parallel", tokens=f"{tokens}×{world}", detail=detail)
 
 
 _SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}

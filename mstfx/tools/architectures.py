@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from mstfx.vocabulary import Action
+
 VOCAB = 256
 HIDDEN = 64
 #: M for every region in the tests and the table (uneven split of the 96 tokens, so tails are exercised)
@@ -363,7 +365,7 @@ def _kind_cell(be, kind) -> str:
     """One kind's column: how many of its regions were chunked (and found); "(tied)" for a tied head."""
     # regions found carry their M (rejected candidates of the kind carry none)
     decided = [d for r in be.reports for d in r.decisions if d.kind == kind.name and d.chunks is not None]
-    chunked = [d for d in decided if d.action == "chunked"]
+    chunked = [d for d in decided if d.action is Action.CHUNKED]
     if kind.name == "lm_head":  # one per model: yes / no
         tied = " (tied)" if any("tied" in d.detail for d in chunked) else ""
         return f"yes{tied}" if chunked else "no"

@@ -90,3 +90,13 @@ def test_imports_without_torch():
                           __import__("mstfx.vocabulary").vocabulary.__file__], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_a_report_decision_takes_the_action_member_not_a_spelling():
+    """Passes hand :class:`Action` members; a spelling is refused where it is made, not parsed later."""
+    from mstfx.passes.report import RegionDecision
+
+    decision = RegionDecision("mlp", "model.layers.0.mlp", Action.CHUNKED, "S×I intermediates", chunks=4)
+    assert decision.row()[2] == "chunked"
+    with pytest.raises(TypeError, match="must be an Action member"):
+        RegionDecision("mlp", "model.layers.0.mlp", "chunked", "S×I intermediates")
