@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +29,6 @@ class MstConfig:
         mini_sequences: the chunk knob, M.  An int: M for every chunked region; a dict: M per region
             kind (``{"mlp": 8, "lm_head": 16}``; kinds left out use their rule); ``None``: each kind's
             default rule (MLP: ⌈tokens/hidden⌉, LM head: ⌈vocab/hidden⌉), see ``mstfx.regions.rules``.
-        lm_head_chunks: deprecated spelling of ``mini_sequences={"lm_head": M}``.
         chunk_mlp / chunk_lm_head: turn a region kind off.
         skip_kinds: names of region kinds to leave unchanged (``mstfx.regions.registry.Kind``), for
             kinds without a switch of their own.
@@ -52,7 +50,6 @@ class MstConfig:
     """
 
     mini_sequences: int | dict[str, int] | None = None
-    lm_head_chunks: int | None = None
     chunk_mlp: bool = True
     chunk_lm_head: bool = True
     rewrite_attention: bool = True
@@ -65,8 +62,6 @@ class MstConfig:
     sequence_parallel: Any = None
 
     def __post_init__(self) -> None:
-        if self.lm_head_chunks is not None:
-            _warn_lm_head_chunks(stacklevel=4)
         self._check()
         object.__setattr__(self, "_checked", True)
 
@@ -76,8 +71,6 @@ class MstConfig:
         if not self.__dict__.get("_checked") or name not in self.__dataclass_fields__:
             object.__setattr__(self, name, value)
             return
-        if name == "lm_head_chunks" and value is not None:
-            _warn_lm_head_chunks(stacklevel=3)
         before = dict(self.__dict__)
         object.__setattr__(self, name, value)
         try:
@@ -97,15 +90,7 @@ class MstConfig:
             raise ValueError(
                 f"region_chunks must map region names (e.g. 'model.layers.3.mlp') to M, got {self.region_chunks!r}"
             )
-        if self.lm_head_chunks is not None:
-            positive_int("lm_head_chunks", self.lm_head_chunks, cap=MAX_USER_CHUNKS)
         object.__setattr__(self, "mini_sequences", check_mini_sequences(self.mini_sequences))
-        asked = self.mini_sequences.get("lm_head") if isinstance(self.mini_sequences, dict) else None
-        if self.lm_head_chunks is not None and asked is not None and asked != self.lm_head_chunks:
-            raise ValueError(
-                f"lm_head_chunks={self.lm_head_chunks} and mini_sequences['lm_head']={asked} ask for different "
-                "M of the LM head; give it once: mini_sequences={'lm_head': M} (lm_head_chunks is deprecated)"
-            )
         positive_int("min_lm_head_chunk_tokens", self.min_lm_head_chunk_tokens)
         for key, val in self.region_chunks.items():
             positive_int(f"region_chunks[{key!r}]", val, cap=MAX_USER_CHUNKS)
@@ -138,17 +123,9 @@ class MstConfig:
         named = self.region_chunks.get(getattr(region, "name", ""))
         if named is not None:
             return named
-        if kind == "lm_head" and self.lm_head_chunks is not None:
-            return self.lm_head_chunks
         if isinstance(self.mini_sequences, dict):
             return self.mini_sequences.get(str(kind))
         return self.mini_sequences
-
-def _warn_lm_head_chunks(stacklevel: int) -> None:
-    warnings.warn(
-        "MstConfig(lm_head_chunks=M) is deprecated: use mini_sequences={'lm_head': M} (one chunk knob, "
-        "per region kind)", DeprecationWarning, stacklevel=stacklevel,
-    )
 
 
 def check_mini_sequences(value: Any, *, cap: int | None = MAX_USER_CHUNKS) -> int | dict[str, int] | None:

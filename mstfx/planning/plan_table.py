@@ -116,7 +116,7 @@ class Plan:
             if k.switch is not None:
                 planned[k.switch] = chunked and self.mini_sequences.get(k.name, 1) > 1
         planned["offload_checkpoints"] = self.offload
-        clash = sorted((set(planned) | {"lm_head_chunks"}) & set(options))
+        clash = sorted(set(planned) & set(options))
         if clash:
             raise ValueError(f"{clash} are set by the plan; change the budget instead (or build MstConfig yourself)")
         return MstConfig(**planned, **options)

@@ -167,8 +167,8 @@ def test_cant_chunk_is_a_runtime_error():
 def test_config_validation():
     with pytest.raises(ValueError, match="positive integer"):
         mstfx.MstConfig(mini_sequences=0)
-    with pytest.raises(ValueError, match="positive integer"), pytest.warns(DeprecationWarning):
-        mstfx.MstConfig(lm_head_chunks=2.5)
+    with pytest.raises(ValueError, match="positive integer"):
+        mstfx.MstConfig(mini_sequences={"lm_head": 2.5})
     with pytest.raises(ValueError, match="compiler"):
         mstfx.MstConfig(compiler="tvm")
     with pytest.raises(TypeError):
@@ -199,9 +199,9 @@ def test_backend_rejects_a_non_config_positional_argument():
         mstfx.MstBackend(5)
 
 
-def test_one_chunk_knob_per_kind_and_the_deprecated_alias():
-    """``mini_sequences`` is the one knob: an int for every kind, a dict per kind; ``lm_head_chunks``
-    still works for the LM head, with a DeprecationWarning."""
+def test_one_chunk_knob_per_kind():
+    """``mini_sequences`` is the one knob: an int for every kind, a dict per kind (the old
+    ``lm_head_chunks`` spelling is gone: an unknown keyword)."""
     from types import SimpleNamespace
 
     head, mlp = SimpleNamespace(name="lm_head"), SimpleNamespace(name="model.layers.0.mlp")
@@ -209,9 +209,8 @@ def test_one_chunk_knob_per_kind_and_the_deprecated_alias():
     assert cfg.mini_sequences_for("lm_head", head) == 3 and cfg.mini_sequences_for("mlp", mlp) is None
     cfg = mstfx.MstConfig(mini_sequences=5, region_chunks={"model.layers.0.mlp": 2})
     assert cfg.mini_sequences_for("lm_head", head) == 5 and cfg.mini_sequences_for("mlp", mlp) == 2
-    with pytest.warns(DeprecationWarning, match="mini_sequences"):
-        cfg = mstfx.MstConfig(mini_sequences=5, lm_head_chunks=4)
-    assert cfg.mini_sequences_for("lm_head", head) == 4 and cfg.mini_sequences_for("mlp", mlp) == 5
+    with pytest.raises(TypeError, match="lm_head_chunks"):
+        mstfx.MstConfig(mini_sequences=5, lm_head_chunks=4)
 
 
 def test_process_wide_reports_are_bounded():

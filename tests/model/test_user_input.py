@@ -93,7 +93,7 @@ def test_lm_head_with_one_mini_sequence_does_not_read_chunked():
     model = tiny_llama()
     ids = torch.randint(0, 256, (1, 64))
     ref = loss_and_grads(model, ids, ids)
-    be = mstfx.backend(compiler="aot_eager", mini_sequences=2, lm_head_chunks=1)
+    be = mstfx.backend(compiler="aot_eager", mini_sequences={"mlp": 2, "lm_head": 1})
     assert_same(ref, loss_and_grads(model, ids, ids, be))
     text = mstfx.explain(be)
     head_rows = [line for line in text.splitlines() if line.strip().startswith("lm_head+loss")]
