@@ -259,7 +259,7 @@ def transform(
                 optimizer_in_backward=bool(optimizer_in_backward))
     blocks = None
     if per_block:
-        from .transform_blocks import BucketedBlocks
+        from .per_block import BucketedBlocks
 
         # finds the blocks now (NoRepeatedBlocksError before any change); installed once the plans fit
         blocks = BucketedBlocks(model, lambda n, s: (batch_bucket_of(n, batch), bucket_of(s, seq_len)))

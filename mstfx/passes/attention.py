@@ -419,17 +419,20 @@ def analyse_mask(mask: fx.Node) -> MaskAnalysis:
 # --------------------------------------------------------------------------------------------------
 # SDPA calls
 # --------------------------------------------------------------------------------------------------
-def _sdpa_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+def sdpa_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of the SDPA call ``node`` (``query`` … ``enable_gqa``), positional or keyword;
+    shared with the sequence-parallel rewrite, which reads and rebuilds the same calls."""
     i = _SDPA_ARGS.index(name)
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
-def _sdpa_with(node: fx.Node, **changes: Any) -> tuple[tuple, dict]:
-    """``node``'s arguments as (q, k, v) + keywords, with ``changes`` applied."""
-    kwargs = {name: _sdpa_arg(node, name) for name in _SDPA_ARGS[3:] if _sdpa_arg(node, name) is not None}
+def sdpa_with(node: fx.Node, **changes: Any) -> tuple[tuple, dict]:
+    """``node``'s arguments as (q, k, v) + keywords, with ``changes`` applied (a change to None drops the
+    keyword): the arguments of a replacement call."""
+    kwargs = {name: sdpa_arg(node, name) for name in _SDPA_ARGS[3:] if sdpa_arg(node, name) is not None}
     kwargs.update(changes)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return tuple(_sdpa_arg(node, n) for n in _SDPA_ARGS[:3]), kwargs
+    return tuple(sdpa_arg(node, n) for n in _SDPA_ARGS[:3]), kwargs
 
 
 _LAYOUT_METHODS = {"transpose", "permute", "contiguous"}
@@ -585,9 +588,9 @@ def _build_unexpanded(graph: fx.Graph, kv: _RepeatedHeads) -> fx.Node:
 def _rewrite_gqa(sdpa: fx.Node) -> tuple[Any, str | None]:
     """Hand SDPA the unexpanded K/V with ``enable_gqa=True``.  Returns the group size (None when not
     rewritten) and, for a repeat that cannot be rewritten, the reason."""
-    if _sdpa_arg(sdpa, "enable_gqa"):
+    if sdpa_arg(sdpa, "enable_gqa"):
         return None, None
-    old = [_sdpa_arg(sdpa, "key"), _sdpa_arg(sdpa, "value")]
+    old = [sdpa_arg(sdpa, "key"), sdpa_arg(sdpa, "value")]
     try:
         k, v = (_repeated_heads(n) for n in old)
     except _NotGqa as err:
@@ -598,7 +601,7 @@ def _rewrite_gqa(sdpa: fx.Node) -> tuple[Any, str | None]:
         return None, f"K and V repeat their heads by different factors ({k.n_rep}, {v.n_rep}): K/V stay expanded"
     with sdpa.graph.inserting_before(sdpa):
         new_k, new_v = _build_unexpanded(sdpa.graph, k), _build_unexpanded(sdpa.graph, v)
-    args, kwargs = _sdpa_with(sdpa, enable_gqa=True)
+    args, kwargs = sdpa_with(sdpa, enable_gqa=True)
     sdpa.args, sdpa.kwargs = (args[0], new_k, new_v), kwargs
     erase_if_dead(sdpa.graph, old)
     return k.n_rep, None
@@ -613,7 +616,7 @@ def _mask_source(mask: Any) -> Any:
 
 
 def _make_causal(sdpa: fx.Node, analysis: MaskAnalysis) -> None:
-    args, kwargs = _sdpa_with(sdpa, attn_mask=None, is_causal=analysis.causal or None)
+    args, kwargs = sdpa_with(sdpa, attn_mask=None, is_causal=analysis.causal or None)
     sdpa.args, sdpa.kwargs = args, kwargs
 
 
@@ -695,7 +698,7 @@ def rewrite_attention(
             phs = [n for n in owner.graph.nodes if n.op == "placeholder"]
             outer_of = dict(zip(phs, hop.args[1:]))
         calls = [n for n in owner.graph.nodes if n.op == "call_function" and n.target in SDPA_FUNCS]
-        released = {_mask_source(_sdpa_arg(n, "attn_mask")) for n in calls} - {None}
+        released = {_mask_source(sdpa_arg(n, "attn_mask")) for n in calls} - {None}
         for sdpa in calls:
             decisions.append(_rewrite_one(main, sdpa, outer_of, analysis_of, assumed if assume_checks else None))
         if hop is not None:
@@ -764,14 +767,14 @@ def _rewrite_one(
 ) -> RegionDecision:
     """Rewrite one SDPA call; checks it relies on are added to ``assumed`` (None: rely on none)."""
     where = module_path(sdpa) or sdpa.name
-    q = tensor_of(_sdpa_arg(sdpa, "query"))
+    q = tensor_of(sdpa_arg(sdpa, "query"))
     tokens = int(q.shape[-2]) if q is not None and isinstance(q.shape[-2], int) else None
     done = []
     group, gqa_why_not = _rewrite_gqa(sdpa)
     if group is not None:
         done.append(f"K/V unexpanded (enable_gqa, {group} query heads per K/V head)")
-    mask = _sdpa_arg(sdpa, "attn_mask")
-    dropout = _sdpa_arg(sdpa, "dropout_p")
+    mask = sdpa_arg(sdpa, "attn_mask")
+    dropout = sdpa_arg(sdpa, "dropout_p")
     why_not = None
     if isinstance(mask, fx.Node):
         source = _mask_source(mask)
@@ -784,7 +787,7 @@ def _rewrite_one(
             why_not = "the mask comes from outside the graph"
         elif isinstance(analysis, NotCausal):
             why_not = f"mask not plain causal: {analysis}"
-        elif _sdpa_arg(sdpa, "is_causal") or (not isinstance(dropout, fx.Node) and float(dropout or 0.0) != 0.0):
+        elif sdpa_arg(sdpa, "is_causal") or (not isinstance(dropout, fx.Node) and float(dropout or 0.0) != 0.0):
             why_not = "mask with is_causal=True or dropout"
         elif isinstance(dropout, fx.Node) and dropout_check is None:
             why_not = f"the dropout probability {dropout.name} is computed in the graph"

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from ..planning.cost_model import kv_heads_split
 from ..sequence_parallel import SequenceParallelError, check_heads, ulysses_attention
-from .attention import SDPA_FUNCS, _sdpa_arg, _sdpa_with
+from .attention import SDPA_FUNCS, sdpa_arg, sdpa_with
 from .common import module_path, tensor_of
 from ..vocabulary import Action
 from .report import ATTENTION, RegionDecision
@@ -47,14 +47,14 @@ def _static_heads(node: Any, where: str) -> int:
 
 def _rewrite_one(sdpa: fx.Node, group_name: str, world: int) -> RegionDecision:
     where = module_path(sdpa) or sdpa.name
-    if _sdpa_arg(sdpa, "attn_mask") is not None:
+    if sdpa_arg(sdpa, "attn_mask") is not None:
         raise SequenceParallelError(
             f"{where}: sequence parallelism needs attention without a mask (plain causal or none); this call keeps "
             "its mask (padding, a sliding window, a caller's 4-D mask, or rewrite_attention=False)"
         )
-    heads, kv_heads = _static_heads(_sdpa_arg(sdpa, "query"), where), _static_heads(_sdpa_arg(sdpa, "key"), where)
+    heads, kv_heads = _static_heads(sdpa_arg(sdpa, "query"), where), _static_heads(sdpa_arg(sdpa, "key"), where)
     check_heads(heads, kv_heads, world, where)
-    (q, k, v), kwargs = _sdpa_with(sdpa)
+    (q, k, v), kwargs = sdpa_with(sdpa)
     sdpa.target = ulysses_attention
     sdpa.args, sdpa.kwargs = (q, k, v), {**kwargs, "group_name": group_name, "world": world}
     tokens = tensor_of(q).shape[-2]

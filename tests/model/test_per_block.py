@@ -20,7 +20,8 @@ import mstfx
 from conftest import assert_same, tiny_gpt2, tiny_llama
 from mstfx.compile_model import backend_of
 from mstfx.hf_checkpointing import enable_checkpointing
-from mstfx.per_block import NoRepeatedBlocksError, blocks_of, find_blocks, is_per_block_break
+from mstfx.per_block import (NoRepeatedBlocksError, blocks_of, find_blocks, install_compiled_call, is_per_block_break,
+                             remove_compiled_call)
 from mstfx.tools.architectures import BY_NAME, loss_and_grads, sample_batch
 
 LAYERS = 3
@@ -219,6 +220,30 @@ def test_per_block_with_drop_logits_builds_no_logits():
     reports = backend_of(model).reports
     assert not any(r.logits_escape for r in reports), mstfx.explain(model)
     assert any(d.kind == "lm_head" and d.action == "chunked" for r in reports for d in r.decisions), mstfx.explain(model)
+
+
+def test_a_compiled_call_is_hung_once_and_removed_without_the_modules_own_hooks():
+    """The seam both per-block programs use: ``module(x)`` runs the installed call (which may run the
+    module's own ``_call_impl``, hooks and all), installing twice adds one keep-alive hook, and removing
+    it leaves the module's own hooks and its plain call."""
+    lin = torch.nn.Linear(3, 3)
+    seen, calls = [], []
+    lin.register_forward_pre_hook(lambda module, args: seen.append("own"))
+
+    def call(*args, **kwargs):
+        calls.append("installed")
+        return lin._call_impl(*args, **kwargs)
+
+    install_compiled_call(lin, call)
+    install_compiled_call(lin, call)
+    assert len(lin._forward_pre_hooks) == 2  # the module's own and one no-op that keeps Dynamo on __call__
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert calls == ["installed"] and seen == ["own"]
+    remove_compiled_call(lin)
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert calls == ["installed"] and seen == ["own", "own"]
+    assert lin._compiled_call_impl is None and len(lin._forward_pre_hooks) == 1
 
 
 # --------------------------------------------------------------------------------------------------

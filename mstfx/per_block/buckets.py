@@ -14,7 +14,7 @@ is called again in the backward (its recompute), after the forward returned, and
 compiled graph as in the forward (the checkpoint checks that it saves the same tensors).
 
 The module that runs the blocks (embedding, mask, final norm) runs eagerly, as under
-``mstfx.compile(per_block=True)`` (:mod:`mstfx.per_block`): traced, it would build the S×S causal mask.
+``mstfx.compile(per_block=True)`` (:func:`~.blocks.blocks_owner`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from .compat import with_tracing_settings
-from .per_block import _BLOCKS_ATTR, _keep_compiled_call, _opaque, find_blocks
+from ..compat import with_tracing_settings
+from .blocks import blocks_owner, find_blocks
+from .compiled_call import clear_blocks, install_compiled_call, record_blocks, remove_compiled_call
 
 
 def _block_call(block, *args, **kwargs):
@@ -52,29 +53,21 @@ class BucketedBlocks:
         self.blocks = list(container.children())
         self.key_of = key_of
         self.calls: dict[Any, Callable] = {}
-        self._handles = []
-        owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
-        self.owner = owner if owner is not model else None
+        self.owner = blocks_owner(model, path)
 
     def install(self) -> None:
         """Route each block's call through its bucket's compile; run the blocks' owner eagerly."""
         for block in self.blocks:
-            block._compiled_call_impl = _opaque(self._dispatch(block))
-            self._handles.append(block.register_forward_pre_hook(_keep_compiled_call))
+            install_compiled_call(block, self._dispatch(block))
         if self.owner is not None:
-            self.owner._compiled_call_impl = _opaque(self.owner._call_impl)
-            self._handles.append(self.owner.register_forward_pre_hook(_keep_compiled_call))
-        object.__setattr__(self.model, _BLOCKS_ATTR, (self.path, self.blocks))
+            install_compiled_call(self.owner, self.owner._call_impl)
+        record_blocks(self.model, self.path, self.blocks)
 
     def uninstall(self) -> None:
         """Undo :meth:`install`: plain eager blocks and owner again."""
         for module in (*self.blocks, *([self.owner] if self.owner is not None else [])):
-            module._compiled_call_impl = None
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if getattr(self.model, _BLOCKS_ATTR, None) is not None:
-            object.__delattr__(self.model, _BLOCKS_ATTR)
+            remove_compiled_call(module)
+        clear_blocks(self.model)
 
     def add_bucket(self, key: Any, name: str, backend: Any) -> None:
         """Compile the blocks of bucket ``key`` with ``backend`` (lazily, at their first call); replaces
