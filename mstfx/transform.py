@@ -34,7 +34,7 @@ after the checks passed: a bad or infeasible budget raises and leaves the model 
 ``per_block=True``: the per-block program (``mstfx.compile(model, per_block=True)``), planned as such
 (no S×S mask for the blocks; with ``optimizer_in_backward``, or ``optimizer="paper"``, each block's
 gradients counted only while its backward runs), and each bucket compiles the blocks once with its own
-backend, so the blocks get the bucket's M (:mod:`mstfx.transform_blocks`).
+backend, so the blocks get the bucket's M (:mod:`mstfx.per_block.buckets`).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class TransformState:
     backends: list = field(default_factory=list)
     #: batch → the longest S any plan fits at that batch (solved once per batch that is planned)
     longest_by_batch: dict[int, int] = field(default_factory=dict)
-    #: ``per_block``: the blocks, compiled per bucket (:class:`mstfx.transform_blocks.BucketedBlocks`)
+    #: ``per_block``: the blocks, compiled per bucket (:class:`mstfx.per_block.BucketedBlocks`)
     blocks: Any = field(default=None, repr=False)
 
     @property

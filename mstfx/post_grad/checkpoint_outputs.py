@@ -27,7 +27,7 @@ from . import ChainedPass
 _RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
 
 
-def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:
+def backward_nodes(graph: fx.Graph) -> set[fx.Node]:
     """The joint graph's backward half: nodes AOT autograd traced in the backward (it tags them), and
     anything that depends on a tangent."""
     out: set[fx.Node] = set()
@@ -46,7 +46,7 @@ def save_checkpoint_outputs(graph: fx.Graph) -> int:
     """Tag ``MUST_SAVE`` each forward node of a checkpointed region read by a forward node that does not
     lead back into that region (code after the region; decompositions also leave untagged nodes
     *inside* a region, which lead back into it); returns how many nodes were tagged."""
-    backward = _backward_nodes(graph)
+    backward = backward_nodes(graph)
     forward = [n for n in graph.nodes if n not in backward]
     region = {n: n.meta.get("ac_graph_id") for n in forward if n.meta.get("recompute") in _RECOMPUTE}
     leads_to: dict[fx.Node, frozenset] = {}  # regions reachable from a node through forward users

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from mstfx.passes.common import MST_AC_GRAPH_ID_BASE
 
 from . import ChainedPass
-from .checkpoint_outputs import _backward_nodes
+from .checkpoint_outputs import backward_nodes
 
 #: node-name prefixes AOT autograd gives its offload (forward) and reload (backward) nodes
 OFFLOAD_PREFIX = "cpu_offload_"
@@ -42,7 +42,7 @@ def _user_region(node: fx.Node):
 def mark_checkpoint_inputs(graph: fx.Graph) -> int:
     """Set ``should_offload`` on each forward tensor that exactly one user checkpointed region reads and
     that is made outside that region; returns how many nodes were marked."""
-    backward = _backward_nodes(graph)
+    backward = backward_nodes(graph)
     marked = 0
     for node in graph.nodes:
         if node in backward or node.op != "call_function":
