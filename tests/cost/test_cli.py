@@ -99,8 +99,9 @@ def _options(parser):
 def test_plan_and_simulate_flags_are_consistent():
     from mstfx.planning import cli as plan_cli
     from mstfx.tools import simulate
+    from mstfx.tools.simulate import cli as sim_cli
 
-    plan_opts, sim_opts = _options(plan_cli.parser()), _options(simulate._parser())
+    plan_opts, sim_opts = _options(plan_cli.parser()), _options(sim_cli.parser())
     shared = {"--config", "--model", "--batch", "--optimizer"}
     assert shared <= set(plan_opts) and shared <= set(sim_opts)
     assert plan_opts["--model"] is plan_opts["--config"]  # an alias
@@ -112,7 +113,7 @@ def test_plan_and_simulate_flags_are_consistent():
     # one unit: GiB in every memory flag's help
     assert "GiB" in plan_opts["--budget-gb"].help and "GiB" in sim_opts["--gpu-gb"].help
     # exit codes documented in both helps
-    for parser in (plan_cli.parser(), simulate._parser()):
+    for parser in (plan_cli.parser(), sim_cli.parser()):
         assert "2 bad input" in parser.format_help() and "1 " in parser.epilog
 
 

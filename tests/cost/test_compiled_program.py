@@ -127,7 +127,8 @@ def test_simulate_peak_compiled_program():
 def test_per_block_program_frees_each_blocks_gradients_under_optimizer_in_backward():
     """``--program compiled-per-block``: with the optimizer stepped in backward ("paper") one module's
     gradients are alive, not all; with gradients kept until the step it is the whole program's peak."""
-    from mstfx.tools.simulate import _fake_model, simulate_all
+    from mstfx.tools.simulate import simulate_all
+    from mstfx.tools.simulate.measure import cached_fake_model
 
     from mstfx.tools.compiled_program import compiled_peak, eager_body_extra_of
 
@@ -140,7 +141,7 @@ def test_per_block_program_frees_each_blocks_gradients_under_optimizer_in_backwa
     assert kept_whole.total <= kept.total <= kept_whole.total + extra
     peak = compiled_peak(cfg, 1024, "mst+ckpt")
     assert kept.grads + kept.activations == max(peak.total, peak.forward + extra)
-    fm = _fake_model(cfg)
+    fm = cached_fake_model(cfg)
     paper, paper_whole = per_block["paper"], whole["paper"]
     assert paper.grads == fm.largest_module_bytes < paper_whole.grads
     assert paper.activations >= paper_whole.activations  # the most non-gradient bytes, wherever they are

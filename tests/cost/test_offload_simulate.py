@@ -8,6 +8,7 @@ import json
 import pytest
 
 from mstfx.tools import simulate as sim
+from mstfx.tools.simulate.measure import cached_fake_model
 
 # hidden 256: the backend's M (tokens / hidden) stays small, so each run takes seconds; 3 layers: the
 # compiled program is captured whole (no extrapolation from 2 and 3 layers)
@@ -34,7 +35,7 @@ def test_eager_offload_moves_every_checkpoint_to_the_host(tiny_cfg):
     off = sim.simulate_all(tiny_cfg, s, OFF)
     checkpoints = TINY["num_hidden_layers"] * s * TINY["hidden_size"] * 2  # bf16, batch 1
     assert off["paper"].host == checkpoints
-    assert off["offload"].host == checkpoints + 12 * sim._fake_model(tiny_cfg).n_params
+    assert off["offload"].host == checkpoints + 12 * cached_fake_model(tiny_cfg).n_params
     assert ck["paper"].host == 0
     # at most the checkpoint in use stays on the GPU: the others are gone from the peak
     saved = ck["paper"].activations - off["paper"].activations
@@ -54,7 +55,7 @@ def test_fsdp_shards_state_not_the_host_checkpoints(tiny_cfg):
 
 def test_zero_offload_setup_frees_gradients_and_keeps_state_on_the_host(tiny_cfg):
     bd = sim.simulate_all(tiny_cfg, 1024, OFF)
-    fm = sim._fake_model(tiny_cfg)
+    fm = cached_fake_model(tiny_cfg)
     assert bd["zero-offload"].optimizer_state == 0
     assert bd["zero-offload"].grads == fm.largest_param_bytes
     assert bd["zero-offload"].host - bd["paper"].host == 16 * fm.n_params
@@ -65,7 +66,7 @@ def test_compiled_program_offload_counts_host_apart(tiny_cfg):
     ck = sim.simulate_peak(tiny_cfg, s, "mst+ckpt", optimizer="offload", program="compiled")
     off = sim.simulate_peak(tiny_cfg, s, OFF, optimizer="offload", program="compiled")
     checkpoints = TINY["num_hidden_layers"] * s * TINY["hidden_size"] * 2
-    assert off.host - 12 * sim._fake_model(tiny_cfg).n_params == checkpoints
+    assert off.host - 12 * cached_fake_model(tiny_cfg).n_params == checkpoints
     assert off.total <= ck.total
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mstfx.tools import simulate as sim
+from mstfx.tools.simulate.measure import cached_fake_model
 
 TINY = dict(
     model_type="llama",
@@ -43,7 +44,7 @@ def test_modes_order_and_mst_rewrite_applied(tiny_cfg):
     # the state that does not depend on S is the same in every mode
     assert len({b.params for b in peaks.values()}) == 1
     assert len({b.optimizer_state for b in peaks.values()}) == 1
-    n = sum(p.numel() for p in sim._fake_model(tiny_cfg).model.parameters())
+    n = sum(p.numel() for p in cached_fake_model(tiny_cfg).model.parameters())
     assert peaks["standard"].params == pytest.approx(2 * n, rel=1e-6)  # bf16 weights
     assert peaks["standard"].optimizer_state == pytest.approx(8 * n)  # fp32 AdamW states
 
@@ -52,11 +53,11 @@ def test_peak_grows_with_seq_len_and_optimizer_setups(tiny_cfg):
     short = sim.simulate_all(tiny_cfg, 512, "standard")
     long = sim.simulate_all(tiny_cfg, 2048, "standard")
     assert long["adamw"].total > short["adamw"].total
-    n = sim._fake_model(tiny_cfg).n_params
+    n = cached_fake_model(tiny_cfg).n_params
     assert long["adamw-master"].optimizer_state - long["adamw"].optimizer_state == pytest.approx(4 * n)
     assert long["offload"].optimizer_state == 0
     # grads freed as made: only the largest single gradient is counted, the rest is the same
-    fm = sim._fake_model(tiny_cfg)
+    fm = cached_fake_model(tiny_cfg)
     assert long["paper"].grads == fm.largest_param_bytes
     assert long["paper"].total <= long["adamw-bf16"].total + fm.largest_param_bytes
 
@@ -172,7 +173,7 @@ def test_weights_are_bf16_whatever_the_config_dtype(tmp_path):
     path = tmp_path / "fp32.json"
     path.write_text(json.dumps(dict(TINY, torch_dtype="float32")))
     cfg = sim.load_config(config_path=str(path))
-    fm = sim._fake_model(cfg)
+    fm = cached_fake_model(cfg)
     assert fm.param_bytes == 2 * fm.n_params
 
 
@@ -183,7 +184,7 @@ def test_cost_model_agrees_with_simulation_on_scaled_configs(name, tmp_path):
     path.write_text(json.dumps(COST_MODEL_CONFIGS[name]))
     cfg = sim.load_config(config_path=str(path))
     rows = sim.compare_with_cost_model(cfg, [2048, 8192])
-    weights_and_grads = 2 * sim._fake_model(cfg).param_bytes
+    weights_and_grads = 2 * cached_fake_model(cfg).param_bytes
     for r in rows:  # activations dominate the unchunked step: the check is not carried by the weights
         if r["mode"] == "standard":
             assert r["simulated_gib"] * sim.GiB > 3 * weights_and_grads, r

@@ -41,11 +41,11 @@ def stand_ins(monkeypatch):
     fake = lambda config: SimpleNamespace(  # noqa: E731
         n_params=N_PARAMS, param_bytes=PARAM_BYTES, largest_param_bytes=LARGEST, largest_module_bytes=LARGEST)
     for module in (sim_cli, sim_search):  # the command and the search each build the model
-        monkeypatch.setattr(module, "_fake_model", fake)
+        monkeypatch.setattr(module, "cached_fake_model", fake)
 
 
 def _run(argv):
-    return sim.run_cli(sim._parser().parse_args(["--model", "m", "--no-progress", "--modes", "mst"] + argv))
+    return sim.run_cli(sim_cli.parser().parse_args(["--model", "m", "--no-progress", "--modes", "mst"] + argv))
 
 
 def test_a_setup_that_fits_only_below_the_shortest_run_is_not_reported_as_zero(stand_ins, monkeypatch):
@@ -105,7 +105,7 @@ def test_the_compiled_programs_bound_counts_the_gradients_its_backward_keeps(sta
     assert runs[40960]["paper"].total > 80 * GiB  # no run fits the paper setup: it is bounded from below
     assert 0 < out["by_optimizer"]["mst"]["paper"] <= truth
     fm = SimpleNamespace(n_params=N_PARAMS, param_bytes=PARAM_BYTES, largest_param_bytes=LARGEST, largest_module_bytes=LARGEST)
-    assert sim_search._fixed_bytes(fm, "paper", 1, "compiled") == sim_search._fixed_bytes(fm, "adamw-bf16", 1, "compiled") \
+    assert sim_search.fixed_bytes(fm, "paper", 1, "compiled") == sim_search.fixed_bytes(fm, "adamw-bf16", 1, "compiled") \
         - sim.OPTIMIZERS["adamw-bf16"][0] * N_PARAMS + sim.OPTIMIZERS["paper"][0] * N_PARAMS
-    assert sim_search._fixed_bytes(fm, "paper", 1, "compiled-per-block") == sim_search._fixed_bytes(fm, "paper", 1, "eager") \
+    assert sim_search.fixed_bytes(fm, "paper", 1, "compiled-per-block") == sim_search.fixed_bytes(fm, "paper", 1, "eager") \
         == PARAM_BYTES + LARGEST + sim.OPTIMIZERS["paper"][0] * N_PARAMS

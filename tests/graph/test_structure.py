@@ -1,6 +1,6 @@
-"""The shape of the package: no import circle (lazy imports count), and a new region kind takes one package
-and one registry entry (a toy kind, written here as a package of its own, is found, chunked, reported
-and costed)."""
+"""The shape of the package: no import circle (lazy imports count), no module importing another module's
+private (underscored) name, and a new region kind takes one package and one registry entry (a toy kind,
+written here as a package of its own, is found, chunked, reported and costed)."""
 
 from __future__ import annotations
 
@@ -209,3 +209,60 @@ def test_a_new_kind_is_one_package_and_one_registry_entry(monkeypatch, tmp_path)
     # the cost side: the planner's table has a row for the new kind, from its cost terms
     plan = mstfx.plan("llama3-8b", 8192, 80, optimizer="adamw-bf16")
     assert any("toy_gelu" in r.region for r in plan.rows), [r.region for r in plan.rows]
+
+
+# Private names still imported across modules, to be made public by work in progress elsewhere; remove an
+# entry once its module is rewritten (the test then keeps it from coming back).
+#   transform.py reaches the planner's ``_plan`` (the planner is being rewritten).
+PRIVATE_IMPORTS_ALLOWED = {("mstfx/transform.py", "_plan")}
+
+
+def _private_imports() -> list[tuple[str, int, str, str]]:
+    """``(file, line, name, module)`` of every ``from X import _name`` in the package (relative or absolute,
+    inside functions too) where X is an mstfx module other than the importing file's own; dunders
+    (``__version__``) and ``__future__`` are not private names."""
+    found = []
+    for p in sorted(PACKAGE.rglob("*.py")):
+        parts = ("mstfx",) + p.relative_to(PACKAGE).with_suffix("").parts
+        own = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        pkg = own if p.name == "__init__.py" else own.rsplit(".", 1)[0]
+        file = "/".join(("mstfx",) + p.relative_to(PACKAGE).parts)
+        for node in ast.walk(ast.parse(p.read_text(), file)):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            source = node.module or ""
+            if node.level:
+                anchor = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                source = ".".join(anchor + ([source] if source else []))
+            if source != "mstfx" and not source.startswith("mstfx.") or source == own:
+                continue
+            for alias in node.names:
+                name = alias.name
+                if name.startswith("_") and not (name.startswith("__") and name.endswith("__")):
+                    found.append((file, node.lineno, name, source))
+    return found
+
+
+def test_no_module_imports_another_modules_private_name():
+    """A name another module imports is part of its module's interface: public (no underscore), with a
+    docstring, so that renaming or removing it is seen as the interface change it is."""
+    found = _private_imports()
+    offenders = [f"{file}:{line}: {name} (from {source})" for file, line, name, source in found
+                 if (file, name) not in PRIVATE_IMPORTS_ALLOWED]
+    assert offenders == [], "private names imported from another module:\n" + "\n".join(offenders)
+    stale = PRIVATE_IMPORTS_ALLOWED - {(file, name) for file, _, name, _ in found}
+    assert not stale, f"allowed private imports no longer made (remove them from the allow-set): {stale}"
+
+
+def test_the_private_import_scan_sees_relative_and_absolute_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "mstfx"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("__version__ = '0'\n")
+    (pkg / "sub" / "__init__.py").write_text("from . import _own_private_module\n")  # its own: allowed
+    (pkg / "sub" / "a.py").write_text("from __future__ import annotations\n_x = 1\n")
+    (pkg / "sub" / "b.py").write_text(
+        "from .a import _x\nfrom mstfx import __version__\n"
+        "def f():\n    from mstfx.sub.a import _x as y, public\n    return y\n"
+        "from mstfx.sub.b import _self_ok\nfrom os.path import _joinrealpath\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    assert _private_imports() == [("mstfx/sub/b.py", 1, "_x", "mstfx.sub.a"), ("mstfx/sub/b.py", 4, "_x", "mstfx.sub.a")]

@@ -32,7 +32,7 @@ divided by the GPUs, plus two all-gathered modules and one unsharded gradient mo
 not sharded by FSDP.  ``sequence_parallel = N`` (dividing ``gpus``) adds Ulysses sequence parallelism:
 one rank's step is run, on its S/N tokens, with the attention kernel run as a rank runs it (an
 all-to-all from S/N tokens × H heads to the whole S × H/N heads and back, the send and receive
-buffers allocated; see :func:`_flash_sim_attention` and docs/distributed.md).
+buffers allocated; see :func:`.attention.flash_sim_attention` and docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -40,11 +40,10 @@ from __future__ import annotations
 # The names tests, examples and docs reach through ``mstfx.tools.simulate`` (the package re-exports them;
 # each lives in the module of its job: options, attention, fake_model, measure, search, compare, report,
 # plot, cli).
-from .attention import _flash_sim_attention  # noqa: F401
-from .cli import _parser, cli_main, run_cli  # noqa: F401
+from .cli import cli_main, run_cli  # noqa: F401
 from .compare import compare_with_cost_model
 from .fake_model import SimulatedBreakdown
-from .measure import _fake_model, simulate_all, simulate_peak  # noqa: F401
+from .measure import simulate_all, simulate_peak
 from .options import EMBEDDED_MODELS, MODES, OPTIMIZERS, GiB, SimulateError, load_config  # noqa: F401
 from .plot import default_plot_name  # noqa: F401
 from .search import ModeResult, find_max_seq_len, search_longest  # noqa: F401

@@ -7,11 +7,11 @@ from __future__ import annotations
 import contextlib
 
 
-from .options import _ATTN_NAME
+from .options import ATTN_NAME
 
 
 @contextlib.contextmanager
-def _flash_sim_attention(sequence_parallel: int = 1):
+def flash_sim_attention(sequence_parallel: int = 1):
     """An HF attention implementation with FlashAttention-2's memory behaviour (fake tensors only),
     registered in transformers' attention and mask registries for the duration of the block and
     removed afterwards (only if this block added it).
@@ -29,7 +29,7 @@ def _flash_sim_attention(sequence_parallel: int = 1):
     from ...planning.cost_model import kv_heads_split
     from ..compiled_program import fa2_backward_workspace
 
-    if _ATTN_NAME in AttentionInterface._global_mapping:  # an enclosing block registered it
+    if ATTN_NAME in AttentionInterface._global_mapping:  # an enclosing block registered it
         yield
         return
 
@@ -80,17 +80,17 @@ def _flash_sim_attention(sequence_parallel: int = 1):
         out = FlashSim.apply(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
         return out, None
 
-    AttentionInterface.register(_ATTN_NAME, flash_sim_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTN_NAME, flash_attention_mask)
+    AttentionInterface.register(ATTN_NAME, flash_sim_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, flash_attention_mask)
     try:
         yield
     finally:
-        AttentionInterface._global_mapping.pop(_ATTN_NAME, None)
-        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(_ATTN_NAME, None)
+        AttentionInterface._global_mapping.pop(ATTN_NAME, None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(ATTN_NAME, None)
 
 
 @contextlib.contextmanager
-def _no_packed_sequences():
+def no_packed_sequences():
     """HF's packed-sequence probe cannot read fake position ids; answer as a real single-sequence run."""
     import transformers.masking_utils as mu
 

@@ -12,14 +12,16 @@ from pathlib import Path
 from ...vocabulary import Mode, Program
 from .options import GPUS_PER_NODE, GiB, MODES, MODE_LABELS, OPTIMIZERS, SimulateError, load_config
 from .fake_model import SimulatedBreakdown
-from .measure import PROGRAMS, _fake_model, check_heads
-from .search import ModeResult, _fixed_bytes, _longest_for_setup, find_max_seq_len
+from .measure import PROGRAMS, cached_fake_model, check_heads
+from .search import ModeResult, fixed_bytes, longest_for_setup, find_max_seq_len
 from .compare import compare_with_cost_model
-from .report import _print_table
-from .plot import _plot, default_plot_name
+from .report import print_table
+from .plot import save_plot, default_plot_name
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mstfx simulate`` (also read by the tests that keep its flags consistent with
+    ``mstfx plan``'s)."""
     from ...model_configs import source
 
     p = argparse.ArgumentParser(
@@ -106,7 +108,7 @@ def run_cli(args) -> dict:
     all_runs: dict[Mode, dict[int, dict[str, SimulatedBreakdown]]] = {}
     fm = None
     try:
-        fm = _fake_model(config)
+        fm = cached_fake_model(config)
         for mode in modes:
             results[mode], all_runs[mode] = find_max_seq_len(
                 config, args.gpu_gb, mode, args.optimizer, args.batch, args.gpus, progress,
@@ -146,9 +148,9 @@ def run_cli(args) -> dict:
             "host_node_runs": [[s, round(all_runs[mode][s][args.optimizer].host_node / GiB, 3)]
                                for s, _ in r.runs if s in all_runs[mode]],
         }
-        # the longest S of every other setup from the same runs, and how it is known (``_longest_for_setup``)
+        # the longest S of every other setup from the same runs, and how it is known (``longest_for_setup``)
         found = {opt: (r.max_seq_len, "searched") if opt == args.optimizer else
-                 _longest_for_setup(all_runs[mode], opt, budget, _fixed_bytes(fm, opt, args.gpus, program),
+                 longest_for_setup(all_runs[mode], opt, budget, fixed_bytes(fm, opt, args.gpus, program),
                                     args.quantum)
                  for opt in OPTIMIZERS}
         out["by_optimizer"][mode.short] = {opt: v for opt, (v, _) in found.items()}
@@ -219,9 +221,8 @@ def _write_error(option: str, path: str, err: OSError) -> int:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser().parse_args(argv)
     except SystemExit as e:  # argparse already printed the message; exit code 2 on errors
         return int(e.code or 0)
     try:
@@ -242,7 +243,7 @@ def cli_main(argv: list[str] | None = None) -> int:
             except OSError as err:  # checked before the run; something changed since
                 return _write_error("--json", args.json, err)
     if args.json != "-":
-        _print_table(out)
+        print_table(out)
     plot = args.plot if args.plot is not None else default_plot_name(out)
     if plot.lower() == "none":
         pass
@@ -250,7 +251,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"no plot: no mode fits {out['gpu_gib']:g} GiB at any length, nothing to draw", file=sys.stderr)
     else:
         try:
-            _plot(out, plot)
+            save_plot(out, plot)
         except OSError as err:
             return _write_error("--plot", plot, err)
         if args.json != "-":

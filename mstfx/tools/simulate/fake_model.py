@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from ...hf_checkpointing import disable_checkpointing, enable_checkpointing
 from ...vocabulary import Action, Mode
-from .options import GiB, SimulateError, _ATTN_NAME
-from .attention import _flash_sim_attention, _no_packed_sequences
+from .options import GiB, SimulateError, ATTN_NAME
+from .attention import flash_sim_attention, no_packed_sequences
 
 
 def _peak_tracker_class():
@@ -101,7 +101,7 @@ def chunks_by_kind(reports) -> dict[str, int]:
     return out
 
 
-class _FakeModel:
+class FakeModel:
     """One fake-weight model, reused for every run of every mode (building it takes seconds)."""
 
     def __init__(self, config) -> None:
@@ -116,7 +116,7 @@ class _FakeModel:
         old = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)  # never .to(dtype) under fake mode
         try:
-            with _flash_sim_attention(), self.fake_mode:
+            with flash_sim_attention(), self.fake_mode:
                 self.model = AutoModelForCausalLM.from_config(config)
         except Exception as err:
             raise SimulateError(f"transformers cannot build this model: {type(err).__name__}: {err}") from None
@@ -268,7 +268,7 @@ class _FakeModel:
         try:
             head_m = lm_head_chunks(self.config.hidden_size, self.config.vocab_size, seq_len * batch) if offload else None
             chunks = self._mst_patches(seq_len, batch, undo, head_m) if mst else {}
-            with _flash_sim_attention(sequence_parallel), _no_packed_sequences(), self.fake_mode:
+            with flash_sim_attention(sequence_parallel), no_packed_sequences(), self.fake_mode:
                 ids = torch.zeros(batch, seq_len, dtype=torch.long)
                 tracker = PeakTracker(weights)
                 tracker.track_external(model)
@@ -298,7 +298,7 @@ def _sim_config(config):
 
     cfg = copy.deepcopy(config)
     cfg.use_cache = False
-    cfg._attn_implementation = _ATTN_NAME
+    cfg._attn_implementation = ATTN_NAME
     # bf16 weights whatever the checkpoint was saved in: transformers builds in ``config.dtype`` when it
     # is set (Gemma 2's config says float32), which would silently double every weight and activation
     cfg.dtype = torch.bfloat16

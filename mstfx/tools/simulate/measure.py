@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from ...vocabulary import Mode, Program
 from .options import GPUS_PER_NODE, MODES, OPTIMIZERS, SimulateError
-from .fake_model import SimulatedBreakdown, _FakeModel
+from .fake_model import SimulatedBreakdown, FakeModel
 
 
-def _check_args(seq_len: int, mode: Mode | str, batch: int, optimizer: str, gpus: int, sequence_parallel: int = 1) -> Mode:
+def check_args(seq_len: int, mode: Mode | str, batch: int, optimizer: str, gpus: int, sequence_parallel: int = 1) -> Mode:
     """The arguments checked (SimulateError naming the bad one); ``mode`` as a :class:`Mode`."""
     try:
         mode = Mode.parse(mode)
@@ -31,7 +31,8 @@ def _check_args(seq_len: int, mode: Mode | str, batch: int, optimizer: str, gpus
     return mode
 
 
-def _check_program(program: Program | str) -> Program:
+def check_program(program: Program | str) -> Program:
+    """``program`` as a :class:`Program` (SimulateError naming the spellings for an unknown one)."""
     try:
         return Program.parse(program)
     except ValueError:
@@ -54,14 +55,16 @@ def check_heads(config, sequence_parallel: int) -> None:
         raise SimulateError(str(err)) from None
 
 
-_MODEL_CACHE: dict[int, _FakeModel] = {}
+_MODEL_CACHE: dict[int, FakeModel] = {}
 
 
-def _fake_model(config) -> _FakeModel:
+def cached_fake_model(config) -> FakeModel:
+    """The :class:`FakeModel` of ``config``, built once and reused while the same config object is asked for
+    again (building one takes seconds; the command, the search and the peaks all ask for it)."""
     fm = _MODEL_CACHE.get(id(config))
     if fm is None:
         _MODEL_CACHE.clear()
-        fm = _MODEL_CACHE[id(config)] = _FakeModel(config)
+        fm = _MODEL_CACHE[id(config)] = FakeModel(config)
         fm._config_ref = config  # keep id() valid
     return fm
 
@@ -72,7 +75,7 @@ def _weights(gpus: int) -> list[tuple[float, float]]:
     return [(s, s), (s, 0.0)]
 
 
-def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, host: float = 0.0,
+def _breakdowns(fm: FakeModel, tracker, seq_len, mode, batch, gpus, chunks, host: float = 0.0,
                 sequence_parallel: int = 1) -> dict[str, SimulatedBreakdown]:
     from ..offload_sim import HOST_STATE_BYTES_PER_PARAM
 
@@ -109,7 +112,7 @@ def _breakdowns(fm: _FakeModel, tracker, seq_len, mode, batch, gpus, chunks, hos
 PROGRAMS = Program.spellings()
 
 
-def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: Mode, batch: int, gpus: int,
+def _compiled_breakdowns(config, fm: FakeModel, seq_len: int, mode: Mode, batch: int, gpus: int,
                          sequence_parallel: int = 1, per_block: bool = False) -> dict[str, SimulatedBreakdown]:
     """Breakdowns of the compiled step: activations and gradients at its peak from the program itself.
 
@@ -159,10 +162,10 @@ def _compiled_breakdowns(config, fm: _FakeModel, seq_len: int, mode: Mode, batch
 def simulate_all(config, seq_len: int, mode: Mode | str, batch: int = 1, gpus: int = 1,
                  program: Program | str = Program.EAGER, sequence_parallel: int = 1) -> dict[str, SimulatedBreakdown]:
     """One simulated step; the peak breakdown for every optimizer setup of :data:`OPTIMIZERS`."""
-    mode = _check_args(seq_len, mode, batch, "adamw", gpus, sequence_parallel)
+    mode = check_args(seq_len, mode, batch, "adamw", gpus, sequence_parallel)
     check_heads(config, sequence_parallel)
-    program = _check_program(program)
-    fm = _fake_model(config)
+    program = check_program(program)
+    fm = cached_fake_model(config)
     if program.compiled:
         return _compiled_breakdowns(config, fm, seq_len, mode, batch, gpus, sequence_parallel,
                                     per_block=program.per_block)
@@ -182,5 +185,5 @@ def simulate_peak(
     builds) or compiled-per-block;
     ``sequence_parallel`` N (dividing ``gpus`` and ``seq_len``): Ulysses, one rank's S/N tokens.
     """
-    mode = _check_args(seq_len, mode, batch, optimizer, gpus, sequence_parallel)
+    mode = check_args(seq_len, mode, batch, optimizer, gpus, sequence_parallel)
     return simulate_all(config, seq_len, mode, batch, gpus, program, sequence_parallel)[optimizer]

@@ -39,7 +39,10 @@ OPTIMIZERS: dict[str, tuple[float, bool, str]] = {
 MODEL_ALIASES = model_configs.ALIASES
 EMBEDDED_MODELS = model_configs.NAMES
 
-_ATTN_NAME = "mstfx_sim_attention"  # a name with "flash" in it makes HF look for a hub kernel
+#: The name the simulated FlashAttention is registered under in transformers' attention and mask registries
+#: (:func:`.attention.flash_sim_attention`) and set as the fake model's ``_attn_implementation``; a name with
+#: "flash" in it makes HF look for a hub kernel.
+ATTN_NAME = "mstfx_sim_attention"
 
 
 class SimulateError(ValueError):

@@ -15,7 +15,9 @@ def default_plot_name(out: dict) -> str:
     return f"simulate-{out['model']}-{gpus}{out['gpu_gib']:g}gib-{out['optimizer']}{program}.png"
 
 
-def _plot(out: dict, path: str) -> None:
+def save_plot(out: dict, path: str) -> None:
+    """Write the plot of ``out`` (:func:`.cli.run_cli`'s result) to ``path`` as a PNG: each mode's peak
+    against S (host memory dotted) and the GPU size as a line."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,7 +6,9 @@ from ...vocabulary import Mode
 from .options import MODE_LABELS
 
 
-def _print_table(out: dict) -> None:
+def print_table(out: dict) -> None:
+    """Print the table of ``out`` (:func:`.cli.run_cli`'s result): per mode the longest S, its peak
+    broken down, host memory and M; then the notes and the time taken."""
     from rich.console import Console
     from rich.table import Table
 

@@ -9,7 +9,7 @@ from typing import Callable
 from ...vocabulary import Mode, Program
 from .options import GiB, OPTIMIZERS
 from .fake_model import SimulatedBreakdown
-from .measure import _check_args, _check_program, _fake_model, check_heads, simulate_all
+from .measure import check_args, check_program, cached_fake_model, check_heads, simulate_all
 
 
 @dataclass
@@ -106,15 +106,15 @@ def find_max_seq_len(
     """Longest S that fits ``gpu_gb`` GiB per GPU in ``mode``; also every run's breakdowns.
     ``sequence_parallel`` N: S is the whole sequence, a multiple of N (the search's quantum and start
     are multiplied by N)."""
-    mode = _check_args(sequence_parallel, mode, batch, optimizer, gpus, sequence_parallel)
-    program = _check_program(program)
+    mode = check_args(sequence_parallel, mode, batch, optimizer, gpus, sequence_parallel)
+    program = check_program(program)
     check_heads(config, sequence_parallel)
     n = sequence_parallel
     search = {**search, "quantum": search.get("quantum", 128) * n, "start": search.get("start", 4096) * n,
               "max_len": search.get("max_len", 1 << 24) * n}
     budget = gpu_gb * GiB
     all_runs: dict[int, dict[str, SimulatedBreakdown]] = {}
-    fm = _fake_model(config)
+    fm = cached_fake_model(config)
     fixed = OPTIMIZERS[optimizer][0] * fm.n_params / gpus + fm.param_bytes / gpus
     if fixed > budget:
         note = (
@@ -137,7 +137,7 @@ def find_max_seq_len(
 
 def _interpolated_max(all_runs: dict[int, dict[str, SimulatedBreakdown]], optimizer: str, budget: float) -> int:
     """Longest S for another optimizer setup from the runs already made (piecewise-linear interpolation);
-    0 where no run fits it (see :func:`_longest_for_setup` for what is known then)."""
+    0 where no run fits it (see :func:`longest_for_setup` for what is known then)."""
     pts = sorted((s, bd[optimizer].total) for s, bd in all_runs.items())
     fit = [s for s, v in pts if v <= budget]
     if not fit:
@@ -154,12 +154,12 @@ def _interpolated_max(all_runs: dict[int, dict[str, SimulatedBreakdown]], optimi
     return best
 
 
-def _fixed_bytes(fm, optimizer: str, gpus: int, program: Program | str = Program.EAGER) -> float:
+def fixed_bytes(fm, optimizer: str, gpus: int, program: Program | str = Program.EAGER) -> float:
     """Bytes of a step of ``optimizer``'s setup that do not grow with S: parameters, every gradient (or
     the one alive, grads freed as made) and optimizer state, as the eager and compiled breakdowns count
     them: the peak as S → 0.  The whole-model compiled program keeps every gradient whatever the setup
     (its one backward graph returns them together), so there a setup that frees gradients as made still
-    holds all of them; counting one would put the chord of :func:`_longest_for_setup` under the true
+    holds all of them; counting one would put the chord of :func:`longest_for_setup` under the true
     peak and its "lower bound" above the longest S."""
     state_bpp, grads_kept, _ = OPTIMIZERS[optimizer]
     program = Program.parse(program)
@@ -170,7 +170,7 @@ def _fixed_bytes(fm, optimizer: str, gpus: int, program: Program | str = Program
     return params + grads + state_bpp * fm.n_params / gpus
 
 
-def _longest_for_setup(all_runs: dict[int, dict[str, SimulatedBreakdown]], optimizer: str, budget: float, fixed: float,
+def longest_for_setup(all_runs: dict[int, dict[str, SimulatedBreakdown]], optimizer: str, budget: float, fixed: float,
                        quantum: int) -> tuple[int | None, str]:
     """``(longest S, how it is known)`` of a setup that was not searched, from the runs made for another.
 
