@@ -109,7 +109,8 @@ def predict_peak(
     here ``optimizer`` defaults to ``"none"``): ``program="eager"`` predicts the step run op by op with
     FlashAttention (``mstfx simulate``); ``gpus``: FSDP over that many GPUs; ``sequence_parallel``: the
     Ulysses degree N (dividing ``gpus`` and ``seq_len``): the peak is one GPU's, with S/N tokens outside
-    attention (``cost_model.step_cost``).
+    attention (``cost_model.step_cost``); ``per_block``, ``optimizer_in_backward``: the per-block program
+    (as :func:`plan`).
     ``mode``: a :class:`~mstfx.vocabulary.Mode` or its spelling ("standard", "checkpointing", "mst",
     "mst+checkpointing", "mst+checkpointing+offload"; ``mstfx simulate``'s "ckpt" too).  In the mst modes M defaults to the
     backend's rule; ``mini_sequences`` sets it as ``MstConfig`` does: an int for every chunked region, or

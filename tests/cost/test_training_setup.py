@@ -147,3 +147,6 @@ def test_a_setup_is_checked_against_the_model_where_one_is_planned():
 def test_training_setup_is_exported():
     assert mstfx.TrainingSetup is TrainingSetup is P.TrainingSetup
     assert "TrainingSetup" in mstfx.__all__ and "TrainingSetup" in P.__all__
+    from mstfx.planning import TrainingSetup as from_package
+
+    assert from_package is TrainingSetup

@@ -14,7 +14,8 @@ def compare_with_cost_model(config, seq_lens, modes=MODES, batch: int = 1) -> li
 
     ``rel`` = (predicted − simulated) / simulated; the target is |rel| ≤ 0.10.
     """
-    from mstfx.planning.planner import TrainingSetup, arch_of, predict_peak
+    from mstfx.planning.planner import arch_of, predict_peak
+    from mstfx.planning.setup import TrainingSetup
 
     # the simulation runs FlashAttention whatever the config asks for (no S × S scores)
     arch = replace(arch_of(config), eager_attention=False)
