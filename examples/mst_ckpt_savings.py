@@ -38,12 +38,12 @@ def main() -> int:
     print("| S | predicted saving MB | measured before MB | measured now MB | measured saving MB |")
     print("|---:|---:|---:|---:|---:|")
     for s in (2048, 4096, 8192):
-        now = predict_peak(model, s, 1, "mst+checkpointing", optimizer="none", chunk_form="unrolled").peak
+        now = predict_peak(model, s, mode="mst+checkpointing", optimizer="none", chunk_form="unrolled").peak
         saved = dict(cm.COEF)
         cm.COEF["ckpt_mlp_whole"] = 1.0
         try:
-            old = predict_peak(dataclasses.replace(arch, plain_causal=False), s, 1, "mst+checkpointing", optimizer="none",
-                               chunk_form="unrolled").peak
+            old = predict_peak(dataclasses.replace(arch, plain_causal=False), s, mode="mst+checkpointing",
+                               optimizer="none", chunk_form="unrolled").peak
         finally:
             cm.COEF.update(saved)
         was = MEASURED_BEFORE[s]

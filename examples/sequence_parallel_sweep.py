@@ -51,8 +51,8 @@ def sweep(model: str, gpu_gb: float, gpus: list[int], optimizer: str, program: s
         n = degree(arch, g)
         row = {"gpus": g, "sequence_parallel": n, "kv_replication": cm.kv_replication(arch, n)}
         for mode in MODES:
-            row[mode] = planner.longest_seq_len(arch, gpu_gb, 1, mode, optimizer, gpus=g, sequence_parallel=n,
-                                                program=program)
+            row[mode] = planner.longest_seq_len(arch, gpu_gb, mode=mode, optimizer=optimizer, gpus=g,
+                                                sequence_parallel=n, program=program)
         # host memory per node at the offload mode's longest S (bf16 checkpoints, the optimizer's host state)
         s = row["mst+checkpointing+offload"]
         per_gpu = cm.evaluate(cm.offload.checkpoint_bytes(arch.hidden, arch.layers, 2, cm.S, cm.B), s // n, 1)

@@ -32,6 +32,7 @@ _EXPORTS = {
     "InfeasibleHostBudgetError": ".planning.planner",
     "Plan": ".planning.planner",
     "plan": ".planning.planner",
+    "TrainingSetup": ".planning.setup",
     "transform": ".transform",
     "untransform": ".transform",
 }

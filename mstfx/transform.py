@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ from .planning.errors import InfeasibleBudgetError
 from .planning.hf_config import arch_of, warn_past_positions
 from .planning.plan_table import Plan
 from .planning.planner import MARGIN, _plan, longest_fitting, plan
+from .planning.setup import TrainingSetup
 from .compat import with_tracing_settings
 from .hf_checkpointing import can_checkpoint, disable_checkpointing, enable_checkpointing, is_checkpointing
 from .wrappers import without_logits
@@ -86,7 +87,8 @@ class TransformState:
 
     ``plan``: the plan for ``seq_len`` when one was given, else None.  ``longest_seq_len``: the longest S
     any plan fits in the budget at transform's ``batch``.  ``buckets``: (batch bucket, length bucket) →
-    (plan, compiled forward, backend) in use.
+    (plan, compiled forward, backend) in use.  ``options``: the planner's own keywords (and ``seq_len``);
+    ``setup``: what is trained (each batch bucket's plan replaces its ``batch``).
     """
 
     plan: Plan | None
@@ -102,6 +104,7 @@ class TransformState:
     longest_by_batch: dict[int, int] = field(default_factory=dict)
     #: ``per_block``: the blocks, compiled per bucket (:class:`mstfx.per_block.BucketedBlocks`)
     blocks: Any = field(default=None, repr=False)
+    setup: TrainingSetup = field(default_factory=TrainingSetup)
 
     @property
     def compiles(self) -> int:
@@ -112,7 +115,7 @@ class TransformState:
         """The plan an input of ``batch`` × ``seq_len`` tokens gets (batch None: transform's ``batch``);
         raises InfeasibleBudgetError, for this batch and length, if none fits."""
         opts = {k: v for k, v in self.options.items() if k != "seq_len"}
-        top_len, top_batch = self.options.get("seq_len"), opts["batch"]
+        top_len, top_batch = self.options.get("seq_len"), self.setup.batch
         batch = top_batch if batch is None else batch
         b = bucket_of(seq_len, top_len)
         bb = batch_bucket_of(batch, top_batch)
@@ -126,24 +129,26 @@ class TransformState:
         return self._plan_at(seq_len, max(b, seq_len), batch, opts)
 
     def _plan_at(self, seq_len: int, top: int, batch: int, opts: dict) -> Plan:
+        setup = replace(self.setup, batch=batch)
         longest = self.longest_by_batch.get(batch)
         if longest is None:
-            longest = longest_fitting(self.model, self.budget_gb, **{**opts, "batch": batch})
+            longest = longest_fitting(self.model, self.budget_gb, setup, **opts)
             self.longest_by_batch[batch] = longest
-        return _bucket_plan(self.model, seq_len, top, self.budget_gb, {**opts, "batch": batch}, longest)
+        return _bucket_plan(self.model, seq_len, top, self.budget_gb, setup, opts, longest)
 
 
-def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, opts: dict, longest: int) -> Plan:
+def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, setup: TrainingSetup, opts: dict,
+                 longest: int) -> Plan:
     """The plan of a bucket whose first (or longest so far) input has ``seq_len`` tokens: for the
     bucket's ``top`` if that fits, else for the longest length below it that fits (``longest``: the
     longest S any plan fits), else for ``seq_len`` itself (which raises, with that S, as it cannot fit)."""
     reach = min(top, longest)
     if reach >= seq_len:
         try:  # (a bucket's top may be past the model's position limit where its inputs are not: no warning)
-            return _plan(model, reach, budget_gb, **opts)
+            return _plan(model, reach, budget_gb, setup, **opts)
         except InfeasibleBudgetError:  # the solved longest S, rounded, may miss by a token
             pass
-    return _plan(model, seq_len, budget_gb, **opts)
+    return _plan(model, seq_len, budget_gb, setup, **opts)
 
 
 def _shape_of(args, kwargs) -> tuple[int | None, int | None]:
@@ -254,9 +259,9 @@ def transform(
     if per_block is None:
         per_block = default_per_block(optimizer, optimizer_in_backward)
     can_ckpt = can_checkpoint(model)
-    opts = dict(batch=batch, optimizer=optimizer, mixed_precision=mixed_precision, allow_checkpointing=can_ckpt,
-                margin=margin, host_budget_gb=host_budget_gb, per_block=bool(per_block),
-                optimizer_in_backward=bool(optimizer_in_backward))
+    setup = TrainingSetup(batch=batch, optimizer=optimizer, mixed_precision=mixed_precision, per_block=bool(per_block),
+                          optimizer_in_backward=bool(optimizer_in_backward))
+    opts = dict(allow_checkpointing=can_ckpt, margin=margin, host_budget_gb=host_budget_gb)
     blocks = None
     if per_block:
         from .per_block import BucketedBlocks
@@ -266,10 +271,10 @@ def transform(
     if max_chunks is not None:
         opts["max_chunks"] = max_chunks
     # raises before any change; warns (from the caller's line) past the model's position limit
-    top = _plan(planned, seq_len, budget_gb, **opts, positions_stacklevel=2) if seq_len is not None else None
-    longest = longest_fitting(planned, budget_gb, **opts)
+    top = _plan(planned, seq_len, budget_gb, setup, **opts, positions_stacklevel=2) if seq_len is not None else None
+    longest = longest_fitting(planned, budget_gb, setup, **opts)
     if longest < 1:
-        plan(planned, 1, budget_gb, **opts)  # raises with the numbers (parameters + optimizer state too large)
+        plan(planned, 1, budget_gb, setup, **opts)  # raises with the numbers (parameters + optimizer state too large)
     log.info("mstfx.transform: %.3g GiB (batch %d) fits sequences up to S = %d", budget_gb, batch, longest)
 
     enabled = False
@@ -279,7 +284,7 @@ def transform(
         enable_checkpointing(model)
         enabled = True
     state = TransformState(top, budget_gb, {**opts, "seq_len": seq_len}, model.forward, enabled, longest, planned,
-                           longest_by_batch={batch: longest}, blocks=blocks)
+                           longest_by_batch={batch: longest}, blocks=blocks, setup=setup)
     original = model.forward
 
     def forward(*args, **kwargs):

@@ -12,6 +12,7 @@ from . import offload_cost as offload
 from .checks import SETUPS, UNMODELLED_SETUPS
 from .errors import InfeasibleBudgetError
 from .planner import MARGIN, MAX_CHUNKS, plan
+from .setup import TrainingSetup
 
 
 #: exit codes of ``mstfx plan`` (and ``mstfx simulate``): argparse's convention for bad input
@@ -97,10 +98,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     from .text_table import render
 
     try:
-        p = plan(args.config, args.seq_len, args.budget_gb, args.batch, args.optimizer, args.mixed_precision,
-                 args.max_chunks, not args.no_checkpointing, args.margin, host_budget_gb=args.host_gb,
-                 allow_offload=not args.no_offload, pcie_gbps=args.pcie_gbps, gpus=args.gpus,
-                 sequence_parallel=args.sequence_parallel)
+        setup = TrainingSetup(batch=args.batch, optimizer=args.optimizer, mixed_precision=args.mixed_precision,
+                              gpus=args.gpus, sequence_parallel=args.sequence_parallel)
+        p = plan(args.config, args.seq_len, args.budget_gb, setup, max_chunks=args.max_chunks,
+                 allow_checkpointing=not args.no_checkpointing, margin=args.margin, host_budget_gb=args.host_gb,
+                 allow_offload=not args.no_offload, pcie_gbps=args.pcie_gbps)
     except InfeasibleBudgetError as err:
         print(f"mstfx plan: does not fit: {err}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT

@@ -21,7 +21,9 @@ A budget that even step 4 with the most chunks cannot meet raises :class:`Infeas
 whose message gives the smallest achievable peak and the longest S that fits.
 
 Also the stable entry points other tools compare against: :func:`predict_peak` and
-:func:`longest_seq_len` (used by ``mstfx simulate``; keep their signatures).
+:func:`longest_seq_len` (used by ``mstfx simulate``; keep their signatures).  Every public function
+takes the training step as one :class:`~mstfx.planning.setup.TrainingSetup` or as its fields given
+as keywords (one is made of them); the functions below pass the object down.
 """
 
 from __future__ import annotations
@@ -37,19 +39,12 @@ from ..regions import rules
 from ..vocabulary import ChunkForm, Mode, Program
 from . import cost_model as cm
 from . import offload_cost as offload
-from .checks import (
-    check_budget,
-    check_margin,
-    parallel,
-    per_block_program,
-    precision_of,
-    resolve_setup,
-    symbol_chunks,
-)
+from .checks import check_budget, check_margin, symbol_chunks
 from .errors import InfeasibleBudgetError, InfeasibleHostBudgetError
 from .hf_config import arch_of, warn_past_positions
 from .plan_table import Breakdown, Plan, PlanRow
-from .units import GB, GiB, MiB  # noqa: F401  (GiB, MiB: the unit callers convert with, read as planner.GiB)
+from .setup import TrainingSetup, training_setup
+from .units import GB, GiB, MiB  # noqa: F401  (the units callers convert with, read as planner.GiB)
 
 #: The most mini-sequences a plan gives one region: the largest M a user may ask for.  With the
 #: default loop form (``MstConfig.chunk_form = "loop"``) compile work does not depend on M, so the
@@ -68,6 +63,7 @@ __all__ = [
     "InfeasibleHostBudgetError",
     "Plan",
     "PlanRow",
+    "TrainingSetup",
     "arch_of",
     "longest_fitting",
     "longest_seq_len",
@@ -99,46 +95,44 @@ def per_kind(m_mlp: int, m_head: int) -> dict[str, int]:
 def predict_peak(
     config: Any,
     seq_len: int,
-    batch: int = 1,
+    setup: TrainingSetup | None = None,
+    *,
     mode: Mode | str = Mode.STANDARD,
-    optimizer: str = "none",
-    mixed_precision: str | bool | None = None,
     mini_sequences: int | dict[str, int] | None = None,
-    program: Program | str = Program.COMPILED,
     chunk_form: ChunkForm | str = ChunkForm.LOOP,
-    gpus: int = 1,
-    sequence_parallel: int = 1,
+    **setup_fields: Any,
 ) -> Breakdown:
     """Predicted peak of one fwd+bwd (+ optimizer state) of a compiled training step.
 
     ``config``: an nn.Module, an HF config, a config dict, a config.json path or a preset name.
+    ``setup``: the :class:`TrainingSetup`, or its fields as keywords (``batch=2, optimizer="adamw"``;
+    here ``optimizer`` defaults to ``"none"``): ``program="eager"`` predicts the step run op by op with
+    FlashAttention (``mstfx simulate``); ``gpus``: FSDP over that many GPUs; ``sequence_parallel``: the
+    Ulysses degree N (dividing ``gpus`` and ``seq_len``): the peak is one GPU's, with S/N tokens outside
+    attention (``cost_model.step_cost``); ``per_block``, ``optimizer_in_backward``: the per-block program
+    (as :func:`plan`).
     ``mode``: a :class:`~mstfx.vocabulary.Mode` or its spelling ("standard", "checkpointing", "mst",
     "mst+checkpointing", "mst+checkpointing+offload"; ``mstfx simulate``'s "ckpt" too).  In the mst modes M defaults to the
     backend's rule; ``mini_sequences`` sets it as ``MstConfig`` does: an int for every chunked region, or
     a dict per region kind (``{"mlp": 8, "lm_head": 16}``; kinds left out follow the rule; 1 = not
     chunked), e.g. a plan's ``mini_sequences``.
-    ``program="eager"`` predicts the same step run op by op with FlashAttention (``mstfx simulate``).
     ``chunk_form``: the backend's form of a chunked region (``MstConfig.chunk_form``; plans use the
     default loop form).
-    ``gpus``: FSDP over that many GPUs; ``sequence_parallel``: the Ulysses degree N (dividing ``gpus``
-    and ``seq_len``): the peak is one GPU's, with S/N tokens outside attention (``cost_model.step_cost``).
-    Stable signature: ``mstfx simulate`` compares against it.
+    Stable entry point: ``mstfx simulate`` compares against it.
     """
+    setup = training_setup(setup, setup_fields, "predict_peak", optimizer="none")
     seq_len = positive_int("seq_len", seq_len)
-    batch = positive_int("batch", batch)
-    mode, program, chunk_form = Mode.parse(mode), cm.cost_program(program), ChunkForm.parse(chunk_form)
+    mode, chunk_form = Mode.parse(mode), ChunkForm.parse(chunk_form)
     want_mlp, want_head = symbol_chunks(mini_sequences)
-    optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     arch = arch_of(config)
-    mixed_precision = precision_of(config, mixed_precision)
-    prec = cm.Precision.of(mixed_precision)
+    setup = setup.for_model(config)
+    setup.check_parallel(arch, seq_len)
     chunked = mode.chunked
-    par = parallel(arch, gpus, sequence_parallel, seq_len)
-    d_mlp, d_head = default_chunks(arch, seq_len * batch // sequence_parallel)
+    d_mlp, d_head = default_chunks(arch, setup.tokens(seq_len))
     m_mlp = (want_mlp or d_mlp) if chunked else 1
     m_head = (want_head or d_head) if chunked and arch.lm_head else 1  # a backbone has no LM head to chunk
-    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program, chunk_form, **par)
-    vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
+    cost = setup.step_cost(arch, mode, m_mlp, m_head, chunk_form)
+    vals = {k: cm.evaluate(v, seq_len, setup.batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
     params, grads, opt = (float(x) for x in (cost.params, cost.grads, cost.optimizer))
     return Breakdown(params, grads, opt, vals[phase] - grads, params + opt + vals[phase], phase, mode,
@@ -148,24 +142,18 @@ def predict_peak(
 def longest_seq_len(
     config: Any,
     budget_gb: float,
-    batch: int = 1,
+    setup: TrainingSetup | None = None,
+    *,
     mode: Mode | str = Mode.MST,
-    optimizer: str = "none",
-    mixed_precision: str | bool | None = None,
     mini_sequences: int | dict[str, int] | None = None,
     margin: float = 0.0,
-    gpus: int = 1,
-    sequence_parallel: int = 1,
-    program: Program | str = Program.COMPILED,
-    per_block: bool = False,
-    optimizer_in_backward: bool = False,
+    **setup_fields: Any,
 ) -> int:
     """Longest S whose predicted peak fits ``budget_gb`` (solved with sympy; 0 if none fits).
 
-    ``per_block``, ``optimizer_in_backward``: the per-block program (:func:`per_block_program`).
-
-    ``gpus``, ``sequence_parallel``: as :func:`predict_peak`; S is the whole sequence (a multiple of the
-    degree N), each GPU holding S/N of its tokens.  ``program``: as :func:`predict_peak`.
+    ``setup``: the :class:`TrainingSetup`, or its fields as keywords, as in :func:`predict_peak`
+    (``optimizer`` defaults to ``"none"``); with ``sequence_parallel`` N, S is the whole sequence (a
+    multiple of N), each GPU holding S/N of its tokens.
 
     ``margin``: the fraction of headroom kept on gradients + activations (as :func:`plan`; 0 here, so
     the answer is the cost model's own).
@@ -174,30 +162,28 @@ def longest_seq_len(
     modes, for a region M is not given, M follows S by the backend's rule: an MLP chunk is at most
     ``hidden`` tokens, an LM-head chunk max(t·h/V, 256) tokens; each rule's branch is solved on its own.
     """
+    setup = training_setup(setup, setup_fields, "longest_seq_len", optimizer="none")
     budget = check_budget(budget_gb)
     margin = check_margin(margin)
-    batch = positive_int("batch", batch)
-    mode, program = Mode.parse(mode), cm.cost_program(program)
-    want_mlp, want_head = symbol_chunks(mini_sequences)
-    optimizer, program_keys = per_block_program(optimizer, per_block, optimizer_in_backward)
-    optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
     arch = arch_of(config)
-    mixed_precision = precision_of(config, mixed_precision)
-    prec = cm.Precision.of(mixed_precision)
-    chunked = mode.chunked
-    par = {**parallel(arch, gpus, sequence_parallel), **program_keys}
-    n = par["sequence_parallel"]
+    return _longest_seq_len(arch, budget, setup.for_model(config), Mode.parse(mode), mini_sequences, margin)
+
+
+def _longest_seq_len(arch: cm.Arch, budget: float, setup: TrainingSetup, mode: Mode,
+                     mini_sequences: int | dict[str, int] | None, margin: float) -> int:
+    """:func:`longest_seq_len` of ``budget`` bytes for a checked setup (its precision the model's)."""
+    want_mlp, want_head = symbol_chunks(mini_sequences)
+    setup.check_parallel(arch)
+    n, batch = setup.sequence_parallel, setup.batch
     t = cm.B * cm.S  # the rules count a rank's tokens: step_cost turns S into S/N, in M too
-    if not chunked:
-        return _multiple(cm.longest_s(cm.step_cost(arch, mode, optimizer, prec, 1, 1, program, **par), budget, batch,
-                                      margin), n)
+    if not mode.chunked:
+        return _multiple(cm.longest_s(setup.step_cost(arch, mode, 1, 1), budget, batch, margin), n)
     mlp_options = [want_mlp] if want_mlp else [t / arch.hidden]
     head_options = [want_head] if want_head else [sp.Rational(arch.vocab, arch.hidden), t / MIN_HEAD_CHUNK_TOKENS]
     best = None
     for m_mlp in mlp_options:
         for m_head in head_options:
-            cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, program, **par)
-            s = cm.longest_s(cost, budget, batch, margin)
+            s = cm.longest_s(setup.step_cost(arch, mode, m_mlp, m_head), budget, batch, margin)
             best = s if best is None else min(best, s)
     return _multiple(int(best), n)
 
@@ -242,31 +228,30 @@ def plan(
     model_or_config: Any,
     seq_len: int,
     budget_gb: float,
-    batch: int = 1,
-    optimizer: str = "adamw",
-    mixed_precision: str | bool | None = None,
+    setup: TrainingSetup | None = None,
+    *,
     max_chunks: int = MAX_CHUNKS,
     allow_checkpointing: bool = True,
     margin: float = MARGIN,
     host_budget_gb: float | None = None,
     allow_offload: bool = True,
     pcie_gbps: float = offload.DEFAULT_PCIE_GBPS,
-    gpus: int = 1,
-    sequence_parallel: int = 1,
-    per_block: bool = False,
-    optimizer_in_backward: bool = False,
+    **setup_fields: Any,
 ) -> Plan:
     """The cheapest plan whose predicted peak fits ``budget_gb`` (see the module doc for the order).
 
-    ``per_block``: plan the per-block program (``mstfx.compile(model, per_block=True)``);
-    ``optimizer_in_backward``: its optimizer steps in post-accumulate-grad hooks, so each block's
-    gradients leave when its backward ends (:func:`per_block_program`; ``optimizer="paper"`` implies it).
+    ``setup``: what is trained and how, a :class:`TrainingSetup`; or its fields as keywords
+    (``batch=1, optimizer="adamw", mixed_precision=None, gpus=1, sequence_parallel=1, per_block=False,
+    optimizer_in_backward=False``), from which one is made.  ``per_block``: plan the per-block program
+    (``mstfx.compile(model, per_block=True)``); ``optimizer_in_backward``: its optimizer steps in
+    post-accumulate-grad hooks, so each block's gradients leave when its backward ends
+    (``checks.per_block_program``; ``optimizer="paper"`` implies it).  ``gpus``: FSDP over that many GPUs
+    (parameters, gradients, optimizer state sharded); ``sequence_parallel``: Ulysses degree N dividing
+    ``gpus`` and the query heads (each GPU holds S/N tokens; attention on the whole S with H/N heads);
+    ``budget_gb`` is per GPU, ``host_budget_gb`` per node of ``cost_model.GPUS_PER_NODE`` GPUs.  A plan
+    is for the compiled program (``program="compiled"``).
 
-    ``gpus``: FSDP over that many GPUs (parameters, gradients, optimizer state sharded);
-    ``sequence_parallel``: Ulysses degree N dividing ``gpus`` and the query heads (each GPU holds S/N
-    tokens; attention on the whole S with H/N heads); ``budget_gb`` is per GPU, ``host_budget_gb`` per
-    node of ``cost_model.GPUS_PER_NODE`` GPUs.
-
+    ``max_chunks``: the most mini-sequences a region may get.
     ``margin``: headroom kept on the predicted gradients + activations (default :data:`MARGIN`, the
     cost model's measured error bound); 0 plans to the cost model's exact prediction.
     ``host_budget_gb``: host memory (GiB) a plan may use for offloaded checkpoints and optimizer state
@@ -274,48 +259,52 @@ def plan(
     all (needs ``allow_checkpointing``); ``pcie_gbps``: the bandwidth (GB/s) the plan's transfer time
     is computed with.
     Warns (UserWarning) when ``seq_len`` is past the config's ``max_position_embeddings``.
-    Raises ValueError for a bad budget/length/option, :class:`InfeasibleBudgetError` when even the
-    maximal plan does not fit, :class:`InfeasibleHostBudgetError` when only a plan needing more host
-    memory than ``host_budget_gb`` fits the GPU.
+    Raises ValueError for a bad budget/length/option, TypeError for ``setup`` and setup fields given
+    together, :class:`InfeasibleBudgetError` when even the maximal plan does not fit,
+    :class:`InfeasibleHostBudgetError` when only a plan needing more host memory than ``host_budget_gb``
+    fits the GPU.
     """
-    return _plan(model_or_config, seq_len, budget_gb, batch, optimizer, mixed_precision, max_chunks,
-                 allow_checkpointing, margin, host_budget_gb, allow_offload, pcie_gbps, gpus, sequence_parallel,
-                 positions_stacklevel=2, per_block=per_block, optimizer_in_backward=optimizer_in_backward)
+    setup = training_setup(setup, setup_fields, "plan")
+    return _plan(model_or_config, seq_len, budget_gb, setup, max_chunks=max_chunks,
+                 allow_checkpointing=allow_checkpointing, margin=margin, host_budget_gb=host_budget_gb,
+                 allow_offload=allow_offload, pcie_gbps=pcie_gbps, positions_stacklevel=2)
 
 
-def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed_precision=None,
-          max_chunks=MAX_CHUNKS, allow_checkpointing=True, margin=MARGIN, host_budget_gb=None, allow_offload=True,
-          pcie_gbps=offload.DEFAULT_PCIE_GBPS, gpus=1, sequence_parallel=1, *,
-          positions_stacklevel: int | None = None, per_block: bool = False,
-          optimizer_in_backward: bool = False) -> Plan:
-    """:func:`plan`; ``positions_stacklevel``: warn past the model's position limit
+def _planned_program(setup: TrainingSetup, caller: str) -> None:
+    """ValueError unless ``setup`` is of the compiled program: a plan configures the mst backend."""
+    if setup.program is not Program.COMPILED:
+        raise ValueError(f"{caller}() plans the compiled program (program='compiled'), got program="
+                         f"{str(setup.program)!r}; predict_peak and longest_seq_len take the eager one")
+
+
+def _plan(model_or_config, seq_len, budget_gb, setup: TrainingSetup, *, max_chunks=MAX_CHUNKS,
+          allow_checkpointing=True, margin=MARGIN, host_budget_gb=None, allow_offload=True,
+          pcie_gbps=offload.DEFAULT_PCIE_GBPS, positions_stacklevel: int | None = None) -> Plan:
+    """:func:`plan` of a checked ``setup``; ``positions_stacklevel``: warn past the model's position limit
     (:func:`warn_past_positions`), attributed as ``warnings.warn(stacklevel=...)`` would be from the
     caller of this function (2: that caller's caller); None: do not warn."""
-    setup = optimizer
+    _planned_program(setup, "plan")
     host_budget = None if host_budget_gb is None else check_budget(host_budget_gb)
     pcie_gbps = offload.check_gbps(pcie_gbps)
     budget = check_budget(budget_gb)
     margin = check_margin(margin)
     seq_len = positive_int("seq_len", seq_len)
-    batch = positive_int("batch", batch)
     max_chunks = positive_int("max_chunks", max_chunks, cap=MAX_USER_CHUNKS)  # the backend's own cap
-    optimizer, program_keys = per_block_program(optimizer, per_block, optimizer_in_backward)
-    optimizer, mixed_precision = resolve_setup(optimizer, mixed_precision)
-    mixed_precision = precision_of(model_or_config, mixed_precision)
-    prec = cm.Precision.of(mixed_precision)
+    setup = setup.for_model(model_or_config)
     arch = arch_of(model_or_config)
     if positions_stacklevel is not None:
         warn_past_positions(arch, seq_len, positions_stacklevel + 1)
-    par = {**parallel(arch, gpus, sequence_parallel, seq_len), **program_keys}
-    tokens = seq_len * batch // par["sequence_parallel"]  # a rank's: what the backend's chunks divide
+    setup.check_parallel(arch, seq_len)
+    batch = setup.batch
+    tokens = setup.tokens(seq_len)  # a rank's: what the backend's chunks divide
     cap = max(1, min(max_chunks, tokens))
 
     short_of_host: list[Plan] = []  # plans that fit the GPU but not the host budget
 
     def candidate(mode: Mode, m_mlp: int, m_head: int, reason: str) -> Plan | None:
-        p = _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
-                       margin, with_longest=False,  # solved below for the plan chosen only (sympy is slow)
-                       setup=setup, host_budget=host_budget, pcie_gbps=pcie_gbps, par=par)
+        p = _make_plan(arch, seq_len, budget, setup, mode, m_mlp, m_head, reason, margin,
+                       with_longest=False,  # solved below for the plan chosen only (sympy is slow)
+                       host_budget=host_budget, pcie_gbps=pcie_gbps)
         if p.gpu_fits and not p.host_fits:
             short_of_host.append(p)
         return p if p.fits else None
@@ -326,13 +315,13 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
     found = candidate(Mode.STANDARD, 1, 1, "fits without chunking")
     if found is None:
         for mode in steps:
-            cost = cm.step_cost(arch, mode, optimizer, prec, cm.M_MLP, cm.M_HEAD, **par)
+            cost = setup.step_cost(arch, mode, cm.M_MLP, cm.M_HEAD)
             room = cm.margin_room(float(cost.params + cost.optimizer), budget, margin)
             ck = (" + activation checkpointing" if mode.checkpointed else "") + (
                 " + checkpoints in host memory" if mode.offloaded else "")
             # LM head alone (no recompute), then the MLPs too
             if arch.lm_head:
-                cost_head = cm.step_cost(arch, mode, optimizer, prec, 1, cm.M_HEAD, **par)
+                cost_head = setup.step_cost(arch, mode, 1, cm.M_HEAD)
                 m_head = _fewest_chunks(cost_head, cm.M_HEAD, room, seq_len, batch, cap, tokens)
                 if m_head is not None and (found := candidate(mode, 1, m_head, f"LM head chunked{ck}")):
                     break
@@ -354,84 +343,82 @@ def _plan(model_or_config, seq_len, budget_gb, batch=1, optimizer="adamw", mixed
     if found is None:
         # the most memory-saving plans: everything chunked, and (if allowed) checkpointed as well
         finals = [Mode.MST] + [m for m in steps if m.checkpointed]
-        least = min((_make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m, cap, cap, "", margin,
-                                with_longest=False, par=par) for m in finals), key=lambda p: p.planned_peak)
-        longest = longest_fitting(arch, budget / GB, batch, optimizer, mixed_precision, max_chunks, allow_checkpointing,
-                                  margin, allow_offload=allow_offload, **par)
+        least = min((_make_plan(arch, seq_len, budget, setup, m, cap, cap, "", margin, with_longest=False)
+                     for m in finals), key=lambda p: p.planned_peak)
+        longest = _longest_fitting(arch, budget, setup, max_chunks, allow_checkpointing, margin, allow_offload)
         raise InfeasibleBudgetError(budget, least.predicted_peak, seq_len, longest, batch, margin, least.planned_peak)
-    found.longest_seq_len = _plan_longest(arch, budget, batch, found.mode, optimizer, mixed_precision,
-                                          found.mini_sequences, margin, par)
+    found.longest_seq_len = _plan_longest(arch, budget, setup, found.mode, found.mini_sequences, margin)
     return found
 
 
 def longest_fitting(
     model_or_config: Any,
     budget_gb: float,
-    batch: int = 1,
-    optimizer: str = "adamw",
-    mixed_precision: str | bool | None = None,
+    setup: TrainingSetup | None = None,
+    *,
     max_chunks: int = MAX_CHUNKS,
     allow_checkpointing: bool = True,
     margin: float = MARGIN,
     allow_offload: bool = True,
-    gpus: int = 1,
-    sequence_parallel: int = 1,
-    per_block: bool = False,
-    optimizer_in_backward: bool = False,
     host_budget_gb: float | None = None,
     pcie_gbps: float = offload.DEFAULT_PCIE_GBPS,
+    **setup_fields: Any,
 ) -> int:
     """Longest S that *some* plan fits in ``budget_gb`` (0 if none): the most memory-saving plans, every
     region with ``max_chunks`` mini-sequences, with and (if allowed) without activation checkpointing,
-    and with the checkpoints in host memory (if allowed).  It takes :func:`plan`'s keywords, so one set
-    of options serves both; ``host_budget_gb`` and ``pcie_gbps`` are checked but do not change the
-    answer (the host budget is not solved for here, the bandwidth is a time, not memory)."""
+    and with the checkpoints in host memory (if allowed).  It takes :func:`plan`'s setup and keywords, so
+    one set of options serves both; ``host_budget_gb`` and ``pcie_gbps`` are checked but do not change
+    the answer (the host budget is not solved for here, the bandwidth is a time, not memory)."""
+    setup = training_setup(setup, setup_fields, "longest_fitting")
+    _planned_program(setup, "longest_fitting")
     if host_budget_gb is not None:
         check_budget(host_budget_gb)
     offload.check_gbps(pcie_gbps)
+    budget = check_budget(budget_gb)
+    margin = check_margin(margin)
+    arch = arch_of(model_or_config)
+    return _longest_fitting(arch, budget, setup.for_model(model_or_config), max_chunks, allow_checkpointing, margin,
+                            allow_offload)
+
+
+def _longest_fitting(arch: cm.Arch, budget: float, setup: TrainingSetup, max_chunks: int, allow_checkpointing: bool,
+                     margin: float, allow_offload: bool) -> int:
+    """:func:`longest_fitting` of ``budget`` bytes for a checked setup (its precision the model's)."""
     modes = [Mode.MST] + ([Mode.MST_CHECKPOINTING] if allow_checkpointing else [])
     modes += [Mode.MST_CHECKPOINTING_OFFLOAD] if allow_checkpointing and allow_offload else []
-    arch = arch_of(model_or_config)
-    mixed_precision = precision_of(model_or_config, mixed_precision)
-    return max(longest_seq_len(arch, budget_gb, batch, m, optimizer, mixed_precision, mini_sequences=max_chunks,
-                               margin=margin, gpus=gpus, sequence_parallel=sequence_parallel, per_block=per_block,
-                               optimizer_in_backward=optimizer_in_backward) for m in modes)
+    return max(_longest_seq_len(arch, budget, setup, m, max_chunks, margin) for m in modes)
 
 
-def _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, mini_sequences: dict[str, int],
-                  margin, par: dict | None = None) -> int:
+def _plan_longest(arch: cm.Arch, budget: float, setup: TrainingSetup, mode: Mode, mini_sequences: dict[str, int],
+                  margin: float) -> int:
     """Longest S a plan's mode and M per region kind fit in ``budget`` bytes (an M > 1 is held fixed; a
     kind at 1 follows the backend's rule as S grows)."""
-    if mode.chunked:
-        fixed = {k: m for k, m in mini_sequences.items() if m > 1}
-        return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision,
-                               mini_sequences=fixed or None, margin=margin, **(par or {}))
-    return longest_seq_len(arch, budget / GB, batch, mode, optimizer, mixed_precision, margin=margin, **(par or {}))
+    fixed = {k: m for k, m in mini_sequences.items() if m > 1} if mode.chunked else {}
+    return _longest_seq_len(arch, budget, setup, mode, fixed or None, margin)
 
 
-def _host_terms(arch: cm.Arch, prec: cm.Precision, mode: Mode, setup: str | None, seq_len: int, batch: int,
-                host_budget: float | None, pcie_gbps: float, gpus: int = 1, sequence_parallel: int = 1) -> dict:
+def _host_terms(arch: cm.Arch, setup: TrainingSetup, mode: Mode, seq_len: int, host_budget: float | None,
+                pcie_gbps: float) -> dict:
     """The plan's host-memory fields: pinned checkpoints (offload mode; a rank's S/N tokens), optimizer
-    state kept on the host (``setup`` ``offload``; its 1/gpus shard), per GPU and per node (the node's
-    GPUs together), the host budget and the PCIe time of one GPU's checkpoint copies."""
+    state kept on the host (optimizer setup ``offload``; its 1/gpus shard), per GPU and per node (the
+    node's GPUs together), the host budget and the PCIe time of one GPU's checkpoint copies."""
+    gpus, n = setup.gpus, setup.sequence_parallel
     pinned = 0.0
     if mode.offloaded:
-        pinned = cm.evaluate(offload.checkpoint_bytes(arch.hidden, arch.layers, prec.act_bytes, cm.S, cm.B),
-                             seq_len // sequence_parallel, batch)
-    host = pinned + offload.host_state_bytes(arch.n_params, setup or "") / gpus
+        pinned = cm.evaluate(offload.checkpoint_bytes(arch.hidden, arch.layers, setup.element_bytes.act_bytes, cm.S,
+                                                      cm.B), seq_len // n, setup.batch)
+    host = pinned + offload.host_state_bytes(arch.n_params, setup.optimizer) / gpus
     return dict(host_bytes=host, pinned_bytes=pinned, host_budget_bytes=host_budget,
                 transfer_seconds=offload.transfer_seconds(pinned, pcie_gbps), pcie_gbps=pcie_gbps,
-                gpus=gpus, sequence_parallel=sequence_parallel, host_node_bytes=host * min(gpus, cm.GPUS_PER_NODE))
+                gpus=gpus, sequence_parallel=n, host_node_bytes=host * min(gpus, cm.GPUS_PER_NODE))
 
 
-def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, mode, m_mlp, m_head, reason,
-               margin: float = 0.0, with_longest: bool = True, setup: str | None = None,
-               host_budget: float | None = None, pcie_gbps: float = offload.DEFAULT_PCIE_GBPS,
-               par: dict | None = None) -> Plan:
-    par = par or {}
-    mode = Mode.parse(mode)
-    cost = cm.step_cost(arch, mode, optimizer, prec, m_mlp, m_head, **par)
-    base = {r.kind: r for r in cm.step_cost(arch, Mode.STANDARD, optimizer, prec, 1, 1, **par).regions}
+def _make_plan(arch: cm.Arch, seq_len: int, budget: float, setup: TrainingSetup, mode: Mode, m_mlp: int, m_head: int,
+               reason: str, margin: float = 0.0, with_longest: bool = True, host_budget: float | None = None,
+               pcie_gbps: float = offload.DEFAULT_PCIE_GBPS) -> Plan:
+    batch = setup.batch
+    cost = setup.step_cost(arch, mode, m_mlp, m_head)
+    base = {r.kind: r for r in setup.step_cost(arch, Mode.STANDARD, 1, 1).regions}
     vals = {k: cm.evaluate(v, seq_len, batch) for k, v in cost.phases.items()}
     phase = max(vals, key=vals.get)
     params, grads, opt = (float(x) for x in (cost.params, cost.grads, cost.optimizer))
@@ -453,12 +440,10 @@ def _make_plan(arch, seq_len, batch, budget, optimizer, mixed_precision, prec, m
     if mode.checkpointed:  # a layer's regions' saved bytes are inside the checkpointed layer
         rows = [replace(r, bytes_after=0.0) if r.region not in ("checkpointed layer", "lm_head") else r for r in rows]
     if mode.offloaded:  # the GPU keeps only the checkpoints in use; the rest are in host memory
-        kept = offload.checkpoints_on_gpu(arch.layers, mode, Program.COMPILED) / arch.layers
+        kept = offload.checkpoints_on_gpu(arch.layers, mode, setup.program) / arch.layers
         rows = [replace(r, bytes_after=r.bytes_after * kept, shape=f"{r.shape} (host: the rest)")
                 if r.region == "checkpointed layer" else r for r in rows]
-    longest = _plan_longest(arch, budget, batch, mode, optimizer, mixed_precision, br.mini_sequences, margin, par) \
-        if with_longest else 0
-    return Plan(arch.name, seq_len, batch, budget, optimizer, mixed_precision, mode, dict(br.mini_sequences),
-                mode.checkpointed, br, rows, longest, reason, margin, **_host_terms(arch, prec, mode, setup, seq_len, batch,
-                                                                           host_budget, pcie_gbps, par.get("gpus", 1),
-                                                                           par.get("sequence_parallel", 1)))
+    longest = _plan_longest(arch, budget, setup, mode, br.mini_sequences, margin) if with_longest else 0
+    return Plan(arch.name, seq_len, batch, budget, setup.cost_optimizer, setup.cost_precision, mode,
+                dict(br.mini_sequences), mode.checkpointed, br, rows, longest, reason, margin,
+                **_host_terms(arch, setup, mode, seq_len, host_budget, pcie_gbps))

@@ -153,6 +153,6 @@ def test_simulated_rank_agrees_with_the_cost_model(tmp_path):
     bd = sim.simulate_peak(config, 16384, "mst+ckpt+offload", optimizer="zero-offload", gpus=8, sequence_parallel=4)
     assert bd.sequence_parallel == 4 and bd.host_node == pytest.approx(8 * bd.host)
     arch = cm.Arch(hidden=64, intermediate=224, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=2048)
-    pred = planner.predict_peak(arch, 16384, 1, "mst+checkpointing+offload", optimizer="none", mixed_precision="bf16",
+    pred = planner.predict_peak(arch, 16384, mode="mst+checkpointing+offload", optimizer="none", mixed_precision="bf16",
                                 program="eager", mini_sequences=dict(bd.chunks), gpus=8, sequence_parallel=4)
     assert pred.activations == pytest.approx(bd.activations, rel=0.15)
