@@ -51,7 +51,7 @@ from .planning.checks import check_budget, check_margin
 from .planning.errors import InfeasibleBudgetError
 from .planning.hf_config import arch_of, warn_past_positions
 from .planning.plan_table import Plan
-from .planning.planner import MARGIN, _plan, longest_fitting, plan
+from .planning.planner import MARGIN, longest_fitting, plan, plan_with_setup
 from .planning.setup import TrainingSetup
 from .compat import with_tracing_settings
 from .hf_checkpointing import can_checkpoint, disable_checkpointing, enable_checkpointing, is_checkpointing
@@ -145,10 +145,10 @@ def _bucket_plan(model, seq_len: int, top: int, budget_gb: float, setup: Trainin
     reach = min(top, longest)
     if reach >= seq_len:
         try:  # (a bucket's top may be past the model's position limit where its inputs are not: no warning)
-            return _plan(model, reach, budget_gb, setup, **opts)
+            return plan_with_setup(model, reach, budget_gb, setup, **opts)
         except InfeasibleBudgetError:  # the solved longest S, rounded, may miss by a token
             pass
-    return _plan(model, seq_len, budget_gb, setup, **opts)
+    return plan_with_setup(model, seq_len, budget_gb, setup, **opts)
 
 
 def _shape_of(args, kwargs) -> tuple[int | None, int | None]:
@@ -271,7 +271,7 @@ def transform(
     if max_chunks is not None:
         opts["max_chunks"] = max_chunks
     # raises before any change; warns (from the caller's line) past the model's position limit
-    top = _plan(planned, seq_len, budget_gb, setup, **opts, positions_stacklevel=2) if seq_len is not None else None
+    top = plan_with_setup(planned, seq_len, budget_gb, setup, **opts, positions_stacklevel=2) if seq_len is not None else None
     longest = longest_fitting(planned, budget_gb, setup, **opts)
     if longest < 1:
         plan(planned, 1, budget_gb, setup, **opts)  # raises with the numbers (parameters + optimizer state too large)

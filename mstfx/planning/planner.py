@@ -68,6 +68,7 @@ __all__ = [
     "longest_fitting",
     "longest_seq_len",
     "plan",
+    "plan_with_setup",
     "predict_peak",
     "warn_past_positions",
 ]
@@ -265,7 +266,7 @@ def plan(
     fits the GPU.
     """
     setup = training_setup(setup, setup_fields, "plan")
-    return _plan(model_or_config, seq_len, budget_gb, setup, max_chunks=max_chunks,
+    return plan_with_setup(model_or_config, seq_len, budget_gb, setup, max_chunks=max_chunks,
                  allow_checkpointing=allow_checkpointing, margin=margin, host_budget_gb=host_budget_gb,
                  allow_offload=allow_offload, pcie_gbps=pcie_gbps, positions_stacklevel=2)
 
@@ -277,10 +278,11 @@ def _planned_program(setup: TrainingSetup, caller: str) -> None:
                          f"{str(setup.program)!r}; predict_peak and longest_seq_len take the eager one")
 
 
-def _plan(model_or_config, seq_len, budget_gb, setup: TrainingSetup, *, max_chunks=MAX_CHUNKS,
-          allow_checkpointing=True, margin=MARGIN, host_budget_gb=None, allow_offload=True,
-          pcie_gbps=offload.DEFAULT_PCIE_GBPS, positions_stacklevel: int | None = None) -> Plan:
-    """:func:`plan` of a checked ``setup``; ``positions_stacklevel``: warn past the model's position limit
+def plan_with_setup(model_or_config, seq_len, budget_gb, setup: TrainingSetup, *, max_chunks=MAX_CHUNKS,
+                    allow_checkpointing=True, margin=MARGIN, host_budget_gb=None, allow_offload=True,
+                    pcie_gbps=offload.DEFAULT_PCIE_GBPS, positions_stacklevel: int | None = None) -> Plan:
+    """:func:`plan` of a checked ``setup`` (what ``mstfx.transform`` calls per bucket: one setup, no
+    keyword fields to sort out); ``positions_stacklevel``: warn past the model's position limit
     (:func:`warn_past_positions`), attributed as ``warnings.warn(stacklevel=...)`` would be from the
     caller of this function (2: that caller's caller); None: do not warn."""
     _planned_program(setup, "plan")

@@ -211,10 +211,9 @@ def test_a_new_kind_is_one_package_and_one_registry_entry(monkeypatch, tmp_path)
     assert any("toy_gelu" in r.region for r in plan.rows), [r.region for r in plan.rows]
 
 
-# Private names still imported across modules, to be made public by work in progress elsewhere; remove an
-# entry once its module is rewritten (the test then keeps it from coming back).
-#   transform.py reaches the planner's ``_plan`` (the planner is being rewritten).
-PRIVATE_IMPORTS_ALLOWED = {("mstfx/transform.py", "_plan")}
+# Private names still imported across modules (none): an entry here must name its reason; the test fails
+# on an entry no longer imported, so the set only shrinks.
+PRIVATE_IMPORTS_ALLOWED: set[tuple[str, str]] = set()
 
 
 def _private_imports() -> list[tuple[str, int, str, str]]:
