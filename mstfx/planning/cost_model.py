@@ -527,6 +527,14 @@ def step_cost(
     # a tied weight's two gradients at the end: the loop operator's fp32 weight gradient (an input of
     # the backward) takes the sum in place (measured in fp32); out of place otherwise
     tied_sum_extra = 1 if (tied_late or (looped_head and prec.param_bytes == FP32)) else 2
+    # 16-bit weights, whole-model compiled: Inductor runs PyTorch's decomposition of the embedding
+    # backward, which computes in fp32 (``embedding_dense_backward``: an fp32 copy of the incoming
+    # tokens×h gradient, scattered into fp32 V×h zeros, then cast to the weights' dtype), so the end of
+    # backward holds the fp32 V×h accumulator beside every gradient (not sharded: the whole embedding's
+    # gradient is made before any reduce-scatter).  Measured: reference Llama in bf16, S = 4096, mst +
+    # checkpointing at M = 4 / 32, 159.5 MiB = the end phase with both terms (109.8 without them).
+    emb_fp32_backward = B * S * FP32 * arch.hidden + arch.vocab * arch.hidden * FP32 \
+        if compiled and not per_block and prec.param_bytes < FP32 else sp.Integer(0)
     phases = {
         "forward end": layers_saved + head.saved + head.fwd_transient,
         # chunked head: the forward finishes the fp32 accumulator into a V×h weight-gradient buffer
@@ -546,7 +554,7 @@ def step_cost(
         # a tied weight at the end: its gradient, the embedding's, and their sum (out of place), except
         # for the compiled unchunked head, whose logits buffer is reused (measured on GPT-2)
         "end": grads + tied_extra * tied_sum_extra + B * S * prec.act_bytes * arch.hidden
-        + (head.saved if tied_late else 0) + (first_layer_residue if compiled else 0),
+        + (head.saved if tied_late else 0) + (first_layer_residue if compiled else 0) + emb_fp32_backward,
     }
     if freed:
         # gradients consumed per module: a layer's backward holds its own (and a tied head's, which is
@@ -557,7 +565,7 @@ def step_cost(
             **{f"bottom layer backward {k}": layers_saved - (kept - 1) * layer_saved + v + layer_grad + held_head
                for k, v in tops.items()},
             "end": emb_grad + tied_extra * tied_sum_extra + B * S * prec.act_bytes * arch.hidden
-            + (head.saved if tied_late else 0),
+            + (head.saved if tied_late else 0) + emb_fp32_backward,
         })
         grads = _larger(_larger(layer_grad, head_grad), emb_grad)  # the most alive at once
     if sp_n > 1:  # the expressions above count a rank's tokens as S: S/N of the whole sequence

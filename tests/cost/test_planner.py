@@ -405,7 +405,7 @@ def _tight_budget_case(fraction, dtype=torch.float32):
     ids = torch.randint(0, 32000, (1, 4096), generator=torch.Generator().manual_seed(0))
     peak = _measured_peak(model, ids) + params
     print(f"{dtype} fraction {fraction:.3g}: plan {plan.mode} M={plan.mini_sequences}, budget "
-          f"{tight * 1e3:.0f} MB, predicted {plan.predicted_peak / 1e6:.0f} MB, measured {peak / 1e6:.0f} MB")
+          f"{tight * 1024:.0f} MiB, predicted {plan.predicted_peak / P.MiB:.0f} MiB, measured {peak / P.MiB:.0f} MiB")
     assert peak <= tight * P.GiB, (plan.mode, peak, tight)
 
 
