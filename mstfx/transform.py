@@ -50,7 +50,7 @@ import torch
 from .planning.checks import check_budget, check_margin
 from .planning.errors import InfeasibleBudgetError
 from .planning.hf_config import arch_of, warn_past_positions
-from .planning.plan_table import Plan
+from .planning.plan_table import Plan, planned_options
 from .planning.planner import MARGIN, longest_fitting, plan, plan_with_setup
 from .planning.setup import TrainingSetup
 from .compat import with_tracing_settings
@@ -176,9 +176,6 @@ def _compiled_forward(forward, name: str, backend, per_block: bool = False):
     return with_tracing_settings(torch.compile(fn, backend=backend, dynamic=True), nested_graph_breaks=per_block)
 
 
-_PLANNED_OPTIONS = ("mini_sequences", "lm_head_chunks", "chunk_mlp", "chunk_lm_head", "offload_checkpoints")
-
-
 def default_per_block(optimizer: str, optimizer_in_backward: bool) -> bool:
     """``transform``'s program when ``per_block`` is not given: per block when the optimizer steps in
     backward (``optimizer_in_backward``, or the ``paper`` setup, which does), since only then are a
@@ -251,7 +248,7 @@ def transform(
     batch = positive_int("batch", batch)
     if getattr(model, _STATE, None) is not None:
         raise ValueError("model was already transformed; call mstfx.untransform(model) first")
-    clash = sorted(set(_PLANNED_OPTIONS) & set(backend_options))
+    clash = sorted(set(planned_options()) & set(backend_options))
     if clash:
         raise ValueError(f"{clash} are set by the plan; change the budget instead (or use mstfx.backend yourself)")
     MstConfig(**backend_options)  # validate the backend options now

@@ -116,7 +116,7 @@ class Plan:
             if k.switch is not None:
                 planned[k.switch] = chunked and self.mini_sequences.get(k.name, 1) > 1
         planned["offload_checkpoints"] = self.offload
-        clash = sorted(set(planned) & set(options))
+        clash = sorted(set(planned_options()) & set(options))
         if clash:
             raise ValueError(f"{clash} are set by the plan; change the budget instead (or build MstConfig yourself)")
         return MstConfig(**planned, **options)
@@ -180,6 +180,15 @@ class Plan:
         from .text_table import render
 
         return render(self.table())
+
+
+def planned_options() -> tuple[str, ...]:
+    """The ``MstConfig`` fields a plan sets (:meth:`Plan.config`): M per region kind, each kind's own
+    switch (``chunk_mlp``, ``chunk_lm_head``), checkpoint offload.  A caller that also gives one of them
+    (``Plan.config(**options)``, ``mstfx.transform(**backend_options)``) is refused."""
+    from ..regions.registry import REGION_KINDS
+
+    return ("mini_sequences", *(k.switch for k in REGION_KINDS if k.switch is not None), "offload_checkpoints")
 
 
 def _fmt_bytes(n: float) -> str:

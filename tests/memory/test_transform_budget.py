@@ -37,3 +37,20 @@ def test_transform_with_checkpointing_measures_within_its_budget():
     reports = [r for b in state.backends for r in b.reports]
     assert len(reports) == 1, mstfx.explain(state.backends[0])
     assert sorted(d.kind for r in reports for d in r.chunked).count("mlp") == 4, mstfx.explain(state.backends[0])
+
+
+def test_options_the_plan_sets_are_refused_and_the_model_left_unchanged():
+    """``transform`` refuses every backend option a plan sets (``plan_table.planned_options``, the same
+    fields ``Plan.config`` fills), before it changes the model."""
+    import pytest
+
+    from mstfx.planning.plan_table import planned_options
+
+    model = tiny_llama()
+    forward = model.forward
+    for name in planned_options():
+        with pytest.raises(ValueError, match=f"'{name}'.*set by the plan"):
+            mstfx.transform(model, budget_gb=1.0, seq_len=64, optimizer="none", **{name: None})
+        assert model.forward == forward and getattr(model, "_mstfx_transform", None) is None
+    plan = P.plan(model, 64, 1.0, optimizer="none")
+    assert set(planned_options()) <= set(vars(plan.config()))
