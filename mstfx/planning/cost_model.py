@@ -532,7 +532,8 @@ def step_cost(
     # tokens×h gradient, scattered into fp32 V×h zeros, then cast to the weights' dtype), so the end of
     # backward holds the fp32 V×h accumulator beside every gradient (not sharded: the whole embedding's
     # gradient is made before any reduce-scatter).  Measured: reference Llama in bf16, S = 4096, mst +
-    # checkpointing at M = 4 / 32, 159.5 MiB = the end phase with both terms (109.8 without them).
+    # checkpointing at M = 4 / 32, 159.5 MiB = the end phase with both terms (109.8 without them).  The
+    # per-block program (whose body, the embedding included, runs eagerly) is not measured with it.
     emb_fp32_backward = B * S * FP32 * arch.hidden + arch.vocab * arch.hidden * FP32 \
         if compiled and not per_block and prec.param_bytes < FP32 else sp.Integer(0)
     phases = {
@@ -565,7 +566,7 @@ def step_cost(
             **{f"bottom layer backward {k}": layers_saved - (kept - 1) * layer_saved + v + layer_grad + held_head
                for k, v in tops.items()},
             "end": emb_grad + tied_extra * tied_sum_extra + B * S * prec.act_bytes * arch.hidden
-            + (head.saved if tied_late else 0) + emb_fp32_backward,
+            + (head.saved if tied_late else 0),
         })
         grads = _larger(_larger(layer_grad, head_grad), emb_grad)  # the most alive at once
     if sp_n > 1:  # the expressions above count a rank's tokens as S: S/N of the whole sequence
@@ -586,17 +587,24 @@ def _per_rank(r: RegionCost, sp_n: int) -> RegionCost:
 GPUS_PER_NODE = 8
 
 
-def check_sequence_parallel(arch: Arch, sequence_parallel: int, gpus: int = 1) -> int:
-    """The Ulysses degree N, checked as the runtime checks it: a positive integer dividing ``gpus`` and
-    the query heads (each rank runs attention on H/N heads); any KV head count dividing the query heads
-    (repeated as :func:`kv_heads_split` says when N does not divide it).  ValueError otherwise."""
+def check_mesh(sequence_parallel: int, gpus: int = 1) -> int:
+    """The Ulysses degree N checked against the GPUs alone (no model needed): positive integers, N
+    dividing ``gpus``.  ValueError otherwise."""
     for name, v in (("sequence_parallel", sequence_parallel), ("gpus", gpus)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    n = sequence_parallel
-    if gpus % n:
-        raise ValueError(f"sequence_parallel={n} must divide gpus={gpus} (a mesh of gpus/N data-parallel × N "
-                         f"sequence-parallel ranks)")
+    if gpus % sequence_parallel:
+        raise ValueError(f"sequence_parallel={sequence_parallel} must divide gpus={gpus} (a mesh of gpus/N "
+                         f"data-parallel × N sequence-parallel ranks)")
+    return sequence_parallel
+
+
+def check_sequence_parallel(arch: Arch, sequence_parallel: int, gpus: int = 1) -> int:
+    """The Ulysses degree N, checked as the runtime checks it: a positive integer dividing ``gpus`` and
+    the query heads (each rank runs attention on H/N heads, :func:`check_mesh` for the GPUs); any KV head
+    count dividing the query heads (repeated as :func:`kv_heads_split` says when N does not divide it).
+    ValueError otherwise."""
+    n = check_mesh(sequence_parallel, gpus)
     if arch.heads % n:
         raise ValueError(f"sequence_parallel={n} must divide the {arch.heads} query heads: Ulysses gives each rank "
                          f"H/N whole heads")

@@ -66,9 +66,7 @@ class TrainingSetup:
         put(self, "batch", positive_int("batch", self.batch))
         put(self, "gpus", positive_int("gpus", self.gpus))
         put(self, "sequence_parallel", positive_int("sequence_parallel", self.sequence_parallel))
-        if self.gpus % self.sequence_parallel:
-            raise ValueError(f"sequence_parallel={self.sequence_parallel} must divide gpus={self.gpus} (a mesh of "
-                             f"gpus/N data-parallel × N sequence-parallel ranks)")
+        cm.check_mesh(self.sequence_parallel, self.gpus)
         put(self, "program", cm.cost_program(self.program))
         for name in ("per_block", "optimizer_in_backward"):
             if getattr(self, name) not in (True, False):
