@@ -311,9 +311,7 @@ def plan_with_setup(model_or_config, seq_len, budget_gb, setup: TrainingSetup, *
             short_of_host.append(p)
         return p if p.fits else None
 
-    steps = [Mode.MST] + ([Mode.MST_CHECKPOINTING] if allow_checkpointing else [])
-    if allow_checkpointing and allow_offload:
-        steps.append(Mode.MST_CHECKPOINTING_OFFLOAD)
+    steps = _chunked_modes(allow_checkpointing, allow_offload)
     found = candidate(Mode.STANDARD, 1, 1, "fits without chunking")
     if found is None:
         for mode in steps:
@@ -343,10 +341,9 @@ def plan_with_setup(model_or_config, seq_len, budget_gb, setup: TrainingSetup, *
         raise InfeasibleHostBudgetError(budget, host_budget, p.host_bytes, p.pinned_bytes, seq_len, p.mode,
                                         p.predicted_peak, batch)
     if found is None:
-        # the most memory-saving plans: everything chunked, and (if allowed) checkpointed as well
-        finals = [Mode.MST] + [m for m in steps if m.checkpointed]
+        # the most memory-saving plans: everything chunked, in every mode tried
         least = min((_make_plan(arch, seq_len, budget, setup, m, cap, cap, "", margin, with_longest=False)
-                     for m in finals), key=lambda p: p.planned_peak)
+                     for m in steps), key=lambda p: p.planned_peak)
         longest = _longest_fitting(arch, budget, setup, max_chunks, allow_checkpointing, margin, allow_offload)
         raise InfeasibleBudgetError(budget, least.predicted_peak, seq_len, longest, batch, margin, least.planned_peak)
     found.longest_seq_len = _plan_longest(arch, budget, setup, found.mode, found.mini_sequences, margin)
@@ -386,9 +383,15 @@ def longest_fitting(
 def _longest_fitting(arch: cm.Arch, budget: float, setup: TrainingSetup, max_chunks: int, allow_checkpointing: bool,
                      margin: float, allow_offload: bool) -> int:
     """:func:`longest_fitting` of ``budget`` bytes for a checked setup (its precision the model's)."""
+    return max(_longest_seq_len(arch, budget, setup, m, max_chunks, margin)
+               for m in _chunked_modes(allow_checkpointing, allow_offload))
+
+
+def _chunked_modes(allow_checkpointing: bool, allow_offload: bool) -> list[Mode]:
+    """The chunked modes a plan tries, cheapest first: mst, then with checkpointing, then with the
+    checkpoints in host memory (offload needs checkpointing)."""
     modes = [Mode.MST] + ([Mode.MST_CHECKPOINTING] if allow_checkpointing else [])
-    modes += [Mode.MST_CHECKPOINTING_OFFLOAD] if allow_checkpointing and allow_offload else []
-    return max(_longest_seq_len(arch, budget, setup, m, max_chunks, margin) for m in modes)
+    return modes + ([Mode.MST_CHECKPOINTING_OFFLOAD] if allow_checkpointing and allow_offload else [])
 
 
 def _plan_longest(arch: cm.Arch, budget: float, setup: TrainingSetup, mode: Mode, mini_sequences: dict[str, int],
