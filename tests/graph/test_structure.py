@@ -17,23 +17,34 @@ import mstfx
 PACKAGE = pathlib.Path(mstfx.__file__).parent
 
 
-def _imports() -> dict[str, set[str]]:
-    """Module → mstfx modules it imports anywhere (inside functions too)."""
+def _modules() -> dict[str, pathlib.Path]:
+    """Dotted name → file of every module of the package."""
     mods = {}
     for p in PACKAGE.rglob("*.py"):
         parts = ("mstfx",) + p.relative_to(PACKAGE).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        mods[name] = p
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return mods
+
+
+def _source(node: ast.ImportFrom, name: str, path: pathlib.Path) -> str:
+    """The dotted module a ``from X import ...`` of module ``name`` (file ``path``) reads, relative
+    imports resolved."""
+    if not node.level:
+        return node.module or ""
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    anchor = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+    return ".".join(anchor + ([node.module] if node.module else []))
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module → mstfx modules it imports anywhere (inside functions too)."""
+    mods = _modules()
     graph = {}
     for name, p in mods.items():
-        pkg = name if p.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps = set()
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
-                    base = ".".join(anchor + ([base] if base else []))
+                base = _source(node, name, p)
                 for alias in node.names:
                     full = f"{base}.{alias.name}"
                     deps.add(full if full in mods else base)
@@ -221,18 +232,12 @@ def _private_imports() -> list[tuple[str, int, str, str]]:
     inside functions too) where X is an mstfx module other than the importing file's own; dunders
     (``__version__``) and ``__future__`` are not private names."""
     found = []
-    for p in sorted(PACKAGE.rglob("*.py")):
-        parts = ("mstfx",) + p.relative_to(PACKAGE).with_suffix("").parts
-        own = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        pkg = own if p.name == "__init__.py" else own.rsplit(".", 1)[0]
+    for own, p in sorted(_modules().items(), key=lambda item: item[1]):
         file = "/".join(("mstfx",) + p.relative_to(PACKAGE).parts)
         for node in ast.walk(ast.parse(p.read_text(), file)):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            source = node.module or ""
-            if node.level:
-                anchor = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
-                source = ".".join(anchor + ([source] if source else []))
+            source = _source(node, own, p)
             if source != "mstfx" and not source.startswith("mstfx.") or source == own:
                 continue
             for alias in node.names:
